@@ -1,0 +1,61 @@
+"""Wire format of masks as the ops and kernels see them (lowest layer: imports only torch).
+
+A weight of shape ``(out, *rest)`` is viewed as a matrix ``(out, cols)``, ``cols = prod(rest)``.
+The op-level mask is ``(data, kind, block_o, block_i)``:
+
+- ``NONE``    : ``data`` unused (``None``); plain LoRA, factored.
+- ``ELEMENT`` : ``data`` uint8 ``(out, ceil(cols / 8))``; bit ``b`` (LSB first) of byte ``j`` in row
+  ``o`` is entry ``(o, 8*j + b)``; padding bits are zero. Rows are byte-aligned so a kernel can
+  address any row tile directly.
+- ``BLOCK``   : ``data`` bool ``(ceil(out / block_o), ceil(cols / block_i))``; tile ``(p, q)`` covers
+  rows ``p*block_o ...`` and cols ``q*block_i ...`` (edge tiles are partial).
+- ``ROW``     : ``data`` bool ``(out,)``; ``diag(m)·B·A``, stays low rank.
+"""
+from __future__ import annotations
+
+import torch
+
+NONE, ELEMENT, BLOCK, ROW = 0, 1, 2, 3
+KIND_NAMES = {NONE: "none", ELEMENT: "element", BLOCK: "block", ROW: "row"}
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(dense: torch.Tensor) -> torch.Tensor:
+    """bool ``(rows, cols)`` -> uint8 ``(rows, ceil(cols/8))``, LSB first, zero padding.
+
+    ORs the eight bit planes in place: temporaries of 1/8 of the input, not 8 bytes per entry."""
+    rows, cols = dense.shape
+    nbytes = (cols + 7) // 8
+    if cols % 8 == 0 and dense.is_contiguous() and dense.dtype in (torch.bool, torch.uint8):
+        u = dense.view(torch.uint8).view(rows, nbytes, 8)
+    else:
+        u = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=dense.device)
+        u[:, :cols] = dense != 0
+        u = u.view(rows, nbytes, 8)
+    out = u[..., 0] != 0 if dense.dtype != torch.bool else u[..., 0].clone()
+    out = out.to(torch.uint8)
+    for b in range(1, 8):
+        out.bitwise_or_((u[..., b] != 0).to(torch.uint8) << b)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 ``(rows, ceil(cols/8))`` -> bool ``(rows, cols)``."""
+    rows, nbytes = packed.shape
+    w = _BIT_WEIGHTS.to(packed.device)
+    bits = (packed.unsqueeze(-1) & w) != 0
+    return bits.reshape(rows, nbytes * 8)[:, :cols]
+
+
+def expand(data, kind: int, block_o: int, block_i: int, rows: int, cols: int) -> torch.Tensor | None:
+    """The dense bool ``(rows, cols)`` mask of a wire mask (``None`` for ``NONE``)."""
+    if kind == NONE:
+        return None
+    if kind == ELEMENT:
+        return unpack_bits(data, cols)
+    if kind == BLOCK:
+        return data.repeat_interleave(block_o, 0).repeat_interleave(block_i, 1)[:rows, :cols]
+    if kind == ROW:
+        return data.reshape(rows, 1).expand(rows, cols)
+    raise ValueError(f"unknown mask kind {kind}")

@@ -1,0 +1,229 @@
+"""Masked LoRA linear and conv2d: ``y = x·(W + s·M⊙(B·A))ᵀ + b`` (DESIGN §1), defined once.
+
+Each op is a ``torch.library`` custom op (one node for ``torch.compile``) with a fake
+implementation, an autograd formula whose backward is itself a custom op, and an implementation
+chosen per device by the backend registry. ``W`` and ``b`` are frozen in the kernels' contract;
+if they do require grad, their (plain) gradients are formed here with ordinary torch ops.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.grad import conv2d_weight
+
+from ..backends import select
+from . import _checks as chk
+
+LIB = "spare_kernels"
+
+
+def _maybe(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 else t
+
+
+# ------------------------------------------------------------------------------------ linear op
+@torch.library.custom_op(f"{LIB}::masked_lora_linear", mutates_args=())
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+            mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float) -> Tensor:
+    return select("masked_lora_linear", x.device.type)(
+        x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale)
+
+
+@_linear.register_fake
+def _(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op(f"{LIB}::masked_lora_linear_backward", mutates_args=())
+def _linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float,
+                need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return select("masked_lora_linear_backward", x.device.type)(
+        dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dx, need_dA, need_dB)
+
+
+@_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dx, need_dA, need_dB):
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            lora_A.new_empty(lora_A.shape if need_dA else (0,)),
+            lora_B.new_empty(lora_B.shape if need_dB else (0,)))
+
+
+def _setup_linear(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, mask)
+    ctx.args = (kind, block_o, block_i, scale)
+
+
+def _backward_linear(ctx, dy):
+    x, weight, lora_A, lora_B, mask = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dy = dy.contiguous()
+    dx, dA, dB = _linear_bwd(dy, x, weight, lora_A, lora_B, mask, *ctx.args, need[0], need[3], need[4])
+    dW = dy.t().to(weight.dtype) @ x if need[1] else None
+    db = dy.sum(0) if need[2] else None
+    return _maybe(dx), dW, db, _maybe(dA), _maybe(dB), None, None, None, None, None
+
+
+torch.library.register_autograd(f"{LIB}::masked_lora_linear", _backward_linear, setup_context=_setup_linear)
+
+
+def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                       mask=None, scale: float = 1.0) -> Tensor:
+    """``y = x·(W + scale·M⊙(B·A))ᵀ + b``.
+
+    ``x`` ``(..., in)``, ``weight`` ``(out, in)``, ``bias`` ``(out,)`` or None, ``lora_A`` ``(r, in)``,
+    ``lora_B`` ``(out, r)``. ``mask``: None (plain LoRA in factored form, no ``out×in`` tensor), a
+    :class:`~spare_kernels.masks.Mask`, or a bool/uint8 tensor of the weight's shape (nonzero = on;
+    packed on every call, so hold a ``Mask`` in hot loops). Adapters may be fp32 under bf16/fp16
+    activations: the output has ``x``'s dtype, ``lora_A``/``lora_B`` gradients their own.
+    """
+    op = "masked_lora_linear"
+    chk.tensor("x", x, op=op)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x: expected shape (..., in), got a 0-D tensor")
+    chk.tensor("weight", weight, dim=2, dtype=x.dtype, op=op)
+    out, inf = weight.shape
+    chk.shape("weight", weight, (None, x.shape[-1]), f" (in = x.shape[-1] = {x.shape[-1]})", op=op)
+    if bias is not None:
+        chk.tensor("bias", bias, dtype=x.dtype, op=op)
+        chk.shape("bias", bias, (out,), op=op)
+    chk.tensor("lora_A", lora_A, dim=2, op=op)
+    r = lora_A.shape[0]
+    chk.shape("lora_A", lora_A, (None, inf), f" (r, in={inf})", op=op)
+    chk.tensor("lora_B", lora_B, dtype=lora_A.dtype, op=op)
+    chk.shape("lora_B", lora_B, (out, r), f" (out={out}, r={r} from lora_A)", op=op)
+    if r < 1:
+        raise ValueError(f"{op}: lora_A: expected rank r >= 1, got r = {r}")
+    chk.same_device(op, "x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    data, kind, bo, bi = chk.wire_mask(op, mask, weight)
+    s = chk.scale(op, scale)
+    y = _linear(x.reshape(-1, inf).contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
+                lora_B.contiguous(), data, kind, bo, bi, s)
+    return y.view(*x.shape[:-1], out)
+
+
+# ------------------------------------------------------------------------------------ conv2d op
+@torch.library.custom_op(f"{LIB}::masked_lora_conv2d", mutates_args=())
+def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+          mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float,
+          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    return select("masked_lora_conv2d", x.device.type)(
+        x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups)
+
+
+def _conv_out_hw(x_shape, w_shape, stride, padding, dilation):
+    return [(x_shape[2 + d] + 2 * padding[d] - dilation[d] * (w_shape[2 + d] - 1) - 1) // stride[d] + 1
+            for d in range(2)]
+
+
+@_conv.register_fake
+def _(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups):
+    return x.new_empty(x.shape[0], weight.shape[0], *_conv_out_hw(x.shape, weight.shape, stride, padding, dilation))
+
+
+@torch.library.custom_op(f"{LIB}::masked_lora_conv2d_backward", mutates_args=())
+def _conv_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, mask: Optional[Tensor],
+              kind: int, block_o: int, block_i: int, scale: float, stride: Sequence[int],
+              padding: Sequence[int], dilation: Sequence[int], groups: int,
+              need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return select("masked_lora_conv2d_backward", x.device.type)(
+        dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups,
+        need_dx, need_dA, need_dB)
+
+
+@_conv_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups,
+      need_dx, need_dA, need_dB):
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            lora_A.new_empty(lora_A.shape if need_dA else (0,)),
+            lora_B.new_empty(lora_B.shape if need_dB else (0,)))
+
+
+def _setup_conv(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, mask, *args = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, mask)
+    ctx.args = args
+
+
+def _backward_conv(ctx, dy):
+    x, weight, lora_A, lora_B, mask = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dy = dy.contiguous()
+    dx, dA, dB = _conv_bwd(dy, x, weight, lora_A, lora_B, mask, *ctx.args, need[0], need[3], need[4])
+    stride, padding, dilation, groups = ctx.args[4:]
+    dW = conv2d_weight(x, weight.shape, dy, stride, padding, dilation, groups) if need[1] else None
+    db = dy.sum((0, 2, 3)) if need[2] else None
+    return (_maybe(dx), dW, db, _maybe(dA), _maybe(dB)) + (None,) * 9
+
+
+torch.library.register_autograd(f"{LIB}::masked_lora_conv2d", _backward_conv, setup_context=_setup_conv)
+
+
+def conv_padding(op, padding, kernel_size, stride, dilation):
+    """An int, a pair, or nn.Conv2d's 'valid' / 'same' (symmetric only) -> ``[ph, pw]``."""
+    if padding == "valid":
+        return [0, 0]
+    if padding == "same":
+        if stride != [1, 1]:
+            raise ValueError(f"{op}: padding: 'same' needs stride 1, got stride {stride}")
+        pads = []
+        for d in range(2):
+            total = dilation[d] * (kernel_size[d] - 1)
+            if total % 2:
+                raise ValueError(f"{op}: padding: 'same' would be asymmetric for kernel {tuple(kernel_size)}"
+                                 f" and dilation {dilation}; pass explicit ints")
+            pads.append(total // 2)
+        return pads
+    return chk.pair(op, "padding", padding)
+
+
+def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                       mask=None, scale: float = 1.0, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """Conv2d with the masked LoRA delta ``ΔW[o,i,kh,kw] = Σ_r B[o,r]·A[r,i,kh,kw]`` (peft's conv LoRA).
+
+    ``x`` ``(N, C, H, W)``, ``weight`` ``(out, C/groups, kh, kw)``, ``lora_A`` ``(r, C/groups, kh, kw)``,
+    ``lora_B`` ``(out, r, 1, 1)`` or ``(out, r)``. ``mask`` as for :func:`masked_lora_linear`, of the
+    weight's shape. With ``groups > 1`` each output channel's delta sees only its group's inputs.
+    """
+    op = "masked_lora_conv2d"
+    chk.tensor("x", x, dim=4, op=op)
+    chk.tensor("weight", weight, dim=4, dtype=x.dtype, op=op)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups: expected a positive int, got {groups!r}")
+    out, cg, kh, kw = weight.shape
+    if x.shape[1] != cg * groups:
+        raise ValueError(f"{op}: weight: expected shape ({out}, C/groups={x.shape[1] // groups}, kh, kw) for "
+                         f"x with C={x.shape[1]} and groups={groups}, got {tuple(weight.shape)}")
+    if out % groups:
+        raise ValueError(f"{op}: weight: out channels {out} not divisible by groups={groups}")
+    if bias is not None:
+        chk.tensor("bias", bias, dtype=x.dtype, op=op)
+        chk.shape("bias", bias, (out,), op=op)
+    chk.tensor("lora_A", lora_A, dim=4, op=op)
+    r = lora_A.shape[0]
+    chk.shape("lora_A", lora_A, (None, cg, kh, kw), f" (r, C/groups, kh, kw)", op=op)
+    if r < 1:
+        raise ValueError(f"{op}: lora_A: expected rank r >= 1, got r = {r}")
+    chk.tensor("lora_B", lora_B, dim=(2, 4), dtype=lora_A.dtype, op=op)
+    chk.shape("lora_B", lora_B, (out, r) if lora_B.dim() == 2 else (out, r, 1, 1), f" (out={out}, r={r})", op=op)
+    chk.same_device(op, "x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    data, kind, bo, bi = chk.wire_mask(op, mask, weight)
+    s = chk.scale(op, scale)
+    stride = chk.pair(op, "stride", stride)
+    dilation = chk.pair(op, "dilation", dilation)
+    padding = conv_padding(op, padding, weight.shape[2:], stride, dilation)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: expected stride, dilation >= 1 and padding >= 0, "
+                         f"got stride={stride}, padding={padding}, dilation={dilation}")
+    hw = _conv_out_hw(x.shape, weight.shape, stride, padding, dilation)
+    if min(hw) < 1:
+        raise ValueError(f"{op}: x: spatial size {tuple(x.shape[2:])} too small for kernel {(kh, kw)}, "
+                         f"padding {padding}, dilation {dilation}")
+    return _conv(x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
+                 lora_B.reshape(out, r).contiguous(), data, kind, bo, bi, s, stride, padding, dilation, groups)
+
+
+__all__ = ["masked_lora_linear", "masked_lora_conv2d"]

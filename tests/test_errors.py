@@ -1,0 +1,91 @@
+"""Bad input: a ValueError/TypeError that names the argument and says expected vs got."""
+import pytest
+import torch
+
+import spare_kernels as sk
+from spare_kernels.masks import Mask
+
+
+def lin(**over):
+    a = dict(x=torch.randn(7, 33), weight=torch.randn(21, 33), bias=torch.randn(21), lora_A=torch.randn(4, 33),
+             lora_B=torch.randn(21, 4), mask=None, scale=1.0)
+    a.update(over)
+    return sk.masked_lora_linear(**a)
+
+
+def conv(**over):
+    a = dict(x=torch.randn(2, 6, 8, 8), weight=torch.randn(8, 6, 3, 3), bias=None, lora_A=torch.randn(2, 6, 3, 3),
+             lora_B=torch.randn(8, 2, 1, 1), mask=None, scale=1.0)
+    a.update(over)
+    return sk.masked_lora_conv2d(**a)
+
+
+@pytest.mark.parametrize("over,exc,words", [
+    (dict(x=torch.randn(7, 32)), ValueError, ["weight", "33", "32"]),
+    (dict(x=torch.randint(0, 3, (7, 33))), TypeError, ["x", "floating", "int64"]),
+    (dict(x=[1.0]), TypeError, ["x", "list"]),
+    (dict(weight=torch.randn(21, 33, 1)), ValueError, ["weight", "2-D"]),
+    (dict(weight=torch.randn(21, 33).double()), TypeError, ["weight", "float64"]),
+    (dict(bias=torch.randn(20)), ValueError, ["bias", "(21)", "(20,)"]),
+    (dict(lora_A=torch.randn(4, 32)), ValueError, ["lora_A", "33"]),
+    (dict(lora_A=torch.randn(0, 33), lora_B=torch.randn(21, 0)), ValueError, ["lora_A", "rank"]),
+    (dict(lora_B=torch.randn(21, 5)), ValueError, ["lora_B", "(21, 4)", "(21, 5)"]),
+    (dict(lora_B=torch.randn(21, 4).double()), TypeError, ["lora_B", "float64"]),
+    (dict(lora_A=torch.randn(4, 33, device="meta"), lora_B=torch.randn(21, 4, device="meta")), ValueError,
+     ["lora_A", "device", "meta"]),
+    (dict(mask=torch.ones(21, 32, dtype=torch.bool)), ValueError, ["mask", "(21, 33)", "(21, 32)"]),
+    (dict(mask=torch.ones(21, 33)), TypeError, ["mask", "float32"]),
+    (dict(mask=Mask.from_dense(torch.ones(20, 33, dtype=torch.bool))), ValueError, ["mask", "(21, 33)"]),
+    (dict(mask="all"), TypeError, ["mask", "str"]),
+    (dict(scale="2"), TypeError, ["scale", "str"]),
+])
+def test_linear_bad_input(over, exc, words):
+    with pytest.raises(exc) as e:
+        lin(**over)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("over,exc,words", [
+    (dict(x=torch.randn(6, 8, 8)), ValueError, ["x", "4-D"]),
+    (dict(weight=torch.randn(8, 5, 3, 3)), ValueError, ["weight", "C/groups"]),
+    (dict(lora_A=torch.randn(2, 6, 1, 1)), ValueError, ["lora_A", "(2, 6, 1, 1)"]),
+    (dict(lora_B=torch.randn(8, 3)), ValueError, ["lora_B", "r=2"]),
+    (dict(groups=4), ValueError, ["weight", "groups=4"]),
+    (dict(groups=0), ValueError, ["groups", "positive"]),
+    (dict(stride=(1, 2, 3)), ValueError, ["stride", "pair"]),
+    (dict(padding="same", stride=2), ValueError, ["padding", "stride 1"]),
+    (dict(padding=-1), ValueError, ["padding"]),
+    (dict(x=torch.randn(2, 6, 2, 2)), ValueError, ["x", "too small"]),
+    (dict(mask=torch.ones(8, 6, 3, 1, dtype=torch.bool)), ValueError, ["mask", "(8, 6, 3, 3)"]),
+])
+def test_conv_bad_input(over, exc, words):
+    with pytest.raises(exc) as e:
+        conv(**over)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: sk.saliency_linear(torch.randn(4, 8), torch.randn(4, 3), "abs"), ValueError, ["stat", "sample_abs", "'abs'"]),
+    (lambda: sk.saliency_linear(torch.randn(8), torch.randn(3)), ValueError, ["x", "sample dim"]),
+    (lambda: sk.saliency_linear(torch.randn(4, 8), torch.randn(5, 3)), ValueError, ["grad_out", "(4,)"]),
+    (lambda: sk.saliency_linear(torch.randn(4, 8), torch.randn(4, 3).double()), TypeError, ["grad_out", "float64"]),
+    (lambda: sk.saliency_linear(torch.randn(4, 8), torch.randn(4, 3), out=torch.zeros(3, 7)), ValueError,
+     ["out", "(3, 8)"]),
+    (lambda: sk.saliency_linear(torch.randn(4, 8), torch.randn(4, 3), out=torch.zeros(3, 8).double()), TypeError,
+     ["out", "float32"]),
+    (lambda: sk.saliency_conv2d(torch.randn(2, 4, 6, 6), torch.randn(2, 5, 4, 4), (5, 4, 3)), ValueError,
+     ["weight_shape", "4 positive ints"]),
+    (lambda: sk.saliency_conv2d(torch.randn(2, 4, 6, 6), torch.randn(2, 5, 5, 5), (5, 4, 3, 3)), ValueError,
+     ["grad_out", "(2, 5, 4, 4)"]),
+    (lambda: sk.saliency_conv2d(torch.randn(2, 4, 6, 6), torch.randn(2, 5, 4, 4), (5, 3, 3, 3)), ValueError,
+     ["weight_shape", "C/groups"]),
+    (lambda: sk.saliency_conv2d(torch.randn(2, 4, 6, 6), torch.randn(2, 5, 4, 4), (5, 4, 3, 3), "x"), ValueError,
+     ["stat"]),
+])
+def test_saliency_bad_input(call, exc, words):
+    with pytest.raises(exc) as e:
+        call()
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
