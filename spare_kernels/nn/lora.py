@@ -1,0 +1,259 @@
+"""Thin modules over the ops: a frozen base layer plus named masked-LoRA adapters.
+
+State-dict keys follow peft (``base_layer.weight``, ``lora_A.<adapter>.weight``,
+``lora_B.<adapter>.weight``), so peft-style checkpoints load either way. Factor shapes follow peft
+too: Linear ``A (r, in)``, ``B (out, r)``; Conv2d ``A (r, in/groups, kh, kw)``, ``B (out, r, 1, 1)``.
+Masks are not in the state dict (``save_adapter`` stores them, bit-packed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..masks import Mask
+from ..ops import masked_lora_conv2d, masked_lora_linear
+
+INITS = ("gaussian", "kaiming", "random")
+
+
+class _Factor(nn.Module):
+    """One LoRA factor held as ``.weight`` (peft's key layout)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+
+
+class _MaskedLoRALayer(nn.Module):
+    _spare_kernels_patched = True   # marker read by hooks that must see through the wrapper
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.masks: dict[str, Optional[Mask]] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._merge_backup: dict[str, tuple[Mask, Tensor]] = {}
+        self.adapters_disabled = False
+        self.set_original(base_layer)
+
+    def set_original(self, module: nn.Module) -> None:
+        """What ``unpatch_unet`` puts back; kept out of the module tree (no duplicate state-dict keys)."""
+        self.__dict__["_original"] = module
+
+    # -------------------------------------------------------------------------- adapters
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def add_adapter(self, name: str, rank: int, scale: float = 1.0, mask=None, init: str = "gaussian",
+                    dtype: torch.dtype = torch.float32, lora_A: Optional[Tensor] = None,
+                    lora_B: Optional[Tensor] = None, active: bool = True) -> None:
+        """Add adapter ``name``. ``lora_A``/``lora_B`` given (e.g. peft's parameters) are used as they
+        are, not copied; else ``init``: ``gaussian`` (A ~ N(0, 1/r), B = 0, peft's "gaussian"),
+        ``kaiming`` (peft's default: A kaiming-uniform, B = 0), ``random`` (both non-zero, for tests and
+        benchmarks)."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter_name: {name!r} already exists on this layer")
+        a_shape, b_shape = self._factor_shapes(rank)
+        dev = self.weight.device
+        if lora_A is None or lora_B is None:
+            if init not in INITS:
+                raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+            lora_A = torch.empty(a_shape, dtype=dtype, device=dev)
+            lora_B = torch.zeros(b_shape, dtype=dtype, device=dev)
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(lora_A, std=1.0 / rank)
+            if init == "random":
+                nn.init.normal_(lora_B, std=1.0)
+        elif tuple(lora_A.shape) != a_shape or tuple(lora_B.shape) != b_shape:
+            raise ValueError(f"lora_A/lora_B: expected shapes {a_shape} and {b_shape}, "
+                             f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+        self.lora_A[name] = _Factor(lora_A)
+        self.lora_B[name] = _Factor(lora_B)
+        self.scaling[name] = float(scale)
+        self.masks[name] = None
+        self.set_mask(name, mask)
+        if active:
+            self.active_adapters.append(name)
+
+    def _check_name(self, name):
+        if name not in self.lora_A:
+            raise KeyError(f"adapter_name: {name!r} not on this layer (has {list(self.lora_A)})")
+
+    def set_mask(self, name: str, mask) -> None:
+        """``None`` (dense adapter), a ``Mask`` or a bool/uint8 tensor of the weight's shape."""
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge it before changing its mask")
+        if mask is not None:
+            if isinstance(mask, Tensor):
+                if mask.dtype not in (torch.bool, torch.uint8):
+                    raise TypeError(f"mask: expected a bool/uint8 tensor or a Mask, got dtype {mask.dtype}")
+                if mask.shape != self.weight.shape:
+                    raise ValueError(f"mask: expected the weight's shape {tuple(self.weight.shape)}, "
+                                     f"got {tuple(mask.shape)}")
+                mask = Mask.from_dense(mask.to(self.weight.device))
+            elif not isinstance(mask, Mask):
+                raise TypeError(f"mask: expected None, a Mask or a bool/uint8 tensor, got {type(mask).__name__}")
+            if mask.shape != self.weight.shape:
+                raise ValueError(f"mask: expected the weight's shape {tuple(self.weight.shape)}, "
+                                 f"got {tuple(mask.shape)}")
+            mask = mask.to(self.weight.device)
+        self.masks[name] = mask
+
+    def remove_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge it before removing it")
+        del self.lora_A[name], self.lora_B[name], self.scaling[name], self.masks[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_scale(self, name: str, scale: float) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge it before changing its scale")
+        self.scaling[name] = float(scale)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for k, m in self.masks.items():
+            if m is not None:   # masks follow the module's device (bool/uint8 data: dtype casts skip them)
+                self.masks[k] = Mask(m.granularity, m.shape, fn(m.data), m.block or (32, 32))
+        return self
+
+    # -------------------------------------------------------------------------- merging
+    def delta_weight(self, name: str) -> Tensor:
+        """``scale·M⊙(B·A)`` of the weight's shape, fp32 (fp64 for fp64 weights)."""
+        self._check_name(name)
+        A = self.lora_A[name].weight
+        B = self.lora_B[name].weight
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        d = (B.reshape(B.shape[0], -1).to(acc) @ A.reshape(A.shape[0], -1).to(acc)).view(self.weight.shape)
+        d = d * self.scaling[name]
+        m = self.masks[name]
+        return d if m is None else d * m.to_dense()
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold the adapter into the base weight; the original values of every changed entry are kept
+        (as a packed position mask + values), so :meth:`unmerge` restores the weight bit-exactly."""
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is already merged")
+        W = self.weight
+        new = (W.to(torch.float64 if W.dtype == torch.float64 else torch.float32) + self.delta_weight(name)).to(W.dtype)
+        changed = new != W
+        self._merge_backup[name] = (Mask.from_dense(changed), W[changed].clone())
+        W.copy_(new)
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: Optional[str] = None) -> None:
+        """Undo merges, newest first (``name``: down to and including that adapter)."""
+        if name is not None and name not in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is not merged")
+        while self.merged_adapters:
+            last = self.merged_adapters.pop()
+            where, values = self._merge_backup.pop(last)
+            self.weight[where.to_dense()] = values
+            if last == name:
+                break
+
+    # -------------------------------------------------------------------------- forward
+    def _run_op(self, x, weight, bias, name):
+        raise NotImplementedError
+
+    def _live_adapters(self) -> list[str]:
+        if self.adapters_disabled:
+            if self.merged_adapters:
+                raise RuntimeError(f"adapters disabled while {self.merged_adapters} are merged into the base "
+                                   "weight; unmerge them first")
+            return []
+        return [a for a in self.active_adapters if a not in self.merged_adapters]
+
+    def forward(self, x: Tensor) -> Tensor:
+        live = self._live_adapters()
+        if not live:
+            return self.base_layer(x)
+        # The first adapter is fused with the base layer; further stacked ones add their delta alone.
+        y = self._run_op(x, self.weight, self.bias, live[0])
+        for name in live[1:]:
+            y = y + self._run_op(x, torch.zeros_like(self.weight), None, name)
+        return y
+
+    def extra_repr(self) -> str:
+        parts = []
+        for n in self.lora_A:
+            m = self.masks[n]
+            dens = "dense" if m is None else f"{m.granularity} {m.density:.3f}"
+            parts.append(f"{n}: r={self.lora_A[n].weight.shape[0]}, scale={self.scaling[n]:g}, mask={dens}")
+        return "; ".join(parts)
+
+
+class MaskedLoRALinear(_MaskedLoRALayer):
+    """``nn.Linear`` + masked LoRA adapters: ``y = x·(W + s·M⊙(B·A))ᵀ + b`` via the fused op."""
+
+    def __init__(self, base_layer: nn.Linear):
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer: expected nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+
+    def _factor_shapes(self, rank):
+        return (rank, self.base_layer.in_features), (self.base_layer.out_features, rank)
+
+    def _run_op(self, x, weight, bias, name):
+        return masked_lora_linear(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                  self.masks[name], self.scaling[name])
+
+
+class MaskedLoRAConv2d(_MaskedLoRALayer):
+    """``nn.Conv2d`` + masked LoRA adapters (peft's conv LoRA shapes) via the fused op."""
+
+    def __init__(self, base_layer: nn.Conv2d):
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"base_layer: expected nn.Conv2d, got {type(base_layer).__name__}")
+        if base_layer.padding_mode != "zeros":
+            raise ValueError(f"base_layer: padding_mode={base_layer.padding_mode!r} is not supported "
+                             "(expected 'zeros')")
+        super().__init__(base_layer)
+
+    def _factor_shapes(self, rank):
+        c = self.base_layer
+        return (rank, c.in_channels // c.groups, *c.kernel_size), (c.out_channels, rank, 1, 1)
+
+    def _run_op(self, x, weight, bias, name):
+        c = self.base_layer
+        return masked_lora_conv2d(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                  self.masks[name], self.scaling[name], c.stride, c.padding, c.dilation, c.groups)
+
+
+def wrap(base_layer: nn.Module) -> _MaskedLoRALayer:
+    if isinstance(base_layer, nn.Linear):
+        return MaskedLoRALinear(base_layer)
+    if isinstance(base_layer, nn.Conv2d):
+        return MaskedLoRAConv2d(base_layer)
+    raise TypeError(f"base_layer: expected nn.Linear or nn.Conv2d, got {type(base_layer).__name__}")
+
+
+def iter_patched(module: nn.Module) -> Iterator[tuple[str, _MaskedLoRALayer]]:
+    for name, m in module.named_modules():
+        if isinstance(m, _MaskedLoRALayer):
+            yield name, m
