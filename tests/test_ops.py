@@ -230,3 +230,23 @@ def test_conv_padding_strings(backend):
     assert y.shape[2:] == x.shape[2:]
     y0 = sk.masked_lora_conv2d(x, W, b, A, B, None, 1.0, padding="valid")
     assert y0.shape[2:] == (x.shape[2] - 2, x.shape[3] - 2)
+
+
+def test_plain_lora_is_factored_no_out_by_in_tensor(backend):
+    """mask=None never forms an out×in tensor: peak extra memory far below one weight (64 MiB)."""
+    from spare_kernels.utils import measure_peak
+    out = inf = 4096
+    x = torch.randn(8, inf, requires_grad=True)
+    W = torch.randn(out, inf)
+    A = torch.randn(4, inf, requires_grad=True)
+    B = torch.randn(out, 4, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # measure_peak sees the calling thread's allocations
+    try:
+        def step():
+            y = sk.masked_lora_linear(x, W, None, A, B, None, 0.5)
+            y.backward(torch.ones_like(y))
+        _, peak = measure_peak(step)
+    finally:
+        torch.set_num_threads(threads)
+    assert peak < W.numel() * 4 / 16, f"peak {peak / 2**20:.1f} MiB"
