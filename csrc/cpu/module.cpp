@@ -1,0 +1,47 @@
+// The library spare_kernels_cpu: schemas, CPU kernels, and the Python module stub that loading
+// spare_kernels._C needs (importing it registers torch.ops.spare_kernels_cpu.*).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "spare_cpu.h"
+
+#define SPARE_CONCAT_(a, b) a##b
+#define SPARE_CONCAT(a, b) SPARE_CONCAT_(a, b)
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define SPARE_STR_(a) #a
+#define SPARE_STR(a) SPARE_STR_(a)
+
+static struct PyModuleDef spare_module = {PyModuleDef_HEAD_INIT, SPARE_STR(TORCH_EXTENSION_NAME),
+                                          "spare_kernels native CPU kernels (torch.ops.spare_kernels_cpu)",
+                                          -1, nullptr};
+
+PyMODINIT_FUNC SPARE_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&spare_module); }
+
+TORCH_LIBRARY(spare_kernels_cpu, m) {
+  m.def("masked_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+        "Tensor? mask, int kind, int block_o, int block_i, float scale) -> Tensor");
+  m.def("masked_lora_linear_backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, "
+        "Tensor lora_B, Tensor? mask, int kind, int block_o, int block_i, float scale, "
+        "bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
+  m.def("masked_lora_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+        "Tensor? mask, int kind, int block_o, int block_i, float scale, int[] stride, "
+        "int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("masked_lora_conv2d_backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, "
+        "Tensor lora_B, Tensor? mask, int kind, int block_o, int block_i, float scale, "
+        "int[] stride, int[] padding, int[] dilation, int groups, bool need_dx, bool need_dA, "
+        "bool need_dB) -> (Tensor, Tensor, Tensor)");
+  m.def("saliency_linear(Tensor(a!) acc, Tensor x, Tensor dy, str stat) -> ()");
+  m.def("saliency_conv2d(Tensor(a!) acc, Tensor x, Tensor dy, str stat, int[] stride, "
+        "int[] padding, int[] dilation, int groups) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(spare_kernels_cpu, CPU, m) {
+  m.impl("masked_lora_linear", &spare::masked_lora_linear);
+  m.impl("masked_lora_linear_backward", &spare::masked_lora_linear_backward);
+  m.impl("masked_lora_conv2d", &spare::masked_lora_conv2d);
+  m.impl("masked_lora_conv2d_backward", &spare::masked_lora_conv2d_backward);
+  m.impl("saliency_linear", &spare::saliency_linear);
+  m.impl("saliency_conv2d", &spare::saliency_conv2d);
+}

@@ -1,0 +1,115 @@
+// Native CPU backend of spare_kernels: shared declarations.
+//
+// All masked (element / block) work is done in fp32 (bf16 activations are widened on load),
+// tile by tile: a (P x Q) tile of the effective weight W + s*M.(B*A) or of the weight gradient
+// G = dY^T X is built in a cache-sized scratch and consumed at once by MKL sgemm, so no out x in
+// fp32 tensor is ever written whole.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+namespace spare {
+
+enum MaskKind : int64_t { kNone = 0, kElement = 1, kBlock = 2, kRow = 3 };
+
+// A strided fp32 matrix view; one of rs / cs must be 1 (BLAS layouts).
+struct Mat {
+  float* p;
+  int64_t r, c, rs, cs;
+  Mat sub(int64_t r0, int64_t nr, int64_t c0, int64_t nc) const {
+    return Mat{p + r0 * rs + c0 * cs, nr, nc, rs, cs};
+  }
+  Mat t() const { return Mat{p, c, r, cs, rs}; }
+};
+
+inline Mat mat_of(const at::Tensor& t) {  // 2-D fp32 tensor
+  return Mat{t.data_ptr<float>(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+}
+
+// C = alpha * A * B + beta * C through MKL sgemm (single call, caller decides the threading).
+void gemm(float alpha, const Mat& A, const Mat& B, float beta, const Mat& C);
+
+// Bit-packed mask rows: local row o reads bits + ((o + row_off) / row_div) * nbytes.
+// Element masks: row_div = 1; block masks are expanded per block row (row_div = block_o).
+struct MaskBits {
+  const uint8_t* bits;
+  int64_t nbytes, row_div, row_off;
+  const uint8_t* row(int64_t o) const { return bits + ((o + row_off) / row_div) * nbytes; }
+};
+
+struct EngineArgs {
+  int64_t out, cols, r;
+  float scale;
+  const void* W;       // (out, cols) rows, row stride ldw, fp32 or bf16
+  bool w_bf16;
+  int64_t ldw;
+  const float* A;      // (r, cols), row stride lda
+  int64_t lda;
+  const float* B;      // (out, r), contiguous
+  MaskBits mask;
+};
+
+// Y_b = X_b * W_eff^T (+ bias) for every b (X_b: T_b x cols, Y_b: T_b x out; Y_b overwritten).
+void engine_forward(const EngineArgs& e, const std::vector<Mat>& X, const std::vector<Mat>& Y,
+                    const float* bias = nullptr);
+// dX_b = dY_b * W_eff (overwritten, if dX != nullptr);
+// dA (r x cols, row stride ldda) += s * B^T (M.G);  dB (out x r, contiguous) += s * (M.G) A^T,
+// with G = sum_b dY_b^T X_b (if dA != nullptr).
+void engine_backward(const EngineArgs& e, const std::vector<Mat>& dY, const std::vector<Mat>& X,
+                     const std::vector<Mat>* dX, float* dA, int64_t ldda, float* dB);
+
+// Block mask (nbo, nbi) bool -> bit-packed per block row (nbo, ceil(cols/8)) uint8.
+at::Tensor block_rows_packed(const at::Tensor& mask, int64_t block_i, int64_t cols);
+// MaskBits of an element / block wire mask (keeps `holder` alive for the expanded block rows).
+MaskBits mask_bits(const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i,
+                   int64_t out, int64_t cols, at::Tensor& holder);
+void check_mask(const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
+                int64_t block_i, int64_t out, int64_t cols);
+
+// at::parallel_for grain so that items of `work` flops each only go parallel above ~64K flops:
+// small layers run inline (no OpenMP region to wake up, which costs a lot on a loaded machine).
+inline int64_t grain_for(int64_t work) {
+  constexpr int64_t kMinWork = 1 << 16;
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work));
+}
+
+inline at::Tensor f32c(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+inline at::Tensor empty_grad() { return at::empty({0}); }
+
+// Ops.
+at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                              const at::Tensor& lora_B, const std::optional<at::Tensor>& mask,
+                              int64_t kind, int64_t block_o, int64_t block_i, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
+    int64_t block_i, double scale, bool need_dx, bool need_dA, bool need_dB);
+at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                              const at::Tensor& lora_B, const std::optional<at::Tensor>& mask,
+                              int64_t kind, int64_t block_o, int64_t block_i, double scale,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
+    int64_t block_i, double scale, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool need_dx, bool need_dA, bool need_dB);
+void saliency_linear(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy,
+                     std::string_view stat);
+void saliency_conv2d(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy,
+                     std::string_view stat, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups);
+
+
+}  // namespace spare

@@ -1,0 +1,238 @@
+"""The native CPU backend (csrc/cpu, torch.ops.spare_kernels_cpu) against the reference oracle.
+
+Every op is compared with ``spare_kernels.backends.reference`` on odd shapes, ranks 1 / 4 / 64,
+every mask kind, fp32 and bf16 (and bf16 activations with fp32 adapters). The bound is
+flash-attention style: ``|ours - ref64| <= C * |ref_lowp - ref64| + eps * max|ref64|`` where
+``ref64`` is the reference run in float64 on the same (exactly representable) inputs and
+``ref_lowp`` the reference in the test's own dtype.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+try:
+    import spare_kernels._C  # noqa: F401  (registers torch.ops.spare_kernels_cpu)
+except ImportError as e:  # only when the extension was not built (SPARE_KERNELS_BUILD_EXT=0, no compiler)
+    pytest.skip(f"native extension spare_kernels._C not built ({e})", allow_module_level=True)
+
+from spare_kernels.backends import _maskfmt as fmt  # noqa: E402
+from spare_kernels.backends import reference as R  # noqa: E402
+
+ops = torch.ops.spare_kernels_cpu
+NONE, ELEMENT, BLOCK, ROW = fmt.NONE, fmt.ELEMENT, fmt.BLOCK, fmt.ROW
+
+# (activation dtype, adapter dtype)
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+DT_IDS = ["fp32", "bf16", "bf16-act-fp32-adapter"]
+
+
+def _tol(dt):
+    return (10.0, 1e-6) if dt == torch.float32 else (4.0, 4e-3)
+
+
+def assert_close(ours, ref_lp, ref64, dt, what):
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert ours.dtype == ref_lp.dtype, f"{what}: dtype {ours.dtype} != {ref_lp.dtype}"
+    C, eps = _tol(dt)
+    o, lp, r64 = ours.double(), ref_lp.double(), ref64.double()
+    assert torch.isfinite(o).all(), f"{what}: non-finite output"
+    bound = C * (lp - r64).abs().max().item() + eps * r64.abs().max().item()
+    err = (o - r64).abs().max().item() if o.numel() else 0.0
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e}"
+
+
+def make_mask(kind, out, cols, variant="random", bo=16, bi=24, gen=None):
+    if kind == NONE:
+        return None
+    if kind == ELEMENT:
+        dense = {"random": lambda: torch.rand(out, cols, generator=gen) < 0.5,
+                 "ones": lambda: torch.ones(out, cols, dtype=torch.bool),
+                 "zeros": lambda: torch.zeros(out, cols, dtype=torch.bool)}[variant]()
+        return fmt.pack_bits(dense)
+    if kind == BLOCK:
+        return torch.rand(-(-out // bo), -(-cols // bi), generator=gen) < 0.4
+    return torch.rand(out, generator=gen) < 0.5
+
+
+def _d(t):
+    return None if t is None else (t.double() if t.is_floating_point() else t)
+
+
+# ------------------------------------------------------------------------------------------ linear
+LIN_CASES = [
+    # (N, out, in, r, kind, variant)
+    (7, 321, 333, 4, NONE, None),
+    (7, 321, 333, 4, ROW, None),
+    (7, 321, 333, 4, ELEMENT, "random"),
+    (7, 321, 333, 1, ELEMENT, "random"),
+    (5, 70, 45, 64, ELEMENT, "random"),
+    (7, 321, 333, 4, ELEMENT, "ones"),
+    (7, 321, 333, 4, ELEMENT, "zeros"),
+    (3, 700, 1100, 4, ELEMENT, "random"),  # several tiles each way (accumulation across tiles)
+    (600, 90, 1100, 4, ELEMENT, "random"),  # many tokens: the large-tile forward
+    (1100, 50, 70, 64, ELEMENT, "random"),  # more tokens: threads split the tokens
+    (7, 321, 333, 4, BLOCK, None),
+    (5, 70, 45, 64, BLOCK, None),
+    (3, 17, 9, 1, BLOCK, None),
+    (5, 70, 45, 64, ROW, None),
+    (3, 17, 9, 1, NONE, None),
+]
+
+
+@pytest.mark.parametrize("dts", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", LIN_CASES, ids=lambda c: f"N{c[0]}-o{c[1]}-i{c[2]}-r{c[3]}-k{c[4]}-{c[5]}")
+def test_linear(case, dts):
+    N, out, cols, r, kind, variant = case
+    dt, adt = dts
+    g = torch.Generator().manual_seed(N * 1000 + out + kind)
+    x = torch.randn(N, cols, generator=g).to(dt)
+    W = (torch.randn(out, cols, generator=g) / cols ** 0.5).to(dt)
+    b = torch.randn(out, generator=g).to(dt)
+    A = (torch.randn(r, cols, generator=g) / cols ** 0.5).to(adt)
+    B = torch.randn(out, r, generator=g).to(adt)
+    dy = torch.randn(N, out, generator=g).to(dt)
+    m = make_mask(kind, out, cols, variant, gen=g)
+    s = 0.7
+    args = (m, kind, 16, 24, s)
+    y = ops.masked_lora_linear(x, W, b, A, B, *args)
+    y_lp = R.masked_lora_linear(x, W, b, A, B, *args)
+    y64 = R.masked_lora_linear(_d(x), _d(W), _d(b), _d(A), _d(B), *args)
+    assert_close(y, y_lp, y64, dt, "y")
+    got = ops.masked_lora_linear_backward(dy, x, W, A, B, *args, True, True, True)
+    lp = R.masked_lora_linear_backward(dy, x, W, A, B, *args, True, True, True)
+    r64 = R.masked_lora_linear_backward(_d(dy), _d(x), _d(W), _d(A), _d(B), *args, True, True, True)
+    for name, o, l_, h in zip(("dx", "dA", "dB"), got, lp, r64):
+        assert_close(o, l_, h, dt, name)
+    if kind == ELEMENT and variant == "zeros":
+        assert got[1].abs().max() == 0 and got[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("kind", [NONE, ELEMENT, BLOCK, ROW])
+def test_linear_backward_subsets(kind, need):
+    g = torch.Generator().manual_seed(kind)
+    x, W = torch.randn(6, 40, generator=g), torch.randn(30, 40, generator=g)
+    A, B, dy = torch.randn(4, 40, generator=g), torch.randn(30, 4, generator=g), torch.randn(6, 30, generator=g)
+    m = make_mask(kind, 30, 40, "random", gen=g)
+    got = ops.masked_lora_linear_backward(dy, x, W, A, B, m, kind, 16, 24, 0.5, *need)
+    ref = R.masked_lora_linear_backward(dy, x, W, A, B, m, kind, 16, 24, 0.5, *need)
+    for wanted, o, r_ in zip(need, got, ref):
+        if wanted:
+            torch.testing.assert_close(o, r_, rtol=1e-4, atol=1e-5)
+        else:
+            assert o.numel() == 0
+
+
+# -------------------------------------------------------------------------------------------- conv
+CONV_CASES = [
+    # (N, C, H, out, k, stride, pad, dil, groups, r)
+    (2, 6, 9, 8, 3, 2, 1, 1, 2, 4),     # stride 2, groups 2
+    (3, 5, 4, 7, 1, 1, 0, 1, 1, 1),     # 1x1 shortcut path
+    (2, 4, 7, 6, 3, 1, 2, 2, 1, 64),    # dilation, padding, rank 64
+    (2, 6, 5, 9, 1, 1, 0, 1, 3, 4),     # 1x1, groups 3
+    (1, 3, 8, 5, 1, 2, 0, 1, 1, 2),     # 1x1 stride 2 (im2col path)
+    (2, 7, 6, 5, 3, 1, 1, 1, 1, 4),     # 3x3 "same"
+]
+KINDS = [(NONE, None), (ELEMENT, "random"), (ELEMENT, "ones"), (ELEMENT, "zeros"), (BLOCK, None), (ROW, None)]
+
+
+@pytest.mark.parametrize("dts", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("kv", KINDS, ids=lambda k: f"k{k[0]}-{k[1]}")
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_conv2d(case, kv, dts):
+    N, C, H, o, k, st, p, d, grp, r = case
+    kind, variant = kv
+    dt, adt = dts
+    g = torch.Generator().manual_seed(sum(case) + kind)
+    cg = C // grp
+    x = torch.randn(N, C, H, H, generator=g).to(dt)
+    W = (torch.randn(o, cg, k, k, generator=g) / (cg * k * k) ** 0.5).to(dt)
+    b = torch.randn(o, generator=g).to(dt)
+    A = (torch.randn(r, cg, k, k, generator=g) / (cg * k * k) ** 0.5).to(adt)
+    B = torch.randn(o, r, generator=g).to(adt)
+    m = make_mask(kind, o, cg * k * k, variant, bo=4, bi=5, gen=g)
+    geo = ([st, st], [p, p], [d, d], grp)
+    args = (m, kind, 4, 5, 0.7) + geo
+    y = ops.masked_lora_conv2d(x, W, b, A, B, *args)
+    y_lp = R.masked_lora_conv2d(x, W, b, A, B, *args)
+    y64 = R.masked_lora_conv2d(_d(x), _d(W), _d(b), _d(A), _d(B), *args)
+    assert_close(y, y_lp, y64, dt, "y")
+    dy = torch.randn(y64.shape, generator=g).to(dt)
+    got = ops.masked_lora_conv2d_backward(dy, x, W, A, B, *args, True, True, True)
+    lp = R.masked_lora_conv2d_backward(dy, x, W, A, B, *args, True, True, True)
+    r64 = R.masked_lora_conv2d_backward(_d(dy), _d(x), _d(W), _d(A), _d(B), *args, True, True, True)
+    for name, o_, l_, h in zip(("dx", "dA", "dB"), got, lp, r64):
+        assert_close(o_, l_, h, dt, name)
+
+
+@pytest.mark.parametrize("r", [4, 64])  # block: r=4 takes the stacked-conv path, r=64 the im2col one
+@pytest.mark.parametrize("kind", [ELEMENT, BLOCK])
+def test_conv2d_chunked(kind, r):
+    """An input whose unfolding exceeds one chunk: several im2col chunks per sample."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 64, 48, 48, generator=g)
+    W = torch.randn(24, 64, 3, 3, generator=g) / 24
+    A, B = torch.randn(r, 64, 3, 3, generator=g) / 24, torch.randn(24, r, generator=g) / r ** 0.5
+    m = make_mask(kind, 24, 576, "random", bo=8, bi=32, gen=g)
+    args = (m, kind, 8, 32, 0.5, [1, 1], [1, 1], [1, 1], 1)
+    torch.testing.assert_close(ops.masked_lora_conv2d(x, W, None, A, B, *args),
+                               R.masked_lora_conv2d(x, W, None, A, B, *args), rtol=1e-4, atol=1e-4)
+    dy = torch.randn(2, 24, 48, 48, generator=g)
+    for o, r_ in zip(ops.masked_lora_conv2d_backward(dy, x, W, A, B, *args, True, True, True),
+                     R.masked_lora_conv2d_backward(dy, x, W, A, B, *args, True, True, True)):
+        torch.testing.assert_close(o, r_, rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------- saliency
+STATS = ["grad_abs", "signed", "sample_abs", "sample_sq"]
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 1, 333, 321), (2, 7, 45, 700), (4, 5, 9, 3), (1, 1, 16, 8)],
+                         ids=lambda s: "S{}-T{}-i{}-o{}".format(*s))
+@pytest.mark.parametrize("stat", STATS)
+def test_saliency_linear(stat, shape, dt):
+    S, T, i, o = shape
+    g = torch.Generator().manual_seed(S * T + i)
+    x, dy = torch.randn(S, T, i, generator=g).to(dt), torch.randn(S, T, o, generator=g).to(dt)
+    a0 = torch.randn(o, i, generator=g)
+    ours, ref = a0.clone(), a0.clone()
+    ops.saliency_linear(ours, x, dy, stat)
+    R.saliency_linear(ref, x, dy, stat)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * (ref - a0).abs().max().item())
+    assert not torch.equal(ours, a0) or stat == "signed"
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [(2, 6, 9, 8, 3, 2, 1, 1, 2), (3, 5, 1, 7, 1, 1, 0, 1, 1), (2, 5, 6, 7, 1, 1, 0, 1, 1),
+                                  (2, 4, 7, 6, 3, 1, 2, 2, 1)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("stat", STATS)
+def test_saliency_conv2d(stat, case, dt):
+    S, C, H, o, k, st, p, d, grp = case
+    g = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(S, C, H, H, generator=g).to(dt)
+    w = torch.randn(o, C // grp, k, k, generator=g)
+    dy = torch.randn(torch.nn.functional.conv2d(x.float(), w, None, st, p, d, grp).shape, generator=g).to(dt)
+    a0 = torch.randn_like(w)
+    ours, ref = a0.clone(), a0.clone()
+    geo = ([st, st], [p, p], [d, d], grp)
+    ops.saliency_conv2d(ours, x, dy, stat, *geo)
+    R.saliency_conv2d(ref, x, dy, stat, *geo)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * (ref - a0).abs().max().item())
+
+
+# -------------------------------------------------------------------------------------- bad inputs
+def test_errors():
+    x, W = torch.randn(4, 10), torch.randn(6, 10)
+    A, B = torch.randn(2, 10), torch.randn(6, 2)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.masked_lora_linear(x.half(), W.half(), None, A, B, None, NONE, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="element mask"):
+        ops.masked_lora_linear(x, W, None, A, B, torch.zeros(6, 1, dtype=torch.uint8), ELEMENT, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="unknown mask kind"):
+        ops.masked_lora_linear(x, W, None, A, B, None, 7, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="stat"):
+        ops.saliency_linear(torch.zeros(6, 10), x[None], torch.randn(1, 4, 6), "nope")
+    with pytest.raises(RuntimeError, match="lora_B"):
+        ops.masked_lora_linear(x, W, None, A, B[:5], None, NONE, 0, 0, 1.0)
