@@ -1,0 +1,88 @@
+"""Layer-level table: every distinct SD-1.5 Linear and Conv2d shape (32×32 latent), batch 1 and 2.
+
+``PYTHONPATH=. python -m benchmarks.layers [--batch 1 2] [--reps 7] [--kinds linear conv2d] [--limit N]``
+prints the ratios and writes ``benchmarks/results/layers.json``. Ratios are medians of interleaved
+repetitions in one process; the baseline of each ratio is named in its column.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from spare_kernels import backend_info
+from spare_kernels.bench import time_side_by_side
+from spare_kernels.utils.io import write_json
+
+from .baselines import layer_schemes, make_layer_case
+from .shapes import layer_shapes
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# (column, numerator, denominator, target): the issue's targets, checked per row
+RATIOS = [
+    ("elem/spare_ref", "ours_element", "spare_ref", 0.70),
+    ("elem/merged", "ours_element", "merged", 1.00),
+    ("block/peft", "ours_block", "peft", 1.15),
+    ("dense/peft", "ours_dense", "peft", None),
+    ("peft/floor", "peft", "floor", None),
+]
+
+
+def describe(spec):
+    if spec["kind"] == "linear":
+        return f"linear {spec['n']}x{spec['in']}->{spec['out']}"
+    n, c, h, w = spec["x"]
+    o, _, kh, kw = spec["weight"]
+    s = spec["stride"][0]
+    return f"conv {n}x{c}x{h}x{w} {kh}x{kw}->{o}" + (f" s{s}" if s != 1 else "")
+
+
+def run(batches=(1, 2), reps=7, kinds=("linear", "conv2d"), limit=None, rank=4, quiet=False):
+    rows = []
+    for batch in batches:
+        specs = [s for s in layer_shapes("sd15", batch=batch) if s["kind"] in kinds][:limit]
+        for spec in specs:
+            t = time_side_by_side(layer_schemes(make_layer_case(spec, rank=rank)), reps=reps)
+            row = {"layer": describe(spec), "batch": batch, "count": spec["count"],
+                   "ms": {k: 1e3 * v for k, v in t.items()}}
+            for col, a, b, _ in RATIOS:
+                row[col] = t[a] / t[b]
+            rows.append(row)
+            if not quiet:
+                print(format_row(row), flush=True)
+    return rows
+
+
+def header():
+    return f"{'layer':<34}{'b':>2}{'floor ms':>10}" + "".join(f"{c:>16}" for c, *_ in RATIOS)
+
+
+def format_row(r):
+    cells = []
+    for col, _, _, target in RATIOS:
+        miss = "*" if target is not None and r[col] > target else " "
+        cells.append(f"{r[col]:>15.2f}{miss}")
+    return f"{r['layer']:<34}{r['batch']:>2}{r['ms']['floor']:>10.2f}" + "".join(cells)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--kinds", nargs="+", default=["linear", "conv2d"], choices=["linear", "conv2d"])
+    p.add_argument("--limit", type=int, default=None, help="first N shapes per batch (smoke runs)")
+    p.add_argument("--out", default=os.path.join(RESULTS, "layers.json"))
+    a = p.parse_args(argv)
+    be = backend_info()["ops"]["masked_lora_linear"]["cpu"]
+    print(f"fp32, rank 4, element density 0.5, block 32x32 density 0.1, backend '{be}', "
+          f"{torch.get_num_threads()} threads; ratios of medians (reps={a.reps}); * = misses the target "
+          f"(elem/spare_ref <= 0.70, elem/merged <= 1.00, block/peft <= 1.15)")
+    print(header())
+    rows = run(a.batch, a.reps, a.kinds, a.limit)
+    write_json(a.out, {"backend": be, "threads": torch.get_num_threads(), "reps": a.reps, "rows": rows})
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
