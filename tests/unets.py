@@ -1,9 +1,7 @@
 """Tiny diffusers UNets built from configs (no downloads), shared by the tests."""
 import torch
 
-TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+from benchmarks.shapes import TINY  # one tiny config for tests and benchmarks
 
 
 def tiny_unet(seed=0, dtype=torch.float32, **over):
