@@ -38,13 +38,19 @@ def describe(spec):
     return f"conv {n}x{c}x{h}x{w} {kh}x{kw}->{o}" + (f" s{s}" if s != 1 else "")
 
 
-def run(batches=(1, 2), reps=7, kinds=("linear", "conv2d"), limit=None, rank=4, quiet=False):
+# What `make demo` times: the SD-1.5 attention, cross-attention and feed-forward shapes, batch 1.
+DEMO_SHAPES = [dict(kind="linear", n=n, **{"in": i, "out": o}) for n, i, o in
+               [(1024, 320, 320), (256, 640, 640), (64, 1280, 1280), (77, 768, 1280), (256, 640, 5120)]]
+
+
+def run(batches=(1, 2), reps=7, kinds=("linear", "conv2d"), limit=None, rank=4, quiet=False, shapes=None):
+    """Rows of the table; ``shapes`` (specs as ``layer_shapes`` gives, batch 1) overrides the SD-1.5 walk."""
     rows = []
-    for batch in batches:
-        specs = [s for s in layer_shapes("sd15", batch=batch) if s["kind"] in kinds][:limit]
+    for batch in ((1,) if shapes else batches):
+        specs = shapes or [s for s in layer_shapes("sd15", batch=batch) if s["kind"] in kinds][:limit]
         for spec in specs:
             t = time_side_by_side(layer_schemes(make_layer_case(spec, rank=rank)), reps=reps)
-            row = {"layer": describe(spec), "batch": batch, "count": spec["count"],
+            row = {"layer": describe(spec), "batch": batch, "count": spec.get("count", 1),
                    "ms": {k: 1e3 * v for k, v in t.items()}}
             for col, a, b, _ in RATIOS:
                 row[col] = t[a] / t[b]

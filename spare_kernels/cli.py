@@ -10,20 +10,23 @@ def _cmd_demo(args):
     import torch
 
     from . import backend_info
-    from .bench import DEMO_SHAPES, format_table, ops_table
-
-    torch.set_num_threads(args.threads) if args.threads else None
-    shapes = DEMO_SHAPES[:2] if args.quick else DEMO_SHAPES
+    try:   # the anchors live in the repository's benchmarks/ (run from a checkout, as `make demo` does)
+        from benchmarks.layers import DEMO_SHAPES, header, run
+    except ImportError:
+        print("spare-kernels demo: run it from the repository root (it uses benchmarks/)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     be = backend_info()["ops"]["masked_lora_linear"]["cpu"]
-    print(f"spare_kernels demo: one Linear layer forward+backward, fp32, rank 4, CPU "
-          f"({torch.get_num_threads()} threads), backend '{be}'")
-    print("Ratios of median time to dense LoRA ('lora' = 1.00; lower is faster). ours_element: element mask "
-          "density 0.5; ours_block: 32x32 block mask density 0.1; spare_ref and merged use the same 0.5 mask.\n")
-    rows = ops_table(shapes, reps=args.reps)
-    print(format_table(rows))
+    print(f"spare_kernels demo: SD-1.5 Linear layers (32x32 latent, batch 1), forward+backward, fp32, rank 4, "
+          f"CPU ({torch.get_num_threads()} threads), backend '{be}'.")
+    print("Ratios of median times, interleaved in one process (name/baseline). elem: element mask density 0.5; "
+          "block: 32x32 block mask density 0.1; dense: no mask.\n")
+    print(header())
+    rows = run(shapes=DEMO_SHAPES[:2] if args.quick else DEMO_SHAPES, reps=args.reps)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        from .utils.io import write_json
+        write_json(args.json, rows)
     return 0
 
 

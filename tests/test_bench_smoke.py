@@ -46,3 +46,10 @@ def test_saliency_benchmark_smoke(tmp_path):
     out = tmp_path / "s.json"
     res = saliency.main(["--config", "tiny", "--batch", "2", "--reps", "1", "--out", str(out)])
     assert out.exists() and res["sample_abs_speedup_vs_naive_per_sample"] > 0
+
+
+def test_cli_demo_quick(capsys):
+    from spare_kernels.cli import main
+    assert main(["demo", "--quick", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "elem/spare_ref" in out and "linear 1024x320->320" in out and "linear 256x640->640" in out
