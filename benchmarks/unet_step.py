@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -33,17 +31,11 @@ from torch import nn
 
 import spare_kernels as sk
 from spare_kernels.bench import time_side_by_side
+from spare_kernels.utils.io import write_json
 
-CONFIGS = {
-    "tiny": (dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                  attention_head_dim=8, norm_num_groups=8), 8),
-    "sd15": (dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3), 32),
-}
+from .shapes import SD15, TINY
+
+CONFIGS = {"tiny": (TINY, 8), "sd15": (SD15, 32)}   # (config, latent size)
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 SCHEMES = ("floor", "peft", "ours_dense", "ours_element50")
 TARGET_SETS = ("attention", "all")
@@ -146,11 +138,7 @@ def main(argv=None):
            "rows": rows, "seconds": t}
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(res, f, indent=1)
-    path = os.path.join(folder, f"unet_step_{args.config}.json")
-    os.replace(tmp, path)
+    path = write_json(os.path.join(folder, f"unet_step_{args.config}.json"), res)
     print(f"wrote {path}")
 
 

@@ -13,7 +13,7 @@ import threading
 import warnings
 import weakref
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 from torch import Tensor, nn

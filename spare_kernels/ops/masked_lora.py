@@ -204,7 +204,7 @@ def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
         chk.shape("bias", bias, (out,), op=op)
     chk.tensor("lora_A", lora_A, dim=4, op=op)
     r = lora_A.shape[0]
-    chk.shape("lora_A", lora_A, (None, cg, kh, kw), f" (r, C/groups, kh, kw)", op=op)
+    chk.shape("lora_A", lora_A, (None, cg, kh, kw), " (r, C/groups, kh, kw)", op=op)
     if r < 1:
         raise ValueError(f"{op}: lora_A: expected rank r >= 1, got r = {r}")
     chk.tensor("lora_B", lora_B, dim=(2, 4), dtype=lora_A.dtype, op=op)

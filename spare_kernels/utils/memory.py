@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 
 __all__ = ["measure_peak"]
 
