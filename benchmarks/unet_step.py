@@ -12,6 +12,8 @@ or 32x32 (sd15), random weights built from a config (no downloads). Schemes, for
                      (dense LoRA; for ``all`` the list of every Linear/Conv2d module name).
 - ``ours_dense``     ``spare_kernels.patch_unet`` with no masks (dense adapter, fused op).
 - ``ours_element50`` ``patch_unet`` with 50% random element masks on every targeted weight.
+- ``spare_ref``      SPARE's own layers (``benchmarks.baselines.SpareRefLayer``: dense float mask, a
+                     second full GEMM/conv) on the same targets with the same masks.
 
 Every variant is a copy of one UNet sharing its (frozen) parameter tensors, so sd15 fits in memory
 once; all are timed interleaved in one process (``spare_kernels.bench.time_side_by_side``,
@@ -31,13 +33,15 @@ from torch import nn
 
 import spare_kernels as sk
 from spare_kernels.bench import time_side_by_side
+from spare_kernels.utils import measure_peak
 from spare_kernels.utils.io import write_json
 
+from .baselines import patch_spare_ref
 from .shapes import SD15, TINY
 
 CONFIGS = {"tiny": (TINY, 8), "sd15": (SD15, 32)}   # (config, latent size)
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-SCHEMES = ("floor", "peft", "ours_dense", "ours_element50")
+SCHEMES = ("floor", "peft", "ours_dense", "ours_element50", "spare_ref")
 TARGET_SETS = ("attention", "all")
 
 
@@ -72,8 +76,11 @@ def variants(unet: nn.Module, rank: int) -> dict[str, nn.Module]:
         for name, m in sk.nn.iter_patched(e):
             m.set_mask("default", sk.Mask.from_dense(torch.rand(m.weight.shape, generator=g) < 0.5))
         out[f"ours_element50/{ts}"] = e
+        # SPARE's own scheme on the same targets and the same masks (dense float mask, second GEMM)
+        out[f"spare_ref/{ts}"] = patch_spare_ref(share_copy(unet), {f"{n}.weight": m.masks["default"]
+                                                                      for n, m in sk.nn.iter_patched(e)}, rank)
     for m in out.values():   # only the adapters train; the base tensors are shared and frozen
-        assert all(".lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+        assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
     return out
 
 
@@ -113,6 +120,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--memory", action="store_true",
+                    help="also the peak CPU memory of one step of ours_element50 and spare_ref (measure_peak)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,7 +141,14 @@ def main(argv=None):
         keys = {ts: "floor" if s == "floor" else f"{s}/{ts}" for ts in TARGET_SETS}
         rows[s] = {ts: {"ms": 1e3 * t[k], "ratio": t[k] / floor} for ts, k in keys.items()}
         print(f"{s:<16}" + "".join(f"{rows[s][ts]['ratio']:>12.2f}{rows[s][ts]['ms']:>10.1f}" for ts in TARGET_SETS))
-    res = {"config": args.config, "latent": hw, "batch": 1, "rank": args.rank, "reps": args.reps,
+    peaks = {}
+    if args.memory:
+        for ts in TARGET_SETS:
+            for sch in ("ours_element50", "spare_ref"):
+                peaks[f"{sch}/{ts}"] = measure_peak(fns[f"{sch}/{ts}"])[1] / 2**20
+            print(f"peak MB, {ts}: ours_element50 {peaks[f'ours_element50/{ts}']:.0f}, spare_ref "
+                  f"{peaks[f'spare_ref/{ts}']:.0f} (ratio {peaks[f'ours_element50/{ts}'] / peaks[f'spare_ref/{ts}']:.2f})")
+    res = {"peak_mb": peaks, "config": args.config, "latent": hw, "batch": 1, "rank": args.rank, "reps": args.reps,
            "baseline": "floor", "threads": torch.get_num_threads(), "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "backend": sk.backend_info()["ops"],
            "rows": rows, "seconds": t}
