@@ -14,8 +14,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]   # toggle_adapter_pipeline, spare_kernels
 import spare_kernels as sk  # noqa: E402
 from toggle_adapter_pipeline import build_pipeline  # noqa: E402
-# Without spare_kernels.SaliencyCollector (older checkouts) random scores stand in: the masks are then random.
-SaliencyCollector = getattr(sk, "SaliencyCollector", None)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -38,18 +36,14 @@ def main(argv=None):
         t = torch.randint(0, 1000, (2,), generator=g)
         return pipe.scheduler.add_noise(x0, noise, t), t, noise
 
-    if SaliencyCollector is not None:
-        with SaliencyCollector(unet, stat="grad_abs", target_modules=TARGETS) as col:
-            for _ in range(2):
-                x, t, noise = noisy_batch()
-                F.mse_loss(unet(x, t, encoder_hidden_states=forget).sample, noise).backward()
-        scores = col.scores()
-    else:
-        scores = {n: torch.rand(p.shape, generator=g) for n, p in unet.named_parameters()
-                  if n.endswith(tuple(f"{t}.weight" for t in TARGETS))}
+    with sk.SaliencyCollector(unet, stat="grad_abs", target_modules=TARGETS) as col:
+        for _ in range(2):
+            x, t, noise = noisy_batch()
+            F.mse_loss(unet(x, t, encoder_hidden_states=forget).sample, noise).backward()
+    scores = col.scores()
     masks = sk.topk_masks(scores, density=args.density)   # global top-k over all targeted weights
     sk.patch_unet(unet, masks=masks, target_modules=TARGETS, rank=4)
-    print(f"masks from {'SaliencyCollector grad_abs' if SaliencyCollector else 'random'} scores: {len(masks)} "
+    print(f"masks from SaliencyCollector grad_abs scores: {len(masks)} "
           f"weights, {args.density:.0%} of their entries trainable")
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=args.lr)
     for step in range(1, args.steps + 1):

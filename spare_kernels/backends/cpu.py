@@ -30,9 +30,8 @@ except ImportError as e:  # built with SPARE_KERNELS_BUILD_EXT=0, or no compiler
 def _wrap(op):
     native = getattr(torch.ops.spare_kernels_cpu, op)
     fallback = getattr(reference, op)
-    # Saliency ops take the accumulator first; the others the activation.
-    pos = 1 if op.startswith("saliency") else 0
-    pos = 1 if op.endswith("_backward") else pos
+    # The activation's position: after the accumulator (saliency) or dy (backward), else first.
+    pos = 1 if op.startswith("saliency") or op.endswith("_backward") else 0
 
     def impl(*args):
         a = args[pos]
