@@ -72,6 +72,16 @@ LIN_CASES = [
     (3, 700, 1100, 4, ELEMENT, "random"),  # several tiles each way (accumulation across tiles)
     (600, 90, 1100, 4, ELEMENT, "random"),  # many tokens: the large-tile forward
     (1100, 50, 70, 64, ELEMENT, "random"),  # more tokens: threads split the tokens
+    # few tokens (<= 4, rank <= 16): the streamed one-pass path; rank 17 falls back to the tiles
+    (1, 321, 333, 4, ELEMENT, "random"),
+    (2, 33, 1100, 16, ELEMENT, "random"),
+    (4, 70, 45, 1, ELEMENT, "random"),
+    (1, 17, 9, 4, ELEMENT, "ones"),
+    (4, 70, 45, 17, ELEMENT, "random"),
+    (3, 40, 1100, 2, ELEMENT, "random"),
+    (7, 100, 333, 8, ELEMENT, "random"),  # ranks 2 and 8 through the tiles
+    (6, 50, 200, 2, ELEMENT, "random"),
+    (2, 90, 77, 8, ELEMENT, "random"),
     (7, 321, 333, 4, BLOCK, None),
     (5, 70, 45, 64, BLOCK, None),
     (3, 17, 9, 1, BLOCK, None),
@@ -108,12 +118,13 @@ def test_linear(case, dts):
         assert got[1].abs().max() == 0 and got[2].abs().max() == 0
 
 
+@pytest.mark.parametrize("tokens", [6, 2])
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)])
 @pytest.mark.parametrize("kind", [NONE, ELEMENT, BLOCK, ROW])
-def test_linear_backward_subsets(kind, need):
+def test_linear_backward_subsets(kind, need, tokens):
     g = torch.Generator().manual_seed(kind)
-    x, W = torch.randn(6, 40, generator=g), torch.randn(30, 40, generator=g)
-    A, B, dy = torch.randn(4, 40, generator=g), torch.randn(30, 4, generator=g), torch.randn(6, 30, generator=g)
+    x, W = torch.randn(tokens, 40, generator=g), torch.randn(30, 40, generator=g)
+    A, B, dy = torch.randn(4, 40, generator=g), torch.randn(30, 4, generator=g), torch.randn(tokens, 30, generator=g)
     m = make_mask(kind, 30, 40, "random", gen=g)
     got = ops.masked_lora_linear_backward(dy, x, W, A, B, m, kind, 16, 24, 0.5, *need)
     ref = R.masked_lora_linear_backward(dy, x, W, A, B, m, kind, 16, 24, 0.5, *need)

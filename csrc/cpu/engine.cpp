@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define SPARE_AVX512 1
@@ -175,31 +176,48 @@ void mask_tile(const EngineArgs& e, int64_t o0, int64_t pr, int64_t i0, int64_t 
 
 #ifdef SPARE_AVX512
 // Small rank, fused: for the tile's rows, g = M . G row;  dA[:, i0..] += s * B[o]^T g ; dB[o] += s * g A^T.
-void mask_contract_small(const EngineArgs& e, int64_t o0, int64_t pr, int64_t i0, int64_t qc, const float* gp,
-                         float* dA, int64_t ldda, float* dbt) {
-  const int64_t r = e.r;
+// RR (the rank) is a template parameter so the accumulators stay in registers.
+template <int RR>
+void mask_contract_small_r(const EngineArgs& e, int64_t o0, int64_t pr, int64_t i0, int64_t qc, const float* gp,
+                           float* dA, int64_t ldda, float* dbt) {
+  const float* const A = e.A;
+  const float* const Bm = e.B;
+  const int64_t lda = e.lda;
+  const float s = e.scale;
+  const MaskBits mb = e.mask;
   for (int64_t o = 0; o < pr; ++o) {
-    const uint8_t* mrow = e.mask.row(o0 + o);
+    const uint8_t* mrow = mb.row(o0 + o);
     const float* g = gp + o * qc;
-    __m512 acc[8];
-    __m512 sb[8];
-    for (int64_t k = 0; k < r; ++k) {
+    __m512 acc[RR], sb[RR];
+    for (int k = 0; k < RR; ++k) {
       acc[k] = _mm512_setzero_ps();
-      sb[k] = _mm512_set1_ps(e.scale * e.B[(o0 + o) * r + k]);
+      sb[k] = _mm512_set1_ps(s * Bm[(o0 + o) * RR + k]);
     }
     for (int64_t j = 0; j < qc; j += 16) {
       const int64_t n = std::min<int64_t>(16, qc - j);
       const __mmask16 m = (__mmask16)bits16(mrow, i0 + j, n);
       if (!m) continue;
       const __m512 gv = _mm512_maskz_loadu_ps(m, g + j);
-      for (int64_t k = 0; k < r; ++k) {
-        const __m512 a = _mm512_maskz_loadu_ps(m, e.A + k * e.lda + i0 + j);
+      for (int k = 0; k < RR; ++k) {
+        const __m512 a = _mm512_maskz_loadu_ps(m, A + k * lda + i0 + j);
         acc[k] = _mm512_fmadd_ps(gv, a, acc[k]);
         float* d = dA + k * ldda + i0 + j;
         _mm512_mask_storeu_ps(d, m, _mm512_fmadd_ps(sb[k], gv, _mm512_maskz_loadu_ps(m, d)));
       }
     }
-    for (int64_t k = 0; k < r; ++k) dbt[(o0 + o) * r + k] += e.scale * _mm512_reduce_add_ps(acc[k]);
+    for (int k = 0; k < RR; ++k) dbt[(o0 + o) * RR + k] += s * _mm512_reduce_add_ps(acc[k]);
+  }
+}
+
+// Ranks 1, 2, 4, 8 (false: the caller takes the generic mask + gemm route).
+bool mask_contract_small(const EngineArgs& e, int64_t o0, int64_t pr, int64_t i0, int64_t qc, const float* gp,
+                         float* dA, int64_t ldda, float* dbt) {
+  switch (e.r) {
+    case 1: mask_contract_small_r<1>(e, o0, pr, i0, qc, gp, dA, ldda, dbt); return true;
+    case 2: mask_contract_small_r<2>(e, o0, pr, i0, qc, gp, dA, ldda, dbt); return true;
+    case 4: mask_contract_small_r<4>(e, o0, pr, i0, qc, gp, dA, ldda, dbt); return true;
+    case 8: mask_contract_small_r<8>(e, o0, pr, i0, qc, gp, dA, ldda, dbt); return true;
+    default: return false;
   }
 }
 #endif
@@ -269,6 +287,164 @@ std::vector<Mat> rows_share(const std::vector<Mat>& M, int64_t t, int64_t nth) {
 }
 }  // namespace
 
+
+#ifdef SPARE_AVX512
+namespace {
+// Few tokens (T <= 4, e.g. the time-embedding projections at batch 1-2): the tiled GEMMs
+// degenerate into GEMVs whose per-tile overhead dominates. Instead stream each weight row once:
+// build the effective row in registers and dot it with the T token rows (forward), or axpy it
+// into dX and contract M.G into dA / dB on the fly (backward). One pass over W and the mask.
+// T and r are template parameters so every accumulator lives in a register.
+inline __mmask16 tail16(int64_t n) { return (__mmask16)(n >= 16 ? 0xFFFFu : ((1u << n) - 1u)); }
+
+template <typename WT, int TT, int RR>
+void small_forward(const EngineArgs& e, const Mat& X, const Mat& Y, const float* bias) {
+  const int64_t out = e.out, cols = e.cols, lda = e.lda, ldw = e.ldw, xrs = X.rs, yrs = Y.rs, ycs = Y.cs;
+  const WT* const W = static_cast<const WT*>(e.W);
+  const float* const A = e.A;
+  const float* const Bm = e.B;
+  const float* const Xp = X.p;
+  float* const Yp = Y.p;
+  const float s = e.scale;
+  const MaskBits mb = e.mask;
+  at::parallel_for(0, out, grain_for(2 * cols * (RR + TT)), [=](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      __m512 sb[RR];
+      for (int k = 0; k < RR; ++k) sb[k] = _mm512_set1_ps(s * Bm[o * RR + k]);
+      const WT* wrow = W + o * ldw;
+      const uint8_t* mrow = mb.row(o);
+      __m512 acc[TT];
+      for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < cols; j += 16) {
+        const int64_t n = std::min<int64_t>(16, cols - j);
+        const __mmask16 tail = tail16(n);
+        const __mmask16 m = (__mmask16)bits16(mrow, j, n);
+        __m512 w = loadw(wrow + j, tail);
+        __m512 d = _mm512_setzero_ps();
+        for (int k = 0; k < RR; ++k) d = _mm512_fmadd_ps(sb[k], _mm512_maskz_loadu_ps(m, A + k * lda + j), d);
+        w = _mm512_add_ps(w, d);
+        for (int t = 0; t < TT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, Xp + t * xrs + j), acc[t]);
+      }
+      const float b = bias ? bias[o] : 0.f;
+      for (int t = 0; t < TT; ++t) Yp[t * yrs + o * ycs] = _mm512_reduce_add_ps(acc[t]) + b;
+    }
+  });
+}
+
+template <typename WT, int TT, int RR>
+void small_backward(const EngineArgs& e, const Mat& dY, const Mat& X, const Mat* dX, float* dA, int64_t ldda,
+                    float* dB) {
+  const int64_t out = e.out, cols = e.cols, lda = e.lda, ldw = e.ldw, xrs = X.rs, dyrs = dY.rs, dycs = dY.cs;
+  const WT* const W = static_cast<const WT*>(e.W);
+  const float* const A = e.A;
+  const float* const Bm = e.B;
+  const float* const Xp = X.p;
+  const float* const dYp = dY.p;
+  const float s = e.scale;
+  const MaskBits mb = e.mask;
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  // Per-thread partial dX (T x cols) and dA (r x cols); dB rows are owned by one thread each.
+  std::vector<float> dxp(dX ? (size_t)nth * TT * cols : 0, 0.f), dap(dA ? (size_t)nth * RR * cols : 0, 0.f);
+  std::vector<char> used(nth, 0);
+  float* const dxbase = dX ? dxp.data() : nullptr;
+  float* const dabase = dA ? dap.data() : nullptr;
+  char* const usedp = used.data();
+  at::parallel_for(0, out, grain_for(2 * cols * (3 * RR + 2 * TT)), [=](int64_t o0, int64_t o1) {
+    const int64_t tid = at::get_thread_num();
+    usedp[tid] = 1;
+    float* const dxt = dxbase ? dxbase + tid * TT * cols : nullptr;
+    float* const dat = dabase ? dabase + tid * RR * cols : nullptr;
+    for (int64_t o = o0; o < o1; ++o) {
+      __m512 sb[RR], ab[RR], dyo[TT];
+      for (int k = 0; k < RR; ++k) {
+        sb[k] = _mm512_set1_ps(s * Bm[o * RR + k]);
+        ab[k] = _mm512_setzero_ps();
+      }
+      for (int t = 0; t < TT; ++t) dyo[t] = _mm512_set1_ps(dYp[t * dyrs + o * dycs]);
+      const WT* wrow = W + o * ldw;
+      const uint8_t* mrow = mb.row(o);
+      for (int64_t j = 0; j < cols; j += 16) {
+        const int64_t n = std::min<int64_t>(16, cols - j);
+        const __mmask16 tail = tail16(n);
+        const __mmask16 m = (__mmask16)bits16(mrow, j, n);
+        if (dxt) {
+          __m512 d = loadw(wrow + j, tail);
+          for (int k = 0; k < RR; ++k) d = _mm512_fmadd_ps(sb[k], _mm512_maskz_loadu_ps(m, A + k * lda + j), d);
+          for (int t = 0; t < TT; ++t) {
+            float* p = dxt + t * cols + j;
+            _mm512_mask_storeu_ps(p, tail, _mm512_fmadd_ps(dyo[t], d, _mm512_maskz_loadu_ps(tail, p)));
+          }
+        }
+        if (dat && m) {
+          __m512 g = _mm512_setzero_ps();  // (M.G)[o, j..] with G = dY^T X
+          for (int t = 0; t < TT; ++t) g = _mm512_fmadd_ps(dyo[t], _mm512_maskz_loadu_ps(m, Xp + t * xrs + j), g);
+          for (int k = 0; k < RR; ++k) {
+            ab[k] = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, A + k * lda + j), ab[k]);
+            float* p = dat + k * cols + j;
+            _mm512_mask_storeu_ps(p, m, _mm512_fmadd_ps(sb[k], g, _mm512_maskz_loadu_ps(m, p)));
+          }
+        }
+      }
+      if (dat)
+        for (int k = 0; k < RR; ++k) dB[o * RR + k] += s * _mm512_reduce_add_ps(ab[k]);
+    }
+  });
+  if (dX) {
+    for (int64_t t = 0; t < TT; ++t) {
+      float* dst = dX->p + t * dX->rs;
+      for (int64_t j = 0; j < cols; ++j) dst[j * dX->cs] = 0.f;
+      for (int64_t h = 0; h < nth; ++h) {
+        if (!used[h]) continue;
+        const float* src = dxp.data() + (h * TT + t) * cols;
+        for (int64_t j = 0; j < cols; ++j) dst[j * dX->cs] += src[j];
+      }
+    }
+  }
+  if (dA)
+    for (int64_t h = 0; h < nth; ++h) {
+      if (!used[h]) continue;
+      for (int64_t k = 0; k < RR; ++k) {
+        const float* src = dap.data() + (h * RR + k) * cols;
+        float* dst = dA + k * ldda;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) dst[j] += src[j];
+      }
+    }
+}
+
+bool small_ok(const EngineArgs& e, const std::vector<Mat>& A, const std::vector<Mat>& B) {
+  const int64_t r = e.r;
+  return A.size() == 1 && B.size() == 1 && A[0].r >= 1 && A[0].r <= 4 && A[0].cs == 1 && B[0].cs == 1 &&
+         (r == 1 || r == 2 || r == 4 || r == 8 || r == 16);
+}
+
+// fn<WT, T, R>(args...) for the runtime (bf16?, T, r) of a small_ok call.
+#define SPARE_SMALL_DISPATCH(fn, e, T, ...)                                                         \
+  do {                                                                                              \
+    auto go = [&](auto wt, auto tt) {                                                               \
+      using WT_ = decltype(wt);                                                                     \
+      constexpr int TT_ = decltype(tt)::value;                                                      \
+      switch ((e).r) {                                                                              \
+        case 1: fn<WT_, TT_, 1>(__VA_ARGS__); break;                                                \
+        case 2: fn<WT_, TT_, 2>(__VA_ARGS__); break;                                                \
+        case 4: fn<WT_, TT_, 4>(__VA_ARGS__); break;                                                \
+        case 8: fn<WT_, TT_, 8>(__VA_ARGS__); break;                                                \
+        default: fn<WT_, TT_, 16>(__VA_ARGS__); break;                                              \
+      }                                                                                             \
+    };                                                                                              \
+    auto by_t = [&](auto wt) {                                                                      \
+      switch (T) {                                                                                  \
+        case 1: go(wt, std::integral_constant<int, 1>{}); break;                                    \
+        case 2: go(wt, std::integral_constant<int, 2>{}); break;                                    \
+        case 3: go(wt, std::integral_constant<int, 3>{}); break;                                    \
+        default: go(wt, std::integral_constant<int, 4>{}); break;                                   \
+      }                                                                                             \
+    };                                                                                              \
+    if ((e).w_bf16) by_t(c10::BFloat16{}); else by_t(float{});                                      \
+  } while (0)
+}  // namespace
+#endif
+
 void engine_forward(const EngineArgs& e, const std::vector<Mat>& X, const std::vector<Mat>& Y, const float* bias) {
   const int64_t out = e.out, cols = e.cols;
   if (out == 0) return;
@@ -276,6 +452,12 @@ void engine_forward(const EngineArgs& e, const std::vector<Mat>& X, const std::v
     for (auto& y : Y) gemm(1.f, Mat{nullptr, y.r, 0, 1, 1}, Mat{nullptr, 0, y.c, 1, 1}, 0.f, y);
     return;
   }
+#ifdef SPARE_AVX512
+  if (small_ok(e, X, Y)) {
+    SPARE_SMALL_DISPATCH(small_forward, e, X[0].r, e, X[0], Y[0], bias);
+    return;
+  }
+#endif
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   int64_t T = 0;
   for (auto& x : X) T += x.r;
@@ -287,7 +469,8 @@ void engine_forward(const EngineArgs& e, const std::vector<Mat>& X, const std::v
   const int64_t Q = std::min<int64_t>(rup(cols, 16), large ? kQfL : kQf);
   // Row panels: a multiple of the thread count (balanced), each of at most kBf / Q rows.
   const int64_t P0 = std::max<int64_t>(8, (large ? kBfL : kBf) / Q);
-  const int64_t npan0 = tsplit ? cdiv(out, P0) : rup(std::max<int64_t>(cdiv(out, P0), 2 * nth), nth);
+  // (One thread: no balancing needed, so no extra panels that would shrink the GEMMs.)
+  const int64_t npan0 = tsplit || nth == 1 ? cdiv(out, P0) : rup(std::max<int64_t>(cdiv(out, P0), 2 * nth), nth);
   const int64_t P = std::max<int64_t>(1, cdiv(out, npan0));
   const int64_t npan = cdiv(out, P);
   auto body = [&](const std::vector<Mat>& Xs, const std::vector<Mat>& Ys, int64_t b0, int64_t b1) {
@@ -324,13 +507,20 @@ void engine_backward(const EngineArgs& e, const std::vector<Mat>& dY, const std:
       for (auto& d : *dX) gemm(1.f, Mat{nullptr, d.r, 0, 1, 1}, Mat{nullptr, 0, d.c, 1, 1}, 0.f, d);
     return;
   }
+#ifdef SPARE_AVX512
+  if (small_ok(e, dY, X) && (!dX || (dX->size() == 1 && (*dX)[0].cs == 1))) {
+    const Mat* dx0 = dX ? &(*dX)[0] : nullptr;
+    SPARE_SMALL_DISPATCH(small_backward, e, dY[0].r, e, dY[0], X[0], dx0, dA, ldda, dB);
+    return;
+  }
+#endif
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   int64_t T = 0;
   for (auto& x : dY) T += x.r;
   const bool tsplit = token_split(T, nth);
   static const int64_t kQb = knob("SPARE_QB", 256), kBb = knob("SPARE_BB", kTileBudget);
   // Column panels (16-aligned, so mask bytes are addressed directly): a multiple of the thread count.
-  const int64_t npq = tsplit ? cdiv(cols, kQb)
+  const int64_t npq = tsplit || nth == 1 ? cdiv(cols, kQb)
                              : rup(std::max<int64_t>(cdiv(cols, kQb), std::min<int64_t>(2 * nth, cdiv(cols, 16))), nth);
   const int64_t Q = std::max<int64_t>(16, rup(cdiv(cols, npq), 16));
   const int64_t P = std::max<int64_t>(16, (kBb / Q) / 16 * 16);
@@ -359,10 +549,7 @@ void engine_backward(const EngineArgs& e, const std::vector<Mat>& dY, const std:
           for (size_t b = 0; b < dYs.size(); ++b)
             gemm(1.f, dYs[b].sub(0, dYs[b].r, o0, pr).t(), Xs[b].sub(0, Xs[b].r, i0, qc), b == 0 ? 0.f : 1.f, g);
 #ifdef SPARE_AVX512
-          if (r <= 8) {
-            mask_contract_small(e, o0, pr, i0, qc, gp, dAp, ld, dbt);
-            continue;
-          }
+          if (mask_contract_small(e, o0, pr, i0, qc, gp, dAp, ld, dbt)) continue;
 #endif
           mask_tile(e, o0, pr, i0, qc, gp);
           // dA[:, i0:i0+qc] += s * B[o0:o0+pr]^T * G

@@ -190,9 +190,54 @@ void seg_outer(float* Out, const float* Hb, const float* X, int64_t N, int64_t K
 }
 }  // namespace
 
+namespace {
+// Small-matrix helpers: at this size ATen's per-call overhead (~5-10 us for a strided copy or a
+// tiny mm) is larger than the work, and the few-token layers call them several times per step.
+at::Tensor transpose2d(const at::Tensor& t) {  // (a, b) fp32 contiguous -> (b, a)
+  const int64_t a = t.size(0), b = t.size(1);
+  auto o = at::empty({b, a}, t.options());
+  const float* src = t.data_ptr<float>();
+  float* dst = o.data_ptr<float>();
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j) dst[j * a + i] = src[i * b + j];
+  return o;
+}
+
+// Out (np, L) = Mask (np, nq) @ H (nq, L) with a bool tile mask (transposed: (nq, np) @ (np, L)).
+at::Tensor tile_mix(const at::Tensor& tiles, const at::Tensor& H, bool transposed) {
+  const int64_t P = tiles.size(0), Q = tiles.size(1), L = H.size(1);
+  const int64_t rows = transposed ? Q : P, inner = transposed ? P : Q;
+  if (rows * inner * L > (1 << 20)) {
+    auto mf = tiles.to(at::kFloat);
+    return at::mm(transposed ? mf.t() : mf, H);
+  }
+  auto out = at::zeros({rows, L}, H.options());
+  const bool* m = tiles.data_ptr<bool>();
+  const float* h = H.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t p = 0; p < rows; ++p)
+    for (int64_t q = 0; q < inner; ++q) {
+      if (!(transposed ? m[q * Q + p] : m[p * Q + q])) continue;
+      const float* src = h + q * L;
+      float* dst = o + p * L;
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) dst[l] += src[l];
+    }
+  return out;
+}
+
+bool any_set(const at::Tensor& m) {  // bool / uint8 contiguous
+  const uint8_t* p = static_cast<const uint8_t*>(m.data_ptr());
+  const int64_t n = m.numel();
+  for (int64_t i = 0; i < n; ++i)
+    if (p[i]) return true;
+  return false;
+}
+}  // namespace
+
 struct BlockFact {
   int64_t N, out, cols, r, bo, bi, np, nq;
-  at::Tensor maskf;   // (np, nq) fp32
+  at::Tensor tiles;   // (np, nq) bool
   at::Tensor Bt;      // (r, out)
   const at::Tensor& xf;  // (N, cols) fp32 contiguous
   const at::Tensor& Af;  // (r, cols) fp32 contiguous
@@ -207,13 +252,13 @@ struct BlockFact {
     bi = bi_;
     np = cdiv(out, bo);
     nq = cdiv(cols, bi);
-    maskf = mask.to(at::kFloat).reshape({np, nq});
-    Bt = Bf.t().contiguous();
+    tiles = mask.to(at::kBool).contiguous().reshape({np, nq});
+    Bt = transpose2d(Bf);
   }
   at::Tensor hP() const {  // (np, N, r) = sum_{q on} X_q A_q^T
     auto H = at::empty({nq, N, r}, xf.options());
     seg_dot(xf.data_ptr<float>(), N, cols, cols, Af.data_ptr<float>(), r, bi, H.data_ptr<float>());
-    return at::mm(maskf, H.view({nq, N * r})).view({np, N, r});
+    return tile_mix(tiles, H.view({nq, N * r}), false).view({np, N, r});
   }
   void forward_add(at::Tensor& y, double s) const {  // y (N, out) fp32 contiguous
     auto h = hP();
@@ -222,7 +267,7 @@ struct BlockFact {
   at::Tensor E(const at::Tensor& dyf) const {  // (nq, N, r) = sum_{p on} dY_p B_p
     auto D = at::empty({np, N, r}, xf.options());
     seg_dot(dyf.data_ptr<float>(), N, out, out, Bt.data_ptr<float>(), r, bo, D.data_ptr<float>());
-    return at::mm(maskf.t(), D.view({np, N * r})).view({nq, N, r});
+    return tile_mix(tiles, D.view({np, N * r}), true).view({nq, N, r});
   }
   void dx_add(at::Tensor& dx, const at::Tensor& E_, double s) const {  // dx (N, cols) fp32 contiguous
     seg_axpy(dx.data_ptr<float>(), N, cols, cols, E_.data_ptr<float>(), Af.data_ptr<float>(), r, bi, (float)s);
@@ -236,7 +281,7 @@ struct BlockFact {
     auto h = hP();
     auto d = at::empty({r, out}, xf.options());
     seg_outer(d.data_ptr<float>(), h.data_ptr<float>(), dyf.data_ptr<float>(), N, out, out, r, bo, (float)s);
-    return d.t().contiguous();
+    return transpose2d(d);
   }
 };
 
@@ -263,7 +308,7 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
     return y.addmm_(h, Bm.t(), 1.0, scale);
   }
   // An all-zero mask is exactly the frozen layer (bit for bit the same GEMM as the base model's).
-  if (dt == at::kFloat && !mask->any().item<bool>()) return at::linear(x, weight, bias);
+  if (dt == at::kFloat && !any_set(mask->contiguous())) return at::linear(x, weight, bias);
   auto Af = f32c(lora_A), Bf = f32c(lora_B);
   if (kind == kBlock) {
     auto xf = f32c(x);
@@ -312,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
     if (need_dx) dx = at::mm(dy, weight).addmm_(dh, A);
     return {dx, dA, dB};
   }
-  if (dt == at::kFloat && !mask->any().item<bool>()) {  // all-zero mask: the frozen layer, no adapter grads
+  if (dt == at::kFloat && !any_set(mask->contiguous())) {  // all-zero mask: the frozen layer, no adapter grads
     if (need_dx) dx = at::mm(dy, weight);
     if (need_dA) dA = at::zeros_like(lora_A);
     if (need_dB) dB = at::zeros_like(lora_B);

@@ -4,6 +4,12 @@ Each op is a ``torch.library`` custom op (one node for ``torch.compile``) with a
 implementation, an autograd formula whose backward is itself a custom op, and an implementation
 chosen per device by the backend registry. ``W`` and ``b`` are frozen in the kernels' contract;
 if they do require grad, their (plain) gradients are formed here with ordinary torch ops.
+
+Eager calls on plain tensors skip the custom-op layer: an ``autograd.Function`` calls the same
+backend implementations with the same backward formula. The custom-op round trip (schema
+parsing, the Python autograd shim, the dispatcher twice per direction) costs ~150 µs per layer
+call on a CPU, more than the whole kernel of a small layer; graph capture (``torch.compile``,
+fake tensors, functorch transforms) keeps using the custom ops.
 """
 from __future__ import annotations
 
@@ -16,11 +22,20 @@ from torch.nn.grad import conv2d_weight
 from ..backends import select
 from . import _checks as chk
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
 LIB = "spare_kernels"
 
 
 def _maybe(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 else t
+
+
+def _eager(x: Tensor) -> bool:
+    """Plain eager tensors take the ``autograd.Function`` path (see the module docstring)."""
+    # is_compiling() first: under dynamo it is a constant True and the rest is never traced.
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.device.type != "meta"
+            and not _is_wrapped(x))
 
 
 # ------------------------------------------------------------------------------------ linear op
@@ -57,17 +72,33 @@ def _setup_linear(ctx, inputs, output):
     ctx.args = (kind, block_o, block_i, scale)
 
 
-def _backward_linear(ctx, dy):
+def _linear_grads(bwd, ctx, dy):
     x, weight, lora_A, lora_B, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     dy = dy.contiguous()
-    dx, dA, dB = _linear_bwd(dy, x, weight, lora_A, lora_B, mask, *ctx.args, need[0], need[3], need[4])
+    dx, dA, dB = bwd(dy, x, weight, lora_A, lora_B, mask, *ctx.args, need[0], need[3], need[4])
     dW = dy.t().to(weight.dtype) @ x if need[1] else None
     db = dy.sum(0) if need[2] else None
     return _maybe(dx), dW, db, _maybe(dA), _maybe(dB), None, None, None, None, None
 
 
+def _backward_linear(ctx, dy):
+    return _linear_grads(_linear_bwd, ctx, dy)
+
+
 torch.library.register_autograd(f"{LIB}::masked_lora_linear", _backward_linear, setup_context=_setup_linear)
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        y = select("masked_lora_linear", inputs[0].device.type)(*inputs)
+        _setup_linear(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _linear_grads(select("masked_lora_linear_backward", dy.device.type), ctx, dy)
 
 
 def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -100,8 +131,9 @@ def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     chk.same_device(op, "x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     data, kind, bo, bi = chk.wire_mask(op, mask, weight)
     s = chk.scale(op, scale)
-    y = _linear(x.reshape(-1, inf).contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
-                lora_B.contiguous(), data, kind, bo, bi, s)
+    y = (_LinearFn.apply if _eager(x) else _linear)(
+        x.reshape(-1, inf).contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
+        data, kind, bo, bi, s)
     return y.view(*x.shape[:-1], out)
 
 
@@ -148,18 +180,34 @@ def _setup_conv(ctx, inputs, output):
     ctx.args = args
 
 
-def _backward_conv(ctx, dy):
+def _conv_grads(bwd, ctx, dy):
     x, weight, lora_A, lora_B, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     dy = dy.contiguous()
-    dx, dA, dB = _conv_bwd(dy, x, weight, lora_A, lora_B, mask, *ctx.args, need[0], need[3], need[4])
+    dx, dA, dB = bwd(dy, x, weight, lora_A, lora_B, mask, *ctx.args, need[0], need[3], need[4])
     stride, padding, dilation, groups = ctx.args[4:]
     dW = conv2d_weight(x, weight.shape, dy, stride, padding, dilation, groups) if need[1] else None
     db = dy.sum((0, 2, 3)) if need[2] else None
     return (_maybe(dx), dW, db, _maybe(dA), _maybe(dB)) + (None,) * 9
 
 
+def _backward_conv(ctx, dy):
+    return _conv_grads(_conv_bwd, ctx, dy)
+
+
 torch.library.register_autograd(f"{LIB}::masked_lora_conv2d", _backward_conv, setup_context=_setup_conv)
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        y = select("masked_lora_conv2d", inputs[0].device.type)(*inputs)
+        _setup_conv(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _conv_grads(select("masked_lora_conv2d_backward", dy.device.type), ctx, dy)
 
 
 def conv_padding(op, padding, kernel_size, stride, dilation):
@@ -222,8 +270,9 @@ def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     if min(hw) < 1:
         raise ValueError(f"{op}: x: spatial size {tuple(x.shape[2:])} too small for kernel {(kh, kw)}, "
                          f"padding {padding}, dilation {dilation}")
-    return _conv(x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
-                 lora_B.reshape(out, r).contiguous(), data, kind, bo, bi, s, stride, padding, dilation, groups)
+    return (_ConvFn.apply if _eager(x) else _conv)(
+        x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.reshape(out, r).contiguous(),
+        data, kind, bo, bi, s, stride, padding, dilation, groups)
 
 
 __all__ = ["masked_lora_linear", "masked_lora_conv2d"]
