@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spare_kernels import Mask, masked_lora_conv2d, masked_lora_linear
+from spare_kernels.unlearn.reference import patch_spare_ref as _patch_spare_ref
 
 
 def _peft_layer(base: nn.Module, rank: int, alpha: float):
@@ -112,38 +113,8 @@ def layer_schemes(case: dict, names=None) -> dict:
 
 
 # ----------------------------------------------------------------------------- whole-UNet anchors
-class SpareRefLayer(nn.Module):
-    """SPARE's adapter layer as the authors' code runs it: ``base(x) + F.linear(x, (B@A)*scale*M)``
-    (conv: ``F.conv2d`` with the base geometry), ``M`` a dense float mask buffer."""
-
-    def __init__(self, base: nn.Module, rank: int, mask: torch.Tensor, scale: float = 1.0, seed: int = 0):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        g = torch.Generator().manual_seed(seed)
-        w = base.weight
-        fan_in = w[0].numel()
-        a_shape = (rank,) + tuple(w.shape[1:])
-        self.lora_A = nn.Parameter((torch.randn(a_shape, generator=g) / fan_in ** 0.5).to(w.dtype))
-        self.lora_B = nn.Parameter(torch.randn(w.shape[0], rank, generator=g).to(w.dtype))
-        self.register_buffer("mask", mask.to(w.dtype))
-        self.scale = scale
-
-    def forward(self, x):
-        w = self.base.weight
-        delta = (self.lora_B @ self.lora_A.reshape(self.lora_A.shape[0], -1)).view(w.shape) * self.scale * self.mask
-        if isinstance(self.base, nn.Linear):
-            return self.base(x) + F.linear(x, delta)
-        c = self.base
-        return c(x) + F.conv2d(x, delta, None, c.stride, c.padding, c.dilation, c.groups)
-
-
+# SPARE's own adapter layer lives in the package (the unlearning recipe's spare-reference baseline
+# runs it too); the benchmarks patch it with random (non-zero) factors so every op really runs.
 def patch_spare_ref(unet: nn.Module, masks: dict, rank: int = 4) -> nn.Module:
-    """Swap each module whose ``<name>.weight`` is in ``masks`` for a :class:`SpareRefLayer`."""
-    unet.requires_grad_(False)
-    for key, m in masks.items():
-        name = key[: -len(".weight")]
-        parent, _, child = name.rpartition(".")
-        mod = unet.get_submodule(name)
-        dense = m.to_dense() if isinstance(m, Mask) else m
-        setattr(unet.get_submodule(parent) if parent else unet, child, SpareRefLayer(mod, rank, dense))
-    return unet
+    """Swap each module whose ``<name>.weight`` is in ``masks`` for a ``SpareRefLayer``."""
+    return _patch_spare_ref(unet, masks, rank=rank, init="random")

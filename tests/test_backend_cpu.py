@@ -70,6 +70,11 @@ LIN_CASES = [
     (7, 321, 333, 4, ELEMENT, "ones"),
     (7, 321, 333, 4, ELEMENT, "zeros"),
     (3, 700, 1100, 4, ELEMENT, "random"),  # several tiles each way (accumulation across tiles)
+    # weights above kWholeTile (256K entries) go through the tiles; smaller ones are one tile
+    (6, 520, 600, 4, ELEMENT, "random"),
+    (6, 520, 600, 3, ELEMENT, "random"),
+    (600, 300, 1000, 4, ELEMENT, "random"),
+    (1100, 300, 900, 8, ELEMENT, "random"),
     (600, 90, 1100, 4, ELEMENT, "random"),  # many tokens: the large-tile forward
     (1100, 50, 70, 64, ELEMENT, "random"),  # more tokens: threads split the tokens
     # few tokens (<= 4, rank <= 16): the streamed one-pass path; rank 17 falls back to the tiles
@@ -144,6 +149,8 @@ CONV_CASES = [
     (2, 6, 5, 9, 1, 1, 0, 1, 3, 4),     # 1x1, groups 3
     (1, 3, 8, 5, 1, 2, 0, 1, 1, 2),     # 1x1 stride 2 (im2col path)
     (2, 7, 6, 5, 3, 1, 1, 1, 1, 4),     # 3x3 "same"
+    (1, 300, 6, 100, 3, 1, 1, 1, 1, 4),  # weight above kWholeTile: the tiled im2col engine
+    (1, 600, 5, 200, 3, 2, 1, 1, 2, 3),  # ... grouped, strided, odd rank
 ]
 KINDS = [(NONE, None), (ELEMENT, "random"), (ELEMENT, "ones"), (ELEMENT, "zeros"), (BLOCK, None), (ROW, None)]
 

@@ -186,6 +186,15 @@ EngineArgs engine_args(const ConvGeom& g, const at::Tensor& W, const at::Tensor&
                     Bf.data_ptr<float>() + grp * g.og * r, m};
 }
 
+// W_eff = W + s*M.(B*A) whole (out, cg, kh, kw) fp32: the single-tile path of small weights.
+at::Tensor effective_weight(const ConvGeom& g, const at::Tensor& W, const at::Tensor& Af, const at::Tensor& Bf,
+                            const MaskBits& mb, double scale) {
+  auto Weff = at::empty({g.out, g.cg, g.kh, g.kw}, Af.options());
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    build_weight(engine_args(g, W, Af, Bf, mb, scale, grp), Weff.data_ptr<float>() + grp * g.og * g.colsK);
+  return Weff;
+}
+
 // ---- block masks, factored (see linear.cpp): per piece of output pixels, with the unfolded input
 // C (colsK x lc): H_q = A_q C_q (r x lc), hP = mask . H; D_p = B_p^T dY_p, E = mask^T . D.
 struct BlockConv {
@@ -347,6 +356,13 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
   }
   at::Tensor holder;
   const MaskBits mb = mask_bits(*mask, kind, block_o, block_i, g.out, g.colsK, holder);
+  if (g.og * g.colsK <= kWholeTile) {  // one tile: build W_eff, one oneDNN convolution
+    auto Weff = effective_weight(g, W, Af, Bf, mb, scale);
+    at::Tensor bf;
+    if (has_bias) bf = f32c(*bias);
+    return at::conv2d(xf, Weff, bf.defined() ? std::optional<at::Tensor>(bf) : std::optional<at::Tensor>(),
+                      stride, padding, dilation, groups).to(dt);
+  }
   auto yf = at::empty({g.N, g.out, g.Ho, g.Wo}, x.options().dtype(at::kFloat));
   at::Tensor bf;
   if (has_bias) bf = f32c(*bias);
@@ -509,6 +525,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
   }
   at::Tensor holder;
   const MaskBits mb = mask_bits(*mask, kind, block_o, block_i, g.out, g.colsK, holder);
+  if (g.og * g.colsK <= kWholeTile) {  // one tile: oneDNN's backward on W_eff, then G contracted
+    auto Weff = effective_weight(g, W, Af, Bf, mb, scale);
+    auto grads = at::convolution_backward(dyf, xf, Weff, std::nullopt, stride, padding, dilation, false,
+                                          at::IntArrayRef{0, 0}, groups, {need_dx, need_ab, false});
+    if (need_dx) dx = std::get<0>(grads).to(dt);
+    if (need_ab) {
+      auto G = std::get<1>(grads).contiguous();
+      auto dAf = at::zeros({r, g.colsK}, x.options().dtype(at::kFloat));
+      auto dBf = at::zeros({g.out, r}, x.options().dtype(at::kFloat));
+      for (int64_t grp = 0; grp < groups; ++grp)
+        contract_grad(engine_args(g, W, Af, Bf, mb, scale, grp), G.data_ptr<float>() + grp * g.og * g.colsK,
+                      dAf.data_ptr<float>(), g.colsK, dBf.data_ptr<float>() + grp * g.og * r);
+      if (need_dA) dA = dAf.view(lora_A.sizes()).to(lora_A.scalar_type());
+      if (need_dB) dB = dBf.to(lora_B.scalar_type());
+    }
+    return {dx, dA, dB};
+  }
   at::Tensor dxf, dAf, dBf;
   if (need_dx) dxf = at::zeros({g.N, g.C, g.H, g.W}, x.options().dtype(at::kFloat));
   if (need_ab) {

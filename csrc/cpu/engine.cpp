@@ -589,6 +589,27 @@ void engine_backward(const EngineArgs& e, const std::vector<Mat>& dY, const std:
     }
 }
 
+void build_weight(const EngineArgs& e, float* dst) {
+  const int64_t rows = std::max<int64_t>(1, kTileBudget / std::max<int64_t>(1, e.cols));
+  at::parallel_for(0, cdiv(e.out, rows), grain_for(rows * e.cols * 2 * e.r), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o0 = b * rows, pr = std::min(rows, e.out - o0);
+      build_tile_any(e, o0, pr, 0, e.cols, dst + o0 * e.cols);
+    }
+  });
+}
+
+void contract_grad(const EngineArgs& e, float* G, float* dA, int64_t ldda, float* dB) {
+  const int64_t out = e.out, cols = e.cols, r = e.r;
+#ifdef SPARE_AVX512
+  if (mask_contract_small(e, 0, out, 0, cols, G, dA, ldda, dB)) return;
+#endif
+  mask_tile(e, 0, out, 0, cols, G);
+  const Mat g{G, out, cols, cols, 1};
+  gemm(e.scale, Mat{const_cast<float*>(e.B), r, out, 1, r}, g, 1.f, Mat{dA, r, cols, ldda, 1});
+  gemm(e.scale, g, Mat{const_cast<float*>(e.A), cols, r, 1, e.lda}, 1.f, Mat{dB, out, r, r, 1});
+}
+
 at::Tensor block_rows_packed(const at::Tensor& mask, int64_t block_i, int64_t cols) {
   auto m = mask.to(at::kBool).contiguous();
   const int64_t nbo = m.size(0), nbi = m.size(1), nbytes = cdiv(cols, 8);

@@ -321,13 +321,18 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
   // element
   auto xf = f32c(x);
   auto W = weight.contiguous();
-  auto y = at::empty({N, out}, x.options().dtype(at::kFloat));
   at::Tensor holder;
   EngineArgs e{out, cols, r, (float)scale, W.data_ptr(), dt == at::kBFloat16, cols,
                Af.data_ptr<float>(), cols, Bf.data_ptr<float>(),
                mask_bits(*mask, kind, block_o, block_i, out, cols, holder)};
   at::Tensor bf;
   if (bias.has_value() && bias->defined()) bf = f32c(*bias);
+  if (N > 4 && out * cols <= kWholeTile) {  // one tile: W_eff whole, one GEMM
+    auto Weff = at::empty({out, cols}, xf.options());
+    build_weight(e, Weff.data_ptr<float>());
+    return at::linear(xf, Weff, bf.defined() ? std::optional<at::Tensor>(bf) : std::optional<at::Tensor>()).to(dt);
+  }
+  auto y = at::empty({N, out}, x.options().dtype(at::kFloat));
   if (N > 0) engine_forward(e, {mat_of(xf)}, {mat_of(y)}, bf.defined() ? bf.data_ptr<float>() : nullptr);
   return y.to(dt);
 }
@@ -386,12 +391,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
                Af.data_ptr<float>(), cols, Bf.data_ptr<float>(),
                mask_bits(*mask, kind, block_o, block_i, out, cols, holder)};
   at::Tensor dxf, dAf, dBf;
+  const bool need_ab = need_dA || need_dB;
+  if (N > 4 && out * cols <= kWholeTile) {  // one tile: dx = dY W_eff, G = dY^T X contracted
+    if (need_dx) {
+      auto Weff = at::empty({out, cols}, xf.options());
+      build_weight(e, Weff.data_ptr<float>());
+      dx = at::mm(dyf, Weff).to(dt);
+    }
+    if (need_ab) {
+      auto G = at::mm(dyf.t(), xf).contiguous();
+      dAf = at::zeros({r, cols}, x.options().dtype(at::kFloat));
+      dBf = at::zeros({out, r}, x.options().dtype(at::kFloat));
+      contract_grad(e, G.data_ptr<float>(), dAf.data_ptr<float>(), cols, dBf.data_ptr<float>());
+      if (need_dA) dA = dAf.to(lora_A.scalar_type());
+      if (need_dB) dB = dBf.to(lora_B.scalar_type());
+    }
+    return {dx, dA, dB};
+  }
   std::vector<Mat> dXm;
   if (need_dx) {
     dxf = at::empty({N, cols}, x.options().dtype(at::kFloat));
     dXm.push_back(mat_of(dxf));
   }
-  const bool need_ab = need_dA || need_dB;
   if (need_ab) {
     dAf = at::zeros({r, cols}, x.options().dtype(at::kFloat));
     dBf = at::zeros({out, r}, x.options().dtype(at::kFloat));

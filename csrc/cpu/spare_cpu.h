@@ -67,6 +67,16 @@ void engine_forward(const EngineArgs& e, const std::vector<Mat>& X, const std::v
 void engine_backward(const EngineArgs& e, const std::vector<Mat>& dY, const std::vector<Mat>& X,
                      const std::vector<Mat>* dX, float* dA, int64_t ldda, float* dB);
 
+// Weights of at most kWholeTile floats are one tile: the effective weight (or the weight gradient)
+// is built whole in an L2-sized scratch and the GEMM / convolution runs once on it (oneDNN for
+// convs), instead of splitting a small layer into tiles whose GEMMs would be too small to be fast.
+constexpr int64_t kWholeTile = 256 * 1024;
+// dst (out x cols, contiguous) = W + s * M.(B*A).
+void build_weight(const EngineArgs& e, float* dst);
+// G (out x cols, contiguous) *= M, then dA (r x cols, row stride ldda) += s * B^T G and
+// dB (out x r) += s * G A^T.
+void contract_grad(const EngineArgs& e, float* G, float* dA, int64_t ldda, float* dB);
+
 // Block mask (nbo, nbi) bool -> bit-packed per block row (nbo, ceil(cols/8)) uint8.
 at::Tensor block_rows_packed(const at::Tensor& mask, int64_t block_i, int64_t cols);
 // MaskBits of an element / block wire mask (keeps `holder` alive for the expanded block rows).
