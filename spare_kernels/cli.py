@@ -1,33 +1,196 @@
-"""Command line: ``spare-kernels`` / ``python -m spare_kernels``."""
+"""Command line: ``spare-kernels`` / ``python -m spare_kernels``.
+
+- ``demo``: MiniCanvas end to end on the shipped model (base metrics, saliency, masks, training,
+  metrics after), one method or ``--compare`` (all methods, one table);
+- ``unlearn``: the same recipe on a local diffusers model directory, writes the adapter;
+- ``bench``: the benchmark table (``benchmarks/``, run from a checkout);
+- ``info``: which backend runs each op.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+RESULT_KEYS = ("target", "surrogate", "method", "ua", "ira", "cra", "base_ira", "base_cra", "fidelity_psnr",
+               "seconds", "steps", "peak_mem_mb")
+
+
+class UsageError(Exception):
+    """Bad input found before any work started."""
+
+
+def _writable_dir(path, arg):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".spare_kernels_write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{arg}: cannot write to {path!r} ({e.strerror or e})") from None
+    return path
+
+
+def _writable_file(path, arg):
+    _writable_dir(os.path.dirname(os.path.abspath(path)), arg)
+    return path
+
+
+def _threads(n):
+    if n:
+        import torch
+        torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------- demo
+def _demo_config(args, method):
+    from .unlearn import Config
+    return Config(method=method, steps=args.steps, seed=args.seed, timesteps=args.timesteps,
+                  density=args.density, checkpoint_every=args.checkpoint_every)
 
 
 def _cmd_demo(args):
+    from . import canvas
+    from .canvas.metrics import parse_surrogate, parse_target
+    from .unlearn import METHODS
+
+    # Every check before any work.
+    try:
+        domain, name = parse_target(args.target)
+        names = canvas.STYLES if domain == "style" else canvas.OBJECTS
+        surrogate = args.surrogate or next(n for n in names if n != name)
+        surrogate = parse_surrogate(surrogate, domain, name)
+        _demo_config(args, args.method)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.out:
+        _writable_dir(args.out, "--out")
+    if args.json:
+        _writable_file(args.json, "--json")
+    if args.resume and not args.out:
+        raise UsageError("--resume: needs --out (the run directory holding checkpoint.pt)")
+    _threads(args.threads)
     import torch
 
-    from . import backend_info
-    try:   # the anchors live in the repository's benchmarks/ (run from a checkout, as `make demo` does)
-        from benchmarks.layers import DEMO_SHAPES, header, run
-    except ImportError:
-        print("spare-kernels demo: run it from the repository root (it uses benchmarks/)", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    be = backend_info()["ops"]["masked_lora_linear"]["cpu"]
-    print(f"spare_kernels demo: SD-1.5 Linear layers (32x32 latent, batch 1), forward+backward, fp32, rank 4, "
-          f"CPU ({torch.get_num_threads()} threads), backend '{be}'.")
-    print("Ratios of median times, interleaved in one process (name/baseline). elem: element mask density 0.5; "
-          "block: 32x32 block mask density 0.1; dense: no mask.\n")
-    print(header())
-    rows = run(shapes=DEMO_SHAPES[:2] if args.quick else DEMO_SHAPES, reps=args.reps)
+    from .unlearn import canvas_task, run
+
+    methods = list(METHODS) if args.compare else [args.method]
+    ev = dict(target=args.target, surrogate=surrogate, n_per_prompt=args.n_per_prompt, seed=args.seed,
+              progress=not args.quiet)
+    print(f"MiniCanvas: erase {args.target!r} (surrogate {surrogate!r}); methods: {', '.join(methods)}; "
+          f"{args.steps} steps; {torch.get_num_threads()} threads", flush=True)
+    base_model = canvas.load_model()
+    base = canvas.evaluate(base_model, **ev)
+    print(f"base model: UA {base['ua']:.3f}  IRA {base['ira']:.3f}  CRA {base['cra']:.3f}", flush=True)
+    grid_prompts = canvas.prompts(**{domain: name}) + canvas.prompts(**{domain: surrogate})
+    grids = {"samples_before": (canvas.sample(base_model, grid_prompts, seed=args.seed), len(grid_prompts) // 2)}
+    rows, results = [], {}
+    for method in methods:
+        unet = canvas.load_model()
+        task = canvas_task(args.target, surrogate, seed=args.seed, data_free=args.data_free,
+                           unet=unet if args.data_free else None)
+        out = os.path.join(args.out, method) if args.out and args.compare else args.out
+        if out:
+            os.makedirs(out, exist_ok=True)
+        r = run(unet, task, _demo_config(args, method), out_dir=out, resume=args.resume and method == args.method,
+                progress=not args.quiet)
+        after = canvas.evaluate(unet, **ev)
+        row = {"target": args.target, "surrogate": surrogate, "method": method, "ua": after["ua"],
+               "ira": after["ira"], "cra": after["cra"], "base_ira": base["ira"], "base_cra": base["cra"],
+               "fidelity_psnr": after["fidelity_psnr"], "seconds": r["seconds"], "steps": r["steps"],
+               "peak_mem_mb": r["peak_mem_mb"], "surrogate_rate": after["surrogate_rate"],
+               "stage_seconds": r["stage_seconds"], "data_free": args.data_free, "timesteps": args.timesteps}
+        rows.append(row)
+        results[method] = r
+        grids[f"samples_after_{method}"] = (canvas.sample(unet, grid_prompts, seed=args.seed), len(grid_prompts) // 2)
+        print(f"{method}: UA {row['ua']:.3f}  IRA {row['ira']:.3f}  CRA {row['cra']:.3f}  "
+              f"PSNR {row['fidelity_psnr']:.1f} dB  {row['seconds']:.1f} s  peak {row['peak_mem_mb']:.0f} MB", flush=True)
+    print()
+    print(format_table(rows))
+    if args.out:
+        from .unlearn.plots import write_all
+        for p in write_all(args.out, results, grids):
+            print(f"wrote {p}")
+        from .utils.io import write_json
+        write_json(os.path.join(args.out, "results.json"), {"rows": rows, "curves": {
+            m: {"curve": r["curve"], "timestep_density": r["timestep_density"], "history": r["history"]}
+            for m, r in results.items()}})
     if args.json:
         from .utils.io import write_json
-        write_json(args.json, rows)
+        main_row = next(r for r in rows if r["method"] == args.method) if args.method in methods else rows[0]
+        doc = {k: main_row[k] for k in RESULT_KEYS}
+        if args.compare:
+            doc["compare"] = rows
+        write_json(args.json, doc)
+        print(f"wrote {args.json}")
     return 0
+
+
+def format_table(rows) -> str:
+    head = f"{'method':<16}{'UA':>7}{'IRA':>7}{'CRA':>7}{'base IRA':>10}{'base CRA':>10}{'PSNR dB':>9}{'seconds':>9}{'peak MB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:<16}{r['ua']:>7.3f}{r['ira']:>7.3f}{r['cra']:>7.3f}{r['base_ira']:>10.3f}"
+                     f"{r['base_cra']:>10.3f}{r['fidelity_psnr']:>9.1f}{r['seconds']:>9.1f}{r['peak_mem_mb']:>9.0f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- unlearn
+def _read_prompts(flag_values, file_path, arg):
+    prompts = list(flag_values or [])
+    if file_path:
+        if not os.path.isfile(file_path):
+            raise UsageError(f"{arg}-file: no such file {file_path!r}")
+        with open(file_path) as f:
+            prompts += [ln.strip() for ln in f if ln.strip()]
+    return prompts
+
+
+def _cmd_unlearn(args):
+    from .unlearn import Config
+    from .unlearn.diffusers_task import check_model_dir, diffusers_task
+
+    forget = _read_prompts(args.forget_prompt, args.forget_prompts_file, "--forget-prompts")
+    retain = _read_prompts(args.retain_prompt, args.retain_prompts_file, "--retain-prompts")
+    if not forget:
+        raise UsageError("forget set: empty: give --forget-prompt and/or --forget-prompts-file")
+    if not args.surrogate_prompt:
+        raise UsageError("--surrogate-prompt: required (what the forget prompts should produce instead)")
+    if not retain:
+        raise UsageError("retain set: empty: give --retain-prompt and/or --retain-prompts-file")
+    if bool(args.forget_images) == bool(args.data_free):
+        raise UsageError("forget images: give exactly one of --forget-images DIR or --data-free")
+    if args.forget_images and not os.path.isdir(args.forget_images):
+        raise UsageError(f"--forget-images: not a directory: {args.forget_images!r}")
+    try:
+        check_model_dir(args.model)
+        cfg = Config(method="spare", steps=args.steps, seed=args.seed, density=args.density, rank=args.rank,
+                     timesteps=args.timesteps, checkpoint_every=args.checkpoint_every)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _writable_dir(args.out, "--out")
+    _threads(args.threads)
+    from .unlearn import run
+    unet, task = diffusers_task(args.model, forget, args.surrogate_prompt, retain, images_dir=args.forget_images,
+                                n_generate=args.n_generate, seed=args.seed, resolution=args.resolution)
+    r = run(unet, task, cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    from .utils.io import write_json
+    write_json(os.path.join(args.out, "run.json"), {k: v for k, v in r.items() if k != "history"}
+               | {"history": r["history"], "model": os.path.abspath(args.model)})
+    print(f"wrote {r['adapter']} ({r['seconds']:.1f} s, peak {r['peak_mem_mb']:.0f} MB)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ bench
+def _cmd_bench(args):
+    try:   # the anchors live in the repository's benchmarks/ (run from a checkout)
+        from benchmarks import run as bench_run
+    except ImportError:
+        raise UsageError("bench: run it from the repository root (it uses benchmarks/)") from None
+    _threads(args.threads)
+    return bench_run.main((["--quick"] if args.quick else []) + (["--only"] + args.only if args.only else [])) or 0
 
 
 def _cmd_info(args):
@@ -37,18 +200,68 @@ def _cmd_info(args):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="spare-kernels", description=__doc__)
+    from .unlearn.recipe import METHODS
+
+    p = argparse.ArgumentParser(prog="spare-kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="benchmark the ops against dense LoRA and SPARE's dense-adapter scheme")
-    d.add_argument("--reps", type=int, default=7, help="timed repetitions per scheme (median reported)")
-    d.add_argument("--quick", action="store_true", help="two shapes only")
-    d.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    d.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+
+    d = sub.add_parser("demo", help="MiniCanvas unlearning end to end on the shipped model")
+    d.add_argument("--target", default="style:dots", help="style:NAME or object:NAME (default style:dots)")
+    d.add_argument("--surrogate", default=None, help="concept of the same domain to map the target to")
+    d.add_argument("--method", default="spare", choices=METHODS)
+    d.add_argument("--compare", action="store_true", help="run every method, one table")
+    d.add_argument("--steps", type=int, default=150)
+    d.add_argument("--density", type=float, default=0.5, help="mask density (SPARE's per-weight default 0.5)")
+    d.add_argument("--timesteps", default="critical", choices=["critical", "uniform"])
+    d.add_argument("--data-free", action="store_true", help="forget images generated by the model (PECKER)")
+    d.add_argument("--n-per-prompt", type=int, default=4, help="evaluation images per prompt")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default=None, help="directory for the adapter, plots and results.json")
+    d.add_argument("--json", default=None, help="write the result keys to this JSON file")
+    d.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every K steps (needs --out)")
+    d.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
+
+    u = sub.add_parser("unlearn", help="the SPARE recipe on a local diffusers model directory")
+    u.add_argument("model", help="a diffusers pipeline directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    u.add_argument("--forget-prompt", action="append", help="a prompt naming the concept (repeatable)")
+    u.add_argument("--forget-prompts-file")
+    u.add_argument("--surrogate-prompt", help="the prompt the forget prompts should behave like")
+    u.add_argument("--retain-prompt", action="append", help="a prompt to keep unchanged (repeatable)")
+    u.add_argument("--retain-prompts-file")
+    u.add_argument("--forget-images", help="folder of forget images (png/jpg)")
+    u.add_argument("--data-free", action="store_true", help="generate the forget images with the model")
+    u.add_argument("--n-generate", type=int, default=4, help="generated images per prompt (data-free / retain)")
+    u.add_argument("--resolution", type=int, default=None, help="image size (default: the UNet's sample size x 8)")
+    u.add_argument("--steps", type=int, default=200)
+    u.add_argument("--rank", type=int, default=4)
+    u.add_argument("--density", type=float, default=0.5)
+    u.add_argument("--timesteps", default="critical", choices=["critical", "uniform"])
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--out", required=True, help="output directory (adapter.safetensors, run.json)")
+    u.add_argument("--checkpoint-every", type=int, default=0)
+    u.add_argument("--resume", action="store_true")
+    u.add_argument("--threads", type=int, default=0)
+    u.add_argument("--quiet", action="store_true")
+    u.set_defaults(fn=_cmd_unlearn)
+
+    b = sub.add_parser("bench", help="the kernel benchmark table (run from the repository root)")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--only", nargs="+", choices=["layers", "saliency", "unet_step"])
+    b.add_argument("--threads", type=int, default=0)
+    b.set_defaults(fn=_cmd_bench)
+
     i = sub.add_parser("info", help="print which backend runs each op on each device")
     i.set_defaults(fn=_cmd_info)
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"spare-kernels {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

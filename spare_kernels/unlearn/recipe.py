@@ -1,0 +1,390 @@
+"""The SPARE recipe and its baselines, in one harness (same task, seeds and step budget).
+
+``run(unet, task, config)`` runs one method end to end and returns a result dict:
+
+- ``spare``: saliency by :class:`~spare_kernels.SaliencyCollector` (no ``.grad`` for UNet weights) on
+  noised forget samples at timesteps drawn as in training, exact ``topk_masks``, fused sparse adapters
+  from :func:`~spare_kernels.patch_unet`, self-distillation with forget + retain through **one** student
+  and **one** teacher forward per step (teacher = the same UNet with adapters off, no copy), timesteps
+  from the concept-critical curve mixed with uniform.
+- ``spare-reference``: SPARE's code path: full-``.grad`` saliency, ``cat``+``kthvalue`` threshold, dense
+  adapter + second GEMM (:class:`~spare_kernels.unlearn.reference.SpareRefLayer`), four forwards per
+  step, uniform timesteps.
+- ``lora``: dense peft LoRA on the same layers, the same distillation (two forwards), uniform timesteps.
+- ``salun``: saliency-masked full fine-tune (SalUn): full-``.grad`` saliency, weight gradients masked,
+  the same distillation objective against a frozen copy, uniform timesteps.
+- ``esd``: ESD-x: cross-attention weights fine-tuned towards negative guidance,
+  ``ε*(x_t, c_f) = ε₀(x_t, ∅) − η (ε₀(x_t, c_f) − ε₀(x_t, ∅))``, on noised forget samples, uniform timesteps.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import disable_adapters, save_adapter
+from ..masks import topk_masks
+from ..patch import patch_unet
+from ..saliency import SaliencyCollector
+from ..utils.io import atomic_path
+from . import reference as ref
+from .timesteps import TimestepSampler, probe
+
+METHODS = ("spare", "spare-reference", "lora", "salun", "esd")
+_DEFAULT_LR = {"spare": 3e-3, "spare-reference": 3e-3, "lora": 3e-3, "salun": 3e-4, "esd": 3e-4}
+
+
+@dataclass
+class Config:
+    method: str = "spare"
+    steps: int = 150
+    batch_forget: int = 8
+    batch_retain: int = 8
+    lr: Optional[float] = None            # None: the method's default
+    rank: int = 4
+    alpha: Optional[float] = None         # scale = alpha / rank (None: 1.0)
+    density: float = 0.5                  # SPARE's per-weight default
+    granularity: str = "element"
+    scope: str = "global"
+    block: tuple = (32, 32)
+    saliency_stat: str = "grad_abs"
+    saliency_batches: int = 4
+    saliency_batch: int = 16
+    w_forget: float = 1.0
+    w_retain: float = 1.0
+    timesteps: str = "critical"           # or "uniform" (the ablation)
+    mix: float = 0.5                      # weight of the concept curve in the timestep mixture
+    probe_bins: int = 10
+    probe_per_bin: int = 8
+    esd_eta: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0             # 0: no checkpoints
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        for k in ("steps", "batch_forget", "batch_retain", "rank", "saliency_batches", "saliency_batch",
+                  "probe_bins", "probe_per_bin"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "steps" else 1):
+                raise ValueError(f"{k}: expected a positive int, got {v!r}")
+        if not 0 < self.density <= 1:
+            raise ValueError(f"density: expected a fraction in (0, 1], got {self.density}")
+        if self.timesteps not in ("critical", "uniform"):
+            raise ValueError(f"timesteps: expected 'critical' or 'uniform', got {self.timesteps!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else _DEFAULT_LR[self.method]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _noised(task, x0, t, gen):
+    noise = torch.randn(x0.shape, generator=gen)
+    return task.scheduler.add_noise(x0, noise, t), noise
+
+
+def _eps(unet, x, t, c):
+    return unet(x, t, encoder_hidden_states=c).sample
+
+
+def _forget_batches(task, sampler, cfg, gen):
+    """The saliency stage's batches: noised forget samples, timesteps as in training."""
+    for _ in range(cfg.saliency_batches):
+        idx = torch.randint(task.x_forget.shape[0], (cfg.saliency_batch,), generator=gen)
+        t = sampler.sample(cfg.saliency_batch, gen)
+        xt, noise = _noised(task, task.x_forget[idx], t, gen)
+        yield xt, t, task.c_forget[idx], noise
+
+
+def _diffusion_loss(unet, batch):
+    xt, t, c, noise = batch
+    return F.mse_loss(_eps(unet, xt, t, c), noise)
+
+
+def _linear_conv_names(unet, pred=lambda n: True):
+    return [n for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and pred(n)]
+
+
+def _state_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+class _Method:
+    """Setup (stage 1 + adapters) and the per-step losses of one method."""
+
+    def __init__(self, unet, task, cfg, progress):
+        self.unet, self.task, self.cfg, self.progress = unet, task, cfg, progress
+        self.curve = None
+        self.masks = {}
+        self.teacher_model = None
+
+    def sampler(self):
+        return TimestepSampler(self.task.num_train_timesteps)
+
+    def student_teacher(self, xt, t, c_student, c_teacher):
+        """(student prediction, teacher prediction) with one forward each."""
+        with torch.no_grad(), self.teacher():
+            target = _eps(self.teacher_model or self.unet, xt, t, c_teacher)
+        return _eps(self.unet, xt, t, c_student), target
+
+    def losses(self, gen, sampler):
+        task, cfg = self.task, self.cfg
+        i_f = torch.randint(task.x_forget.shape[0], (cfg.batch_forget,), generator=gen)
+        i_r = torch.randint(task.x_retain.shape[0], (cfg.batch_retain,), generator=gen)
+        t_f = sampler.sample(cfg.batch_forget, gen)
+        t_r = torch.randint(0, task.num_train_timesteps, (cfg.batch_retain,), generator=gen)
+        x_f, _ = _noised(task, task.x_forget[i_f], t_f, gen)
+        x_r, _ = _noised(task, task.x_retain[i_r], t_r, gen)
+        return self.distill(x_f, t_f, i_f, x_r, t_r, i_r)
+
+    def distill(self, x_f, t_f, i_f, x_r, t_r, i_r):
+        task, nf = self.task, x_f.shape[0]
+        pred, target = self.student_teacher(
+            torch.cat([x_f, x_r]), torch.cat([t_f, t_r]),
+            torch.cat([task.c_forget[i_f], task.c_retain[i_r]]), torch.cat([task.c_surrogate[i_f], task.c_retain[i_r]]))
+        return F.mse_loss(pred[:nf], target[:nf]), F.mse_loss(pred[nf:], target[nf:])
+
+    def teacher(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+class _Spare(_Method):
+    def setup(self, gen):
+        cfg, task, unet = self.cfg, self.task, self.unet
+        if cfg.timesteps == "critical":
+            self.curve = probe(unet, task, cfg.probe_bins, cfg.probe_per_bin, seed=cfg.seed)
+        self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix)
+        with SaliencyCollector(unet, stat=cfg.saliency_stat) as col:
+            for batch in _forget_batches(task, self._sampler, cfg, gen):
+                _diffusion_loss(unet, batch).backward()
+        scores = col.scores()
+        self.masks = topk_masks(scores, cfg.density, cfg.granularity, cfg.scope, cfg.block)
+        patch_unet(unet, masks=self.masks, rank=cfg.rank, alpha=cfg.alpha,
+                   target_modules=[k[: -len(".weight")] for k in self.masks])
+        return [p for p in unet.parameters() if p.requires_grad]
+
+    def sampler(self):
+        return self._sampler
+
+    def teacher(self):
+        return disable_adapters(self.unet)
+
+    def mask_density(self):
+        return {k: m.density for k, m in self.masks.items()}
+
+
+class _SpareReference(_Method):
+    def setup(self, gen):
+        cfg, task, unet = self.cfg, self.task, self.unet
+        scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
+        dense = ref.kth_threshold_masks(scores, cfg.density)
+        self.masks = {k: v for k, v in dense.items() if k[: -len(".weight")] in set(_linear_conv_names(unet))
+                      and k.endswith(".weight")}
+        ref.patch_spare_ref(unet, self.masks, rank=cfg.rank, scale=(cfg.alpha or cfg.rank) / cfg.rank, seed=cfg.seed)
+        return [p for p in unet.parameters() if p.requires_grad]
+
+    def teacher(self):
+        return ref.spare_ref_disabled(self.unet)
+
+    def distill(self, x_f, t_f, i_f, x_r, t_r, i_r):
+        task, unet = self.task, self.unet      # SPARE's code: four separate forwards
+        with torch.no_grad(), self.teacher():
+            tgt_f = _eps(unet, x_f, t_f, task.c_surrogate[i_f])
+            tgt_r = _eps(unet, x_r, t_r, task.c_retain[i_r])
+        pf = _eps(unet, x_f, t_f, task.c_forget[i_f])
+        pr = _eps(unet, x_r, t_r, task.c_retain[i_r])
+        return F.mse_loss(pf, tgt_f), F.mse_loss(pr, tgt_r)
+
+    def mask_density(self):
+        return {k: v.float().mean().item() for k, v in self.masks.items()}
+
+
+class _Lora(_Method):
+    def setup(self, gen):
+        from peft import LoraConfig, inject_adapter_in_model
+        cfg = self.cfg
+        lc = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=_linear_conv_names(self.unet),
+                        init_lora_weights=True)
+        self.unet.requires_grad_(False)
+        inject_adapter_in_model(lc, self.unet)
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n and p.requires_grad]
+
+    def teacher(self):
+        import contextlib
+
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        @contextlib.contextmanager
+        def off():
+            layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+            for m in layers:
+                m.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for m in layers:
+                    m.enable_adapters(True)
+        return off()
+
+
+class _Salun(_Method):
+    def setup(self, gen):
+        cfg, task, unet = self.cfg, self.task, self.unet
+        self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
+        scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
+        names = set(_linear_conv_names(unet))
+        scores = {k: v for k, v in scores.items() if k.endswith(".weight") and k[: -len(".weight")] in names}
+        self.masks = ref.kth_threshold_masks(scores, cfg.density)
+        unet.requires_grad_(False)
+        params = []
+        for k, m in self.masks.items():
+            p = unet.get_parameter(k)
+            p.requires_grad_(True)
+            mf = m.to(p.dtype)
+            p.register_hook(lambda g, mf=mf: g * mf)
+            params.append(p)
+        return params
+
+    def mask_density(self):
+        return {k: v.float().mean().item() for k, v in self.masks.items()}
+
+
+class _Esd(_Method):
+    def setup(self, gen):
+        unet = self.unet
+        self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
+        unet.requires_grad_(False)
+        params = [p for n, p in unet.named_parameters() if ".attn2." in n]
+        if not params:
+            raise ValueError("esd: the UNet has no cross-attention (attn2) parameters to fine-tune")
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def losses(self, gen, sampler):
+        task, cfg = self.task, self.cfg
+        i_f = torch.randint(task.x_forget.shape[0], (cfg.batch_forget,), generator=gen)
+        t = sampler.sample(cfg.batch_forget, gen)
+        xt, _ = _noised(task, task.x_forget[i_f], t, gen)
+        c_f = task.c_forget[i_f]
+        with torch.no_grad():
+            e = _eps(self.teacher_model, torch.cat([xt, xt]), torch.cat([t, t]),
+                     torch.cat([task.c_null.expand_as(c_f), c_f]))
+            e0, ef = e.chunk(2)
+            target = e0 - cfg.esd_eta * (ef - e0)
+        loss = F.mse_loss(_eps(self.unet, xt, t, c_f), target)
+        return loss, torch.zeros(())
+
+
+_IMPL = {"spare": _Spare, "spare-reference": _SpareReference, "lora": _Lora, "salun": _Salun, "esd": _Esd}
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(path, step, params, opt, gen, history, cfg):
+    state = {"step": step, "params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
+             "rng": gen.get_state(), "history": history, "config": dataclasses.asdict(cfg)}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path, params, opt, gen, cfg):
+    state = torch.load(path, weights_only=False)
+    want = dataclasses.asdict(cfg)
+    diff = {k: (state["config"].get(k), v) for k, v in want.items()
+            if k not in ("steps", "checkpoint_every") and state["config"].get(k) != v}
+    if diff:
+        raise ValueError(f"resume: the checkpoint {path} was made with other settings: "
+                         + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
+    if len(state["params"]) != len(params) or any(a.shape != b.shape for a, b in zip(state["params"], params)):
+        raise ValueError(f"resume: the checkpoint {path} does not match this model's trainable parameters")
+    with torch.no_grad():
+        for p, v in zip(params, state["params"]):
+            p.copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["rng"])
+    return state["step"], state["history"]
+
+
+# --------------------------------------------------------------------------------------------- run
+def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True) -> dict:
+    """Run ``cfg.method`` on ``unet`` (modified in place: adapters patched, or weights trained).
+
+    Returns ``{"method", "seconds", "stage_seconds": {"localise", "train"}, "steps", "history":
+    [[forget, retain], ...], "curve", "mask_density", "peak_mem_mb", "state_mb", ...}``. With
+    ``out_dir`` and ``cfg.checkpoint_every``, ``out_dir/checkpoint.pt`` is written atomically every
+    K steps; ``resume=True`` continues from it (the final adapter equals an uninterrupted run's).
+    """
+    from tqdm import tqdm
+
+    from ..utils.memory import measure_peak
+
+    if resume and not out_dir:
+        raise ValueError("resume: needs out_dir (where checkpoint.pt is)")
+    ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+    if resume and not os.path.exists(ckpt):
+        raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    m = _IMPL[cfg.method](unet, task, cfg, progress)
+    t0 = time.perf_counter()
+    params = m.setup(gen)
+    sampler = m.sampler()
+    t1 = time.perf_counter()
+    unet.train(False)
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
+    start, history = 0, []
+    if resume:
+        start, history = _load_checkpoint(ckpt, params, opt, gen, cfg)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"{cfg.method}", dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        lf, lr_ = m.losses(gen, sampler)
+        loss = cfg.w_forget * lf + cfg.w_retain * lr_
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append([lf.item(), lr_.item()])
+        bar.set_postfix(forget=f"{lf.item():.4f}", retain=f"{lr_.item():.4f}", refresh=False)
+        bar.update(1)
+        if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt, step + 1, params, opt, gen, history, cfg)
+    bar.close()
+    t2 = time.perf_counter()
+    # Memory: persistent training state + the c10 peak of one more (unapplied) step.
+    state = _state_bytes(list(unet.parameters()) + list(unet.buffers())
+                         + (list(m.teacher_model.parameters()) if m.teacher_model is not None else [])
+                         + [s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)]
+                         + [p.grad for p in params])
+    probe_gen = torch.Generator().manual_seed(cfg.seed + 99)
+
+    def one_step():
+        a, b = m.losses(probe_gen, sampler)
+        (cfg.w_forget * a + cfg.w_retain * b).backward()
+    _, step_peak = measure_peak(one_step)
+    opt.zero_grad(set_to_none=True)
+    res = {
+        "method": cfg.method, "seconds": t2 - t0, "stage_seconds": {"localise": t1 - t0, "train": t2 - t1},
+        "steps": cfg.steps, "history": history, "curve": m.curve,
+        "timestep_density": sampler.density() if m.curve else [],
+        "mask_density": m.mask_density() if hasattr(m, "mask_density") else {},
+        "state_mb": state / 2**20, "step_peak_mb": step_peak / 2**20, "peak_mem_mb": (state + step_peak) / 2**20,
+        "config": dataclasses.asdict(cfg),
+    }
+    if out_dir and cfg.method == "spare":
+        res["adapter"] = save_adapter(unet, os.path.join(out_dir, "adapter.safetensors"))
+    return res
