@@ -72,6 +72,30 @@ def format_row(r):
     return f"{r['layer']:<34}{r['batch']:>2}{r['ms']['floor']:>10.2f}" + "".join(cells)
 
 
+def report(doc) -> str:
+    """Markdown for the README: every Linear row, then the Conv2d rows summarised per ratio."""
+    rows = doc["rows"]
+    lines = [f"{doc['threads']} thread(s), backend `{doc['backend']}`, medians of {doc['reps']}; "
+             "targets: elem/spare_ref ≤ 0.70, elem/merged ≤ 1.00, block/peft ≤ 1.15 (Linear); ✗ = missed", "",
+             "| Linear layer | b | floor ms | elem/spare_ref | elem/merged | block/peft | dense/peft |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if not r["layer"].startswith("linear"):
+            continue
+        cells = []
+        for col, _, _, target in RATIOS[:4]:
+            miss = " ✗" if target is not None and r[col] > target else ""
+            cells.append(f"{r[col]:.2f}{miss}")
+        lines.append(f"| {r['layer'][7:]} | {r['batch']} | {r['ms']['floor']:.2f} | " + " | ".join(cells) + " |")
+    conv = [r for r in rows if not r["layer"].startswith("linear")]
+    if conv:
+        lines += ["", f"| Conv2d ({len(conv)} shape × batch rows) | min | median | max |", "| --- | --- | --- | --- |"]
+        for col, *_ in RATIOS[:4]:
+            v = sorted(r[col] for r in conv)
+            lines.append(f"| {col} | {v[0]:.2f} | {v[len(v) // 2]:.2f} | {v[-1]:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
@@ -79,7 +103,13 @@ def main(argv=None):
     p.add_argument("--kinds", nargs="+", default=["linear", "conv2d"], choices=["linear", "conv2d"])
     p.add_argument("--limit", type=int, default=None, help="first N shapes per batch (smoke runs)")
     p.add_argument("--out", default=os.path.join(RESULTS, "layers.json"))
+    p.add_argument("--report", action="store_true", help="print the README markdown of --out's JSON and exit")
     a = p.parse_args(argv)
+    if a.report:
+        import json
+        with open(a.out) as f:
+            print(report(json.load(f)))
+        return
     be = backend_info()["ops"]["masked_lora_linear"]["cpu"]
     print(f"fp32, rank 4, element density 0.5, block 32x32 density 0.1, backend '{be}', "
           f"{torch.get_num_threads()} threads; ratios of medians (reps={a.reps}); * = misses the target "

@@ -37,10 +37,14 @@ def check_model_dir(path: str) -> None:
             raise ValueError(f"model: {path!r} has no {sub}/ (a full Stable Diffusion pipeline directory is needed)")
 
 
+def image_files(folder: str) -> list:
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(_IMAGE_EXT))
+
+
 def _load_images(folder: str, size: int) -> torch.Tensor:
     from PIL import Image
 
-    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(_IMAGE_EXT))
+    files = image_files(folder)
     if not files:
         raise ValueError(f"forget images: no {'/'.join(_IMAGE_EXT)} files in {folder!r} (empty forget set)")
     out = []

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -38,13 +39,13 @@ from . import reference as ref
 from .timesteps import TimestepSampler, probe
 
 METHODS = ("spare", "spare-reference", "lora", "salun", "esd")
-_DEFAULT_LR = {"spare": 3e-3, "spare-reference": 3e-3, "lora": 3e-3, "salun": 3e-4, "esd": 3e-4}
+_DEFAULT_LR = {"spare": 1e-2, "spare-reference": 1e-2, "lora": 1e-2, "salun": 3e-4, "esd": 3e-4}
 
 
 @dataclass
 class Config:
     method: str = "spare"
-    steps: int = 150
+    steps: int = 200
     batch_forget: int = 8
     batch_retain: int = 8
     lr: Optional[float] = None            # None: the method's default
@@ -109,6 +110,14 @@ def _forget_batches(task, sampler, cfg, gen):
 def _diffusion_loss(unet, batch):
     xt, t, c, noise = batch
     return F.mse_loss(_eps(unet, xt, t, c), noise)
+
+
+@contextlib.contextmanager
+def _seeded(seed):
+    """Adapter initialisers draw from torch's global RNG: seed it for the run, restore it after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _linear_conv_names(unet, pred=lambda n: True):
@@ -176,8 +185,9 @@ class _Spare(_Method):
                 _diffusion_loss(unet, batch).backward()
         scores = col.scores()
         self.masks = topk_masks(scores, cfg.density, cfg.granularity, cfg.scope, cfg.block)
-        patch_unet(unet, masks=self.masks, rank=cfg.rank, alpha=cfg.alpha,
-                   target_modules=[k[: -len(".weight")] for k in self.masks])
+        with _seeded(cfg.seed):
+            patch_unet(unet, masks=self.masks, rank=cfg.rank, alpha=cfg.alpha,
+                       target_modules=[k[: -len(".weight")] for k in self.masks])
         return [p for p in unet.parameters() if p.requires_grad]
 
     def sampler(self):
@@ -223,7 +233,8 @@ class _Lora(_Method):
         lc = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=_linear_conv_names(self.unet),
                         init_lora_weights=True)
         self.unet.requires_grad_(False)
-        inject_adapter_in_model(lc, self.unet)
+        with _seeded(cfg.seed):
+            inject_adapter_in_model(lc, self.unet)
         return [p for n, p in self.unet.named_parameters() if "lora_" in n and p.requires_grad]
 
     def teacher(self):
@@ -340,6 +351,8 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
     if resume and not os.path.exists(ckpt):
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     m = _IMPL[cfg.method](unet, task, cfg, progress)
     t0 = time.perf_counter()
