@@ -1,0 +1,177 @@
+"""The unlearning recipe (spare_kernels.unlearn) and the command line on MiniCanvas, small budgets."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from spare_kernels import canvas
+from spare_kernels.unlearn import METHODS, Config, Task, TimestepSampler, canvas_task, probe, run
+from spare_kernels.unlearn import recipe as R
+
+SMALL = dict(steps=2, batch_forget=2, batch_retain=2, saliency_batches=1, saliency_batch=4, probe_bins=4,
+             probe_per_bin=2)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return canvas_task("style:" + canvas.STYLES[0], n_forget=8, n_retain=16)
+
+
+def _count_forwards(unet):
+    n = [0]
+    unet.register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+    return n
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_and_reports(method, task):
+    unet = canvas.load_model()
+    r = run(unet, task, Config(method=method, **SMALL), progress=False)
+    assert r["method"] == method and r["steps"] == 2 and len(r["history"]) == 2
+    assert r["seconds"] > 0 and r["peak_mem_mb"] > 0
+    assert all(torch.isfinite(torch.tensor(h)).all() for h in r["history"])
+    if method in ("spare", "spare-reference", "salun"):
+        d = list(r["mask_density"].values())
+        assert d and all(0 <= v <= 1 for v in d)
+
+
+def test_spare_one_student_and_one_teacher_forward_per_step(task):
+    for method, per_step in (("spare", 2), ("spare-reference", 4)):
+        unet = canvas.load_model()
+        m = R._IMPL[method](unet, task, Config(method=method, **SMALL), False)
+        gen = torch.Generator().manual_seed(0)
+        m.setup(gen)
+        n = _count_forwards(unet)
+        m.losses(gen, m.sampler())
+        assert n[0] == per_step, method
+
+
+def test_spare_teacher_is_the_unpatched_model(task):
+    from spare_kernels import disable_adapters
+    base = canvas.load_model()
+    unet = canvas.load_model()
+    run(unet, task, Config(method="spare", **SMALL), progress=False)
+    x, t, c = task.x_forget[:2], torch.tensor([10, 500]), task.c_forget[:2]
+    with torch.no_grad(), disable_adapters(unet):
+        a = unet(x, t, encoder_hidden_states=c).sample
+    with torch.no_grad():
+        b = base(x, t, encoder_hidden_states=c).sample
+        s = unet(x, t, encoder_hidden_states=c).sample
+    assert torch.equal(a, b)
+    assert not torch.equal(s, b)        # the trained adapter changes the student
+
+
+def test_resume_gives_the_uninterrupted_adapter(task, tmp_path):
+    cfg = dict(SMALL, steps=4, checkpoint_every=2)
+    a = canvas.load_model()
+    run(a, task, Config(method="spare", **cfg), out_dir=str(tmp_path / "a"), progress=False)
+    b = canvas.load_model()
+    run(b, task, Config(method="spare", **dict(cfg, steps=2)), out_dir=str(tmp_path / "b"), progress=False)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    c = canvas.load_model()           # a fresh process would start from the shipped model too
+    run(c, task, Config(method="spare", **cfg), out_dir=str(tmp_path / "b"), resume=True, progress=False)
+    pa = {n: p for n, p in a.named_parameters() if "lora_" in n}
+    pc = {n: p for n, p in c.named_parameters() if "lora_" in n}
+    assert pa.keys() == pc.keys() and pa
+    for n in pa:
+        assert torch.equal(pa[n], pc[n]), n
+
+
+def test_resume_refuses_other_settings(task, tmp_path):
+    run(canvas.load_model(), task, Config(method="spare", **dict(SMALL, checkpoint_every=1)),
+        out_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="density"):
+        run(canvas.load_model(), task, Config(method="spare", **dict(SMALL, density=0.3)), out_dir=str(tmp_path),
+            resume=True, progress=False)
+    with pytest.raises(FileNotFoundError):
+        run(canvas.load_model(), task, Config(method="spare", **SMALL), out_dir=str(tmp_path / "none"),
+            resume=True, progress=False)
+
+
+def test_timestep_sampler_and_probe(task):
+    g = torch.Generator().manual_seed(0)
+    u = TimestepSampler(1000).sample(4000, g)
+    assert u.min() >= 0 and u.max() < 1000 and abs(u.float().mean().item() - 500) < 30
+    curve = {"edges": [0, 250, 500, 750, 1000], "score": [0.0, 0.0, 1.0, 0.0]}
+    t = TimestepSampler(1000, curve, mix=1.0).sample(500, g)
+    assert ((t >= 500) & (t < 750)).all()
+    s = TimestepSampler(1000, curve, mix=0.5)
+    assert abs(sum(s.density()) - 1) < 1e-9 and s.density()[2] == pytest.approx(0.625)
+    p = probe(canvas.load_model(), task, bins=4, per_bin=2)
+    assert p["edges"] == [0, 250, 500, 750, 1000] and len(p["score"]) == 4 and min(p["score"]) >= 0
+
+
+def test_bad_input_is_rejected_with_the_valid_names(task):
+    with pytest.raises(ValueError, match="spare-reference"):
+        Config(method="nope")
+    with pytest.raises(ValueError, match="timesteps"):
+        Config(timesteps="sometimes")
+    with pytest.raises(ValueError, match=canvas.STYLES[1]):
+        canvas_task("style:nope")
+    with pytest.raises(ValueError, match="object"):
+        canvas_task("shape:circle")
+    with pytest.raises(ValueError, match="forget set: empty"):
+        Task(task.x_forget[:0], task.c_forget[:0], task.c_surrogate[:0], task.x_retain, task.c_retain,
+               task.c_null, task.scheduler)
+
+
+def test_cli_demo_errors_before_any_work(tmp_path, capsys):
+    from spare_kernels.cli import main
+    assert main(["demo", "--target", "style:nope", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "style:nope" in err or "nope" in err
+    assert canvas.STYLES[0] in err
+    assert not (tmp_path / "o").exists()
+    assert main(["demo", "--surrogate", "nope"]) == 2
+    assert canvas.STYLES[1] in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if not os.access(ro, os.W_OK):     # (root ignores permissions)
+        assert main(["demo", "--out", str(ro / "x")]) == 2
+        assert "--out" in capsys.readouterr().err
+
+
+def test_cli_demo_end_to_end(tmp_path, capsys):
+    from spare_kernels.cli import RESULT_KEYS, main
+    out, js = tmp_path / "run", tmp_path / "r.json"
+    assert main(["demo", "--steps", "2", "--n-per-prompt", "1", "--out", str(out), "--json", str(js), "--quiet"]) == 0
+    doc = json.loads(js.read_text())
+    assert set(RESULT_KEYS) <= set(doc) and doc["method"] == "spare" and doc["steps"] == 2
+    for f in ("adapter.safetensors", "loss_curves.png", "timesteps_spare.png", "mask_density_spare.png",
+              "samples_before.png", "samples_after_spare.png", "results.json"):
+        assert (out / f).exists(), f
+    assert "UA" in capsys.readouterr().out
+
+
+def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+    from toggle_adapter_pipeline import build_pipeline
+
+    from spare_kernels import adapter_names, load_adapter
+    from spare_kernels.cli import main
+    model = tmp_path / "sd"
+    build_pipeline(str(model)).save_pretrained(str(model))
+    out = tmp_path / "out"
+    argv = ["unlearn", str(model), "--forget-prompt", "a photo of a cat", "--surrogate-prompt", "a photo of a dog",
+            "--retain-prompt", "a painting of a tree", "--data-free", "--n-generate", "1", "--steps", "2",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "adapter.safetensors").exists() and (out / "run.json").exists()
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
+    load_adapter(unet, str(out / "adapter.safetensors"))
+    assert adapter_names(unet) == ["default"]
+    # a directory that is not a diffusers pipeline, an empty forget set
+    assert main(["unlearn", str(tmp_path), "--forget-prompt", "x", "--surrogate-prompt", "y",
+                 "--retain-prompt", "z", "--data-free", "--out", str(tmp_path / "o2")]) == 2
+    assert "not a diffusers pipeline" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["unlearn", str(model), "--forget-prompt", "x", "--surrogate-prompt", "y", "--retain-prompt", "z",
+                 "--forget-images", str(empty), "--out", str(tmp_path / "o3")]) == 2
+    assert "forget set: empty" in capsys.readouterr().err
