@@ -95,6 +95,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["a.safetensors"]
 
 
+def test_written_files_get_umask_permissions(tmp_path):
+    from spare_kernels.utils.io import write_json
+    umask = os.umask(0o022)
+    try:
+        p = write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert os.stat(p).st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_merge_unmerge_bit_exact(dtype):
     unet = masked_patched(dtype=dtype)

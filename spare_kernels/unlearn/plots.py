@@ -49,7 +49,7 @@ def timestep_curve(curve: dict, density: list, path: str) -> str:
         ax2 = ax.twinx()
         ax2.plot(mids, density, "o-", color="#dd8452", label="training t distribution")
         ax2.set_ylabel("P(bin)")
-        ax2.legend(loc="upper center", fontsize=7)
+        ax2.legend(loc="center right", fontsize=7)
     ax.legend(loc="upper right", fontsize=7)
     return _save(fig, path)
 

@@ -50,6 +50,7 @@ class Config:
     batch_retain: int = 8
     lr: Optional[float] = None            # None: the method's default
     rank: int = 4
+    init: str = "kaiming"                 # adapter init (peft's default; B = 0 so training starts at the base model)
     alpha: Optional[float] = None         # scale = alpha / rank (None: 1.0)
     density: float = 0.5                  # SPARE's per-weight default
     granularity: str = "element"
@@ -186,7 +187,7 @@ class _Spare(_Method):
         scores = col.scores()
         self.masks = topk_masks(scores, cfg.density, cfg.granularity, cfg.scope, cfg.block)
         with _seeded(cfg.seed):
-            patch_unet(unet, masks=self.masks, rank=cfg.rank, alpha=cfg.alpha,
+            patch_unet(unet, masks=self.masks, rank=cfg.rank, alpha=cfg.alpha, init=cfg.init,
                        target_modules=[k[: -len(".weight")] for k in self.masks])
         return [p for p in unet.parameters() if p.requires_grad]
 
