@@ -8,6 +8,7 @@ writes their JSON under ``benchmarks/results/``. ``--quick`` shrinks everything 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from . import layers, saliency, unet_step
@@ -23,12 +24,15 @@ def main(argv=None):
     t0 = time.time()
     if "layers" in a.only:
         print("== layers ==", flush=True)
-        layers.main(["--reps", str(a.reps or (1 if a.quick else 7))] + (["--limit", "3", "--batch", "1"]
-                                                                         if a.quick else []))
+        # (a smoke run must not overwrite the measured table)
+        layers.main(["--reps", str(a.reps or (1 if a.quick else 7))] + (
+            ["--limit", "3", "--batch", "1", "--out", os.path.join(layers.RESULTS, "layers_quick.json")]
+            if a.quick else []))
     if "saliency" in a.only:
         print("\n== saliency ==", flush=True)
         saliency.main(["--reps", str(a.reps or (1 if a.quick else 3))]
-                      + (["--config", "tiny", "--batch", "4"] if a.quick else []))
+                      + (["--config", "tiny", "--batch", "4", "--out",
+                          os.path.join(layers.RESULTS, "saliency_quick.json")] if a.quick else []))
     if "unet_step" in a.only:
         print("\n== unet_step ==", flush=True)
         unet_step.main(["--reps", str(a.reps or (1 if a.quick else 5))]
