@@ -38,6 +38,24 @@ def _eager(x: Tensor) -> bool:
             and not _is_wrapped(x))
 
 
+def _autograd(name: str, op: str, setup, grads, custom_bwd):
+    """Register ``op``'s custom-op autograd and return its eager twin: both save with ``setup`` and
+    differentiate with ``grads(bwd, ctx, dy)``, the custom op through ``custom_bwd``, the eager
+    ``autograd.Function`` through the backend implementation of ``<op>_backward`` directly."""
+    torch.library.register_autograd(f"{LIB}::{op}", lambda ctx, dy: grads(custom_bwd, ctx, dy), setup_context=setup)
+
+    def forward(ctx, *inputs):
+        y = select(op, inputs[0].device.type)(*inputs)
+        setup(ctx, inputs, y)
+        return y
+
+    def backward(ctx, dy):
+        return grads(select(f"{op}_backward", dy.device.type), ctx, dy)
+
+    # Built with type() so the autograd node is named after it (e.g. "_LinearFnBackward").
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 # ------------------------------------------------------------------------------------ linear op
 @torch.library.custom_op(f"{LIB}::masked_lora_linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -82,23 +100,7 @@ def _linear_grads(bwd, ctx, dy):
     return _maybe(dx), dW, db, _maybe(dA), _maybe(dB), None, None, None, None, None
 
 
-def _backward_linear(ctx, dy):
-    return _linear_grads(_linear_bwd, ctx, dy)
-
-
-torch.library.register_autograd(f"{LIB}::masked_lora_linear", _backward_linear, setup_context=_setup_linear)
-
-
-class _LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        y = select("masked_lora_linear", inputs[0].device.type)(*inputs)
-        _setup_linear(ctx, inputs, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _linear_grads(select("masked_lora_linear_backward", dy.device.type), ctx, dy)
+_LinearFn = _autograd("_LinearFn", "masked_lora_linear", _setup_linear, _linear_grads, _linear_bwd)
 
 
 def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -191,23 +193,7 @@ def _conv_grads(bwd, ctx, dy):
     return (_maybe(dx), dW, db, _maybe(dA), _maybe(dB)) + (None,) * 9
 
 
-def _backward_conv(ctx, dy):
-    return _conv_grads(_conv_bwd, ctx, dy)
-
-
-torch.library.register_autograd(f"{LIB}::masked_lora_conv2d", _backward_conv, setup_context=_setup_conv)
-
-
-class _ConvFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        y = select("masked_lora_conv2d", inputs[0].device.type)(*inputs)
-        _setup_conv(ctx, inputs, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _conv_grads(select("masked_lora_conv2d_backward", dy.device.type), ctx, dy)
+_ConvFn = _autograd("_ConvFn", "masked_lora_conv2d", _setup_conv, _conv_grads, _conv_bwd)
 
 
 def conv_padding(op, padding, kernel_size, stride, dilation):
