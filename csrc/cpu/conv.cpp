@@ -321,7 +321,7 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
     auto lo = at::conv2d(z, B4.view({g.out, r, 1, 1}), std::optional<at::Tensor>(), at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, groups);
     return y.add_(lo, scale);
   }
-  if (dt == at::kFloat && !mask->any().item<bool>())  // all-zero mask: exactly the frozen conv
+  if (dt == at::kFloat && !any_set(*mask))  // all-zero mask: exactly the frozen conv
     return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
   auto xf = f32c(x);
   auto W = weight.contiguous();
@@ -433,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
   }
   const bool need_ab = need_dA || need_dB;
   if (!need_dx && !need_ab) return {dx, dA, dB};
-  if (dt == at::kFloat && !mask->any().item<bool>()) {  // all-zero mask: the frozen conv, no adapter grads
+  if (dt == at::kFloat && !any_set(*mask)) {  // all-zero mask: the frozen conv, no adapter grads
     if (need_dx) dx = conv_dinput(x, weight, dy, stride, padding, dilation, groups);
     if (need_dA) dA = at::zeros_like(lora_A);
     if (need_dB) dB = at::zeros_like(lora_B);

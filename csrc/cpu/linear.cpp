@@ -225,14 +225,6 @@ at::Tensor tile_mix(const at::Tensor& tiles, const at::Tensor& H, bool transpose
     }
   return out;
 }
-
-bool any_set(const at::Tensor& m) {  // bool / uint8 contiguous
-  const uint8_t* p = static_cast<const uint8_t*>(m.data_ptr());
-  const int64_t n = m.numel();
-  for (int64_t i = 0; i < n; ++i)
-    if (p[i]) return true;
-  return false;
-}
 }  // namespace
 
 struct BlockFact {
@@ -308,7 +300,7 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
     return y.addmm_(h, Bm.t(), 1.0, scale);
   }
   // An all-zero mask is exactly the frozen layer (bit for bit the same GEMM as the base model's).
-  if (dt == at::kFloat && !any_set(mask->contiguous())) return at::linear(x, weight, bias);
+  if (dt == at::kFloat && !any_set(*mask)) return at::linear(x, weight, bias);
   auto Af = f32c(lora_A), Bf = f32c(lora_B);
   if (kind == kBlock) {
     auto xf = f32c(x);
@@ -362,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
     if (need_dx) dx = at::mm(dy, weight).addmm_(dh, A);
     return {dx, dA, dB};
   }
-  if (dt == at::kFloat && !any_set(mask->contiguous())) {  // all-zero mask: the frozen layer, no adapter grads
+  if (dt == at::kFloat && !any_set(*mask)) {  // all-zero mask: the frozen layer, no adapter grads
     if (need_dx) dx = at::mm(dy, weight);
     if (need_dA) dA = at::zeros_like(lora_A);
     if (need_dB) dB = at::zeros_like(lora_B);
