@@ -22,7 +22,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from spare_kernels import SaliencyCollector
 from spare_kernels.bench import time_side_by_side
@@ -32,10 +31,6 @@ from spare_kernels.utils.io import write_json
 from .shapes import build_unet, unet_inputs
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def _weights(unet):
-    return [(n, m.weight) for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
 
 
 def _loss(unet, x, t, e):

@@ -86,11 +86,13 @@ def _cmd_demo(args):
     print(f"base model: UA {base['ua']:.3f}  IRA {base['ira']:.3f}  CRA {base['cra']:.3f}", flush=True)
     grid_prompts = canvas.prompts(**{domain: name}) + canvas.prompts(**{domain: surrogate})
     grids = {"samples_before": (canvas.sample(base_model, grid_prompts, seed=args.seed), len(grid_prompts) // 2)}
+    # One task for every method: its tensors are only read, and data-free samples come from the
+    # shipped model, which base_model is.
+    task = canvas_task(args.target, surrogate, seed=args.seed, data_free=args.data_free,
+                       unet=base_model if args.data_free else None)
     rows, results = [], {}
     for method in methods:
         unet = canvas.load_model()
-        task = canvas_task(args.target, surrogate, seed=args.seed, data_free=args.data_free,
-                           unet=unet if args.data_free else None)
         out = os.path.join(args.out, method) if args.out and args.compare else args.out
         if out:
             os.makedirs(out, exist_ok=True)

@@ -41,7 +41,7 @@ def test_every_method_runs_and_reports(method, task):
 def test_spare_one_student_and_one_teacher_forward_per_step(task):
     for method, per_step in (("spare", 2), ("spare-reference", 4)):
         unet = canvas.load_model()
-        m = R._IMPL[method](unet, task, Config(method=method, **SMALL), False)
+        m = R._IMPL[method](unet, task, Config(method=method, **SMALL))
         gen = torch.Generator().manual_seed(0)
         m.setup(gen)
         n = _count_forwards(unet)

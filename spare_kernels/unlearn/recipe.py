@@ -76,7 +76,7 @@ class Config:
                   "probe_bins", "probe_per_bin"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "steps" else 1):
-                raise ValueError(f"{k}: expected a positive int, got {v!r}")
+                raise ValueError(f"{k}: expected an int >= {0 if k == 'steps' else 1}, got {v!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"density: expected a fraction in (0, 1], got {self.density}")
         if self.timesteps not in ("critical", "uniform"):
@@ -121,8 +121,14 @@ def _seeded(seed):
         yield
 
 
-def _linear_conv_names(unet, pred=lambda n: True):
-    return [n for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and pred(n)]
+def _linear_conv_names(unet):
+    return [n for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+
+
+def _layer_weights(scores: dict, unet) -> dict:
+    """The entries of ``scores`` (keyed by parameter name) that are Linear / Conv2d weights."""
+    keys = {f"{n}.weight" for n in _linear_conv_names(unet)}
+    return {k: v for k, v in scores.items() if k in keys}
 
 
 def _state_bytes(tensors) -> int:
@@ -138,8 +144,8 @@ def _state_bytes(tensors) -> int:
 class _Method:
     """Setup (stage 1 + adapters) and the per-step losses of one method."""
 
-    def __init__(self, unet, task, cfg, progress):
-        self.unet, self.task, self.cfg, self.progress = unet, task, cfg, progress
+    def __init__(self, unet, task, cfg):
+        self.unet, self.task, self.cfg = unet, task, cfg
         self.curve = None
         self.masks = {}
         self.teacher_model = None
@@ -171,8 +177,11 @@ class _Method:
         return F.mse_loss(pred[:nf], target[:nf]), F.mse_loss(pred[nf:], target[nf:])
 
     def teacher(self):
-        import contextlib
         return contextlib.nullcontext()
+
+    def mask_density(self):
+        """Per-weight fraction of entries on (dense bool masks; none for unmasked methods)."""
+        return {k: v.float().mean().item() for k, v in self.masks.items()}
 
 
 class _Spare(_Method):
@@ -206,8 +215,7 @@ class _SpareReference(_Method):
         cfg, task, unet = self.cfg, self.task, self.unet
         scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
         dense = ref.kth_threshold_masks(scores, cfg.density)
-        self.masks = {k: v for k, v in dense.items() if k[: -len(".weight")] in set(_linear_conv_names(unet))
-                      and k.endswith(".weight")}
+        self.masks = _layer_weights(dense, unet)     # thresholded over every parameter, as SPARE's code
         ref.patch_spare_ref(unet, self.masks, rank=cfg.rank, scale=(cfg.alpha or cfg.rank) / cfg.rank, seed=cfg.seed)
         return [p for p in unet.parameters() if p.requires_grad]
 
@@ -223,8 +231,6 @@ class _SpareReference(_Method):
         pr = _eps(unet, x_r, t_r, task.c_retain[i_r])
         return F.mse_loss(pf, tgt_f), F.mse_loss(pr, tgt_r)
 
-    def mask_density(self):
-        return {k: v.float().mean().item() for k, v in self.masks.items()}
 
 
 class _Lora(_Method):
@@ -239,8 +245,6 @@ class _Lora(_Method):
         return [p for n, p in self.unet.named_parameters() if "lora_" in n and p.requires_grad]
 
     def teacher(self):
-        import contextlib
-
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         @contextlib.contextmanager
@@ -261,9 +265,7 @@ class _Salun(_Method):
         cfg, task, unet = self.cfg, self.task, self.unet
         self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
         scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
-        names = set(_linear_conv_names(unet))
-        scores = {k: v for k, v in scores.items() if k.endswith(".weight") and k[: -len(".weight")] in names}
-        self.masks = ref.kth_threshold_masks(scores, cfg.density)
+        self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet), cfg.density)
         unet.requires_grad_(False)
         params = []
         for k, m in self.masks.items():
@@ -274,8 +276,6 @@ class _Salun(_Method):
             params.append(p)
         return params
 
-    def mask_density(self):
-        return {k: v.float().mean().item() for k, v in self.masks.items()}
 
 
 class _Esd(_Method):
@@ -355,7 +355,7 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(cfg.seed)
-    m = _IMPL[cfg.method](unet, task, cfg, progress)
+    m = _IMPL[cfg.method](unet, task, cfg)
     t0 = time.perf_counter()
     params = m.setup(gen)
     sampler = m.sampler()
@@ -395,7 +395,7 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
         "method": cfg.method, "seconds": t2 - t0, "stage_seconds": {"localise": t1 - t0, "train": t2 - t1},
         "steps": cfg.steps, "history": history, "curve": m.curve,
         "timestep_density": sampler.density() if m.curve else [],
-        "mask_density": m.mask_density() if hasattr(m, "mask_density") else {},
+        "mask_density": m.mask_density(),
         "state_mb": state / 2**20, "step_peak_mb": step_peak / 2**20, "peak_mem_mb": (state + step_peak) / 2**20,
         "config": dataclasses.asdict(cfg),
     }

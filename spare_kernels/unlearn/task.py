@@ -39,13 +39,6 @@ class Task:
         return int(self.scheduler.config.num_train_timesteps)
 
 
-@torch.no_grad()
-def generate_data_free(unet, sample_fn, prompts, n_per_prompt: int, seed: int):
-    """PECKER-style forget samples: the frozen model's own generations for ``prompts``."""
-    flat = [p for p in prompts for _ in range(n_per_prompt)]
-    return sample_fn(unet, flat, seed), flat
-
-
 def canvas_task(target: str, surrogate: Optional[str] = None, n_forget: int = 64, n_retain: int = 192,
                 seed: int = 0, data_free: bool = False, unet=None) -> Task:
     """MiniCanvas task: forget = images of the target concept with their prompts, surrogate = the same
