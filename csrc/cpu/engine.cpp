@@ -414,10 +414,11 @@ void small_backward(const EngineArgs& e, const Mat& dY, const Mat& X, const Mat*
 
 bool small_ok(const EngineArgs& e, const std::vector<Mat>& A, const std::vector<Mat>& B) {
   const int64_t r = e.r;
-  return A.size() == 1 && B.size() == 1 && A[0].r >= 1 && A[0].r <= 4 && A[0].cs == 1 && B[0].cs == 1 &&
+  return A.size() == 1 && B.size() == 1 && A[0].r >= 1 && A[0].r <= kSmallT && A[0].cs == 1 && B[0].cs == 1 &&
          (r == 1 || r == 2 || r == 4 || r == 8 || r == 16);
 }
 
+static_assert(kSmallT == 4, "SPARE_SMALL_DISPATCH instantiates T = 1..4");
 // fn<WT, T, R>(args...) for the runtime (bf16?, T, r) of a small_ok call.
 #define SPARE_SMALL_DISPATCH(fn, e, T, ...)                                                         \
   do {                                                                                              \

@@ -319,7 +319,7 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
                mask_bits(*mask, kind, block_o, block_i, out, cols, holder)};
   at::Tensor bf;
   if (bias.has_value() && bias->defined()) bf = f32c(*bias);
-  if (N > 4 && out * cols <= kWholeTile) {  // one tile: W_eff whole, one GEMM
+  if (one_tile(N, out, cols)) {  // one tile: W_eff whole, one GEMM
     auto Weff = at::empty({out, cols}, xf.options());
     build_weight(e, Weff.data_ptr<float>());
     return at::linear(xf, Weff, bf.defined() ? std::optional<at::Tensor>(bf) : std::optional<at::Tensor>()).to(dt);
@@ -384,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
                mask_bits(*mask, kind, block_o, block_i, out, cols, holder)};
   at::Tensor dxf, dAf, dBf;
   const bool need_ab = need_dA || need_dB;
-  if (N > 4 && out * cols <= kWholeTile) {  // one tile: dx = dY W_eff, G = dY^T X contracted
+  if (one_tile(N, out, cols)) {  // one tile: dx = dY W_eff, G = dY^T X contracted
     if (need_dx) {
       auto Weff = at::empty({out, cols}, xf.options());
       build_weight(e, Weff.data_ptr<float>());

@@ -71,6 +71,10 @@ void engine_backward(const EngineArgs& e, const std::vector<Mat>& dY, const std:
 // is built whole in an L2-sized scratch and the GEMM / convolution runs once on it (oneDNN for
 // convs), instead of splitting a small layer into tiles whose GEMMs would be too small to be fast.
 constexpr int64_t kWholeTile = 256 * 1024;
+// At most this many tokens, element masks take the engine's one-pass streamed kernel instead.
+constexpr int64_t kSmallT = 4;
+// Linear with element mask: the single-tile path applies.
+inline bool one_tile(int64_t tokens, int64_t out, int64_t cols) { return tokens > kSmallT && out * cols <= kWholeTile; }
 // dst (out x cols, contiguous) = W + s * M.(B*A).
 void build_weight(const EngineArgs& e, float* dst);
 // G (out x cols, contiguous) *= M, then dA (r x cols, row stride ldda) += s * B^T G and
