@@ -36,7 +36,8 @@ def main(argv=None):
     if "unet_step" in a.only:
         print("\n== unet_step ==", flush=True)
         unet_step.main(["--reps", str(a.reps or (1 if a.quick else 5))]
-                       + (["--config", "tiny"] if a.quick else ["--config", "sd15"]))
+                       + (["--config", "tiny", "--out", os.path.join(layers.RESULTS, "unet_step_quick.json")]
+                          if a.quick else ["--config", "sd15"]))
     print(f"\nbenchmarks done in {time.time() - t0:.0f} s")
 
 

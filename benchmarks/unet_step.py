@@ -17,7 +17,7 @@ or 32x32 (sd15), random weights built from a config (no downloads). Schemes, for
 
 Every variant is a copy of one UNet sharing its (frozen) parameter tensors, so sd15 fits in memory
 once; all are timed interleaved in one process (``spare_kernels.bench.time_side_by_side``,
-median). Only ratios are meaningful. Writes ``benchmarks/results/unet_step_<config>.json``.
+median). Only ratios are meaningful. Writes ``benchmarks/results/unet_step_<config>.json`` (or ``--out``).
 """
 from __future__ import annotations
 
@@ -122,6 +122,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--memory", action="store_true",
                     help="also the peak CPU memory of one step of ours_element50 and spare_ref (measure_peak)")
+    ap.add_argument("--out", help="JSON path (default: benchmarks/results/unet_step_<config>.json)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,7 +155,7 @@ def main(argv=None):
            "rows": rows, "seconds": t}
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(folder, exist_ok=True)
-    path = write_json(os.path.join(folder, f"unet_step_{args.config}.json"), res)
+    path = write_json(args.out or os.path.join(folder, f"unet_step_{args.config}.json"), res)
     print(f"wrote {path}")
 
 
