@@ -138,3 +138,28 @@ def test_training_scripts_write_loadable_weights(tmp_path, capsys):
     assert clf.predict(canvas.make_images(4))[0].shape == (4,)
     assert sorted(f for f in os.listdir(out)) == ["classifier.json", "classifier.safetensors", "text.safetensors",
                                                   "unet.json", "unet.safetensors"]
+
+
+def test_train_init_from_a_model_without_text_time_embedding(tmp_path):
+    """--init from a model built before the text-time embedding: training starts from exactly its function
+    (the new embedding's output gain is zeroed); weights of another architecture are refused."""
+    from spare_kernels.canvas import train
+    from spare_kernels.canvas.model import load_meta, load_model, save_model
+
+    assert train.main(["--no-text-time", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "old"),
+                       "--no-progress"]) == 0
+    old = load_model(tmp_path / "old")
+    assert load_meta(tmp_path / "old")["unet_config"]["addition_embed_type"] is None
+    out = str(tmp_path / "new")
+    assert train.main(["--init", str(tmp_path / "old"), "--steps", "1", "--lr", "1e-12", "--warmup", "1",
+                       "--batch-size", "2", "--out", out, "--no-progress"]) == 0
+    new = canvas.load_model(out)
+    assert new.config.addition_embed_type == "text"
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    c = canvas.encode(["a circle in dots style", "a star in grain style"])
+    with torch.no_grad():
+        torch.testing.assert_close(new(x, t, c).sample, old(x, t, c).sample, atol=1e-4, rtol=0)
+    bad = canvas.build_unet({**canvas.UNET_CONFIG, "block_out_channels": (8, 16, 32)})
+    save_model(bad, tmp_path / "bad")
+    with pytest.raises(SystemExit, match="--init .*do not fit"):
+        train.main(["--init", str(tmp_path / "bad"), "--steps", "1", "--out", str(tmp_path / "x"), "--no-progress"])

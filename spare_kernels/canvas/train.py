@@ -1,8 +1,8 @@
 """Train the MiniCanvas UNet: ``python -m spare_kernels.canvas.train --steps N --out DIR``.
 
-DDPM (epsilon prediction, cosine betas) on freshly rendered procedural images every step (an endless
-train split), 10% null prompts for classifier-free guidance, AdamW + warmup/cosine LR, EMA weights
-(the EMA is what gets saved). Seeded: a run is a function of ``--seed`` and the arguments. Resumable:
+DDPM (epsilon prediction, cosine betas, Min-SNR-gamma loss weights) on freshly rendered procedural
+images every step (an endless train split), 10% null prompts for classifier-free guidance, AdamW +
+warmup/cosine LR, EMA weights (the EMA is what gets saved). Seeded: a run is a function of ``--seed`` and the arguments. Resumable:
 a ``train_state.pt`` in ``--out`` is picked up unless ``--no-resume``; it is deleted at the end unless
 ``--keep-state``. The EMA weights are also written to ``--out`` at every checkpoint.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..utils.io import atomic_path
 from .data import dataset
-from .model import WEIGHTS_DIR, build_unet, noise_scheduler, save_model
+from .model import UNET_CONFIG, WEIGHTS_DIR, build_unet, noise_scheduler, save_model
 from .text import TextEncoder
 
 
@@ -31,10 +31,15 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--null-prob", type=float, default=0.1, help="fraction of null prompts (CFG)")
+    p.add_argument("--min-snr", type=float, default=5.0,
+                   help="Min-SNR-gamma loss weight min(SNR, gamma)/SNR (Hang et al. 2023); 0 = plain MSE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=WEIGHTS_DIR)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--init", default=None, help="start from the weights in this folder (fine-tune, new LR schedule)")
+    p.add_argument("--no-text-time", action="store_true",
+                   help="the earlier architecture without the text-time embedding (to reproduce the shipped "
+                        "weights' first two stages, see README)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--keep-state", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -44,6 +49,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= a.null_prob < 1:
         p.error("--null-prob must be in [0, 1)")
+    if a.min_snr < 0:
+        p.error("--min-snr must be >= 0")
     return a
 
 
@@ -60,7 +67,10 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
-    unet = build_unet().train()
+    config = dict(UNET_CONFIG)
+    if args.no_text_time:
+        config.update(addition_embed_type=None)
+    unet = build_unet(config).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     text = TextEncoder()
     sched = noise_scheduler()
@@ -72,7 +82,17 @@ def main(argv=None):
         from .model import load_meta, load_model
 
         init_meta = {"path": os.path.abspath(args.init), **load_meta(args.init).get("train", {})}
-        unet.load_state_dict(load_model(args.init).state_dict())
+        try:
+            missing, unexpected = unet.load_state_dict(load_model(args.init).state_dict(), strict=False)
+        except RuntimeError as e:                 # shape mismatches
+            raise SystemExit(f"--init {args.init}: the weights do not fit this UNet: {e}") from None
+        if unexpected or any(not k.startswith("add_embedding.") for k in missing):
+            raise SystemExit(f"--init {args.init}: the weights do not fit this UNet (missing {missing}, "
+                             f"unexpected {unexpected})")
+        if missing:
+            # A model from before the text-time embedding: zero its output gain (adaLN-zero style),
+            # so training starts from exactly the init model's function.
+            unet.add_embedding.norm2.weight.data.zero_()
         ema.load_state_dict(unet.state_dict())
     if not args.no_resume and os.path.exists(state_path):
         st = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -87,7 +107,7 @@ def main(argv=None):
 
     def checkpoint(step, wall):
         meta = {"train": {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
-                          "null_prob": args.null_prob, "seed": args.seed, "seconds": round(wall, 1),
+                          "null_prob": args.null_prob, "min_snr": args.min_snr, "seed": args.seed, "seconds": round(wall, 1),
                           "threads": torch.get_num_threads(), "params": n_params, "init": init_meta}}
         save_model(ema, args.out, text, extra=meta)
         with atomic_path(state_path) as tmp:
@@ -111,7 +131,13 @@ def main(argv=None):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss = F.mse_loss(unet(xt, t, cond).sample, eps)
+        err = (unet(xt, t, cond).sample - eps).pow(2).mean((1, 2, 3))
+        if args.min_snr > 0:
+            # Down-weights the low-noise steps whose easy targets otherwise dominate the gradient;
+            # the shape is decided at the high-noise ones.
+            snr = a.flatten() / (1 - a.flatten())
+            err = err * snr.clamp(max=args.min_snr) / snr
+        loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
