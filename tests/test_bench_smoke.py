@@ -53,3 +53,16 @@ def test_cli_bench_quick(capsys):
     assert main(["bench", "--quick", "--only", "layers"]) == 0
     out = capsys.readouterr().out
     assert "elem/spare_ref" in out and "linear 1x320->1280" in out
+
+
+def test_unlearn_step_breakdown_smoke(tmp_path):
+    from benchmarks import unlearn_step
+
+    out = tmp_path / "step.json"
+    unlearn_step.main(["--methods", "spare", "esd", "--reps", "1", "--warmup", "0", "--out", str(out)])
+    res = json.loads(out.read_text())
+    for m in ("spare", "esd"):
+        r = res["ms_per_step"][m]
+        assert r["step"] > 0 and r["teacher"] > 0 and r["student"] > 0 and r["backward"] > 0
+    b = res["base_backward_ms"]
+    assert b["input_only"] > 0 and b["with_weight_grads"] > 0

@@ -24,6 +24,9 @@ Limits (all make the figure an undercount or overcount by only what they name):
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 
 
@@ -47,6 +50,26 @@ def _allocation_events(prof):
     return out
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Kineto prints 'profiler_start' / 'profiler_stop' lines to file descriptor 2 from C++; they
+    would land in every CLI run's output. Only the start and stop calls are silenced, not ``fn``."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):   # no real stderr (captured, embedded)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def measure_peak(fn, *args, **kwargs):
     """Run ``fn(*args, **kwargs)`` and return ``(result, peak_extra_bytes)``.
 
@@ -58,10 +81,16 @@ def measure_peak(fn, *args, **kwargs):
     """
     from torch.profiler import ProfilerActivity, profile
 
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced():
+            prof.start()
+        try:
             result = fn(*args, **kwargs)
+        finally:
+            with _native_stderr_silenced():
+                prof.stop()
     running = peak = 0
     for _, nbytes in _allocation_events(prof):
         running += nbytes

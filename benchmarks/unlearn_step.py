@@ -1,0 +1,133 @@
+"""Where one MiniCanvas unlearning step spends its time, per method (the same task, batch and seeds).
+
+``PYTHONPATH=. python -m benchmarks.unlearn_step [--target style:dots] [--reps 20]`` times, after
+setup, the training step of every method split into teacher forwards (no grad), student forwards,
+backward and optimizer, and, on the base model with the same batch, the backward with and without
+weight gradients. The last two bound what a masked adapter can save: its backward needs the masked
+dense gradient ``M ⊙ (dYᵀX)`` for dA/dB, which is the very weight gradient SalUn trains with.
+Writes ``benchmarks/results/unlearn_step.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from spare_kernels import canvas
+from spare_kernels.unlearn import Config, canvas_task
+from spare_kernels.unlearn.recipe import _IMPL, METHODS  # the harness's own per-method setup and losses
+from spare_kernels.utils.io import write_json
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+class _ForwardClock:
+    """Accumulates wall time of a module's forwards, split by grad mode (teacher = no grad)."""
+
+    def __init__(self, modules):
+        self.t = {"teacher": 0.0, "student": 0.0}
+        self._h = []
+        for mod in modules:
+            self._h.append(mod.register_forward_pre_hook(self._start))
+            self._h.append(mod.register_forward_hook(self._stop))
+
+    def _start(self, *_):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self.t["student" if torch.is_grad_enabled() else "teacher"] += time.perf_counter() - self._t0
+
+    def close(self):
+        for h in self._h:
+            h.remove()
+
+
+def time_method(method, task, reps, warmup, seed):
+    unet = canvas.load_model()
+    cfg = Config(method=method, steps=0, seed=seed)
+    m = _IMPL[method](unet, task, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    params = m.setup(gen)
+    sampler = m.sampler()
+    unet.train(False)
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
+    clock = _ForwardClock([unet] + ([m.teacher_model] if m.teacher_model is not None else []))
+    acc = {"step": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for i in range(warmup + reps):
+        if i == warmup:
+            clock.t = {"teacher": 0.0, "student": 0.0}
+            acc = dict.fromkeys(acc, 0.0)
+        t0 = time.perf_counter()
+        lf, lr_ = m.losses(gen, sampler)
+        loss = cfg.w_forget * lf + cfg.w_retain * lr_
+        opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        acc["step"] += t3 - t0
+        acc["backward"] += t2 - t1
+        acc["optimizer"] += t3 - t2
+    clock.close()
+    ms = {k: 1e3 * v / reps for k, v in {**clock.t, **acc}.items()}
+    ms["other"] = ms["step"] - ms["teacher"] - ms["student"] - ms["backward"] - ms["optimizer"]
+    return ms
+
+
+def time_base_backward(task, batch, reps, warmup, seed):
+    """Base model, one batch: backward to the input only vs with every weight gradient (ms)."""
+    g = torch.Generator().manual_seed(seed)
+    unet = canvas.load_model()
+    idx = torch.randint(task.x_retain.shape[0], (batch,), generator=g)
+    t = torch.randint(0, task.num_train_timesteps, (batch,), generator=g)
+    x = task.scheduler.add_noise(task.x_retain[idx], torch.randn(task.x_retain[idx].shape, generator=g), t)
+    c = task.c_retain[idx]
+    out = {}
+    for name, weights in (("input_only", False), ("with_weight_grads", True)):
+        unet.requires_grad_(weights)
+        total = 0.0
+        for i in range(warmup + reps):
+            xi = x.clone().requires_grad_(True)
+            y = unet(xi, t, encoder_hidden_states=c).sample.pow(2).mean()
+            t0 = time.perf_counter()
+            y.backward()
+            if i >= warmup:
+                total += time.perf_counter() - t0
+            unet.zero_grad(set_to_none=True)
+        out[name] = 1e3 * total / reps
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="style:dots")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(RESULTS, "unlearn_step.json"))
+    a = p.parse_args(argv)
+    if a.reps < 1 or a.warmup < 0:
+        p.error("--reps must be >= 1 and --warmup >= 0")
+    task = canvas_task(a.target, seed=a.seed)
+    cols = ("step", "teacher", "student", "backward", "optimizer", "other")
+    print(f"ms per step, {torch.get_num_threads()} thread(s), {a.reps} reps; target {a.target}")
+    print(f"{'method':<16}" + "".join(f"{c:>11}" for c in cols))
+    rows = {}
+    for method in a.methods:
+        rows[method] = time_method(method, task, a.reps, a.warmup, a.seed)
+        print(f"{method:<16}" + "".join(f"{rows[method][c]:>11.1f}" for c in cols), flush=True)
+    batch = Config().batch_forget + Config().batch_retain
+    base = time_base_backward(task, batch, a.reps, a.warmup, a.seed)
+    print(f"base model backward, batch {batch}: to the input only {base['input_only']:.1f} ms, "
+          f"with every weight gradient {base['with_weight_grads']:.1f} ms")
+    write_json(a.out, {"target": a.target, "threads": torch.get_num_threads(), "reps": a.reps,
+                       "ms_per_step": rows, "base_backward_ms": base})
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
