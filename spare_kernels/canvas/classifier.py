@@ -67,9 +67,7 @@ def save_classifier(clf: Classifier, path, extra: dict | None = None):
     os.makedirs(path, exist_ok=True)
     with atomic_path(os.path.join(path, "classifier.safetensors")) as tmp:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in clf.state_dict().items()}, tmp)
-        os.chmod(tmp, 0o644)
     write_json(os.path.join(path, "classifier.json"), {"config": CLASSIFIER_CONFIG, **(extra or {})})
-    os.chmod(os.path.join(path, "classifier.json"), 0o644)
 
 
 __all__ = ["CLASSIFIER_CONFIG", "Classifier", "WEIGHTS_DIR", "load_classifier", "save_classifier"]

@@ -240,5 +240,4 @@ def save_grid(images: torch.Tensor, path, nrow: int, scale: int = 3, pad: int = 
     img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
     return os.fspath(path)

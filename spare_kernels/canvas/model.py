@@ -102,15 +102,12 @@ def save_model(unet, path, text_encoder: TextEncoder | None = None, extra: dict 
     sd = {k: v.detach().float().contiguous().cpu() for k, v in unet.state_dict().items()}
     with atomic_path(os.path.join(path, "unet.safetensors")) as tmp:
         save_file(sd, tmp)
-        os.chmod(tmp, 0o644)
     te = text_encoder or TextEncoder()
     with atomic_path(os.path.join(path, "text.safetensors")) as tmp:
         save_file({k: v.contiguous() for k, v in te.state_dict().items()}, tmp)
-        os.chmod(tmp, 0o644)
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, unet.config[k]) for k in UNET_CONFIG)}
+    cfg = {k: unet.config[k] for k in UNET_CONFIG}     # the model's own architecture (json writes tuples as lists)
     write_json(os.path.join(path, "unet.json"),
                {"unet_config": cfg, "scheduler_config": SCHEDULER_CONFIG, **(extra or {})})
-    os.chmod(os.path.join(path, "unet.json"), 0o644)
 
 
 # ----------------------------------------------------------------------------------------------
