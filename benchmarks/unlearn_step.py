@@ -17,7 +17,7 @@ import torch
 
 from spare_kernels import canvas
 from spare_kernels.unlearn import Config, canvas_task
-from spare_kernels.unlearn.recipe import _IMPL, METHODS  # the harness's own per-method setup and losses
+from spare_kernels.unlearn.recipe import _IMPL, METHODS, _noised  # the harness's own setup, losses, noising
 from spare_kernels.utils.io import write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -83,7 +83,7 @@ def time_base_backward(task, batch, reps, warmup, seed):
     unet = canvas.load_model()
     idx = torch.randint(task.x_retain.shape[0], (batch,), generator=g)
     t = torch.randint(0, task.num_train_timesteps, (batch,), generator=g)
-    x = task.scheduler.add_noise(task.x_retain[idx], torch.randn(task.x_retain[idx].shape, generator=g), t)
+    x, _ = _noised(task, task.x_retain[idx], t, g)
     c = task.c_retain[idx]
     out = {}
     for name, weights in (("input_only", False), ("with_weight_grads", True)):

@@ -144,11 +144,11 @@ def test_train_init_from_a_model_without_text_time_embedding(tmp_path):
     """--init from a model built before the text-time embedding: training starts from exactly its function
     (the new embedding's output gain is zeroed); weights of another architecture are refused."""
     from spare_kernels.canvas import train
-    from spare_kernels.canvas.model import load_meta, load_model, save_model
+    from spare_kernels.canvas.model import load_meta, save_model
 
     assert train.main(["--no-text-time", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "old"),
                        "--no-progress"]) == 0
-    old = load_model(tmp_path / "old")
+    old = canvas.load_model(tmp_path / "old")
     assert load_meta(tmp_path / "old")["unet_config"]["addition_embed_type"] is None
     out = str(tmp_path / "new")
     assert train.main(["--init", str(tmp_path / "old"), "--steps", "1", "--lr", "1e-12", "--warmup", "1",

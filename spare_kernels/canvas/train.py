@@ -2,9 +2,10 @@
 
 DDPM (epsilon prediction, cosine betas, Min-SNR-gamma loss weights) on freshly rendered procedural
 images every step (an endless train split), 10% null prompts for classifier-free guidance, AdamW +
-warmup/cosine LR, EMA weights (the EMA is what gets saved). Seeded: a run is a function of ``--seed`` and the arguments. Resumable:
-a ``train_state.pt`` in ``--out`` is picked up unless ``--no-resume``; it is deleted at the end unless
-``--keep-state``. The EMA weights are also written to ``--out`` at every checkpoint.
+warmup/cosine LR, EMA weights (the EMA is what gets saved). Seeded: a run is a function of ``--seed``
+and the arguments. Resumable: a ``train_state.pt`` in ``--out`` is picked up unless ``--no-resume``; it
+is deleted at the end unless ``--keep-state``. The EMA weights are also written to ``--out`` at every
+checkpoint.
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def main(argv=None):
         if args.min_snr > 0:
             # Down-weights the low-noise steps whose easy targets otherwise dominate the gradient;
             # the shape is decided at the high-noise ones.
-            snr = a.flatten() / (1 - a.flatten())
+            snr = a.flatten() / (1 - a).flatten()
             err = err * snr.clamp(max=args.min_snr) / snr
         loss = err.mean()
         opt.zero_grad(set_to_none=True)
