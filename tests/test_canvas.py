@@ -54,6 +54,25 @@ def test_classifier_held_out_accuracy():
     assert (po == b.objects).float().mean() >= 0.98
 
 
+def test_classifier_predict_averages_the_eight_symmetric_views():
+    clf = canvas.load_classifier()
+    x = canvas.dataset(12, seed=3, split="test").images
+    with torch.no_grad():
+        ls, lo = clf(x)
+    assert torch.equal(clf.predict(x, tta=False)[1], lo.argmax(1))
+    # Averaging over the dihedral group makes the prediction invariant to it, batch split or not.
+    ps, po = clf.predict(x)
+    for view in (torch.rot90(x, 1, (2, 3)), x.flip(2), torch.rot90(x, 3, (2, 3)).flip(3)):
+        ps2, po2 = clf.predict(view, batch_size=5)
+        assert torch.equal(ps2, ps) and torch.equal(po2, po)
+    # Probabilities, not logits, are averaged.
+    views = [torch.rot90(x, k, (2, 3)) for k in range(4)]
+    views += [v.flip(3) for v in views]
+    with torch.no_grad():
+        probs = torch.stack([clf(v)[1].softmax(1) for v in views]).mean(0)
+    assert torch.equal(po, probs.argmax(1))
+
+
 def test_encode():
     e = canvas.encode(["a circle in dots style", ""])
     assert e.shape == (2, canvas.MAX_LEN, canvas.UNET_CONFIG["cross_attention_dim"])

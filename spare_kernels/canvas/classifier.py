@@ -39,13 +39,22 @@ class Classifier(nn.Module):
         return self.style_head(h), self.object_head(h)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 256):
-        """-> (style_pred, object_pred) int64 tensors."""
+    def predict(self, images: torch.Tensor, batch_size: int = 256, tta: bool = True):
+        """-> (style_pred, object_pred) int64 tensors.
+
+        ``tta``: average the class probabilities over the 8 rotations by 90 degrees and mirror images of
+        each image. Every MiniCanvas class is invariant under them (shapes are drawn at random rotations,
+        textures at random angles), and a single view misreads some generated circles as hearts."""
         s, o = [], []
         for i in range(0, images.shape[0], batch_size):
-            ls, lo = self(images[i:i + batch_size].float())
-            s.append(ls.argmax(1))
-            o.append(lo.argmax(1))
+            x = images[i:i + batch_size].float()
+            views = [torch.rot90(x, k, (2, 3)) for k in range(4)] if tta else [x]
+            if tta:
+                views += [v.flip(3) for v in views]
+            ls, lo = self(torch.cat(views))
+            n = x.shape[0]
+            s.append(ls.softmax(1).view(len(views), n, -1).mean(0).argmax(1))
+            o.append(lo.softmax(1).view(len(views), n, -1).mean(0).argmax(1))
         return torch.cat(s), torch.cat(o)
 
 
