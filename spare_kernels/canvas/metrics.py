@@ -94,8 +94,8 @@ def evaluate(unet, target=None, surrogate=None, n_per_prompt: int = DEFAULT_N_PE
 
     Generates ``n_per_prompt`` images for each of the 36 prompts "a {object} in {style} style" (DDIM,
     ``steps``, CFG ``guidance``; the noise of the k-th image of a prompt depends only on (seed, prompt,
-    k)) and classifies them with the shipped classifier (8-view ``predict``). For ``target="style:S"`` (domain D = style,
-    other domain = object; symmetrically for ``"object:O"``):
+    k)) and classifies them with the shipped classifier (8-view ``predict``). For ``target="style:S"``
+    (domain D = style, other domain = object; symmetrically for ``"object:O"``):
 
     - ``ua`` = 1 - (fraction of generations of prompts naming S classified as S by the D head);
     - ``ira`` = D-head accuracy on the prompts naming another concept of D (in-domain retention);
