@@ -16,8 +16,7 @@ import time
 import torch
 
 from spare_kernels import canvas
-from spare_kernels.unlearn import Config, canvas_task
-from spare_kernels.unlearn.recipe import _IMPL, METHODS, _noised  # the harness's own setup, losses, noising
+from spare_kernels.unlearn import METHODS, Config, Trainer, canvas_task
 from spare_kernels.utils.io import write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -46,33 +45,25 @@ class _ForwardClock:
 
 def time_method(method, task, reps, warmup, seed):
     unet = canvas.load_model()
-    cfg = Config(method=method, steps=0, seed=seed)
-    m = _IMPL[method](unet, task, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    params = m.setup(gen)
-    sampler = m.sampler()
-    unet.train(False)
-    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
-    clock = _ForwardClock([unet] + ([m.teacher_model] if m.teacher_model is not None else []))
-    acc = {"step": 0.0, "backward": 0.0, "optimizer": 0.0}
+    tr = Trainer(unet, task, Config(method=method, steps=0, seed=seed))
+    teacher = tr.method.teacher_model
+    clock = _ForwardClock([unet] + ([teacher] if teacher is not None else []))
+    acc = dict.fromkeys(("loss", "backward", "optimizer"), 0.0)
+
+    def tick(phase):
+        nonlocal last
+        now = time.perf_counter()
+        acc[phase] += now - last
+        last = now
     for i in range(warmup + reps):
         if i == warmup:
             clock.t = {"teacher": 0.0, "student": 0.0}
             acc = dict.fromkeys(acc, 0.0)
-        t0 = time.perf_counter()
-        lf, lr_ = m.losses(gen, sampler)
-        loss = cfg.w_forget * lf + cfg.w_retain * lr_
-        opt.zero_grad(set_to_none=True)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
-        acc["step"] += t3 - t0
-        acc["backward"] += t2 - t1
-        acc["optimizer"] += t3 - t2
+        last = time.perf_counter()
+        tr.step(tick)
     clock.close()
     ms = {k: 1e3 * v / reps for k, v in {**clock.t, **acc}.items()}
+    ms["step"] = ms.pop("loss") + ms["backward"] + ms["optimizer"]
     ms["other"] = ms["step"] - ms["teacher"] - ms["student"] - ms["backward"] - ms["optimizer"]
     return ms
 
@@ -83,7 +74,7 @@ def time_base_backward(task, batch, reps, warmup, seed):
     unet = canvas.load_model()
     idx = torch.randint(task.x_retain.shape[0], (batch,), generator=g)
     t = torch.randint(0, task.num_train_timesteps, (batch,), generator=g)
-    x, _ = _noised(task, task.x_retain[idx], t, g)
+    x, _ = task.noised(task.x_retain[idx], t, g)
     c = task.c_retain[idx]
     out = {}
     for name, weights in (("input_only", False), ("with_weight_grads", True)):

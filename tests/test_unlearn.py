@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from spare_kernels import canvas
-from spare_kernels.unlearn import METHODS, Config, Task, TimestepSampler, canvas_task, probe, run
-from spare_kernels.unlearn import recipe as R
+from spare_kernels.unlearn import METHODS, Config, Task, TimestepSampler, Trainer, canvas_task, probe, run
 
 SMALL = dict(steps=2, batch_forget=2, batch_retain=2, saliency_batches=1, saliency_batch=4, probe_bins=4,
              probe_per_bin=2)
@@ -41,11 +40,9 @@ def test_every_method_runs_and_reports(method, task):
 def test_spare_one_student_and_one_teacher_forward_per_step(task):
     for method, per_step in (("spare", 2), ("spare-reference", 4)):
         unet = canvas.load_model()
-        m = R._IMPL[method](unet, task, Config(method=method, **SMALL))
-        gen = torch.Generator().manual_seed(0)
-        m.setup(gen)
+        tr = Trainer(unet, task, Config(method=method, **SMALL))
         n = _count_forwards(unet)
-        m.losses(gen, m.sampler())
+        tr.loss()
         assert n[0] == per_step, method
 
 

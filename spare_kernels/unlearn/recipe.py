@@ -90,11 +90,6 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _noised(task, x0, t, gen):
-    noise = torch.randn(x0.shape, generator=gen)
-    return task.scheduler.add_noise(x0, noise, t), noise
-
-
 def _eps(unet, x, t, c):
     return unet(x, t, encoder_hidden_states=c).sample
 
@@ -104,7 +99,7 @@ def _forget_batches(task, sampler, cfg, gen):
     for _ in range(cfg.saliency_batches):
         idx = torch.randint(task.x_forget.shape[0], (cfg.saliency_batch,), generator=gen)
         t = sampler.sample(cfg.saliency_batch, gen)
-        xt, noise = _noised(task, task.x_forget[idx], t, gen)
+        xt, noise = task.noised(task.x_forget[idx], t, gen)
         yield xt, t, task.c_forget[idx], noise
 
 
@@ -165,8 +160,8 @@ class _Method:
         i_r = torch.randint(task.x_retain.shape[0], (cfg.batch_retain,), generator=gen)
         t_f = sampler.sample(cfg.batch_forget, gen)
         t_r = torch.randint(0, task.num_train_timesteps, (cfg.batch_retain,), generator=gen)
-        x_f, _ = _noised(task, task.x_forget[i_f], t_f, gen)
-        x_r, _ = _noised(task, task.x_retain[i_r], t_r, gen)
+        x_f, _ = task.noised(task.x_forget[i_f], t_f, gen)
+        x_r, _ = task.noised(task.x_retain[i_r], t_r, gen)
         return self.distill(x_f, t_f, i_f, x_r, t_r, i_r)
 
     def distill(self, x_f, t_f, i_f, x_r, t_r, i_r):
@@ -294,7 +289,7 @@ class _Esd(_Method):
         task, cfg = self.task, self.cfg
         i_f = torch.randint(task.x_forget.shape[0], (cfg.batch_forget,), generator=gen)
         t = sampler.sample(cfg.batch_forget, gen)
-        xt, _ = _noised(task, task.x_forget[i_f], t, gen)
+        xt, _ = task.noised(task.x_forget[i_f], t, gen)
         c_f = task.c_forget[i_f]
         with torch.no_grad():
             e = _eps(self.teacher_model, torch.cat([xt, xt]), torch.cat([t, t]),
@@ -334,6 +329,42 @@ def _load_checkpoint(path, params, opt, gen, cfg):
     return state["step"], state["history"]
 
 
+# ----------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """One method on one UNet, a step at a time. Construction runs the method's setup (stage 1 and the
+    adapters, or the trainable weights) and makes the Adam optimizer; :meth:`step` takes one training
+    step. :func:`run` adds timing, checkpoints, memory and results; ``benchmarks.unlearn_step`` times
+    the phases of :meth:`step` through ``clock``."""
+
+    def __init__(self, unet, task, cfg: Config, gen: Optional[torch.Generator] = None):
+        self.cfg = cfg
+        self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)
+        self.method = _IMPL[cfg.method](unet, task, cfg)
+        self.params = self.method.setup(self.gen)
+        self.sampler = self.method.sampler()
+        unet.train(False)
+        self.opt = torch.optim.Adam(self.params, lr=cfg.learning_rate)
+
+    def loss(self, gen: Optional[torch.Generator] = None):
+        """-> (weighted total, forget loss, retain loss) of one batch drawn from ``gen`` (default: the
+        run's generator)."""
+        lf, lr_ = self.method.losses(self.gen if gen is None else gen, self.sampler)
+        return self.cfg.w_forget * lf + self.cfg.w_retain * lr_, lf, lr_
+
+    def step(self, clock=None):
+        """One optimizer step -> (forget loss, retain loss). ``clock(phase)``, if given, is called when
+        the phases "loss", "backward" and "optimizer" end."""
+        tick = clock or (lambda phase: None)
+        loss, lf, lr_ = self.loss()
+        self.opt.zero_grad(set_to_none=True)
+        tick("loss")
+        loss.backward()
+        tick("backward")
+        self.opt.step()
+        tick("optimizer")
+        return lf, lr_
+
+
 # --------------------------------------------------------------------------------------------- run
 def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True) -> dict:
     """Run ``cfg.method`` on ``unet`` (modified in place: adapters patched, or weights trained).
@@ -354,29 +385,21 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    m = _IMPL[cfg.method](unet, task, cfg)
     t0 = time.perf_counter()
-    params = m.setup(gen)
-    sampler = m.sampler()
+    tr = Trainer(unet, task, cfg)
     t1 = time.perf_counter()
-    unet.train(False)
-    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
+    m, params, opt, sampler = tr.method, tr.params, tr.opt, tr.sampler
     start, history = 0, []
     if resume:
-        start, history = _load_checkpoint(ckpt, params, opt, gen, cfg)
+        start, history = _load_checkpoint(ckpt, params, opt, tr.gen, cfg)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"{cfg.method}", dynamic_ncols=True)
     for step in range(start, cfg.steps):
-        lf, lr_ = m.losses(gen, sampler)
-        loss = cfg.w_forget * lf + cfg.w_retain * lr_
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        lf, lr_ = tr.step()
         history.append([lf.item(), lr_.item()])
         bar.set_postfix(forget=f"{lf.item():.4f}", retain=f"{lr_.item():.4f}", refresh=False)
         bar.update(1)
         if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, step + 1, params, opt, gen, history, cfg)
+            _save_checkpoint(ckpt, step + 1, params, opt, tr.gen, history, cfg)
     bar.close()
     t2 = time.perf_counter()
     # Memory: persistent training state + the c10 peak of one more (unapplied) step.
@@ -385,11 +408,7 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
                          + [s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)]
                          + [p.grad for p in params])
     probe_gen = torch.Generator().manual_seed(cfg.seed + 99)
-
-    def one_step():
-        a, b = m.losses(probe_gen, sampler)
-        (cfg.w_forget * a + cfg.w_retain * b).backward()
-    _, step_peak = measure_peak(one_step)
+    _, step_peak = measure_peak(lambda: tr.loss(probe_gen)[0].backward())
     opt.zero_grad(set_to_none=True)
     res = {
         "method": cfg.method, "seconds": t2 - t0, "stage_seconds": {"localise": t1 - t0, "train": t2 - t1},

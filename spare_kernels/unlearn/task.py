@@ -38,6 +38,11 @@ class Task:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator):
+        """-> (x_t, noise): ``x0`` noised to timesteps ``t`` with noise drawn from ``gen``."""
+        noise = torch.randn(x0.shape, generator=gen)
+        return self.scheduler.add_noise(x0, noise, t), noise
+
 
 def canvas_task(target: str, surrogate: Optional[str] = None, n_forget: int = 64, n_retain: int = 192,
                 seed: int = 0, data_free: bool = False, unet=None) -> Task:

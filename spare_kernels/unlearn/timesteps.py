@@ -21,9 +21,7 @@ def probe(unet, task, bins: int = 10, per_bin: int = 8, seed: int = 0) -> dict:
     idx = torch.randint(task.x_forget.shape[0], (bins * per_bin,), generator=g)
     t = torch.cat([torch.randint(edges[b], max(edges[b] + 1, edges[b + 1]), (per_bin,), generator=g)
                    for b in range(bins)])
-    x0 = task.x_forget[idx]
-    noise = torch.randn(x0.shape, generator=g)
-    xt = task.scheduler.add_noise(x0, noise, t)
+    xt, _ = task.noised(task.x_forget[idx], t, g)
     c = torch.cat([task.c_forget[idx], task.c_surrogate[idx]])
     eps = unet(torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=c).sample
     ef, es = eps.chunk(2)
