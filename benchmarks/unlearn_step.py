@@ -46,7 +46,7 @@ class _ForwardClock:
 def time_method(method, task, reps, warmup, seed):
     unet = canvas.load_model()
     tr = Trainer(unet, task, Config(method=method, steps=0, seed=seed))
-    teacher = tr.method.teacher_model
+    teacher = tr.teacher_model
     clock = _ForwardClock([unet] + ([teacher] if teacher is not None else []))
     acc = dict.fromkeys(("loss", "backward", "optimizer"), 0.0)
 

@@ -59,13 +59,13 @@ def test_classifier_predict_averages_the_eight_symmetric_views():
     x = canvas.dataset(12, seed=3, split="test").images
     with torch.no_grad():
         ls, lo = clf(x)
-    assert torch.equal(clf.predict(x, tta=False)[1], lo.argmax(1))
+    ps1, po1 = clf.predict(x, tta=False)
+    assert torch.equal(ps1, ls.argmax(1)) and torch.equal(po1, lo.argmax(1))
     # Averaging over the dihedral group makes the prediction invariant to it, batch split or not.
     ps, po = clf.predict(x)
     for view in (torch.rot90(x, 1, (2, 3)), x.flip(2), torch.rot90(x, 3, (2, 3)).flip(3)):
         ps2, po2 = clf.predict(view, batch_size=5)
         assert torch.equal(ps2, ps) and torch.equal(po2, po)
-    # Probabilities, not logits, are averaged.
     views = [torch.rot90(x, k, (2, 3)) for k in range(4)]
     views += [v.flip(3) for v in views]
     with torch.no_grad():

@@ -40,21 +40,23 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 256, tta: bool = True):
-        """-> (style_pred, object_pred) int64 tensors.
+        """-> (style_pred, object_pred) int64 tensors; ``batch_size`` images per forward.
 
-        ``tta``: average the class probabilities over the 8 rotations by 90 degrees and mirror images of
-        each image. Every MiniCanvas class is invariant under them (shapes are drawn at random rotations,
-        textures at random angles), and a single view misreads some generated circles as hearts."""
+        ``tta``: average the class probabilities over the 8 symmetries of the square (4 rotations by
+        90 degrees, each with and without a mirror flip), one view per forward. Every MiniCanvas class is
+        invariant under them (shapes are drawn at random rotations, textures at random angles), and a
+        single view misreads some generated circles as hearts."""
         s, o = [], []
         for i in range(0, images.shape[0], batch_size):
             x = images[i:i + batch_size].float()
-            views = [torch.rot90(x, k, (2, 3)) for k in range(4)] if tta else [x]
-            if tta:
-                views += [v.flip(3) for v in views]
-            ls, lo = self(torch.cat(views))
-            n = x.shape[0]
-            s.append(ls.softmax(1).view(len(views), n, -1).mean(0).argmax(1))
-            o.append(lo.softmax(1).view(len(views), n, -1).mean(0).argmax(1))
+            ps = po = 0.0
+            for k in range(4) if tta else [0]:
+                for flip in (False, True) if tta else (False,):
+                    v = torch.rot90(x, k, (2, 3))
+                    ls, lo = self(v.flip(3) if flip else v)
+                    ps, po = ps + ls.softmax(1), po + lo.softmax(1)
+            s.append(ps.argmax(1))
+            o.append(po.argmax(1))
         return torch.cat(s), torch.cat(o)
 
 

@@ -69,7 +69,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def held_out_accuracy(clf: Classifier, n: int = 1080) -> dict:
     b = dataset(n, seed=0, split="test")
-    ps, po = clf.eval().predict(b.images)
+    ps, po = clf.eval().predict(b.images, tta=True)
     return {"style": (ps == b.styles).float().mean().item(), "object": (po == b.objects).float().mean().item()}
 
 
@@ -99,7 +99,7 @@ def main(argv=None):
     wall = time.perf_counter() - t0
     acc = held_out_accuracy(clf, args.test_n)
     save_classifier(clf, args.out, extra={
-        "held_out_accuracy": acc, "held_out": {"split": "test", "seed": 0, "n": args.test_n},
+        "held_out_accuracy": acc, "held_out": {"split": "test", "seed": 0, "n": args.test_n, "tta": True},
         "styles": list(STYLES), "objects": list(OBJECTS),
         "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "seconds": round(wall, 1), "threads": torch.get_num_threads()}})

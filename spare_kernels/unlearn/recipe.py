@@ -1,6 +1,7 @@
 """The SPARE recipe and its baselines, in one harness (same task, seeds and step budget).
 
-``run(unet, task, config)`` runs one method end to end and returns a result dict:
+``run(unet, task, config)`` runs one method end to end and returns a result dict; ``Trainer`` is its
+loop one step at a time. The methods:
 
 - ``spare``: saliency by :class:`~spare_kernels.SaliencyCollector` (no ``.grad`` for UNet weights) on
   noised forget samples at timesteps drawn as in training, exact ``topk_masks``, fused sparse adapters
@@ -342,6 +343,7 @@ class Trainer:
         self.method = _IMPL[cfg.method](unet, task, cfg)
         self.params = self.method.setup(self.gen)
         self.sampler = self.method.sampler()
+        self.teacher_model = self.method.teacher_model   # a frozen copy, or None (teacher = adapters off)
         unet.train(False)
         self.opt = torch.optim.Adam(self.params, lr=cfg.learning_rate)
 
