@@ -46,6 +46,18 @@ def test_spare_one_student_and_one_teacher_forward_per_step(task):
         assert n[0] == per_step, method
 
 
+def test_trainer_steps_like_run(task):
+    """Trainer.step is run's loop body: the same losses, phases reported in order."""
+    cfg = Config(method="spare", **SMALL)
+    r = run(canvas.load_model(), task, cfg, progress=False)
+    tr = Trainer(canvas.load_model(), task, cfg)
+    phases = []
+    hist = [[v.item() for v in tr.step(phases.append)] for _ in range(cfg.steps)]
+    assert phases == ["loss", "backward", "optimizer"] * cfg.steps
+    assert hist == r["history"]
+    assert tr.teacher_model is None and all(p.requires_grad for p in tr.params)
+
+
 def test_spare_teacher_is_the_unpatched_model(task):
     from spare_kernels import disable_adapters
     base = canvas.load_model()
