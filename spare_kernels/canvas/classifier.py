@@ -46,15 +46,15 @@ class Classifier(nn.Module):
         90 degrees, each with and without a mirror flip), one view per forward. Every MiniCanvas class is
         invariant under them (shapes are drawn at random rotations, textures at random angles), and a
         single view misreads some generated circles as hearts."""
+        views = [(k, flip) for k in range(4) for flip in (False, True)] if tta else [(0, False)]
         s, o = [], []
         for i in range(0, images.shape[0], batch_size):
             x = images[i:i + batch_size].float()
             ps = po = 0.0
-            for k in range(4) if tta else [0]:
-                for flip in (False, True) if tta else (False,):
-                    v = torch.rot90(x, k, (2, 3))
-                    ls, lo = self(v.flip(3) if flip else v)
-                    ps, po = ps + ls.softmax(1), po + lo.softmax(1)
+            for k, flip in views:
+                v = torch.rot90(x, k, (2, 3))
+                ls, lo = self(v.flip(3) if flip else v)
+                ps, po = ps + ls.softmax(1), po + lo.softmax(1)
             s.append(ps.argmax(1))
             o.append(po.argmax(1))
         return torch.cat(s), torch.cat(o)

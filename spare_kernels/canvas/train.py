@@ -108,8 +108,9 @@ def main(argv=None):
 
     def checkpoint(step, wall):
         meta = {"train": {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
-                          "null_prob": args.null_prob, "min_snr": args.min_snr, "seed": args.seed, "seconds": round(wall, 1),
-                          "threads": torch.get_num_threads(), "params": n_params, "init": init_meta}}
+                          "null_prob": args.null_prob, "min_snr": args.min_snr, "seed": args.seed,
+                          "seconds": round(wall, 1), "threads": torch.get_num_threads(), "params": n_params,
+                          "init": init_meta}}
         save_model(ema, args.out, text, extra=meta)
         with atomic_path(state_path) as tmp:
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
