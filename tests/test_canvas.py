@@ -141,6 +141,14 @@ def test_psnr_and_grid(tmp_path):
     assert os.listdir(tmp_path) == ["g.png"]
 
 
+def test_training_scripts_never_default_to_the_shipped_weights(capsys):
+    from spare_kernels.canvas import train, train_classifier
+    for script in (train, train_classifier):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--steps", "1"])
+        assert "--out" in capsys.readouterr().err
+
+
 def test_training_scripts_write_loadable_weights(tmp_path, capsys):
     from spare_kernels.canvas import train, train_classifier
 

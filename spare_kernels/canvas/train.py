@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--min-snr", type=float, default=5.0,
                    help="Min-SNR-gamma loss weight min(SNR, gamma)/SNR (Hang et al. 2023); 0 = plain MSE")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=WEIGHTS_DIR)
+    p.add_argument("--out", required=True,
+                   help=f"folder for the weights; no default, so a run never replaces the shipped ones by accident "
+                        f"(they are in {WEIGHTS_DIR})")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--init", default=None, help="start from the weights in this folder (fine-tune, new LR schedule)")
     p.add_argument("--no-text-time", action="store_true",

@@ -27,7 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--test-n", type=int, default=1080, help="held-out images for the final accuracy")
-    p.add_argument("--out", default=WEIGHTS_DIR)
+    p.add_argument("--out", required=True,
+                   help=f"folder for the weights; no default, so a run never replaces the shipped ones by accident "
+                        f"(they are in {WEIGHTS_DIR})")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     for name in ("steps", "batch_size", "test_n"):
