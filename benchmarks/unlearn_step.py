@@ -1,9 +1,11 @@
 """Where one MiniCanvas unlearning step spends its time, per method (the same task, batch and seeds).
 
-``PYTHONPATH=. python -m benchmarks.unlearn_step [--target style:dots] [--reps 20]`` times, after
-setup, the training step of every method split into teacher forwards (no grad), student forwards,
-backward and optimizer, and, on the base model with the same batch, the backward with and without
-weight gradients. The last two bound what a masked adapter can save: its backward needs the masked
+``PYTHONPATH=. python -m benchmarks.unlearn_step [--target style:dots] [--reps 20] [--threads N]
+[--no-overlap]`` times, after setup, the training step of every method split into its phases: "loss"
+(wall time of the forwards and the loss), within it the time spent in teacher forwards (no grad)
+and student forwards, then backward and optimizer. With 2+ threads ``spare`` and ``salun`` run the
+teacher beside the student (``Trainer(overlap=True)``), so their teacher + student exceeds "loss".
+On the base model with the same batch it also times the backward with and without weight gradients. The last two bound what a masked adapter can save: its backward needs the masked
 dense gradient ``M ⊙ (dYᵀX)`` for dA/dB, which is the very weight gradient SalUn trains with.
 Writes ``benchmarks/results/unlearn_step.json``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 
 import torch
@@ -28,24 +31,25 @@ class _ForwardClock:
     def __init__(self, modules):
         self.t = {"teacher": 0.0, "student": 0.0}
         self._h = []
+        self._local = threading.local()   # the teacher may run in a worker thread, beside the student
         for mod in modules:
             self._h.append(mod.register_forward_pre_hook(self._start))
             self._h.append(mod.register_forward_hook(self._stop))
 
     def _start(self, *_):
-        self._t0 = time.perf_counter()
+        self._local.t0 = time.perf_counter()
 
     def _stop(self, *_):
-        self.t["student" if torch.is_grad_enabled() else "teacher"] += time.perf_counter() - self._t0
+        self.t["student" if torch.is_grad_enabled() else "teacher"] += time.perf_counter() - self._local.t0
 
     def close(self):
         for h in self._h:
             h.remove()
 
 
-def time_method(method, task, reps, warmup, seed):
+def time_method(method, task, reps, warmup, seed, overlap=True):
     unet = canvas.load_model()
-    tr = Trainer(unet, task, Config(method=method, steps=0, seed=seed))
+    tr = Trainer(unet, task, Config(method=method, steps=0, seed=seed), overlap=overlap)
     teacher = tr.teacher_model
     clock = _ForwardClock([unet] + ([teacher] if teacher is not None else []))
     acc = dict.fromkeys(("loss", "backward", "optimizer"), 0.0)
@@ -62,9 +66,9 @@ def time_method(method, task, reps, warmup, seed):
         last = time.perf_counter()
         tr.step(tick)
     clock.close()
+    tr.close()
     ms = {k: 1e3 * v / reps for k, v in {**clock.t, **acc}.items()}
-    ms["step"] = ms.pop("loss") + ms["backward"] + ms["optimizer"]
-    ms["other"] = ms["step"] - ms["teacher"] - ms["student"] - ms["backward"] - ms["optimizer"]
+    ms["step"] = ms["loss"] + ms["backward"] + ms["optimizer"]
     return ms
 
 
@@ -99,23 +103,28 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: as set by the environment)")
+    p.add_argument("--no-overlap", action="store_true", help="teacher then student, in one thread")
     p.add_argument("--out", default=os.path.join(RESULTS, "unlearn_step.json"))
     a = p.parse_args(argv)
-    if a.reps < 1 or a.warmup < 0:
-        p.error("--reps must be >= 1 and --warmup >= 0")
+    if a.reps < 1 or a.warmup < 0 or a.threads < 0:
+        p.error("--reps must be >= 1, --warmup and --threads >= 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     task = canvas_task(a.target, seed=a.seed)
-    cols = ("step", "teacher", "student", "backward", "optimizer", "other")
-    print(f"ms per step, {torch.get_num_threads()} thread(s), {a.reps} reps; target {a.target}")
+    cols = ("step", "loss", "teacher", "student", "backward", "optimizer")
+    print(f"ms per step, {torch.get_num_threads()} thread(s), {a.reps} reps, overlap {not a.no_overlap}; "
+          f"target {a.target}")
     print(f"{'method':<16}" + "".join(f"{c:>11}" for c in cols))
     rows = {}
     for method in a.methods:
-        rows[method] = time_method(method, task, a.reps, a.warmup, a.seed)
+        rows[method] = time_method(method, task, a.reps, a.warmup, a.seed, overlap=not a.no_overlap)
         print(f"{method:<16}" + "".join(f"{rows[method][c]:>11.1f}" for c in cols), flush=True)
     batch = Config().batch_forget + Config().batch_retain
     base = time_base_backward(task, batch, a.reps, a.warmup, a.seed)
     print(f"base model backward, batch {batch}: to the input only {base['input_only']:.1f} ms, "
           f"with every weight gradient {base['with_weight_grads']:.1f} ms")
-    write_json(a.out, {"target": a.target, "threads": torch.get_num_threads(), "reps": a.reps,
+    write_json(a.out, {"target": a.target, "threads": torch.get_num_threads(), "overlap": not a.no_overlap, "reps": a.reps,
                        "ms_per_step": rows, "base_backward_ms": base})
     print(f"wrote {a.out}")
 

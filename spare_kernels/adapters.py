@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .masks import Mask
-from .nn.lora import MaskedLoRAConv2d, _MaskedLoRALayer, iter_patched, wrap
+from .nn.lora import MaskedLoRAConv2d, _MaskedLoRALayer, iter_patched, thread_disabled, wrap
 from .patch import _set_module, check_unet
 from .utils.io import atomic_path
 
@@ -194,12 +194,27 @@ def enable_adapter(unet: nn.Module, adapter_name: str, enabled: bool = True) -> 
 
 
 @contextlib.contextmanager
-def disable_adapters(unet: nn.Module):
-    """Every adapter off inside the block (the frozen teacher of self-distillation): no weight is copied."""
+def disable_adapters(unet: nn.Module, this_thread: bool = False):
+    """Every adapter off inside the block (the frozen teacher of self-distillation): no weight is copied.
+
+    ``this_thread=True``: off for forwards run by the calling thread only, so a teacher forward in a
+    worker thread can overlap the student's forward of the same modules in another thread."""
     layers = _layers(unet)
     merged = [n for n, m in layers if m.merged_adapters]
     if merged:
         raise RuntimeError(f"disable_adapters: adapters are merged in {merged[:3]}; unmerge_adapter() first")
+    if this_thread:
+        off = thread_disabled()
+        for _, m in layers:
+            off[id(m)] = off.get(id(m), 0) + 1
+        try:
+            yield unet
+        finally:
+            for _, m in layers:
+                off[id(m)] -= 1
+                if not off[id(m)]:
+                    del off[id(m)]
+        return
     prev = [m.adapters_disabled for _, m in layers]
     for _, m in layers:
         m.adapters_disabled = True

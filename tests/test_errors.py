@@ -89,3 +89,24 @@ def test_saliency_bad_input(call, exc, words):
         call()
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_patched_module_bad_input_gets_the_op_errors(kind):
+    """The modules skip the op's checks for inputs they can vouch for; any other input still gets the
+    op's error naming the argument."""
+    from spare_kernels.nn.lora import wrap
+    base = torch.nn.Linear(6, 5) if kind == "linear" else torch.nn.Conv2d(6, 5, 3)
+    m = wrap(base)
+    m.add_adapter("a", 2, mask=torch.rand(base.weight.shape) < 0.5, init="random")
+    good = torch.randn(3, 6) if kind == "linear" else torch.randn(2, 6, 5, 5)
+    assert m(good).shape[1] == 5
+    bad = [(good.double(), TypeError, ["x", "float64"]),
+           (torch.randn(3, 7) if kind == "linear" else torch.randn(2, 7, 5, 5), ValueError, ["weight"])]
+    if kind == "conv":
+        bad += [(torch.randn(2, 6, 2, 2), ValueError, ["x", "too small"]), (torch.randn(6, 5, 5), ValueError, ["x", "4-D"])]
+    for x, exc, words in bad:
+        with pytest.raises(exc) as e:
+            m(x)
+        for w in words:
+            assert w in str(e.value), (w, str(e.value))

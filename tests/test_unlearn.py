@@ -58,6 +58,68 @@ def test_trainer_steps_like_run(task):
     assert tr.teacher_model is None and all(p.requires_grad for p in tr.params)
 
 
+@pytest.mark.parametrize("method", ["spare", "salun"])
+def test_overlapped_teacher_gives_the_same_steps(method, task):
+    """With 2 threads the teacher forward runs in a worker thread beside the student's: the losses and
+    parameters of teacher-then-student (to float rounding: each forward now runs on one intra-op
+    thread, and kernels may block their sums by thread count)."""
+    import threading
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = {}
+        for overlap in (False, True):
+            unet = canvas.load_model()
+            with Trainer(unet, task, Config(method=method, **SMALL), overlap=overlap) as tr:
+                teacher = tr.teacher_model or unet
+                seen = set()
+                teacher.register_forward_pre_hook(
+                    lambda *a: seen.add(threading.get_ident()) if not torch.is_grad_enabled() else None)
+                hist = [[v.item() for v in tr.step()] for _ in range(3)]
+                assert torch.get_num_threads() == 2          # restored after every step
+            out[overlap] = hist, [p.detach().clone() for p in tr.params], seen
+        torch.testing.assert_close(torch.tensor(out[True][0]), torch.tensor(out[False][0]), rtol=1e-4, atol=1e-9)
+        for a, b in zip(out[True][1], out[False][1]):   # Adam moves every entry by ~lr (1e-2) a step
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=3e-4)
+        assert out[False][2] == {threading.get_ident()}
+        assert out[True][2] and threading.get_ident() not in out[True][2]
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_disable_adapters_this_thread_only(task):
+    """disable_adapters(this_thread=True) switches adapters off for the calling thread only."""
+    import threading
+    from spare_kernels import disable_adapters, patch_unet
+    base = canvas.load_model()
+    unet = canvas.load_model()
+    torch.manual_seed(0)
+    patch_unet(unet, rank=2, init="random")
+    x, t, c = task.x_forget[:2], torch.tensor([10, 500]), task.c_forget[:2]
+    with torch.no_grad():
+        want_base = base(x, t, encoder_hidden_states=c).sample
+        want_student = unet(x, t, encoder_hidden_states=c).sample
+        got = {}
+        entered, leave = threading.Event(), threading.Event()
+
+        def teacher():
+            with disable_adapters(unet, this_thread=True):
+                entered.set()
+                got["teacher"] = unet(x, t, encoder_hidden_states=c).sample
+                leave.wait(60)
+        th = threading.Thread(target=teacher)
+        th.start()
+        entered.wait(60)
+        got["student"] = unet(x, t, encoder_hidden_states=c).sample    # while the other thread is inside
+        leave.set()
+        th.join()
+        assert torch.equal(got["teacher"], want_base)
+        assert torch.equal(got["student"], want_student) and not torch.equal(want_student, want_base)
+        with disable_adapters(unet, this_thread=True), disable_adapters(unet, this_thread=True):
+            pass                                                          # nests, then clears
+        assert torch.equal(unet(x, t, encoder_hidden_states=c).sample, want_student)
+
+
 def test_spare_teacher_is_the_unpatched_model(task):
     from spare_kernels import disable_adapters
     base = canvas.load_model()

@@ -8,15 +8,31 @@ Masks are not in the state dict (``save_adapter`` stores them, bit-packed).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..backends import _maskfmt as fmt
 from ..masks import Mask
 from ..ops import masked_lora_conv2d, masked_lora_linear
+from ..ops import _checks as chk
+from ..ops.masked_lora import _conv_out_hw, conv2d_checked, conv_padding, linear_checked
 
 INITS = ("gaussian", "kaiming", "random")
+
+# Layers whose adapters are off in the current thread only (disable_adapters(..., this_thread=True)):
+# a teacher forward in a worker thread while the student runs the same modules in another.
+_THREAD = threading.local()
+
+
+def thread_disabled() -> dict:
+    """``{id(layer): depth}`` of the layers disabled in this thread (the calling thread's own dict)."""
+    d = getattr(_THREAD, "off", None)
+    if d is None:
+        d = _THREAD.off = {}
+    return d
 
 
 class _Factor(nn.Module):
@@ -181,8 +197,22 @@ class _MaskedLoRALayer(nn.Module):
     def _run_op(self, x, weight, bias, name):
         raise NotImplementedError
 
+    def _owned(self, x, name) -> bool:
+        """The module validated its weight, adapters and masks when they were set: only ``x`` is new.
+        Inputs that pass this check skip the op wrapper's checks; any other goes through them (and
+        gets its clear error there)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        w = self.weight
+        return (isinstance(x, Tensor) and x.dtype == w.dtype and x.device == w.device
+                and A.dtype == B.dtype and A.device == w.device and B.device == w.device)
+
+    def _wire(self, name):
+        m = self.masks[name]
+        return (None, fmt.NONE, 0, 0) if m is None else m.wire()
+
     def _live_adapters(self) -> list[str]:
-        if self.adapters_disabled:
+        off = getattr(_THREAD, "off", None)
+        if self.adapters_disabled or (off and id(self) in off):
             if self.merged_adapters:
                 raise RuntimeError(f"adapters disabled while {self.merged_adapters} are merged into the base "
                                    "weight; unmerge them first")
@@ -220,8 +250,10 @@ class MaskedLoRALinear(_MaskedLoRALayer):
         return (rank, self.base_layer.in_features), (self.base_layer.out_features, rank)
 
     def _run_op(self, x, weight, bias, name):
-        return masked_lora_linear(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                  self.masks[name], self.scaling[name])
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if self._owned(x, name) and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
+            return linear_checked(x, weight, bias, A, B, self._wire(name), self.scaling[name])
+        return masked_lora_linear(x, weight, bias, A, B, self.masks[name], self.scaling[name])
 
 
 class MaskedLoRAConv2d(_MaskedLoRALayer):
@@ -241,8 +273,15 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
 
     def _run_op(self, x, weight, bias, name):
         c = self.base_layer
-        return masked_lora_conv2d(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                  self.masks[name], self.scaling[name], c.stride, c.padding, c.dilation, c.groups)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if self._owned(x, name) and x.dim() == 4 and x.shape[1] == weight.shape[1] * c.groups:
+            stride, dilation = chk.pair("", "", c.stride), chk.pair("", "", c.dilation)
+            padding = conv_padding("", c.padding, c.kernel_size, stride, dilation)
+            if min(_conv_out_hw(x.shape, weight.shape, stride, padding, dilation)) >= 1:
+                return conv2d_checked(x, weight, bias, A, B, self._wire(name), self.scaling[name],
+                                      stride, padding, dilation, c.groups)
+        return masked_lora_conv2d(x, weight, bias, A, B, self.masks[name], self.scaling[name],
+                                  c.stride, c.padding, c.dilation, c.groups)
 
 
 def wrap(base_layer: nn.Module) -> _MaskedLoRALayer:

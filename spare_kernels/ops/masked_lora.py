@@ -131,12 +131,18 @@ def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     if r < 1:
         raise ValueError(f"{op}: lora_A: expected rank r >= 1, got r = {r}")
     chk.same_device(op, "x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    data, kind, bo, bi = chk.wire_mask(op, mask, weight)
-    s = chk.scale(op, scale)
+    return linear_checked(x, weight, bias, lora_A, lora_B, chk.wire_mask(op, mask, weight), chk.scale(op, scale))
+
+
+def linear_checked(x, weight, bias, lora_A, lora_B, wire, scale: float) -> Tensor:
+    """:func:`masked_lora_linear` on arguments already validated (``wire`` = ``Mask.wire()``): the
+    entry of callers that own their weights and adapters (``spare_kernels.nn``), without the ~40 µs of
+    Python checks per call."""
+    inf = weight.shape[1]
     y = (_LinearFn.apply if _eager(x) else _linear)(
         x.reshape(-1, inf).contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
-        data, kind, bo, bi, s)
-    return y.view(*x.shape[:-1], out)
+        *wire, scale)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 # ------------------------------------------------------------------------------------ conv2d op
@@ -244,7 +250,7 @@ def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     chk.tensor("lora_B", lora_B, dim=(2, 4), dtype=lora_A.dtype, op=op)
     chk.shape("lora_B", lora_B, (out, r) if lora_B.dim() == 2 else (out, r, 1, 1), f" (out={out}, r={r})", op=op)
     chk.same_device(op, "x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    data, kind, bo, bi = chk.wire_mask(op, mask, weight)
+    wire = chk.wire_mask(op, mask, weight)
     s = chk.scale(op, scale)
     stride = chk.pair(op, "stride", stride)
     dilation = chk.pair(op, "dilation", dilation)
@@ -256,9 +262,16 @@ def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     if min(hw) < 1:
         raise ValueError(f"{op}: x: spatial size {tuple(x.shape[2:])} too small for kernel {(kh, kw)}, "
                          f"padding {padding}, dilation {dilation}")
+    return conv2d_checked(x, weight, bias, lora_A, lora_B, wire, s, stride, padding, dilation, groups)
+
+
+def conv2d_checked(x, weight, bias, lora_A, lora_B, wire, scale: float, stride, padding, dilation,
+                   groups: int) -> Tensor:
+    """:func:`masked_lora_conv2d` on arguments already validated (``wire`` = ``Mask.wire()``,
+    ``stride``/``padding``/``dilation`` int pairs): see :func:`linear_checked`."""
     return (_ConvFn.apply if _eager(x) else _conv)(
-        x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.reshape(out, r).contiguous(),
-        data, kind, bo, bi, s, stride, padding, dilation, groups)
+        x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
+        lora_B.reshape(lora_B.shape[0], lora_B.shape[1]).contiguous(), *wire, scale, stride, padding, dilation, groups)
 
 
 __all__ = ["masked_lora_linear", "masked_lora_conv2d"]

@@ -19,6 +19,7 @@ loop one step at a time. The methods:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -137,23 +138,65 @@ def _state_bytes(tensors) -> int:
     return total
 
 
+class _Overlap:
+    """Runs the teacher's forward in a worker thread while the calling thread runs the student's, the
+    intra-op threads split between them. Small convolutions scale poorly over cores; two independent
+    forwards side by side do not. Only with 2+ threads: with one, teacher then student, as before."""
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spare_kernels-teacher")
+
+    @staticmethod
+    def _in_worker(n, fn):
+        torch.set_num_threads(n)
+        return fn()
+
+    def __call__(self, teacher_fn, student_fn):
+        nt = torch.get_num_threads()
+        if nt < 2:
+            target = teacher_fn()
+            return student_fn(), target
+        half = nt // 2
+        fut = self._pool.submit(self._in_worker, half, teacher_fn)
+        torch.set_num_threads(nt - half)
+        try:
+            pred = student_fn()
+        finally:
+            concurrent.futures.wait([fut])   # never leave the teacher running past this step
+            torch.set_num_threads(nt)
+        return pred, fut.result()
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+
 class _Method:
     """Setup (stage 1 + adapters) and the per-step losses of one method."""
+
+    overlap = False   # the teacher may run in another thread while the student runs (thread-safe teacher)
 
     def __init__(self, unet, task, cfg):
         self.unet, self.task, self.cfg = unet, task, cfg
         self.curve = None
         self.masks = {}
         self.teacher_model = None
+        self.runner = None   # an _Overlap, set by Trainer for methods with overlap = True
 
     def sampler(self):
         return TimestepSampler(self.task.num_train_timesteps)
 
     def student_teacher(self, xt, t, c_student, c_teacher):
         """(student prediction, teacher prediction) with one forward each."""
-        with torch.no_grad(), self.teacher():
-            target = _eps(self.teacher_model or self.unet, xt, t, c_teacher)
-        return _eps(self.unet, xt, t, c_student), target
+        def teacher():
+            with torch.no_grad(), self.teacher():
+                return _eps(self.teacher_model or self.unet, xt, t, c_teacher)
+
+        def student():
+            return _eps(self.unet, xt, t, c_student)
+        if self.runner is not None:
+            return self.runner(teacher, student)
+        target = teacher()
+        return student(), target
 
     def losses(self, gen, sampler):
         task, cfg = self.task, self.cfg
@@ -196,11 +239,14 @@ class _Spare(_Method):
                        target_modules=[k[: -len(".weight")] for k in self.masks])
         return [p for p in unet.parameters() if p.requires_grad]
 
+    overlap = True
+
     def sampler(self):
         return self._sampler
 
     def teacher(self):
-        return disable_adapters(self.unet)
+        # This thread only: the student may be running the same modules in another thread.
+        return disable_adapters(self.unet, this_thread=True)
 
     def mask_density(self):
         return {k: m.density for k, m in self.masks.items()}
@@ -257,6 +303,8 @@ class _Lora(_Method):
 
 
 class _Salun(_Method):
+    overlap = True   # the teacher is a frozen copy
+
     def setup(self, gen):
         cfg, task, unet = self.cfg, self.task, self.unet
         self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
@@ -335,9 +383,13 @@ class Trainer:
     """One method on one UNet, a step at a time. Construction runs the method's setup (stage 1 and the
     adapters, or the trainable weights) and makes the Adam optimizer; :meth:`step` takes one training
     step. :func:`run` adds timing, checkpoints, memory and results; ``benchmarks.unlearn_step`` times
-    the phases of :meth:`step` through ``clock``."""
+    the phases of :meth:`step` through ``clock``.
 
-    def __init__(self, unet, task, cfg: Config, gen: Optional[torch.Generator] = None):
+    ``overlap`` (``spare`` and ``salun``, whose teachers are thread-safe): with 2+ torch threads the
+    teacher's forward runs in a worker thread beside the student's. :meth:`close` (or ``with``) ends
+    the worker; the results do not depend on it."""
+
+    def __init__(self, unet, task, cfg: Config, gen: Optional[torch.Generator] = None, overlap: bool = True):
         self.cfg = cfg
         self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)
         self.method = _IMPL[cfg.method](unet, task, cfg)
@@ -346,6 +398,20 @@ class Trainer:
         self.teacher_model = self.method.teacher_model   # a frozen copy, or None (teacher = adapters off)
         unet.train(False)
         self.opt = torch.optim.Adam(self.params, lr=cfg.learning_rate)
+        if overlap and self.method.overlap:
+            self.method.runner = _Overlap()
+
+    def close(self):
+        if self.method.runner is not None:
+            self.method.runner.close()
+            self.method.runner = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     def loss(self, gen: Optional[torch.Generator] = None):
         """-> (weighted total, forget loss, retain loss) of one batch drawn from ``gen`` (default: the
@@ -392,19 +458,22 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
     t1 = time.perf_counter()
     m, params, opt, sampler = tr.method, tr.params, tr.opt, tr.sampler
     start, history = 0, []
-    if resume:
-        start, history = _load_checkpoint(ckpt, params, opt, tr.gen, cfg)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"{cfg.method}", dynamic_ncols=True)
-    for step in range(start, cfg.steps):
-        lf, lr_ = tr.step()
-        history.append([lf.item(), lr_.item()])
-        bar.set_postfix(forget=f"{lf.item():.4f}", retain=f"{lr_.item():.4f}", refresh=False)
-        bar.update(1)
-        if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, step + 1, params, opt, tr.gen, history, cfg)
-    bar.close()
+    with tr:
+        if resume:
+            start, history = _load_checkpoint(ckpt, params, opt, tr.gen, cfg)
+        bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"{cfg.method}", dynamic_ncols=True)
+        for step in range(start, cfg.steps):
+            lf, lr_ = tr.step()
+            history.append([lf.item(), lr_.item()])
+            bar.set_postfix(forget=f"{lf.item():.4f}", retain=f"{lr_.item():.4f}", refresh=False)
+            bar.update(1)
+            if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt, step + 1, params, opt, tr.gen, history, cfg)
+        bar.close()
     t2 = time.perf_counter()
-    # Memory: persistent training state + the c10 peak of one more (unapplied) step.
+    # Memory: persistent training state + the c10 peak of one more (unapplied) step. The trainer is
+    # closed, so that step runs teacher then student in this thread, where measure_peak sees it; with
+    # the overlap the teacher's transient activations (one layer's worth, no grad) come on top.
     state = _state_bytes(list(unet.parameters()) + list(unet.buffers())
                          + (list(m.teacher_model.parameters()) if m.teacher_model is not None else [])
                          + [s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)]
