@@ -254,3 +254,49 @@ def test_errors():
         ops.saliency_linear(torch.zeros(6, 10), x[None], torch.randn(1, 4, 6), "nope")
     with pytest.raises(RuntimeError, match="lora_B"):
         ops.masked_lora_linear(x, W, None, A, B[:5], None, NONE, 0, 0, 1.0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", ["none", "element", "block", "row"])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_cpp_autograd_twin_matches_the_function(layer, kind, with_bias):
+    """Eager CPU calls with frozen weights take the C++ autograd twins (csrc/cpu/autograd.cpp): the same
+    kernels as the Python Function, so the same bits forward and backward, for each subset of grads
+    (with and without the optional bias and mask, which shift autograd's input numbering)."""
+    from spare_kernels.masks import topk_masks
+    from spare_kernels.ops import masked_lora as ML
+    import spare_kernels as sk
+
+    g = torch.Generator().manual_seed(0)
+    if layer == "linear":
+        x, W, A, B = (torch.randn(s, generator=g) for s in ((2, 5, 40), (36, 40), (4, 40), (36, 4)))
+    else:
+        x, W, A, B = (torch.randn(s, generator=g) for s in ((2, 6, 9, 9), (10, 6, 3, 3), (4, 6, 3, 3), (10, 4, 1, 1)))
+    b = torch.randn(W.shape[0], generator=g) if with_bias else None
+    mask = None if kind == "none" else topk_masks({"w": torch.rand(W.shape, generator=g)}, 0.5, kind, block=(8, 8))["w"]
+
+    def call(native, need):
+        xs, As, Bs = (t.clone().requires_grad_(n) for t, n in zip((x, A, B), need))
+        if native:
+            y = sk.masked_lora_linear(xs, W, b, As, Bs, mask, 0.7) if layer == "linear" else \
+                sk.masked_lora_conv2d(xs, W, b, As, Bs, mask, 0.7, padding=1, stride=(2, 1))
+        else:
+            wire = mask.wire() if mask is not None else (None, fmt.NONE, 0, 0)
+            if layer == "linear":
+                y = ML._LinearFn.apply(xs.reshape(-1, 40), W, b, As, Bs, *wire, 0.7).view(2, 5, 36)
+            else:
+                y = ML._ConvFn.apply(xs, W, b, As, Bs.reshape(10, 4), *wire, 0.7, [2, 1], [1, 1], [1, 1], 1)
+        if any(need):
+            y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        return y, [t.grad for t in (xs, As, Bs)], y.grad_fn
+
+    for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+        (y0, g0, fn0), (y1, g1, fn1) = call(False, need), call(True, need)
+        if fn1 is not None:
+            node = lambda f: f.next_functions[0][0] if "View" in f.name() else f   # noqa: E731
+            assert "CppNode" in node(fn1).name() and "FnBackward" in node(fn0).name()
+        assert torch.equal(y0, y1)
+        for a, c in zip(g0, g1):
+            assert (a is None) == (c is None) and (a is None or torch.equal(a, c))
+    with torch.no_grad():
+        assert torch.equal(call(False, (False,) * 3)[0], call(True, (False,) * 3)[0])

@@ -40,6 +40,10 @@ def _wrap(op):
         return fallback(*args)
 
     impl.__name__ = f"cpu_{op}"
+    # The op's C++ autograd twin (native kernels forward and backward, no Python per call), used by
+    # ops/masked_lora.py for eager calls this implementation would send to the native kernel.
+    impl.autograd_twin = getattr(torch.ops.spare_kernels_cpu, f"{op}_autograd", None)
+    impl.twin_dtypes = _KERNEL_DTYPES
     return impl
 
 

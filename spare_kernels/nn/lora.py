@@ -18,7 +18,7 @@ from ..backends import _maskfmt as fmt
 from ..masks import Mask
 from ..ops import masked_lora_conv2d, masked_lora_linear
 from ..ops import _checks as chk
-from ..ops.masked_lora import _conv_out_hw, conv2d_checked, conv_padding, linear_checked
+from ..ops.masked_lora import conv2d_checked, conv_padding, linear_checked
 
 INITS = ("gaussian", "kaiming", "random")
 
@@ -197,14 +197,12 @@ class _MaskedLoRALayer(nn.Module):
     def _run_op(self, x, weight, bias, name):
         raise NotImplementedError
 
-    def _owned(self, x, name) -> bool:
-        """The module validated its weight, adapters and masks when they were set: only ``x`` is new.
-        Inputs that pass this check skip the op wrapper's checks; any other goes through them (and
-        gets its clear error there)."""
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        w = self.weight
-        return (isinstance(x, Tensor) and x.dtype == w.dtype and x.device == w.device
-                and A.dtype == B.dtype and A.device == w.device and B.device == w.device)
+    @staticmethod
+    def _owned(x, weight, A, B) -> bool:
+        """The module validated its weight, adapters and masks when they were set (and moves them
+        together): only ``x`` is new. Inputs that pass skip the op wrapper's checks; any other goes
+        through them (and gets its clear error there)."""
+        return isinstance(x, Tensor) and x.dtype == weight.dtype and x.device == weight.device and A.dtype == B.dtype
 
     def _wire(self, name):
         m = self.masks[name]
@@ -251,7 +249,7 @@ class MaskedLoRALinear(_MaskedLoRALayer):
 
     def _run_op(self, x, weight, bias, name):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if self._owned(x, name) and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
+        if self._owned(x, weight, A, B) and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
             return linear_checked(x, weight, bias, A, B, self._wire(name), self.scaling[name])
         return masked_lora_linear(x, weight, bias, A, B, self.masks[name], self.scaling[name])
 
@@ -271,13 +269,25 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
         c = self.base_layer
         return (rank, c.in_channels // c.groups, *c.kernel_size), (c.out_channels, rank, 1, 1)
 
+    def _geometry(self, c):
+        """``(stride, padding, dilation, smallest input (H, W))`` as the op takes them, kept until the
+        base conv's attributes change."""
+        key = (c.stride, c.padding, c.dilation, c.kernel_size)
+        geo = self.__dict__.get("_geo")
+        if geo is None or geo[0] != key:
+            op = "masked_lora_conv2d"
+            stride, dilation = chk.pair(op, "stride", c.stride), chk.pair(op, "dilation", c.dilation)
+            padding = conv_padding(op, c.padding, c.kernel_size, stride, dilation)
+            min_hw = [dilation[d] * (c.kernel_size[d] - 1) + 1 - 2 * padding[d] for d in range(2)]
+            geo = self.__dict__["_geo"] = (key, (stride, padding, dilation, min_hw))
+        return geo[1]
+
     def _run_op(self, x, weight, bias, name):
         c = self.base_layer
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if self._owned(x, name) and x.dim() == 4 and x.shape[1] == weight.shape[1] * c.groups:
-            stride, dilation = chk.pair("", "", c.stride), chk.pair("", "", c.dilation)
-            padding = conv_padding("", c.padding, c.kernel_size, stride, dilation)
-            if min(_conv_out_hw(x.shape, weight.shape, stride, padding, dilation)) >= 1:
+        if self._owned(x, weight, A, B) and x.dim() == 4 and x.shape[1] == weight.shape[1] * c.groups:
+            stride, padding, dilation, min_hw = self._geometry(c)
+            if x.shape[2] >= min_hw[0] and x.shape[3] >= min_hw[1]:
                 return conv2d_checked(x, weight, bias, A, B, self._wire(name), self.scaling[name],
                                       stride, padding, dilation, c.groups)
         return masked_lora_conv2d(x, weight, bias, A, B, self.masks[name], self.scaling[name],

@@ -6,7 +6,8 @@ chosen per device by the backend registry. ``W`` and ``b`` are frozen in the ker
 if they do require grad, their (plain) gradients are formed here with ordinary torch ops.
 
 Eager calls on plain tensors skip the custom-op layer: an ``autograd.Function`` calls the same
-backend implementations with the same backward formula. The custom-op round trip (schema
+backend implementations with the same backward formula; on the native CPU backend (frozen weight and
+bias) its C++ twin in ``csrc/cpu/autograd.cpp`` does, with no Python per call. The custom-op round trip (schema
 parsing, the Python autograd shim, the dispatcher twice per direction) costs ~150 µs per layer
 call on a CPU, more than the whole kernel of a small layer; graph capture (``torch.compile``,
 fake tensors, functorch transforms) keeps using the custom ops.
@@ -36,6 +37,18 @@ def _eager(x: Tensor) -> bool:
     # is_compiling() first: under dynamo it is a constant True and the rest is never traced.
     return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.device.type != "meta"
             and not _is_wrapped(x))
+
+
+def _native_autograd(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """The C++ autograd twin of the implementation the registry picks for ``op`` (the native CPU
+    backend's, ``csrc/cpu/autograd.cpp``: the same kernels and gradients as ``_autograd``'s Function,
+    with no Python per call) when this eager call can take it: an activation dtype that
+    implementation sends to its kernel, and a frozen weight and bias. Else None."""
+    if x.device.type != "cpu" or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    impl = select(op, "cpu")
+    twin = getattr(impl, "autograd_twin", None)
+    return twin if twin is not None and x.dtype in impl.twin_dtypes else None
 
 
 def _autograd(name: str, op: str, setup, grads, custom_bwd):
@@ -139,9 +152,12 @@ def linear_checked(x, weight, bias, lora_A, lora_B, wire, scale: float) -> Tenso
     entry of callers that own their weights and adapters (``spare_kernels.nn``), without the ~40 µs of
     Python checks per call."""
     inf = weight.shape[1]
-    y = (_LinearFn.apply if _eager(x) else _linear)(
-        x.reshape(-1, inf).contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
-        *wire, scale)
+    if _eager(x):
+        fn = _native_autograd("masked_lora_linear", x, weight, bias) or _LinearFn.apply
+    else:
+        fn = _linear
+    y = fn(x.reshape(-1, inf).contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
+           *wire, scale)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -269,9 +285,17 @@ def conv2d_checked(x, weight, bias, lora_A, lora_B, wire, scale: float, stride, 
                    groups: int) -> Tensor:
     """:func:`masked_lora_conv2d` on arguments already validated (``wire`` = ``Mask.wire()``,
     ``stride``/``padding``/``dilation`` int pairs): see :func:`linear_checked`."""
-    return (_ConvFn.apply if _eager(x) else _conv)(
-        x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
-        lora_B.reshape(lora_B.shape[0], lora_B.shape[1]).contiguous(), *wire, scale, stride, padding, dilation, groups)
+    if _eager(x):
+        native = _native_autograd("masked_lora_conv2d", x, weight, bias)
+        if native is not None:   # takes B as (out, r) or (out, r, 1, 1)
+            return native(x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
+                          *wire, scale, stride, padding, dilation, groups)
+        fn = _ConvFn.apply
+    else:
+        fn = _conv
+    return fn(x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
+              lora_B.reshape(lora_B.shape[0], lora_B.shape[1]).contiguous(), *wire, scale, stride, padding, dilation,
+              groups)
 
 
 __all__ = ["masked_lora_linear", "masked_lora_conv2d"]
