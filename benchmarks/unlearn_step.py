@@ -3,9 +3,10 @@
 ``PYTHONPATH=. python -m benchmarks.unlearn_step [--target style:dots] [--reps 20] [--threads N]
 [--no-overlap]`` times, after setup, the training step of every method split into its phases: "loss"
 (wall time of the forwards and the loss), within it the time spent in teacher forwards (no grad)
-and student forwards, then backward and optimizer. With 2+ threads ``spare`` and ``salun`` run the
-teacher beside the student (``Trainer(overlap=True)``), so their teacher + student exceeds "loss".
-On the base model with the same batch it also times the backward with and without weight gradients. The last two bound what a masked adapter can save: its backward needs the masked
+and student forwards, then backward and optimizer. With 2+ threads ``spare`` runs the teacher
+beside the student (``Trainer(overlap=True)``), so its teacher + student exceeds "loss".
+On the base model with the same batch it also times the backward with and without weight
+gradients. The last two bound what a masked adapter can save: its backward needs the masked
 dense gradient ``M ⊙ (dYᵀX)`` for dA/dB, which is the very weight gradient SalUn trains with.
 Writes ``benchmarks/results/unlearn_step.json``.
 """
@@ -124,7 +125,8 @@ def main(argv=None):
     base = time_base_backward(task, batch, a.reps, a.warmup, a.seed)
     print(f"base model backward, batch {batch}: to the input only {base['input_only']:.1f} ms, "
           f"with every weight gradient {base['with_weight_grads']:.1f} ms")
-    write_json(a.out, {"target": a.target, "threads": torch.get_num_threads(), "overlap": not a.no_overlap, "reps": a.reps,
+    write_json(a.out, {"target": a.target, "threads": torch.get_num_threads(), "overlap": not a.no_overlap,
+                       "reps": a.reps,
                        "ms_per_step": rows, "base_backward_ms": base})
     print(f"wrote {a.out}")
 

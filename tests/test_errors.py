@@ -104,7 +104,8 @@ def test_patched_module_bad_input_gets_the_op_errors(kind):
     bad = [(good.double(), TypeError, ["x", "float64"]),
            (torch.randn(3, 7) if kind == "linear" else torch.randn(2, 7, 5, 5), ValueError, ["weight"])]
     if kind == "conv":
-        bad += [(torch.randn(2, 6, 2, 2), ValueError, ["x", "too small"]), (torch.randn(6, 5, 5), ValueError, ["x", "4-D"])]
+        bad += [(torch.randn(2, 6, 2, 2), ValueError, ["x", "too small"]),
+                (torch.randn(6, 5, 5), ValueError, ["x", "4-D"])]
     for x, exc, words in bad:
         with pytest.raises(exc) as e:
             m(x)

@@ -62,8 +62,11 @@ def test_trainer_steps_like_run(task):
 def test_overlapped_teacher_gives_the_same_steps(method, task):
     """With 2 threads the teacher forward runs in a worker thread beside the student's: the losses and
     parameters of teacher-then-student (to float rounding: each forward now runs on one intra-op
-    thread, and kernels may block their sums by thread count)."""
+    thread, and kernels may block their sums by thread count). salun does not use the overlap (no
+    gain); it is forced here to check the mechanism with a frozen-copy teacher."""
     import threading
+
+    from spare_kernels.unlearn.recipe import _Overlap
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -71,13 +74,22 @@ def test_overlapped_teacher_gives_the_same_steps(method, task):
         for overlap in (False, True):
             unet = canvas.load_model()
             with Trainer(unet, task, Config(method=method, **SMALL), overlap=overlap) as tr:
+                assert (tr.method.runner is not None) == (overlap and method == "spare")
+                if overlap and method == "salun":
+                    tr.method.runner = _Overlap()
                 teacher = tr.teacher_model or unet
                 seen = set()
                 teacher.register_forward_pre_hook(
                     lambda *a: seen.add(threading.get_ident()) if not torch.is_grad_enabled() else None)
                 hist = [[v.item() for v in tr.step()] for _ in range(3)]
                 assert torch.get_num_threads() == 2          # restored after every step
-            out[overlap] = hist, [p.detach().clone() for p in tr.params], seen
+                params = [p.detach().clone() for p in tr.params]
+                out[overlap] = hist, params, set(seen)
+                if method == "salun":   # (patched layers do not take autocast's mixed dtypes)
+                    seen.clear()
+                    with torch.autocast("cpu", dtype=torch.bfloat16):   # thread-local: no overlap under it
+                        tr.loss()
+                    assert seen == {threading.get_ident()}
         torch.testing.assert_close(torch.tensor(out[True][0]), torch.tensor(out[False][0]), rtol=1e-4, atol=1e-9)
         for a, b in zip(out[True][1], out[False][1]):   # Adam moves every entry by ~lr (1e-2) a step
             torch.testing.assert_close(a, b, rtol=1e-3, atol=3e-4)

@@ -6,11 +6,11 @@ chosen per device by the backend registry. ``W`` and ``b`` are frozen in the ker
 if they do require grad, their (plain) gradients are formed here with ordinary torch ops.
 
 Eager calls on plain tensors skip the custom-op layer: an ``autograd.Function`` calls the same
-backend implementations with the same backward formula; on the native CPU backend (frozen weight and
-bias) its C++ twin in ``csrc/cpu/autograd.cpp`` does, with no Python per call. The custom-op round trip (schema
-parsing, the Python autograd shim, the dispatcher twice per direction) costs ~150 µs per layer
-call on a CPU, more than the whole kernel of a small layer; graph capture (``torch.compile``,
-fake tensors, functorch transforms) keeps using the custom ops.
+backend implementations with the same backward formula (on the native CPU backend, with a frozen
+weight and bias, its C++ twin in ``csrc/cpu/autograd.cpp`` does, with no Python per call). The
+custom-op round trip (schema parsing, the Python autograd shim, the dispatcher twice per direction)
+costs ~150 µs per layer call on a CPU, more than the whole kernel of a small layer; graph capture
+(``torch.compile``, fake tensors, functorch transforms) keeps using the custom ops.
 """
 from __future__ import annotations
 
@@ -149,8 +149,8 @@ def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
 
 def linear_checked(x, weight, bias, lora_A, lora_B, wire, scale: float) -> Tensor:
     """:func:`masked_lora_linear` on arguments already validated (``wire`` = ``Mask.wire()``): the
-    entry of callers that own their weights and adapters (``spare_kernels.nn``), without the ~40 µs of
-    Python checks per call."""
+    entry of callers that own their weights and adapters (``spare_kernels.nn``), without the wrapper's
+    Python checks on every call."""
     inf = weight.shape[1]
     if _eager(x):
         fn = _native_autograd("masked_lora_linear", x, weight, bias) or _LinearFn.apply
