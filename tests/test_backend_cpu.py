@@ -300,3 +300,22 @@ def test_cpp_autograd_twin_matches_the_function(layer, kind, with_bias):
             assert (a is None) == (c is None) and (a is None or torch.equal(a, c))
     with torch.no_grad():
         assert torch.equal(call(False, (False,) * 3)[0], call(True, (False,) * 3)[0])
+
+
+def test_cpp_autograd_twin_only_with_the_native_backward(monkeypatch):
+    """An override of the registered CPU backward keeps the Python Function (the twin would skip it)."""
+    import spare_kernels as sk
+    from spare_kernels.backends import registry
+
+    devices, native_bwd = registry._IMPLS[("masked_lora_linear_backward", "cpu")]
+    calls = []
+
+    def spy(*a):
+        calls.append(1)
+        return native_bwd(*a)
+    monkeypatch.setitem(registry._IMPLS, ("masked_lora_linear_backward", "cpu"), (devices, spy))
+    x = torch.randn(3, 8, requires_grad=True)
+    y = sk.masked_lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 8, requires_grad=True), torch.randn(4, 2))
+    assert "CppNode" not in y.grad_fn.name()
+    y.sum().backward()
+    assert calls == [1]

@@ -101,7 +101,7 @@ def test_patched_module_bad_input_gets_the_op_errors(kind):
     m.add_adapter("a", 2, mask=torch.rand(base.weight.shape) < 0.5, init="random")
     good = torch.randn(3, 6) if kind == "linear" else torch.randn(2, 6, 5, 5)
     assert m(good).shape[1] == 5
-    bad = [(good.double(), TypeError, ["x", "float64"]),
+    bad = [(good.double(), TypeError, ["weight", "expected dtype torch.float64"]),
            (torch.randn(3, 7) if kind == "linear" else torch.randn(2, 7, 5, 5), ValueError, ["weight"])]
     if kind == "conv":
         bad += [(torch.randn(2, 6, 2, 2), ValueError, ["x", "too small"]),
@@ -111,3 +111,16 @@ def test_patched_module_bad_input_gets_the_op_errors(kind):
             m(x)
         for w in words:
             assert w in str(e.value), (w, str(e.value))
+
+
+def test_patched_conv_follows_its_base_geometry():
+    """The conv module caches its stride/padding/dilation; changing the base conv's refreshes it."""
+    from spare_kernels.nn.lora import wrap
+    m = wrap(torch.nn.Conv2d(3, 4, 3, padding=1))
+    m.add_adapter("a", 2, mask=torch.rand(4, 3, 3, 3) < 0.5, init="random")
+    x = torch.randn(1, 3, 8, 8)
+    assert m(x).shape == (1, 4, 8, 8)
+    m.base_layer.padding, m.base_layer.stride = (0, 0), (2, 2)
+    with torch.no_grad():
+        want = torch.nn.functional.conv2d(x, m.base_layer.weight + m.delta_weight("a"), m.bias, stride=2)
+        torch.testing.assert_close(m(x), want)

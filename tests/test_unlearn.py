@@ -99,6 +99,25 @@ def test_overlapped_teacher_gives_the_same_steps(method, task):
         torch.set_num_threads(prev)
 
 
+def test_overlap_propagates_errors_and_restores_threads():
+    from spare_kernels.unlearn.recipe import _Overlap
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    ov = _Overlap()
+    try:
+        done = []
+        with pytest.raises(ZeroDivisionError):
+            ov(lambda: done.append("teacher"), lambda: 1 / 0)
+        assert done == ["teacher"] and torch.get_num_threads() == 2    # the teacher finished first
+        with pytest.raises(KeyError):
+            ov(lambda: {}["x"], lambda: 1)
+        assert torch.get_num_threads() == 2
+        assert ov(lambda: torch.get_num_threads(), lambda: torch.get_num_threads()) == (1, 1)
+    finally:
+        ov.close()
+        torch.set_num_threads(prev)
+
+
 def test_disable_adapters_this_thread_only(task):
     """disable_adapters(this_thread=True) switches adapters off for the calling thread only."""
     import threading
@@ -130,6 +149,12 @@ def test_disable_adapters_this_thread_only(task):
         with disable_adapters(unet, this_thread=True), disable_adapters(unet, this_thread=True):
             pass                                                          # nests, then clears
         assert torch.equal(unet(x, t, encoder_hidden_states=c).sample, want_student)
+        from spare_kernels import merge_adapter, unmerge_adapter
+        merge_adapter(unet, "default")
+        with pytest.raises(RuntimeError, match="merged"):
+            with disable_adapters(unet, this_thread=True):
+                pass
+        unmerge_adapter(unet)
 
 
 def test_spare_teacher_is_the_unpatched_model(task):

@@ -67,6 +67,8 @@ struct ConvFn : public torch::autograd::Function<ConvFn> {
                             const std::optional<at::Tensor>& mask, int64_t kind, int64_t bo, int64_t bi,
                             double scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                             int64_t groups) {
+    TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                "spare_kernels_cpu: conv2d needs 2-element stride / padding / dilation");
     ctx->save_for_backward({x, weight, A, B});
     save_mask(ctx, mask);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();

@@ -44,6 +44,7 @@ def _wrap(op):
     # ops/masked_lora.py for eager calls this implementation would send to the native kernel.
     impl.autograd_twin = getattr(torch.ops.spare_kernels_cpu, f"{op}_autograd", None)
     impl.twin_dtypes = _KERNEL_DTYPES
+    impl.native = True
     return impl
 
 

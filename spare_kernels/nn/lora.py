@@ -202,7 +202,8 @@ class _MaskedLoRALayer(nn.Module):
         """The module validated its weight, adapters and masks when they were set (and moves them
         together): only ``x`` is new. Inputs that pass skip the op wrapper's checks; any other goes
         through them (and gets its clear error there)."""
-        return isinstance(x, Tensor) and x.dtype == weight.dtype and x.device == weight.device and A.dtype == B.dtype
+        return (isinstance(x, Tensor) and x.dtype == weight.dtype and x.device == weight.device
+                and A.dtype == B.dtype and A.device == weight.device and B.device == weight.device)
 
     def _wire(self, name):
         m = self.masks[name]

@@ -43,12 +43,14 @@ def _native_autograd(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor])
     """The C++ autograd twin of the implementation the registry picks for ``op`` (the native CPU
     backend's, ``csrc/cpu/autograd.cpp``: the same kernels and gradients as ``_autograd``'s Function,
     with no Python per call) when this eager call can take it: an activation dtype that
-    implementation sends to its kernel, and a frozen weight and bias. Else None."""
+    implementation sends to its kernel, a native backward registered too (the twin's backward is
+    chosen now, at forward time), and a frozen weight and bias. Else None."""
     if x.device.type != "cpu" or weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
     impl = select(op, "cpu")
     twin = getattr(impl, "autograd_twin", None)
-    return twin if twin is not None and x.dtype in impl.twin_dtypes else None
+    native_bwd = getattr(select(f"{op}_backward", "cpu"), "native", False)
+    return twin if twin is not None and x.dtype in impl.twin_dtypes and native_bwd else None
 
 
 def _autograd(name: str, op: str, setup, grads, custom_bwd):

@@ -147,7 +147,13 @@ class _Overlap:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spare_kernels-teacher")
 
     @staticmethod
+    def available() -> bool:
+        # OpenMP keeps the thread count per thread; torch's native pool only warns and oversubscribes.
+        return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+    @staticmethod
     def _in_worker(n, fn):
+        torch.get_num_threads()   # ATen's one-time per-thread init first, or it would reset n
         torch.set_num_threads(n)
         return fn()
 
@@ -401,7 +407,7 @@ class Trainer:
         self.teacher_model = self.method.teacher_model   # a frozen copy, or None (teacher = adapters off)
         unet.train(False)
         self.opt = torch.optim.Adam(self.params, lr=cfg.learning_rate)
-        if overlap and self.method.overlap:
+        if overlap and self.method.overlap and _Overlap.available():
             self.method.runner = _Overlap()
 
     def close(self):
@@ -461,6 +467,7 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
     t1 = time.perf_counter()
     m, params, opt, sampler = tr.method, tr.params, tr.opt, tr.sampler
     start, history = 0, []
+    overlapped = tr.method.runner is not None
     with tr:
         if resume:
             start, history = _load_checkpoint(ckpt, params, opt, tr.gen, cfg)
@@ -474,15 +481,19 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
                 _save_checkpoint(ckpt, step + 1, params, opt, tr.gen, history, cfg)
         bar.close()
     t2 = time.perf_counter()
-    # Memory: persistent training state + the c10 peak of one more (unapplied) step. The trainer is
-    # closed, so that step runs teacher then student in this thread, where measure_peak sees it; with
-    # the overlap the teacher's transient activations (one layer's worth, no grad) come on top.
+    # Memory: persistent training state + the c10 peak of one more (unapplied) step, in this thread
+    # (measure_peak sees no other). For an overlapped run that step runs the student forward first,
+    # then the teacher's: the teacher's activations on top of the student's saved ones, the most the
+    # overlap can hold at once.
+    if overlapped and torch.get_num_threads() >= 2:
+        m.runner = lambda teacher_fn, student_fn: (student_fn(), teacher_fn())
     state = _state_bytes(list(unet.parameters()) + list(unet.buffers())
                          + (list(m.teacher_model.parameters()) if m.teacher_model is not None else [])
                          + [s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)]
                          + [p.grad for p in params])
     probe_gen = torch.Generator().manual_seed(cfg.seed + 99)
     _, step_peak = measure_peak(lambda: tr.loss(probe_gen)[0].backward())
+    m.runner = None
     opt.zero_grad(set_to_none=True)
     res = {
         "method": cfg.method, "seconds": t2 - t0, "stage_seconds": {"localise": t1 - t0, "train": t2 - t1},
