@@ -17,10 +17,16 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor opt(const at::Tensor& t) { return t.numel() == 0 ? at::Tensor() : t; }
-// The packed mask rides in saved_data (an IValue): save_for_backward of an absent (undefined)
-// tensor fails in get_saved_variables.
-void save_mask(AutogradContext* ctx, const std::optional<at::Tensor>& m) {
+// What both ops keep for backward. The packed mask rides in saved_data (an IValue):
+// save_for_backward of an absent (undefined) tensor fails in get_saved_variables.
+void save(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+          const at::Tensor& A, const at::Tensor& B, const std::optional<at::Tensor>& m, double scale,
+          std::vector<int64_t> args) {
+  ctx->save_for_backward({x, weight, A, B});
   ctx->saved_data["mask"] = m.has_value() ? c10::IValue(*m) : c10::IValue();
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["args"] = std::move(args);
 }
 std::optional<at::Tensor> mask_of(AutogradContext* ctx) {
   const auto& v = ctx->saved_data["mask"];
@@ -41,11 +47,7 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
                             const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                             const std::optional<at::Tensor>& mask, int64_t kind, int64_t bo, int64_t bi,
                             double scale) {
-    ctx->save_for_backward({x, weight, A, B});
-    save_mask(ctx, mask);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["args"] = std::vector<int64_t>{kind, bo, bi};
-    ctx->saved_data["scale"] = scale;
+    save(ctx, x, weight, bias, A, B, mask, scale, {kind, bo, bi});
     return masked_lora_linear(x, weight, bias, A, B, mask, kind, bo, bi, scale);
   }
 
@@ -69,12 +71,8 @@ struct ConvFn : public torch::autograd::Function<ConvFn> {
                             int64_t groups) {
     TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
                 "spare_kernels_cpu: conv2d needs 2-element stride / padding / dilation");
-    ctx->save_for_backward({x, weight, A, B});
-    save_mask(ctx, mask);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["args"] = std::vector<int64_t>{kind,       bo,         bi,          stride[0],   stride[1],
-                                                   padding[0], padding[1], dilation[0], dilation[1], groups};
-    ctx->saved_data["scale"] = scale;
+    save(ctx, x, weight, bias, A, B, mask, scale,
+         {kind, bo, bi, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups});
     return masked_lora_conv2d(x, weight, bias, A, B.view({B.size(0), B.size(1)}), mask, kind, bo, bi, scale, stride,
                               padding, dilation, groups);
   }

@@ -17,8 +17,7 @@ from torch import Tensor, nn
 from ..backends import _maskfmt as fmt
 from ..masks import Mask
 from ..ops import masked_lora_conv2d, masked_lora_linear
-from ..ops import _checks as chk
-from ..ops.masked_lora import conv2d_checked, conv_padding, linear_checked
+from ..ops.masked_lora import conv2d_checked, conv_args, linear_checked
 
 INITS = ("gaussian", "kaiming", "random")
 
@@ -276,9 +275,8 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
         key = (c.stride, c.padding, c.dilation, c.kernel_size)
         geo = self.__dict__.get("_geo")
         if geo is None or geo[0] != key:
-            op = "masked_lora_conv2d"
-            stride, dilation = chk.pair(op, "stride", c.stride), chk.pair(op, "dilation", c.dilation)
-            padding = conv_padding(op, c.padding, c.kernel_size, stride, dilation)
+            stride, padding, dilation = conv_args("masked_lora_conv2d", c.stride, c.padding, c.dilation,
+                                                  c.kernel_size)
             min_hw = [dilation[d] * (c.kernel_size[d] - 1) + 1 - 2 * padding[d] for d in range(2)]
             geo = self.__dict__["_geo"] = (key, (stride, padding, dilation, min_hw))
         return geo[1]

@@ -238,6 +238,13 @@ def conv_padding(op, padding, kernel_size, stride, dilation):
     return chk.pair(op, "padding", padding)
 
 
+def conv_args(op, stride, padding, dilation, kernel_size):
+    """``(stride, padding, dilation)`` as the ops take them, ``[h, w]`` int lists each (``padding`` may
+    also be nn.Conv2d's 'valid' / 'same')."""
+    stride, dilation = chk.pair(op, "stride", stride), chk.pair(op, "dilation", dilation)
+    return stride, conv_padding(op, padding, kernel_size, stride, dilation), dilation
+
+
 def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                        mask=None, scale: float = 1.0, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """Conv2d with the masked LoRA delta ``ΔW[o,i,kh,kw] = Σ_r B[o,r]·A[r,i,kh,kw]`` (peft's conv LoRA).
@@ -270,9 +277,7 @@ def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     chk.same_device(op, "x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     wire = chk.wire_mask(op, mask, weight)
     s = chk.scale(op, scale)
-    stride = chk.pair(op, "stride", stride)
-    dilation = chk.pair(op, "dilation", dilation)
-    padding = conv_padding(op, padding, weight.shape[2:], stride, dilation)
+    stride, padding, dilation = conv_args(op, stride, padding, dilation, weight.shape[2:])
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"{op}: expected stride, dilation >= 1 and padding >= 0, "
                          f"got stride={stride}, padding={padding}, dilation={dilation}")

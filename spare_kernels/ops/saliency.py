@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..backends import select
 from . import _checks as chk
-from .masked_lora import _conv_out_hw, conv_padding
+from .masked_lora import _conv_out_hw, conv_args
 
 STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
 
@@ -103,9 +103,7 @@ def saliency_conv2d(x: Tensor, grad_out: Tensor, weight_shape, stat: str = "samp
     if x.shape[1] != weight_shape[1] * groups or weight_shape[0] % groups:
         raise ValueError(f"{op}: weight_shape: expected (out, C/groups={x.shape[1] // groups}, kh, kw) with out "
                          f"divisible by groups={groups} for x with C={x.shape[1]}, got {weight_shape}")
-    stride = chk.pair(op, "stride", stride)
-    dilation = chk.pair(op, "dilation", dilation)
-    padding = conv_padding(op, padding, weight_shape[2:], stride, dilation)
+    stride, padding, dilation = conv_args(op, stride, padding, dilation, weight_shape[2:])
     hw = _conv_out_hw(x.shape, weight_shape, stride, padding, dilation)
     expected = (x.shape[0], weight_shape[0], *hw)
     if tuple(grad_out.shape) != expected:
