@@ -29,3 +29,28 @@ def test_compile_fullgraph_all_ops(backend):
     torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-3)
     for a, b in zip(comp, eager):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_fullgraph_patched_module_under_autocast(backend):
+    """A patched layer under autocast (cast as nn.Linear, op run with autocast off) compiles without
+    a graph break and gives the eager numbers and the fp32 adapter gradients."""
+    from torch import nn
+
+    from spare_kernels.nn import MaskedLoRALinear
+    torch._dynamo.reset()
+    m = MaskedLoRALinear(nn.Linear(40, 24))
+    m.add_adapter("default", 4, 1.0, init="random", mask=torch.rand(24, 40) > 0.5)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x)
+
+    out = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        m.zero_grad(set_to_none=True)
+        y = fn(torch.randn(8, 40, generator=torch.Generator().manual_seed(1)))
+        y.float().square().sum().backward()
+        out.append((y, m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad))
+    assert out[1][0].dtype == torch.bfloat16 and out[1][1].dtype == torch.float32
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)

@@ -238,3 +238,87 @@ def test_module_follows_dtype_and_masks_stay_bool():
     assert y.dtype == torch.float64
     with pytest.raises(ValueError, match="padding_mode"):
         MaskedLoRAConv2d(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"))
+
+
+def _lowp_copy(m, dtype):
+    """``m`` with its base layer in ``dtype`` and its adapters as they are: what autocast should run."""
+    import copy
+    c = copy.deepcopy(m)
+    c.base_layer.to(dtype)
+    return c
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autocast_casts_like_nn_layers(backend, dtype, kind):
+    """Under torch.autocast a patched layer takes fp32 or low-precision activations, as nn.Linear /
+    nn.Conv2d do: x, weight and bias in the autocast dtype, fp32 adapters and their gradients kept;
+    the op's own fp32 work is not cast down (bit for bit the layer cast by hand, autocast off), and a
+    backward called inside the autocast region gives the same gradients."""
+    if kind == "linear":
+        m = MaskedLoRALinear(nn.Linear(40, 24))
+        m.add_adapter("default", 4, 1.0, init="random", mask=torch.rand(24, 40) > 0.5)
+        x0 = torch.randn(3, 5, 40)
+    else:
+        m = MaskedLoRAConv2d(nn.Conv2d(6, 10, 3, padding=1))
+        m.add_adapter("default", 3, 1.0, init="random", mask=torch.rand(10, 6, 3, 3) > 0.5)
+        x0 = torch.randn(2, 6, 7, 5)
+    m.lora_B["default"].weight.data.normal_()
+    ref = _lowp_copy(m, dtype)
+
+    def grads(mod, x, ctx_fwd, ctx_bwd):
+        x = x.detach().requires_grad_(True)
+        mod.zero_grad(set_to_none=True)
+        with ctx_fwd():
+            y = mod(x)
+        with ctx_bwd():
+            (y.float() ** 2).sum().backward()
+        return y, x.grad, mod.lora_A["default"].weight.grad, mod.lora_B["default"].weight.grad
+
+    import contextlib
+    ac = lambda: torch.autocast("cpu", dtype=dtype)   # noqa: E731
+    off = contextlib.nullcontext
+    want = grads(ref, x0.to(dtype), off, off)
+    assert want[0].dtype == dtype and want[2].dtype == torch.float32
+    for xin in (x0, x0.to(dtype)):                        # fp32 input, or a low-precision one from an earlier layer
+        for bwd in (off, ac):
+            got = grads(m, xin, ac, bwd)
+            assert got[0].dtype == dtype and got[1].dtype == xin.dtype
+            assert got[2].dtype == got[3].dtype == torch.float32
+            torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+            torch.testing.assert_close(got[1], want[1].to(xin.dtype), rtol=0, atol=0)
+            for g, w in zip(got[2:], want[2:]):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # The public ops cast the same way.
+    A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+    with ac():
+        if kind == "linear":
+            y = sk.masked_lora_linear(x0, m.weight, m.bias, A, B, m.masks["default"], 1.0)
+        else:
+            y = sk.masked_lora_conv2d(x0, m.weight, m.bias, A, B, m.masks["default"], 1.0, padding=1)
+    torch.testing.assert_close(y, want[0], rtol=0, atol=0)
+
+
+def test_autocast_patched_unet_trains(backend):
+    """A patched UNet under autocast (bf16): forward and backward run, the output is bf16, the fp32
+    adapter gradients are close to those of the fp32 model (bf16 activations, to their precision)."""
+    unet = tiny_unet()
+    sk.patch_unet(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    with torch.no_grad():   # small deltas: init="random" would make this random net's attention chaotic
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    inputs = tiny_inputs()
+    out = {}
+    for mode in ("fp32", "autocast"):
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            y = run(unet, inputs)
+        (y.float() ** 2).mean().backward()
+        out[mode] = y, [p.grad.clone() for p in params]
+    assert out["autocast"][0].dtype == torch.bfloat16 and out["fp32"][0].dtype == torch.float32
+    g32 = torch.cat([g.flatten() for g in out["fp32"][1]])
+    g16 = torch.cat([g.flatten() for g in out["autocast"][1]])
+    assert g16.dtype == torch.float32 and torch.isfinite(g16).all()
+    assert (g16 - g32).norm() <= 0.05 * g32.norm()

@@ -85,11 +85,12 @@ def test_overlapped_teacher_gives_the_same_steps(method, task):
                 assert torch.get_num_threads() == 2          # restored after every step
                 params = [p.detach().clone() for p in tr.params]
                 out[overlap] = hist, params, set(seen)
-                if method == "salun":   # (patched layers do not take autocast's mixed dtypes)
-                    seen.clear()
-                    with torch.autocast("cpu", dtype=torch.bfloat16):   # thread-local: no overlap under it
-                        tr.loss()
-                    assert seen == {threading.get_ident()}
+                seen.clear()
+                with torch.autocast("cpu", dtype=torch.bfloat16):   # thread-local: no overlap under it
+                    total, _, _ = tr.loss()
+                total.backward()
+                assert seen == {threading.get_ident()} and total.isfinite()
+                tr.opt.zero_grad(set_to_none=True)
         torch.testing.assert_close(torch.tensor(out[True][0]), torch.tensor(out[False][0]), rtol=1e-4, atol=1e-9)
         for a, b in zip(out[True][1], out[False][1]):   # Adam moves every entry by ~lr (1e-2) a step
             torch.testing.assert_close(a, b, rtol=1e-3, atol=3e-4)

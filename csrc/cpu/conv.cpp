@@ -304,6 +304,7 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
                               const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o, int64_t block_i,
                               double scale, at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation, int64_t groups) {
+  const NoAutocast no_autocast;
   const ConvGeom g = geom(x, weight, stride, padding, dilation, groups);
   check_adapters(x, weight, lora_A, lora_B, g);
   check_mask(mask, kind, block_o, block_i, g.out, g.colsK);
@@ -402,6 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
     int64_t block_i, double scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, bool need_dx, bool need_dA, bool need_dB) {
+  const NoAutocast no_autocast;
   const ConvGeom g = geom(x, weight, stride, padding, dilation, groups);
   check_adapters(x, weight, lora_A, lora_B, g);
   check_mask(mask, kind, block_o, block_i, g.out, g.colsK);

@@ -281,6 +281,7 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                               const at::Tensor& lora_B, const std::optional<at::Tensor>& mask,
                               int64_t kind, int64_t block_o, int64_t block_i, double scale) {
+  const NoAutocast no_autocast;
   check_common(x, weight, lora_A, lora_B);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_A.dim() == 2 && x.size(1) == weight.size(1) &&
                   lora_A.size(1) == weight.size(1),
@@ -333,6 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
     int64_t block_i, double scale, bool need_dx, bool need_dA, bool need_dB) {
+  const NoAutocast no_autocast;
   check_common(x, weight, lora_A, lora_B);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_A.dim() == 2 && x.size(1) == weight.size(1) &&
                   lora_A.size(1) == weight.size(1),

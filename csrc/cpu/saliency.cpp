@@ -78,6 +78,7 @@ void tiled_stat(float* acc, int64_t out, int64_t in, const std::vector<Mat>& X,
 }  // namespace
 
 void saliency_linear(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy, std::string_view stat) {
+  const NoAutocast no_autocast;
   const Stat st = parse_stat(stat);
   check_acc(acc);
   TORCH_CHECK(x.dim() == 3 && dy.dim() == 3 && x.size(0) == dy.size(0) && x.size(1) == dy.size(1),
@@ -118,6 +119,7 @@ void saliency_linear(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy,
 
 void saliency_conv2d(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy, std::string_view stat,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const NoAutocast no_autocast;
   const Stat st = parse_stat(stat);
   check_acc(acc);
   TORCH_CHECK(x.dim() == 4 && dy.dim() == 4 && acc.dim() == 4 && x.size(0) == dy.size(0),

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -20,6 +21,13 @@
 namespace spare {
 
 enum MaskKind : int64_t { kNone = 0, kElement = 1, kBlock = 2, kRow = 3 };
+
+// Every kernel entry holds one: the kernels choose their own precision (fp32 work under bf16
+// activations), and autocast, when on (a call under it, or a backward called inside its region),
+// would cast their internal aten calls down and break them.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // A strided fp32 matrix view; one of rs / cs must be 1 (BLAS layouts).
 struct Mat {

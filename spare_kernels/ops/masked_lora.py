@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
 from ..backends import select
+from . import _autocast
 from . import _checks as chk
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -57,7 +58,12 @@ def _autograd(name: str, op: str, setup, grads, custom_bwd):
     """Register ``op``'s custom-op autograd and return its eager twin: both save with ``setup`` and
     differentiate with ``grads(bwd, ctx, dy)``, the custom op through ``custom_bwd``, the eager
     ``autograd.Function`` through the backend implementation of ``<op>_backward`` directly."""
-    torch.library.register_autograd(f"{LIB}::{op}", lambda ctx, dy: grads(custom_bwd, ctx, dy), setup_context=setup)
+    def no_autocast(bwd, ctx, dy):   # a backward may be called inside an autocast region
+        with _autocast.off(dy):
+            return grads(bwd, ctx, dy)
+
+    torch.library.register_autograd(f"{LIB}::{op}", lambda ctx, dy: no_autocast(custom_bwd, ctx, dy),
+                                    setup_context=setup)
 
     def forward(ctx, *inputs):
         y = select(op, inputs[0].device.type)(*inputs)
@@ -65,7 +71,7 @@ def _autograd(name: str, op: str, setup, grads, custom_bwd):
         return y
 
     def backward(ctx, dy):
-        return grads(select(f"{op}_backward", dy.device.type), ctx, dy)
+        return no_autocast(select(f"{op}_backward", dy.device.type), ctx, dy)
 
     # Built with type() so the autograd node is named after it (e.g. "_LinearFnBackward").
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
@@ -126,10 +132,16 @@ def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     ``lora_B`` ``(out, r)``. ``mask``: None (plain LoRA in factored form, no ``out×in`` tensor), a
     :class:`~spare_kernels.masks.Mask`, or a bool/uint8 tensor of the weight's shape (nonzero = on;
     packed on every call, so hold a ``Mask`` in hot loops). Adapters may be fp32 under bf16/fp16
-    activations: the output has ``x``'s dtype, ``lora_A``/``lora_B`` gradients their own.
+    activations: the output has ``x``'s dtype, ``lora_A``/``lora_B`` gradients their own. Under
+    ``torch.autocast`` ``x``, ``weight`` and ``bias`` are cast as for ``F.linear`` (the adapters are not).
     """
     op = "masked_lora_linear"
     chk.tensor("x", x, op=op)
+    dt = _autocast.dtype(x)
+    if dt is not None:   # cast as for F.linear, then run with autocast off
+        x, weight, bias = _autocast.cast(dt, x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return masked_lora_linear(x, weight, bias, lora_A, lora_B, mask, scale)
     if x.dim() < 1:
         raise ValueError(f"{op}: x: expected shape (..., in), got a 0-D tensor")
     chk.tensor("weight", weight, dim=2, dtype=x.dtype, op=op)
@@ -252,9 +264,15 @@ def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     ``x`` ``(N, C, H, W)``, ``weight`` ``(out, C/groups, kh, kw)``, ``lora_A`` ``(r, C/groups, kh, kw)``,
     ``lora_B`` ``(out, r, 1, 1)`` or ``(out, r)``. ``mask`` as for :func:`masked_lora_linear`, of the
     weight's shape. With ``groups > 1`` each output channel's delta sees only its group's inputs.
+    Under ``torch.autocast`` ``x``, ``weight`` and ``bias`` are cast as for ``F.conv2d``.
     """
     op = "masked_lora_conv2d"
     chk.tensor("x", x, dim=4, op=op)
+    dt = _autocast.dtype(x)
+    if dt is not None:   # cast as for F.conv2d, then run with autocast off
+        x, weight, bias = _autocast.cast(dt, x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, scale, stride, padding, dilation, groups)
     chk.tensor("weight", weight, dim=4, dtype=x.dtype, op=op)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{op}: groups: expected a positive int, got {groups!r}")
