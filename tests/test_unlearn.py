@@ -37,6 +37,23 @@ def test_every_method_runs_and_reports(method, task):
         assert d and all(0 <= v <= 1 for v in d)
 
 
+def test_adam_is_fused_on_cpu_and_steps_like_the_loop_version():
+    from spare_kernels.unlearn.recipe import _adam
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt, opt_ref = _adam(ps, 1e-2), torch.optim.Adam(ref, lr=1e-2, foreach=False)
+    assert opt.defaults["fused"] and not opt_ref.defaults["fused"]
+    for _ in range(3):
+        for p, q in zip(ps, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+    for p, q in zip(ps, ref):
+        torch.testing.assert_close(p, q)
+    assert not _adam([torch.nn.Parameter(torch.randn(2, device="meta"))], 1e-2).defaults["fused"]
+
+
 def test_spare_one_student_and_one_teacher_forward_per_step(task):
     for method, per_step in (("spare", 2), ("spare-reference", 4)):
         unet = canvas.load_model()

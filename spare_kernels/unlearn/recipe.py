@@ -138,6 +138,14 @@ def _state_bytes(tensors) -> int:
     return total
 
 
+def _adam(params, lr):
+    """Adam, fused where torch has a fused kernel for these parameters: one pass over all of them
+    instead of ~10 small ops per tensor (spare's 202 adapter tensors: 0.7 vs 4.5 ms a step on one
+    CPU thread). Every method gets the same optimizer."""
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
 class _Overlap:
     """Runs the teacher's forward in a worker thread while the calling thread runs the student's, the
     intra-op threads split between them. Small convolutions scale poorly over cores; two independent
@@ -406,7 +414,7 @@ class Trainer:
         self.sampler = self.method.sampler()
         self.teacher_model = self.method.teacher_model   # a frozen copy, or None (teacher = adapters off)
         unet.train(False)
-        self.opt = torch.optim.Adam(self.params, lr=cfg.learning_rate)
+        self.opt = _adam(self.params, cfg.learning_rate)
         if overlap and self.method.overlap and _Overlap.available():
             self.method.runner = _Overlap()
 
