@@ -66,3 +66,18 @@ def test_unlearn_step_breakdown_smoke(tmp_path):
         assert r["step"] > 0 and r["teacher"] > 0 and r["student"] > 0 and r["backward"] > 0
     b = res["base_backward_ms"]
     assert b["input_only"] > 0 and b["with_weight_grads"] > 0
+
+
+def test_unlearn_runs_smoke(tmp_path, capsys):
+    from benchmarks import unlearn_runs
+
+    out = tmp_path / "runs.json"
+    unlearn_runs.main(["--methods", "spare", "esd", "--reps", "2", "--steps", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert len(res["seconds"]["spare"]) == len(res["seconds"]["esd"]) == 2
+    assert all(s > 0 for v in res["seconds"].values() for s in v)
+    r = res["ratios"]["esd"]
+    assert r == [a / b for a, b in zip(res["seconds"]["spare"], res["seconds"]["esd"])]
+    assert "spare / esd:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        unlearn_runs.main(["--methods", "spare", "spare"])
