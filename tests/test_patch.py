@@ -321,4 +321,38 @@ def test_autocast_patched_unet_trains(backend):
     g32 = torch.cat([g.flatten() for g in out["fp32"][1]])
     g16 = torch.cat([g.flatten() for g in out["autocast"][1]])
     assert g16.dtype == torch.float32 and torch.isfinite(g16).all()
-    assert (g16 - g32).norm() <= 0.05 * g32.norm()
+    assert (g16 - g32).norm() <= 0.03 * g32.norm()   # measured 1.2%; the plain UNet's own: 1.6%
+
+
+def test_autocast_stacked_adapters(backend):
+    """Two stacked adapters under autocast: the same as the layer cast by hand with autocast off."""
+    m = MaskedLoRALinear(nn.Linear(40, 24))
+    m.add_adapter("a", 4, 1.0, init="random", mask=torch.rand(24, 40) > 0.5)
+    m.add_adapter("b", 2, 0.5, init="random")
+    for n in ("a", "b"):
+        m.lora_B[n].weight.data.normal_()
+    assert m.active_adapters == ["a", "b"]
+    ref = _lowp_copy(m, torch.bfloat16)
+    x = torch.randn(5, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    torch.testing.assert_close(y, ref(x.bfloat16()), rtol=0, atol=0)
+
+
+def test_custom_ops_called_under_autocast_keep_their_precision(backend):
+    """The registered ops called directly (torch.ops, as compiled graphs and hooks do) under
+    autocast: no cast inside, bit for bit the result without autocast."""
+    from spare_kernels.masks import Mask
+    x, W, A, B = torch.randn(6, 40), torch.randn(24, 40), torch.randn(4, 40), torch.randn(24, 4)
+    wire = Mask.from_dense(torch.rand(24, 40) > 0.5).wire()
+    dy = torch.randn(6, 24)
+    calls = [lambda: torch.ops.spare_kernels.masked_lora_linear(x, W, None, A, B, *wire, 1.0),
+             lambda: torch.ops.spare_kernels.masked_lora_linear_backward(dy, x, W, A, B, *wire, 1.0, True, True, True),
+             lambda: sk.saliency_linear(x[:, None], dy[:, None], "sample_sq")]
+    for f in calls:
+        want = f()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = f()
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -206,6 +206,36 @@ def test_resume_gives_the_uninterrupted_adapter(task, tmp_path):
         assert torch.equal(pa[n], pc[n]), n
 
 
+def test_resume_keeps_this_runs_adam_implementation(task, tmp_path):
+    """A checkpoint whose optimizer was the per-tensor Adam (before fused Adam) resumes with the fused
+    one, and ends where the uninterrupted run does (to the two implementations' rounding)."""
+    from spare_kernels.unlearn.recipe import Trainer, _load_checkpoint
+    cfg = dict(SMALL, steps=4, checkpoint_every=2)
+    a = canvas.load_model()
+    run(a, task, Config(method="spare", **cfg), out_dir=str(tmp_path / "a"), progress=False)
+    run(canvas.load_model(), task, Config(method="spare", **dict(cfg, steps=2)), out_dir=str(tmp_path / "b"),
+        progress=False)
+    ck = tmp_path / "b" / "checkpoint.pt"
+    state = torch.load(ck, weights_only=False)
+    assert all(g["fused"] for g in state["optimizer"]["param_groups"])
+    for g in state["optimizer"]["param_groups"]:
+        g["fused"] = None
+    for st in state["optimizer"]["state"].values():
+        st["step"] = torch.tensor(float(st["step"]))
+    torch.save(state, ck)
+    with Trainer(canvas.load_model(), task, Config(method="spare", **cfg)) as tr:
+        _load_checkpoint(str(ck), tr.params, tr.opt, tr.gen, tr.cfg)
+        assert all(g["fused"] for g in tr.opt.param_groups)
+        tr.step()
+    c = canvas.load_model()
+    run(c, task, Config(method="spare", **cfg), out_dir=str(tmp_path / "b"), resume=True, progress=False)
+    pa = {n: p for n, p in a.named_parameters() if "lora_" in n}
+    pc = {n: p for n, p in c.named_parameters() if "lora_" in n}
+    assert pa.keys() == pc.keys() and pa
+    for n in pa:
+        torch.testing.assert_close(pa[n], pc[n], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_refuses_other_settings(task, tmp_path):
     run(canvas.load_model(), task, Config(method="spare", **dict(SMALL, checkpoint_every=1)),
         out_dir=str(tmp_path), progress=False)

@@ -12,12 +12,28 @@ casting only the small factors, never the activations.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from ..utils import autocast
 from . import _maskfmt as fmt
 from .registry import register
+
+
+def _reference(op):
+    """Register ``fn`` as ``op``'s reference, run with autocast off: its precision is its own (fp32 /
+    fp64 accumulation), which autocast would cast down in a call under it (a direct ``torch.ops``
+    call, a saliency hook or backward inside an autocast region)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            with autocast.off(args[0]):
+                return fn(*args)
+        return register(op, "reference")(run)
+    return deco
 
 def _none_to_empty(ref, *grads):
     # Custom ops may not return None nor one tensor twice: an unrequested gradient is a fresh empty.
@@ -47,7 +63,7 @@ def _row_scale(mask, kind, out, dtype, device):
 
 
 # ---------------------------------------------------------------------------------------- linear
-@register("masked_lora_linear", "reference")
+@_reference("masked_lora_linear")
 def masked_lora_linear(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale):
     out, cols = weight.shape
     if kind in (fmt.ELEMENT, fmt.BLOCK):
@@ -65,7 +81,7 @@ def masked_lora_linear(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
     return y.add_(lo, alpha=scale)
 
 
-@register("masked_lora_linear_backward", "reference")
+@_reference("masked_lora_linear_backward")
 def masked_lora_linear_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
                                 need_dx, need_dA, need_dB):
     out, cols = weight.shape
@@ -104,7 +120,7 @@ def _conv_A_factored(lora_A, groups, dtype):
     return A.repeat(groups, 1, 1, 1) if groups > 1 else A
 
 
-@register("masked_lora_conv2d", "reference")
+@_reference("masked_lora_conv2d")
 def masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale,
                        stride, padding, dilation, groups):
     out = weight.shape[0]
@@ -125,7 +141,7 @@ def masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
     return y.add_(lo, alpha=scale)
 
 
-@register("masked_lora_conv2d_backward", "reference")
+@_reference("masked_lora_conv2d_backward")
 def masked_lora_conv2d_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
                                 stride, padding, dilation, groups, need_dx, need_dA, need_dB):
     out = weight.shape[0]
@@ -177,7 +193,7 @@ def _accumulate(acc, g, stat):
         raise ValueError(f"stat: unknown {stat!r}")
 
 
-@register("saliency_linear", "reference")
+@_reference("saliency_linear")
 def saliency_linear(acc, x, dy, stat):
     """``acc (out, in) fp32 += stat``; ``x (S, T, in)``, ``dy (S, T, out)``."""
     x = x.to(acc.dtype)
@@ -194,7 +210,7 @@ def saliency_linear(acc, x, dy, stat):
             _accumulate(acc, dy[i].t() @ x[i], stat)
 
 
-@register("saliency_conv2d", "reference")
+@_reference("saliency_conv2d")
 def saliency_conv2d(acc, x, dy, stat, stride, padding, dilation, groups):
     """``acc`` (weight shape, fp32) ``+= stat``; ``x (S, C, H, W)``, ``dy (S, out, H', W')``."""
     x = x.to(acc.dtype)

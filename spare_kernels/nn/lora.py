@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from ..backends import _maskfmt as fmt
 from ..masks import Mask
 from ..ops import masked_lora_conv2d, masked_lora_linear
-from ..ops import _autocast
 from ..ops.masked_lora import conv2d_checked, conv_args, linear_checked
+from ..utils import autocast as _autocast
 
 INITS = ("gaussian", "kaiming", "random")
 
@@ -222,13 +222,10 @@ class _MaskedLoRALayer(nn.Module):
         live = self._live_adapters()
         if not live:
             return self.base_layer(x)
-        weight, bias = self.weight, self.bias
         dt = _autocast.dtype(x) if isinstance(x, Tensor) else None
         if dt is not None:   # as nn.Linear / nn.Conv2d under autocast; the op runs with it off
-            x, weight, bias = _autocast.cast(dt, x, weight, bias)
-            with torch.autocast(x.device.type, enabled=False):
-                return self._run_live(x, weight, bias, live)
-        return self._run_live(x, weight, bias, live)
+            return _autocast.call(self._run_live, dt, x, self.weight, self.bias, live)
+        return self._run_live(x, self.weight, self.bias, live)
 
     def _run_live(self, x, weight, bias, live):
         # The first adapter is fused with the base layer; further stacked ones add their delta alone.

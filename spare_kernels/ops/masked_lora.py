@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
 from ..backends import select
-from . import _autocast
+from ..utils import autocast as _autocast
 from . import _checks as chk
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -139,9 +139,7 @@ def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     chk.tensor("x", x, op=op)
     dt = _autocast.dtype(x)
     if dt is not None:   # cast as for F.linear, then run with autocast off
-        x, weight, bias = _autocast.cast(dt, x, weight, bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return masked_lora_linear(x, weight, bias, lora_A, lora_B, mask, scale)
+        return _autocast.call(masked_lora_linear, dt, x, weight, bias, lora_A, lora_B, mask, scale)
     if x.dim() < 1:
         raise ValueError(f"{op}: x: expected shape (..., in), got a 0-D tensor")
     chk.tensor("weight", weight, dim=2, dtype=x.dtype, op=op)
@@ -270,9 +268,8 @@ def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     chk.tensor("x", x, dim=4, op=op)
     dt = _autocast.dtype(x)
     if dt is not None:   # cast as for F.conv2d, then run with autocast off
-        x, weight, bias = _autocast.cast(dt, x, weight, bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, scale, stride, padding, dilation, groups)
+        return _autocast.call(masked_lora_conv2d, dt, x, weight, bias, lora_A, lora_B, mask, scale, stride, padding,
+                              dilation, groups)
     chk.tensor("weight", weight, dim=4, dtype=x.dtype, op=op)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{op}: groups: expected a positive int, got {groups!r}")

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from ..backends import select
-from . import _autocast
 from . import _checks as chk
 from .masked_lora import _conv_out_hw, conv_args
 
@@ -23,8 +22,7 @@ STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
 
 @torch.library.custom_op("spare_kernels::saliency_linear", mutates_args=("acc",))
 def _sal_linear(acc: Tensor, x: Tensor, dy: Tensor, stat: str) -> None:
-    with _autocast.off(x):   # hooks run in the backward, which may be inside an autocast region
-        select("saliency_linear", x.device.type)(acc, x, dy, stat)
+    select("saliency_linear", x.device.type)(acc, x, dy, stat)
 
 
 @_sal_linear.register_fake
@@ -35,8 +33,7 @@ def _(acc, x, dy, stat):
 @torch.library.custom_op("spare_kernels::saliency_conv2d", mutates_args=("acc",))
 def _sal_conv(acc: Tensor, x: Tensor, dy: Tensor, stat: str, stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int], groups: int) -> None:
-    with _autocast.off(x):
-        select("saliency_conv2d", x.device.type)(acc, x, dy, stat, stride, padding, dilation, groups)
+    select("saliency_conv2d", x.device.type)(acc, x, dy, stat, stride, padding, dilation, groups)
 
 
 @_sal_conv.register_fake

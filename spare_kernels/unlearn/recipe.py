@@ -146,6 +146,19 @@ def _adam(params, lr):
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+def _own_adam_implementation(opt):
+    """``load_state_dict`` takes the checkpoint's ``fused`` / ``foreach`` too: keep this run's choice
+    (a checkpoint from before fused Adam, or from another device), with the step counters where the
+    fused kernel wants them."""
+    fused = opt.defaults.get("fused")
+    for g in opt.param_groups:
+        g["fused"], g["foreach"] = fused, opt.defaults.get("foreach")
+        for p in g["params"]:
+            st = opt.state.get(p)
+            if fused and st and "step" in st:
+                st["step"] = torch.as_tensor(st["step"], dtype=torch.float32, device=p.device)
+
+
 class _Overlap:
     """Runs the teacher's forward in a worker thread while the calling thread runs the student's, the
     intra-op threads split between them. Small convolutions scale poorly over cores; two independent
@@ -391,6 +404,7 @@ def _load_checkpoint(path, params, opt, gen, cfg):
         for p, v in zip(params, state["params"]):
             p.copy_(v)
     opt.load_state_dict(state["optimizer"])
+    _own_adam_implementation(opt)
     gen.set_state(state["rng"])
     return state["step"], state["history"]
 

@@ -2,7 +2,8 @@
 and bias cast to the autocast dtype; the adapters keep theirs, so fp32 adapters under bf16 activations
 keep their precision), and never inside: the kernels and backward formulas choose their own precision
 (fp32 work under bf16 activations), which autocast would cast down, also in a backward called inside
-an autocast region. The C++ kernels guard themselves (``NoAutocast`` in ``csrc/cpu/spare_cpu.h``)."""
+an autocast region. The C++ kernels guard themselves (``NoAutocast`` in ``csrc/cpu/spare_cpu.h``), the
+reference backend runs under :func:`off`, and so do the ops' Python backward formulas."""
 from __future__ import annotations
 
 import contextlib
@@ -37,3 +38,11 @@ def off(x: Tensor):
     if dtype(x) is None:
         return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
+
+
+def call(fn, dt: torch.dtype, x: Tensor, weight: Tensor, bias, *args):
+    """``fn(x, weight, bias, *args)`` with the three cast to ``dt`` (see :func:`cast`) and autocast
+    off: what a layer does under autocast, after :func:`dtype` returned ``dt``."""
+    x, weight, bias = cast(dt, x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn(x, weight, bias, *args)
