@@ -45,12 +45,19 @@ def test_compile_fullgraph_patched_module_under_autocast(backend):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return m(x)
 
+    def g(x):   # autocast entered outside the compiled function, backward inside the region
+        return m(x)
+
+    cg = torch.compile(g, fullgraph=True)
     out = []
-    for fn in (f, torch.compile(f, fullgraph=True)):
+    for fn, outer in ((f, False), (torch.compile(f, fullgraph=True), False), (cg, True)):
         m.zero_grad(set_to_none=True)
-        y = fn(torch.randn(8, 40, generator=torch.Generator().manual_seed(1)))
-        y.float().square().sum().backward()
+        x = torch.randn(8, 40, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=outer):
+            y = fn(x)
+            y.float().square().sum().backward()
         out.append((y, m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad))
-    assert out[1][0].dtype == torch.bfloat16 and out[1][1].dtype == torch.float32
-    for a, b in zip(*out):
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    for o in out[1:]:
+        assert o[0].dtype == torch.bfloat16 and o[1].dtype == torch.float32
+        for a, b in zip(o, out[0]):
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
