@@ -331,3 +331,14 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     assert main(["unlearn", str(model), "--forget-prompt", "x", "--surrogate-prompt", "y", "--retain-prompt", "z",
                  "--forget-images", str(empty), "--out", str(tmp_path / "o3")]) == 2
     assert "forget set: empty" in capsys.readouterr().err
+
+
+def test_compare_table_shows_spares_time_over_each_method():
+    from spare_kernels.cli import format_table
+    row = dict(ua=1.0, ira=0.99, cra=0.93, base_ira=1.0, base_cra=0.92, fidelity_psnr=29.0, peak_mem_mb=95)
+    rows = [dict(row, method="spare", seconds=50.0), dict(row, method="spare-reference", seconds=80.0),
+            dict(row, method="salun", seconds=0.0)]
+    lines = format_table(rows).splitlines()
+    assert "spare/x" in lines[0]
+    assert lines[2].split()[8] == "1.000" and lines[3].split()[8] == "0.625" and lines[4].split()[8] == "-"
+    assert "spare/x" not in format_table(rows[:1]) and "spare/x" not in format_table(rows[1:])
