@@ -156,6 +156,24 @@ def _read_prompts(flag_values, file_path, arg):
     return prompts
 
 
+def _device(spec):
+    """``--device``: None picks CUDA when torch sees a GPU, else the CPU; anything else must exist here."""
+    import torch
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: expected a torch device such as cpu or cuda:0, got {spec!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: this torch sees no CUDA device (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {spec!r}")
+    return dev
+
+
 def _cmd_unlearn(args):
     from .unlearn import Config
     from .unlearn.diffusers_task import check_model_dir, diffusers_task
@@ -179,14 +197,16 @@ def _cmd_unlearn(args):
     try:
         check_model_dir(args.model)
         cfg = Config(method="spare", steps=args.steps, seed=args.seed, density=args.density, rank=args.rank,
-                     timesteps=args.timesteps, checkpoint_every=args.checkpoint_every)
+                     timesteps=args.timesteps, checkpoint_every=args.checkpoint_every, precision=args.precision)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    device = _device(args.device)
     _writable_dir(args.out, "--out")
     _threads(args.threads)
     from .unlearn import run
     unet, task = diffusers_task(args.model, forget, args.surrogate_prompt, retain, images_dir=args.forget_images,
-                                n_generate=args.n_generate, seed=args.seed, resolution=args.resolution)
+                                n_generate=args.n_generate, seed=args.seed, resolution=args.resolution,
+                                device=device)
     r = run(unet, task, cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     from .utils.io import write_json
     write_json(os.path.join(args.out, "run.json"), {k: v for k, v in r.items() if k != "history"}
@@ -256,6 +276,9 @@ def main(argv=None) -> int:
     u.add_argument("--out", required=True, help="output directory (adapter.safetensors, run.json)")
     u.add_argument("--checkpoint-every", type=int, default=0)
     u.add_argument("--resume", action="store_true")
+    u.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if torch sees a GPU, else cpu)")
+    u.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: forwards under torch.autocast; weights, adapters and optimizer stay fp32")
     u.add_argument("--threads", type=int, default=0)
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(fn=_cmd_unlearn)

@@ -322,6 +322,18 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
     load_adapter(unet, str(out / "adapter.safetensors"))
     assert adapter_names(unet) == ["default"]
+    # bf16 forwards on an explicit device: adapter in fp32, same keys
+    out_bf = tmp_path / "out_bf16"
+    assert main(argv[:-3] + ["--out", str(out_bf), "--quiet", "--precision", "bf16", "--device", "cpu"]) == 0
+    from safetensors.torch import load_file
+    a32, a16 = load_file(str(out / "adapter.safetensors")), load_file(str(out_bf / "adapter.safetensors"))
+    assert a32.keys() == a16.keys()
+    assert all(v.dtype == torch.float32 for k, v in a16.items() if "lora_" in k) and any("lora_" in k for k in a16)
+    assert json.loads((out_bf / "run.json").read_text())["config"]["precision"] == "bf16"
+    for bad, msg in (("meta", "expected cpu or cuda"), ("nonsense", "expected a torch device")) + (
+            () if torch.cuda.is_available() else (("cuda", "no CUDA device"),)):
+        assert main(argv[:-3] + ["--out", str(tmp_path / "o_dev"), "--device", bad]) == 2
+        assert msg in capsys.readouterr().err
     # a directory that is not a diffusers pipeline, an empty forget set
     assert main(["unlearn", str(tmp_path), "--forget-prompt", "x", "--surrogate-prompt", "y",
                  "--retain-prompt", "z", "--data-free", "--out", str(tmp_path / "o2")]) == 2
@@ -342,3 +354,39 @@ def test_compare_table_shows_spares_time_over_each_method():
     assert "spare/x" in lines[0]
     assert lines[2].split()[8] == "1.000" and lines[3].split()[8] == "0.625" and lines[4].split()[8] == "-"
     assert "spare/x" not in format_table(rows[:1]) and "spare/x" not in format_table(rows[1:])
+
+
+def test_bf16_precision_runs_forwards_in_bf16_and_keeps_fp32_state(task):
+    with pytest.raises(ValueError, match="precision"):
+        Config(precision="fp16")
+    unet = canvas.load_model()
+    with Trainer(unet, task, Config(method="spare", precision="bf16", **SMALL)) as tr:
+        seen = []
+        h = unet.register_forward_hook(lambda m, i, o: seen.append(o.sample.dtype))
+        lf, lr_ = tr.step()
+        h.remove()
+        assert seen and set(seen) == {torch.bfloat16}          # teacher and student forwards
+        assert torch.isfinite(lf) and torch.isfinite(lr_)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in tr.params)
+    # a checkpoint from before Config.precision existed resumes (missing settings take their defaults)
+    from spare_kernels.unlearn.recipe import _load_checkpoint, _save_checkpoint
+    import dataclasses
+    with Trainer(canvas.load_model(), task, Config(method="spare", **SMALL)) as tr:
+        tr.step()
+        state_cfg = Config(method="spare", **SMALL)
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            ck = os.path.join(d, "checkpoint.pt")
+            _save_checkpoint(ck, 1, tr.params, tr.opt, tr.gen, [], state_cfg)
+            st = torch.load(ck, weights_only=False)
+            del st["config"]["precision"]
+            torch.save(st, ck)
+            assert _load_checkpoint(ck, tr.params, tr.opt, tr.gen, state_cfg)[0] == 1
+            with pytest.raises(ValueError, match="precision"):
+                _load_checkpoint(ck, tr.params, tr.opt, tr.gen, dataclasses.replace(state_cfg, precision="bf16"))
+
+
+def test_task_to_moves_samples_and_conditions(task):
+    t2 = task.to("cpu")
+    assert t2 is not task and t2.x_forget.device.type == "cpu" and torch.equal(t2.c_null, task.c_null)
+    assert t2.scheduler is task.scheduler and t2.target == task.target

@@ -59,13 +59,16 @@ def _load_images(folder: str, size: int) -> torch.Tensor:
 
 
 def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, images_dir=None,
-                   n_generate: int = 4, seed: int = 0, resolution=None, steps: int = 20):
-    """``(unet, task)`` for the SPARE recipe on a local Stable Diffusion pipeline directory."""
+                   n_generate: int = 4, seed: int = 0, resolution=None, steps: int = 20, device="cpu"):
+    """``(unet, task)`` for the SPARE recipe on a local Stable Diffusion pipeline directory, the UNet
+    and the task's tensors on ``device`` (generation and encoding run there too; random draws come
+    from CPU generators, so a seed gives the same samples on any device up to its arithmetic)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     check_model_dir(model_dir)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
     unet = pipe.unet.requires_grad_(False).eval()
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = resolution or unet.config.sample_size * vae_scale
@@ -74,7 +77,7 @@ def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, 
     def encode(prompts):
         ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return pipe.text_encoder(ids)[0]
+        return pipe.text_encoder(ids.to(pipe.device))[0]
 
     @torch.no_grad()
     def generate(prompts, s):
@@ -86,7 +89,7 @@ def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, 
     if images_dir is not None:
         imgs = _load_images(images_dir, size)
         with torch.no_grad():
-            x_f = pipe.vae.encode(imgs).latent_dist.sample(torch.Generator().manual_seed(seed))
+            x_f = pipe.vae.encode(imgs.to(pipe.device)).latent_dist.sample(torch.Generator().manual_seed(seed))
         x_f = x_f * pipe.vae.config.scaling_factor
         f_flat = [forget_prompts[i % len(forget_prompts)] for i in range(x_f.shape[0])]
     else:

@@ -41,6 +41,7 @@ from . import reference as ref
 from .timesteps import TimestepSampler, probe
 
 METHODS = ("spare", "spare-reference", "lora", "salun", "esd")
+PRECISIONS = ("fp32", "bf16")   # fp16 would need loss scaling
 _DEFAULT_LR = {"spare": 1e-2, "spare-reference": 1e-2, "lora": 1e-2, "salun": 3e-4, "esd": 3e-4}
 
 
@@ -70,6 +71,7 @@ class Config:
     esd_eta: float = 1.0
     seed: int = 0
     checkpoint_every: int = 0             # 0: no checkpoints
+    precision: str = "fp32"               # or "bf16": forwards under torch.autocast (weights, adapters fp32)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -83,6 +85,8 @@ class Config:
             raise ValueError(f"density: expected a fraction in (0, 1], got {self.density}")
         if self.timesteps not in ("critical", "uniform"):
             raise ValueError(f"timesteps: expected 'critical' or 'uniform', got {self.timesteps!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
 
@@ -93,7 +97,7 @@ class Config:
 
 # ------------------------------------------------------------------------------------------ helpers
 def _eps(unet, x, t, c):
-    return unet(x, t, encoder_hidden_states=c).sample
+    return unet(x, t.to(x.device), encoder_hidden_states=c).sample   # t is drawn on the CPU
 
 
 def _forget_batches(task, sampler, cfg, gen):
@@ -392,9 +396,9 @@ def _save_checkpoint(path, step, params, opt, gen, history, cfg):
 
 def _load_checkpoint(path, params, opt, gen, cfg):
     state = torch.load(path, weights_only=False)
-    want = dataclasses.asdict(cfg)
-    diff = {k: (state["config"].get(k), v) for k, v in want.items()
-            if k not in ("steps", "checkpoint_every") and state["config"].get(k) != v}
+    want, default = dataclasses.asdict(cfg), dataclasses.asdict(Config(method=cfg.method))
+    saved = {k: state["config"].get(k, default[k]) for k in want}   # settings added since: their defaults
+    diff = {k: (saved[k], v) for k, v in want.items() if k not in ("steps", "checkpoint_every") and saved[k] != v}
     if diff:
         raise ValueError(f"resume: the checkpoint {path} was made with other settings: "
                          + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
@@ -422,9 +426,13 @@ class Trainer:
 
     def __init__(self, unet, task, cfg: Config, gen: Optional[torch.Generator] = None, overlap: bool = True):
         self.cfg = cfg
-        self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)
+        self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)   # draws stay on the CPU
+        self.device = next(unet.parameters()).device
+        if task.x_forget.device != self.device:
+            task = task.to(self.device)
         self.method = _IMPL[cfg.method](unet, task, cfg)
-        self.params = self.method.setup(self.gen)
+        with self.precision():
+            self.params = self.method.setup(self.gen)
         self.sampler = self.method.sampler()
         self.teacher_model = self.method.teacher_model   # a frozen copy, or None (teacher = adapters off)
         unet.train(False)
@@ -444,10 +452,18 @@ class Trainer:
         self.close()
         return False
 
+    def precision(self):
+        """The forwards' context: ``torch.autocast`` to bf16 for ``Config(precision="bf16")`` (weights,
+        adapters, gradients and optimizer state stay fp32), else nothing."""
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def loss(self, gen: Optional[torch.Generator] = None):
         """-> (weighted total, forget loss, retain loss) of one batch drawn from ``gen`` (default: the
         run's generator)."""
-        lf, lr_ = self.method.losses(self.gen if gen is None else gen, self.sampler)
+        with self.precision():
+            lf, lr_ = self.method.losses(self.gen if gen is None else gen, self.sampler)
         return self.cfg.w_forget * lf + self.cfg.w_retain * lr_, lf, lr_
 
     def step(self, clock=None):
@@ -465,6 +481,19 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------------------------- run
+def _peak_bytes(fn, device) -> int:
+    """Peak memory ``fn`` adds on ``device``: the c10 CPU allocator's (``measure_peak``) or CUDA's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from ..utils.memory import measure_peak
+    return measure_peak(fn)[1]
+
+
 def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True) -> dict:
     """Run ``cfg.method`` on ``unet`` (modified in place: adapters patched, or weights trained).
 
@@ -474,8 +503,6 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
     K steps; ``resume=True`` continues from it (the final adapter equals an uninterrupted run's).
     """
     from tqdm import tqdm
-
-    from ..utils.memory import measure_peak
 
     if resume and not out_dir:
         raise ValueError("resume: needs out_dir (where checkpoint.pt is)")
@@ -514,7 +541,7 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
                          + [s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)]
                          + [p.grad for p in params])
     probe_gen = torch.Generator().manual_seed(cfg.seed + 99)
-    _, step_peak = measure_peak(lambda: tr.loss(probe_gen)[0].backward())
+    step_peak = _peak_bytes(lambda: tr.loss(probe_gen)[0].backward(), tr.device)
     m.runner = None
     opt.zero_grad(set_to_none=True)
     res = {

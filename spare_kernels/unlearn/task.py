@@ -39,9 +39,17 @@ class Task:
         return int(self.scheduler.config.num_train_timesteps)
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator):
-        """-> (x_t, noise): ``x0`` noised to timesteps ``t`` with noise drawn from ``gen``."""
-        noise = torch.randn(x0.shape, generator=gen)
+        """-> (x_t, noise): ``x0`` noised to timesteps ``t`` with noise drawn from ``gen`` (a CPU
+        generator: the same draws whatever device the samples live on)."""
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         return self.scheduler.add_noise(x0, noise, t), noise
+
+    def to(self, device) -> "Task":
+        """The task with its samples and conditions on ``device``."""
+        moved = {k: getattr(self, k).to(device) for k in ("x_forget", "c_forget", "c_surrogate", "x_retain",
+                                                          "c_retain", "c_null")}
+        return Task(**moved, scheduler=self.scheduler, target=self.target, surrogate=self.surrogate,
+                    info=dict(self.info))
 
 
 def canvas_task(target: str, surrogate: Optional[str] = None, n_forget: int = 64, n_retain: int = 192,

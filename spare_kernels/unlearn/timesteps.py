@@ -23,9 +23,9 @@ def probe(unet, task, bins: int = 10, per_bin: int = 8, seed: int = 0) -> dict:
                    for b in range(bins)])
     xt, _ = task.noised(task.x_forget[idx], t, g)
     c = torch.cat([task.c_forget[idx], task.c_surrogate[idx]])
-    eps = unet(torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=c).sample
+    eps = unet(torch.cat([xt, xt]), torch.cat([t, t]).to(xt.device), encoder_hidden_states=c).sample
     ef, es = eps.chunk(2)
-    gap = (ef - es).pow(2).flatten(1).mean(1)
+    gap = (ef.float() - es.float()).pow(2).flatten(1).mean(1).cpu()
     score = gap.view(bins, per_bin).mean(1)
     return {"edges": edges, "score": score.tolist()}
 
