@@ -169,7 +169,7 @@ def _device(spec):
         raise UsageError(f"--device {spec}: this torch sees no CUDA device (torch {torch.__version__})")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise UsageError(f"--device: expected cpu or cuda[:N], got {spec!r}")
     return dev
 
@@ -201,6 +201,13 @@ def _cmd_unlearn(args):
     except ValueError as e:
         raise UsageError(str(e)) from None
     device = _device(args.device)
+    if args.precision == "bf16" and device.type == "cuda":
+        import torch
+        with torch.cuda.device(device):
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if not native_bf16:
+            raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
+                             "(it would be emulated, slowly); use --precision fp32")
     _writable_dir(args.out, "--out")
     _threads(args.threads)
     from .unlearn import run

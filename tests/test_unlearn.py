@@ -330,7 +330,8 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     assert a32.keys() == a16.keys()
     assert all(v.dtype == torch.float32 for k, v in a16.items() if "lora_" in k) and any("lora_" in k for k in a16)
     assert json.loads((out_bf / "run.json").read_text())["config"]["precision"] == "bf16"
-    for bad, msg in (("meta", "expected cpu or cuda"), ("nonsense", "expected a torch device")) + (
+    for bad, msg in (("meta", "expected cpu or cuda"), ("cpu:1", "expected cpu or cuda"),
+                     ("nonsense", "expected a torch device")) + (
             () if torch.cuda.is_available() else (("cuda", "no CUDA device"),)):
         assert main(argv[:-3] + ["--out", str(tmp_path / "o_dev"), "--device", bad]) == 2
         assert msg in capsys.readouterr().err

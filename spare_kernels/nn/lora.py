@@ -90,14 +90,16 @@ class _MaskedLoRALayer(nn.Module):
         if lora_A is None or lora_B is None:
             if init not in INITS:
                 raise ValueError(f"init: expected one of {INITS}, got {init!r}")
-            lora_A = torch.empty(a_shape, dtype=dtype, device=dev)
-            lora_B = torch.zeros(b_shape, dtype=dtype, device=dev)
+            # Drawn on the CPU, then moved: a seed gives the same adapter on every device.
+            lora_A = torch.empty(a_shape, dtype=dtype)
+            lora_B = torch.zeros(b_shape, dtype=dtype)
             if init == "kaiming":
                 nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
             else:
                 nn.init.normal_(lora_A, std=1.0 / rank)
             if init == "random":
                 nn.init.normal_(lora_B, std=1.0)
+            lora_A, lora_B = lora_A.to(dev), lora_B.to(dev)
         elif tuple(lora_A.shape) != a_shape or tuple(lora_B.shape) != b_shape:
             raise ValueError(f"lora_A/lora_B: expected shapes {a_shape} and {b_shape}, "
                              f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")

@@ -116,9 +116,10 @@ def _diffusion_loss(unet, batch):
 
 @contextlib.contextmanager
 def _seeded(seed):
-    """Adapter initialisers draw from torch's global RNG: seed it for the run, restore it after."""
+    """Adapter initialisers draw from torch's global CPU RNG (also for adapters on a GPU): seed it for
+    the run, restore it after; other devices' generators are not touched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 
@@ -395,7 +396,7 @@ def _save_checkpoint(path, step, params, opt, gen, history, cfg):
 
 
 def _load_checkpoint(path, params, opt, gen, cfg):
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")   # copy_/load_state_dict place it
     want, default = dataclasses.asdict(cfg), dataclasses.asdict(Config(method=cfg.method))
     saved = {k: state["config"].get(k, default[k]) for k in want}   # settings added since: their defaults
     diff = {k: (saved[k], v) for k, v in want.items() if k not in ("steps", "checkpoint_every") and saved[k] != v}
@@ -428,8 +429,7 @@ class Trainer:
         self.cfg = cfg
         self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)   # draws stay on the CPU
         self.device = next(unet.parameters()).device
-        if task.x_forget.device != self.device:
-            task = task.to(self.device)
+        task = task.to(self.device)   # references only, where the tensors are there already
         self.method = _IMPL[cfg.method](unet, task, cfg)
         with self.precision():
             self.params = self.method.setup(self.gen)
@@ -437,7 +437,7 @@ class Trainer:
         self.teacher_model = self.method.teacher_model   # a frozen copy, or None (teacher = adapters off)
         unet.train(False)
         self.opt = _adam(self.params, cfg.learning_rate)
-        if overlap and self.method.overlap and _Overlap.available():
+        if overlap and self.method.overlap and self.device.type == "cpu" and _Overlap.available():
             self.method.runner = _Overlap()
 
     def close(self):
@@ -524,7 +524,7 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
         for step in range(start, cfg.steps):
             lf, lr_ = tr.step()
             history.append([lf.item(), lr_.item()])
-            bar.set_postfix(forget=f"{lf.item():.4f}", retain=f"{lr_.item():.4f}", refresh=False)
+            bar.set_postfix(forget=f"{history[-1][0]:.4f}", retain=f"{history[-1][1]:.4f}", refresh=False)
             bar.update(1)
             if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 _save_checkpoint(ckpt, step + 1, params, opt, tr.gen, history, cfg)

@@ -27,10 +27,11 @@ class SpareRefLayer(nn.Module):
         fan_in = w[0].numel()
         a_shape = (rank,) + tuple(w.shape[1:])
         g = generator or torch.Generator().manual_seed(0)
-        self.lora_A = nn.Parameter((torch.randn(a_shape, generator=g) / fan_in ** 0.5).to(w.dtype))
+        like = dict(device=w.device, dtype=w.dtype)   # drawn on the CPU: the same init on every device
+        self.lora_A = nn.Parameter((torch.randn(a_shape, generator=g) / fan_in ** 0.5).to(**like))
         B = torch.randn(w.shape[0], rank, generator=g) if init == "random" else torch.zeros(w.shape[0], rank)
-        self.lora_B = nn.Parameter(B.to(w.dtype))
-        self.register_buffer("mask", mask.reshape(w.shape).to(w.dtype))
+        self.lora_B = nn.Parameter(B.to(**like))
+        self.register_buffer("mask", mask.reshape(w.shape).to(**like))
         self.scale = scale
         self.enabled = True
 
