@@ -213,7 +213,7 @@ def _cmd_unlearn(args):
     from .unlearn import run
     unet, task = diffusers_task(args.model, forget, args.surrogate_prompt, retain, images_dir=args.forget_images,
                                 n_generate=args.n_generate, seed=args.seed, resolution=args.resolution,
-                                device=device)
+                                device=device, progress=not args.quiet)
     r = run(unet, task, cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     from .utils.io import write_json
     write_json(os.path.join(args.out, "run.json"), {k: v for k, v in r.items() if k != "history"}

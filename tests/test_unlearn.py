@@ -317,6 +317,7 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
             "--retain-prompt", "a painting of a tree", "--data-free", "--n-generate", "1", "--steps", "2",
             "--out", str(out), "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
+    assert "generating" not in capsys.readouterr().out          # --quiet
     assert (out / "adapter.safetensors").exists() and (out / "run.json").exists()
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
@@ -324,7 +325,10 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     assert adapter_names(unet) == ["default"]
     # bf16 forwards on an explicit device: adapter in fp32, same keys
     out_bf = tmp_path / "out_bf16"
-    assert main(argv[:-3] + ["--out", str(out_bf), "--quiet", "--precision", "bf16", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(argv[:-3] + ["--out", str(out_bf), "--precision", "bf16", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out     # not --quiet: the long parts say what they do
+    assert "generating 1 forget images" in said and "generating 1 retain images" in said, said
     from safetensors.torch import load_file
     a32, a16 = load_file(str(out / "adapter.safetensors")), load_file(str(out_bf / "adapter.safetensors"))
     assert a32.keys() == a16.keys()

@@ -59,7 +59,8 @@ def _load_images(folder: str, size: int) -> torch.Tensor:
 
 
 def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, images_dir=None,
-                   n_generate: int = 4, seed: int = 0, resolution=None, steps: int = 20, device="cpu"):
+                   n_generate: int = 4, seed: int = 0, resolution=None, steps: int = 20, device="cpu",
+                   progress: bool = True):
     """``(unet, task)`` for the SPARE recipe on a local Stable Diffusion pipeline directory, the UNet
     and the task's tensors on ``device`` (generation and encoding run there too; random draws come
     from CPU generators, so a seed gives the same samples on any device up to its arithmetic)."""
@@ -67,7 +68,8 @@ def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, 
 
     check_model_dir(model_dir)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=not progress)
+    say = print if progress else (lambda *a, **k: None)
     pipe.to(device)
     unet = pipe.unet.requires_grad_(False).eval()
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -80,8 +82,9 @@ def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, 
         return pipe.text_encoder(ids.to(pipe.device))[0]
 
     @torch.no_grad()
-    def generate(prompts, s):
+    def generate(prompts, s, what):
         flat = [p for p in prompts for _ in range(n_generate)]
+        say(f"generating {len(flat)} {what} images ({steps} steps, {size}x{size}) on {pipe.device}", flush=True)
         g = torch.Generator().manual_seed(s)
         lat = pipe(flat, num_inference_steps=steps, height=size, width=size, generator=g, output_type="latent").images
         return lat, flat
@@ -93,8 +96,8 @@ def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, 
         x_f = x_f * pipe.vae.config.scaling_factor
         f_flat = [forget_prompts[i % len(forget_prompts)] for i in range(x_f.shape[0])]
     else:
-        x_f, f_flat = generate(forget_prompts, seed)
-    x_r, r_flat = generate(retain_prompts, seed + 1)
+        x_f, f_flat = generate(forget_prompts, seed, "forget")
+    x_r, r_flat = generate(retain_prompts, seed + 1, "retain")
     task = Task(x_forget=x_f, c_forget=encode(f_flat), c_surrogate=encode([surrogate_prompt] * len(f_flat)),
                 x_retain=x_r, c_retain=encode(r_flat), c_null=encode([""]),
                 scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
