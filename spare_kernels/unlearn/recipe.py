@@ -225,8 +225,8 @@ class _Method:
 
         def student():
             return _eps(self.unet, xt, t, c_student)
-        # Autocast is thread-local (a worker would run the teacher without it); GPUs gain nothing here.
-        if self.runner is not None and xt.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        # Autocast is thread-local: a worker would run the teacher without it.
+        if self.runner is not None and not torch.is_autocast_enabled("cpu"):
             return self.runner(teacher, student)
         target = teacher()
         return student(), target
@@ -437,6 +437,7 @@ class Trainer:
         self.teacher_model = self.method.teacher_model   # a frozen copy, or None (teacher = adapters off)
         unet.train(False)
         self.opt = _adam(self.params, cfg.learning_rate)
+        # CPU only: small convolutions scale poorly over cores, GPUs gain nothing from it.
         if overlap and self.method.overlap and self.device.type == "cpu" and _Overlap.available():
             self.method.runner = _Overlap()
 
