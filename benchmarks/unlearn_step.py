@@ -1,7 +1,7 @@
 """Where one MiniCanvas unlearning step spends its time, per method (the same task, batch and seeds).
 
 ``PYTHONPATH=. python -m benchmarks.unlearn_step [--target style:dots] [--reps 20] [--threads N]
-[--no-overlap]`` times, after setup, the training step of every method split into its phases: "loss"
+[--no-overlap] [--granularity element block row]`` times, after setup, the training step of every method split into its phases: "loss"
 (wall time of the forwards and the loss), within it the time spent in teacher forwards (no grad)
 and student forwards, then backward and optimizer. With 2+ threads ``spare`` runs the teacher
 beside the student (``Trainer(overlap=True)``), so its teacher + student exceeds "loss".
@@ -20,6 +20,7 @@ import time
 import torch
 
 from spare_kernels import canvas
+from spare_kernels.masks import GRANULARITIES
 from spare_kernels.unlearn import METHODS, Config, Trainer, canvas_task
 from spare_kernels.utils.io import write_json
 
@@ -48,9 +49,9 @@ class _ForwardClock:
             h.remove()
 
 
-def time_method(method, task, reps, warmup, seed, overlap=True):
+def time_method(method, task, reps, warmup, seed, overlap=True, granularity="element"):
     unet = canvas.load_model()
-    tr = Trainer(unet, task, Config(method=method, steps=0, seed=seed), overlap=overlap)
+    tr = Trainer(unet, task, Config(method=method, steps=0, seed=seed, granularity=granularity), overlap=overlap)
     teacher = tr.teacher_model
     clock = _ForwardClock([unet] + ([teacher] if teacher is not None else []))
     acc = dict.fromkeys(("loss", "backward", "optimizer"), 0.0)
@@ -106,6 +107,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: as set by the environment)")
     p.add_argument("--no-overlap", action="store_true", help="teacher then student, in one thread")
+    p.add_argument("--granularity", nargs="+", default=["element"], choices=GRANULARITIES,
+                   help="spare's mask granularities (rows 'spare' for element, 'spare/G' for the others)")
     p.add_argument("--out", default=os.path.join(RESULTS, "unlearn_step.json"))
     a = p.parse_args(argv)
     if a.reps < 1 or a.warmup < 0 or a.threads < 0:
@@ -118,9 +121,11 @@ def main(argv=None):
           f"target {a.target}")
     print(f"{'method':<16}" + "".join(f"{c:>11}" for c in cols))
     rows = {}
-    for method in a.methods:
-        rows[method] = time_method(method, task, a.reps, a.warmup, a.seed, overlap=not a.no_overlap)
-        print(f"{method:<16}" + "".join(f"{rows[method][c]:>11.1f}" for c in cols), flush=True)
+    runs = [(m, g) for m in a.methods for g in (a.granularity if m == "spare" else ["element"])]
+    for method, gran in runs:
+        label = method if gran == "element" else f"{method}/{gran}"
+        rows[label] = time_method(method, task, a.reps, a.warmup, a.seed, overlap=not a.no_overlap, granularity=gran)
+        print(f"{label:<16}" + "".join(f"{rows[label][c]:>11.1f}" for c in cols), flush=True)
     batch = Config().batch_forget + Config().batch_retain
     base = time_base_backward(task, batch, a.reps, a.warmup, a.seed)
     print(f"base model backward, batch {batch}: to the input only {base['input_only']:.1f} ms, "

@@ -123,14 +123,17 @@ def test_linear(case, dts):
         assert got[1].abs().max() == 0 and got[2].abs().max() == 0
 
 
+# Row / block masks on weights under 128 outputs or columns take the engine, larger ones stay factored.
+@pytest.mark.parametrize("size", [(30, 40), (130, 140)], ids=["engine", "factored"])
 @pytest.mark.parametrize("tokens", [6, 2])
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)])
 @pytest.mark.parametrize("kind", [NONE, ELEMENT, BLOCK, ROW])
-def test_linear_backward_subsets(kind, need, tokens):
+def test_linear_backward_subsets(kind, need, tokens, size):
+    out, cols = size
     g = torch.Generator().manual_seed(kind)
-    x, W = torch.randn(tokens, 40, generator=g), torch.randn(30, 40, generator=g)
-    A, B, dy = torch.randn(4, 40, generator=g), torch.randn(30, 4, generator=g), torch.randn(tokens, 30, generator=g)
-    m = make_mask(kind, 30, 40, "random", gen=g)
+    x, W = torch.randn(tokens, cols, generator=g), torch.randn(out, cols, generator=g)
+    A, B, dy = torch.randn(4, cols, generator=g), torch.randn(out, 4, generator=g), torch.randn(tokens, out, generator=g)
+    m = make_mask(kind, out, cols, "random", gen=g)
     got = ops.masked_lora_linear_backward(dy, x, W, A, B, m, kind, 16, 24, 0.5, *need)
     ref = R.masked_lora_linear_backward(dy, x, W, A, B, m, kind, 16, 24, 0.5, *need)
     for wanted, o, r_ in zip(need, got, ref):
@@ -149,6 +152,8 @@ CONV_CASES = [
     (2, 6, 5, 9, 1, 1, 0, 1, 3, 4),     # 1x1, groups 3
     (1, 3, 8, 5, 1, 2, 0, 1, 1, 2),     # 1x1 stride 2 (im2col path)
     (2, 7, 6, 5, 3, 1, 1, 1, 1, 4),     # 3x3 "same"
+    (2, 16, 6, 130, 3, 1, 1, 1, 1, 4),   # one tile, >= 128 outputs and columns: row / block factored
+    (2, 16, 6, 130, 3, 1, 1, 1, 1, 64),  # ... block through im2col pieces (rank too high to stack)
     (1, 300, 6, 100, 3, 1, 1, 1, 1, 4),  # weight above kWholeTile: the tiled im2col engine
     (1, 600, 5, 200, 3, 2, 1, 1, 2, 3),  # ... grouped, strided, odd rank
 ]
@@ -187,16 +192,18 @@ def test_conv2d(case, kv, dts):
 @pytest.mark.parametrize("r", [4, 64])  # block: r=4 takes the stacked-conv path, r=64 the im2col one
 @pytest.mark.parametrize("kind", [ELEMENT, BLOCK])
 def test_conv2d_chunked(kind, r):
-    """An input whose unfolding exceeds one chunk: several im2col chunks per sample."""
+    """An input whose unfolding exceeds one chunk: several im2col chunks per sample (element: a weight
+    above kWholeTile, through the tiled engine; block: 128 outputs, factored)."""
+    out = 480 if kind == ELEMENT else 128
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 64, 48, 48, generator=g)
-    W = torch.randn(24, 64, 3, 3, generator=g) / 24
-    A, B = torch.randn(r, 64, 3, 3, generator=g) / 24, torch.randn(24, r, generator=g) / r ** 0.5
-    m = make_mask(kind, 24, 576, "random", bo=8, bi=32, gen=g)
+    W = torch.randn(out, 64, 3, 3, generator=g) / 24
+    A, B = torch.randn(r, 64, 3, 3, generator=g) / 24, torch.randn(out, r, generator=g) / r ** 0.5
+    m = make_mask(kind, out, 576, "random", bo=8, bi=32, gen=g)
     args = (m, kind, 8, 32, 0.5, [1, 1], [1, 1], [1, 1], 1)
     torch.testing.assert_close(ops.masked_lora_conv2d(x, W, None, A, B, *args),
                                R.masked_lora_conv2d(x, W, None, A, B, *args), rtol=1e-4, atol=1e-4)
-    dy = torch.randn(2, 24, 48, 48, generator=g)
+    dy = torch.randn(2, out, 48, 48, generator=g)
     for o, r_ in zip(ops.masked_lora_conv2d_backward(dy, x, W, A, B, *args, True, True, True),
                      R.masked_lora_conv2d_backward(dy, x, W, A, B, *args, True, True, True)):
         torch.testing.assert_close(o, r_, rtol=1e-4, atol=1e-3)

@@ -1,7 +1,9 @@
 // masked_lora_conv2d (+ backward).
 //  - none / row: factored, peft's conv LoRA (A a conv in->r, B a 1x1 conv r->out), oneDNN convs.
-//  - element / block: the tiled masked engine over bounded im2col chunks (implicit GEMM on
-//    cols = (C/groups)*kh*kw); 1x1 stride-1 unpadded convs skip im2col (a linear over pixels).
+//  - block: factored per row block (stacked oneDNN convs, or im2col pieces).
+//  - element, and row / block on small weights (masked_engine): the tiled masked engine over
+//    bounded im2col chunks (implicit GEMM on cols = (C/groups)*kh*kw); 1x1 stride-1 unpadded convs
+//    skip im2col (a linear over pixels).
 #include "spare_cpu.h"
 
 #include <algorithm>
@@ -314,7 +316,8 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
                 "spare_kernels_cpu: bias must be (out,) in the activation dtype");
   const auto dt = x.scalar_type();
   const int64_t r = lora_A.size(0);
-  if (kind == kNone || kind == kRow) {
+  const bool engine = masked_engine(kind, g.og, g.colsK);
+  if (kind == kNone || (kind == kRow && !engine)) {
     auto y = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
     auto z = at::conv2d(x, conv_A_factored(lora_A, groups, dt), std::optional<at::Tensor>(), stride, padding, dilation, groups);
     auto B4 = lora_B.to(dt);
@@ -328,7 +331,7 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
   auto W = weight.contiguous();
   auto Af = lora_A.to(at::kFloat).reshape({r, g.colsK}).contiguous();
   auto Bf = f32c(lora_B);
-  if (kind == kBlock && use_block_stack(g, r, block_o)) {
+  if (!engine && use_block_stack(g, r, block_o)) {
     const BlockStack bs(g, Af, Bf, *mask, block_o, block_i);
     auto y = at::conv2d(x, weight, bias, stride, padding, dilation, groups).to(at::kFloat);
     auto z = at::conv2d(xf, bs.Astack, std::optional<at::Tensor>(), stride, padding, dilation, 1);
@@ -336,7 +339,7 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
                          at::IntArrayRef{1, 1}, bs.np);
     return y.add_(lo.narrow(1, 0, g.out), scale).to(dt);
   }
-  if (kind == kBlock) {
+  if (!engine) {  // block, factored
     auto yf = at::conv2d(x, weight, bias, stride, padding, dilation, groups).to(at::kFloat).contiguous();
     BlockConv bc(g, Af, Bf, *mask, block_o, block_i, scale);
     bc.lc_hint = piece_len(g);
@@ -413,8 +416,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
               ") in the activation dtype, got ", dy.sizes());
   const auto dt = x.scalar_type();
   const int64_t r = lora_A.size(0);
+  const bool engine = masked_engine(kind, g.og, g.colsK);
   at::Tensor dx = empty_grad(), dA = empty_grad(), dB = empty_grad();
-  if (kind == kNone || kind == kRow) {
+  if (kind == kNone || (kind == kRow && !engine)) {
     auto Af = conv_A_factored(lora_A, groups, dt);
     auto B4 = lora_B.to(dt).view({g.out, r, 1, 1});
     at::Tensor dys = kind == kRow ? dy * (mask->reshape({1, g.out, 1, 1}).to(dt) * scale) : dy * scale;
@@ -445,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
   auto W = weight.contiguous();
   auto Af = lora_A.to(at::kFloat).reshape({r, g.colsK}).contiguous();
   auto Bf = f32c(lora_B);
-  if (kind == kBlock && use_block_stack(g, r, block_o)) {
+  if (!engine && use_block_stack(g, r, block_o)) {
     const BlockStack bs(g, Af, Bf, *mask, block_o, block_i);
     auto dys = bs.pad_out(dyf * scale);
     const std::vector<int64_t> one{1, 1}, zero{0, 0};
@@ -467,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
     }
     return {dx, dA, dB};
   }
-  if (kind == kBlock) {
+  if (!engine) {  // block, factored
     at::Tensor dxf, dAf, dBf;
     if (need_dx) dxf = conv_dinput(x, weight, dy, stride, padding, dilation, groups).to(at::kFloat).contiguous();
     if (need_dA) dAf = at::zeros({r, g.colsK}, at::kFloat);

@@ -654,6 +654,10 @@ MaskBits mask_bits(const at::Tensor& mask, int64_t kind, int64_t block_o, int64_
     holder = mask.contiguous();
     return MaskBits{holder.data_ptr<uint8_t>(), cdiv(cols, 8), 1, 0};
   }
+  if (kind == kRow) {  // a row mask is a block mask of (1 x cols) tiles
+    holder = block_rows_packed(mask.reshape({out, 1}), cols, cols);
+    return MaskBits{holder.data_ptr<uint8_t>(), cdiv(cols, 8), 1, 0};
+  }
   TORCH_CHECK(kind == kBlock, "spare_kernels_cpu: internal error, mask_bits of kind ", kind);
   holder = block_rows_packed(mask, block_i, cols);
   return MaskBits{holder.data_ptr<uint8_t>(), cdiv(cols, 8), block_o, 0};

@@ -1,5 +1,5 @@
 // masked_lora_linear (+ backward): element masks through the tiled engine, block masks and
-// row / none in factored (low-rank) form.
+// row / none in factored (low-rank) form (row / block on small weights: the engine, see masked_engine).
 #include "spare_cpu.h"
 
 #include <algorithm>
@@ -293,7 +293,8 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK(bias->numel() == out && bias->scalar_type() == x.scalar_type(),
                 "spare_kernels_cpu: bias must be (out,) in the activation dtype");
   const auto dt = x.scalar_type();
-  if (kind == kNone || kind == kRow) {
+  const bool engine = masked_engine(kind, out, cols);
+  if (kind == kNone || (kind == kRow && !engine)) {
     auto y = at::linear(x, weight, bias);
     auto h = at::mm(x, lora_A.to(dt).t());  // (N, r)
     auto Bm = lora_B.to(dt);
@@ -303,7 +304,7 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
   // An all-zero mask is exactly the frozen layer (bit for bit the same GEMM as the base model's).
   if (dt == at::kFloat && !any_set(*mask)) return at::linear(x, weight, bias);
   auto Af = f32c(lora_A), Bf = f32c(lora_B);
-  if (kind == kBlock) {
+  if (!engine) {  // block, factored
     auto xf = f32c(x);
     auto y = at::linear(x, weight, bias);
     if (dt != at::kFloat) y = y.to(at::kFloat);
@@ -311,7 +312,7 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight,
     BlockFact(xf, Af, Bf, *mask, block_o, block_i).forward_add(y, scale);
     return y.to(dt);
   }
-  // element
+  // the engine: element masks, and row / block masks on small weights
   auto xf = f32c(x);
   auto W = weight.contiguous();
   at::Tensor holder;
@@ -344,8 +345,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
               "spare_kernels_cpu: dy must be (N, out) in the activation dtype, got ", dy.sizes());
   check_mask(mask, kind, block_o, block_i, out, cols);
   const auto dt = x.scalar_type();
+  const bool engine = masked_engine(kind, out, cols);
   at::Tensor dx = empty_grad(), dA = empty_grad(), dB = empty_grad();
-  if (kind == kNone || kind == kRow) {
+  if (kind == kNone || (kind == kRow && !engine)) {
     auto A = lora_A.to(dt), B = lora_B.to(dt);
     at::Tensor dys;
     if (kind == kRow) dys = dy * (mask->reshape({1, out}).to(dt) * scale);
@@ -364,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
   }
   auto Af = f32c(lora_A), Bf = f32c(lora_B);
   auto xf = f32c(x), dyf = f32c(dy);
-  if (kind == kBlock) {
+  if (!engine) {  // block, factored
     BlockFact bf(xf, Af, Bf, *mask, block_o, block_i);
     at::Tensor E;
     if (need_dx || need_dA) E = bf.E(dyf);
