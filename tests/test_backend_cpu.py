@@ -34,11 +34,13 @@ def _tol(dt):
 def assert_close(ours, ref_lp, ref64, dt, what):
     assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     assert ours.dtype == ref_lp.dtype, f"{what}: dtype {ours.dtype} != {ref_lp.dtype}"
+    if ours.numel() == 0:
+        return
     C, eps = _tol(dt)
     o, lp, r64 = ours.double(), ref_lp.double(), ref64.double()
     assert torch.isfinite(o).all(), f"{what}: non-finite output"
     bound = C * (lp - r64).abs().max().item() + eps * r64.abs().max().item()
-    err = (o - r64).abs().max().item() if o.numel() else 0.0
+    err = (o - r64).abs().max().item()
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e}"
 
 
@@ -50,9 +52,10 @@ def make_mask(kind, out, cols, variant="random", bo=16, bi=24, gen=None):
                  "ones": lambda: torch.ones(out, cols, dtype=torch.bool),
                  "zeros": lambda: torch.zeros(out, cols, dtype=torch.bool)}[variant]()
         return fmt.pack_bits(dense)
-    if kind == BLOCK:
-        return torch.rand(-(-out // bo), -(-cols // bi), generator=gen) < 0.4
-    return torch.rand(out, generator=gen) < 0.5
+    shape = (-(-out // bo), -(-cols // bi)) if kind == BLOCK else (out,)
+    if variant == "zeros":   # an all-off row mask is also how a module-off layer goes to the kernels
+        return torch.zeros(shape, dtype=torch.bool)
+    return torch.rand(shape, generator=gen) < (0.4 if kind == BLOCK else 0.5)
 
 
 def _d(t):
@@ -92,6 +95,16 @@ LIN_CASES = [
     (3, 17, 9, 1, BLOCK, None),
     (5, 70, 45, 64, ROW, None),
     (3, 17, 9, 1, NONE, None),
+    # row / block: the engine below 128 outputs or columns on one-tile weights, factored otherwise
+    (2, 70, 45, 4, ROW, None),          # few tokens: the streamed one-pass path
+    (2, 70, 45, 4, BLOCK, None),
+    (7, 70, 45, 4, ROW, "zeros"),
+    (2, 70, 45, 4, ROW, "zeros"),
+    (7, 70, 45, 4, BLOCK, "zeros"),
+    (7, 321, 333, 4, ROW, "zeros"),
+    (6, 100, 3000, 4, ROW, None),       # above kWholeTile: factored although out < 128
+    (6, 100, 3000, 4, BLOCK, None),
+    (3, 5, 0, 2, ROW, None),            # no input features: y = bias
 ]
 
 
@@ -119,7 +132,7 @@ def test_linear(case, dts):
     r64 = R.masked_lora_linear_backward(_d(dy), _d(x), _d(W), _d(A), _d(B), *args, True, True, True)
     for name, o, l_, h in zip(("dx", "dA", "dB"), got, lp, r64):
         assert_close(o, l_, h, dt, name)
-    if kind == ELEMENT and variant == "zeros":
+    if variant == "zeros" and kind != NONE:
         assert got[1].abs().max() == 0 and got[2].abs().max() == 0
 
 
@@ -154,10 +167,12 @@ CONV_CASES = [
     (2, 7, 6, 5, 3, 1, 1, 1, 1, 4),     # 3x3 "same"
     (2, 16, 6, 130, 3, 1, 1, 1, 1, 4),   # one tile, >= 128 outputs and columns: row / block factored
     (2, 16, 6, 130, 3, 1, 1, 1, 1, 64),  # ... block through im2col pieces (rank too high to stack)
+    (1, 32, 5, 260, 3, 1, 1, 1, 2, 4),   # ... per group (og 130, colsK 144)
     (1, 300, 6, 100, 3, 1, 1, 1, 1, 4),  # weight above kWholeTile: the tiled im2col engine
     (1, 600, 5, 200, 3, 2, 1, 1, 2, 3),  # ... grouped, strided, odd rank
 ]
-KINDS = [(NONE, None), (ELEMENT, "random"), (ELEMENT, "ones"), (ELEMENT, "zeros"), (BLOCK, None), (ROW, None)]
+KINDS = [(NONE, None), (ELEMENT, "random"), (ELEMENT, "ones"), (ELEMENT, "zeros"), (BLOCK, None), (ROW, None),
+         (BLOCK, "zeros"), (ROW, "zeros")]
 
 
 @pytest.mark.parametrize("dts", DTYPES, ids=DT_IDS)
@@ -187,6 +202,25 @@ def test_conv2d(case, kv, dts):
     r64 = R.masked_lora_conv2d_backward(_d(dy), _d(x), _d(W), _d(A), _d(B), *args, True, True, True)
     for name, o_, l_, h in zip(("dx", "dA", "dB"), got, lp, r64):
         assert_close(o_, l_, h, dt, name)
+
+
+@pytest.mark.parametrize("out", [30, 130], ids=["engine", "factored"])
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("kind", [NONE, ELEMENT, BLOCK, ROW])
+def test_conv2d_backward_subsets(kind, need, out):
+    g = torch.Generator().manual_seed(kind)
+    x, W = torch.randn(2, 16, 6, 6, generator=g), torch.randn(out, 16, 3, 3, generator=g) / 12
+    A, B = torch.randn(4, 16, 3, 3, generator=g) / 12, torch.randn(out, 4, generator=g)
+    dy = torch.randn(2, out, 6, 6, generator=g)
+    m = make_mask(kind, out, 144, "random", bo=16, bi=24, gen=g)
+    args = (m, kind, 16, 24, 0.5, [1, 1], [1, 1], [1, 1], 1, *need)
+    got = ops.masked_lora_conv2d_backward(dy, x, W, A, B, *args)
+    ref = R.masked_lora_conv2d_backward(dy, x, W, A, B, *args)
+    for wanted, o, r_ in zip(need, got, ref):
+        if wanted:
+            torch.testing.assert_close(o, r_, rtol=1e-4, atol=1e-4)
+        else:
+            assert o.numel() == 0
 
 
 @pytest.mark.parametrize("r", [4, 64])  # block: r=4 takes the stacked-conv path, r=64 the im2col one
@@ -255,6 +289,10 @@ def test_errors():
         ops.masked_lora_linear(x.half(), W.half(), None, A, B, None, NONE, 0, 0, 1.0)
     with pytest.raises(RuntimeError, match="element mask"):
         ops.masked_lora_linear(x, W, None, A, B, torch.zeros(6, 1, dtype=torch.uint8), ELEMENT, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="row mask must be bool"):
+        ops.masked_lora_linear(x, W, None, A, B, torch.ones(6), ROW, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="block mask must be bool"):
+        ops.masked_lora_linear(x, W, None, A, B, torch.ones(2, 1, dtype=torch.uint8), BLOCK, 4, 16, 1.0)
     with pytest.raises(RuntimeError, match="unknown mask kind"):
         ops.masked_lora_linear(x, W, None, A, B, None, 7, 0, 0, 1.0)
     with pytest.raises(RuntimeError, match="stat"):

@@ -1,9 +1,10 @@
 // masked_lora_conv2d (+ backward).
 //  - none / row: factored, peft's conv LoRA (A a conv in->r, B a 1x1 conv r->out), oneDNN convs.
 //  - block: factored per row block (stacked oneDNN convs, or im2col pieces).
-//  - element, and row / block on small weights (masked_engine): the tiled masked engine over
-//    bounded im2col chunks (implicit GEMM on cols = (C/groups)*kh*kw); 1x1 stride-1 unpadded convs
-//    skip im2col (a linear over pixels).
+//  - row / block on small weights (masked_engine), and element masks on weights of at most
+//    kWholeTile entries per group: W_eff built whole, one oneDNN convolution.
+//  - element masks on larger weights: the tiled masked engine over bounded im2col chunks (implicit
+//    GEMM on cols = (C/groups)*kh*kw); 1x1 stride-1 unpadded convs skip im2col (a linear over pixels).
 #include "spare_cpu.h"
 
 #include <algorithm>

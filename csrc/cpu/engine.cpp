@@ -449,8 +449,11 @@ static_assert(kSmallT == 4, "SPARE_SMALL_DISPATCH instantiates T = 1..4");
 void engine_forward(const EngineArgs& e, const std::vector<Mat>& X, const std::vector<Mat>& Y, const float* bias) {
   const int64_t out = e.out, cols = e.cols;
   if (out == 0) return;
-  if (cols == 0) {
-    for (auto& y : Y) gemm(1.f, Mat{nullptr, y.r, 0, 1, 1}, Mat{nullptr, 0, y.c, 1, 1}, 0.f, y);
+  if (cols == 0) {  // no input features: y = bias
+    for (auto& y : Y) {
+      gemm(1.f, Mat{nullptr, y.r, 0, 1, 1}, Mat{nullptr, 0, y.c, 1, 1}, 0.f, y);
+      if (bias) add_bias(y, bias);
+    }
     return;
   }
 #ifdef SPARE_AVX512
@@ -646,6 +649,9 @@ void check_mask(const std::optional<at::Tensor>& mask, int64_t kind, int64_t blo
   } else {
     TORCH_CHECK(m.numel() == out, "spare_kernels_cpu: row mask must have ", out, " entries, got ", m.sizes());
   }
+  if (kind == kBlock || kind == kRow)  // their bytes are read raw (any_set, block_rows_packed)
+    TORCH_CHECK(m.scalar_type() == at::kBool, "spare_kernels_cpu: ", kind == kBlock ? "block" : "row",
+                " mask must be bool, got ", m.scalar_type());
 }
 
 MaskBits mask_bits(const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i,

@@ -1,9 +1,9 @@
 // Native CPU backend of spare_kernels: shared declarations.
 //
-// All masked (element / block) work is done in fp32 (bf16 activations are widened on load),
-// tile by tile: a (P x Q) tile of the effective weight W + s*M.(B*A) or of the weight gradient
-// G = dY^T X is built in a cache-sized scratch and consumed at once by MKL sgemm, so no out x in
-// fp32 tensor is ever written whole.
+// All masked work of the engine (element masks; row / block masks on small weights) is done in fp32
+// (bf16 activations are widened on load), tile by tile: a (P x Q) tile of the effective weight
+// W + s*M.(B*A) or of the weight gradient G = dY^T X is built in a cache-sized scratch and consumed at
+// once by MKL sgemm, so no out x in fp32 tensor is written whole above kWholeTile entries.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,7 +47,8 @@ inline Mat mat_of(const at::Tensor& t) {  // 2-D fp32 tensor
 void gemm(float alpha, const Mat& A, const Mat& B, float beta, const Mat& C);
 
 // Bit-packed mask rows: local row o reads bits + ((o + row_off) / row_div) * nbytes.
-// Element masks: row_div = 1; block masks are expanded per block row (row_div = block_o).
+// Element masks: row_div = 1; block masks are expanded per block row (row_div = block_o), row
+// masks as blocks of (1 x cols).
 struct MaskBits {
   const uint8_t* bits;
   int64_t nbytes, row_div, row_off;
@@ -83,8 +84,8 @@ constexpr int64_t kWholeTile = 256 * 1024;
 constexpr int64_t kSmallT = 4;
 // Linear with element mask: the single-tile path applies.
 inline bool one_tile(int64_t tokens, int64_t out, int64_t cols) { return tokens > kSmallT && out * cols <= kWholeTile; }
-// Row and block masks run factored (rank-r pieces, no out x in work), except on one-tile weights with
-// fewer than kFactoredMin outputs or columns: there the extra rank-r GEMMs / convolutions cost more than
+// Row and block masks run factored (rank-r pieces, no out x in work), except on one-tile weights (for
+// convs: per group) with fewer than kFactoredMin outputs or columns: there the extra rank-r GEMMs / convolutions cost more than
 // building W_eff once (MiniCanvas's convolutions ran 1.2-3x slower factored), so they take the engine.
 constexpr int64_t kFactoredMin = 128;
 inline bool masked_engine(int64_t kind, int64_t out, int64_t cols) {
@@ -99,7 +100,7 @@ void contract_grad(const EngineArgs& e, float* G, float* dA, int64_t ldda, float
 
 // Block mask (nbo, nbi) bool -> bit-packed per block row (nbo, ceil(cols/8)) uint8.
 at::Tensor block_rows_packed(const at::Tensor& mask, int64_t block_i, int64_t cols);
-// MaskBits of an element / block wire mask (keeps `holder` alive for the expanded block rows).
+// MaskBits of an element / block / row wire mask (keeps `holder` alive for the expanded rows).
 MaskBits mask_bits(const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i,
                    int64_t out, int64_t cols, at::Tensor& holder);
 void check_mask(const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
