@@ -45,10 +45,40 @@ def _threads(n):
 
 
 # ------------------------------------------------------------------------------------------- demo
-def _demo_config(args, method):
+_RECIPE = ("steps", "rank", "density", "granularity", "block", "scope", "saliency_stat", "timesteps", "mix", "lr",
+           "seed", "checkpoint_every")
+
+
+def _recipe_args(p):
+    """The recipe's settings that ``demo`` and ``unlearn`` share: ``Config`` fields, with its defaults."""
+    import dataclasses
+
+    from .masks import GRANULARITIES, SCOPES
+    from .ops.saliency import STATS
     from .unlearn import Config
-    return Config(method=method, steps=args.steps, seed=args.seed, timesteps=args.timesteps,
-                  density=args.density, checkpoint_every=args.checkpoint_every)
+    d = {f.name: f.default for f in dataclasses.fields(Config)}
+    p.add_argument("--steps", type=int, default=d["steps"], help=f"training steps (default {d['steps']})")
+    p.add_argument("--rank", type=int, default=d["rank"], help=f"adapter rank (default {d['rank']})")
+    p.add_argument("--density", type=float, default=d["density"],
+                   help=f"mask density (SPARE's per-weight default {d['density']})")
+    p.add_argument("--granularity", default=d["granularity"], choices=GRANULARITIES,
+                   help=f"mask unit (default {d['granularity']})")
+    p.add_argument("--block", type=int, nargs=2, default=d["block"], metavar=("BO", "BI"),
+                   help=f"tile of block masks (default {d['block'][0]} {d['block'][1]})")
+    p.add_argument("--scope", default=d["scope"], choices=SCOPES, help="top-k over the whole UNet or per module")
+    p.add_argument("--saliency-stat", default=d["saliency_stat"], choices=STATS)
+    p.add_argument("--timesteps", default=d["timesteps"], choices=["critical", "uniform"])
+    p.add_argument("--mix", type=float, default=d["mix"],
+                   help=f"weight of the concept curve in the timestep mixture (default {d['mix']})")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's own)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
+                   help="checkpoint every K steps (0: never; needs --out)")
+
+
+def _recipe_config(args, method, **kw):
+    from .unlearn import Config
+    return Config(method=method, **{k: getattr(args, k) for k in _RECIPE}, **kw)
 
 
 def _cmd_demo(args):
@@ -62,7 +92,7 @@ def _cmd_demo(args):
         names = canvas.STYLES if domain == "style" else canvas.OBJECTS
         surrogate = args.surrogate or next(n for n in names if n != name)
         surrogate = parse_surrogate(surrogate, domain, name)
-        _demo_config(args, args.method)
+        _recipe_config(args, args.method)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.out:
@@ -96,7 +126,7 @@ def _cmd_demo(args):
         out = os.path.join(args.out, method) if args.out and args.compare else args.out
         if out:
             os.makedirs(out, exist_ok=True)
-        r = run(unet, task, _demo_config(args, method), out_dir=out, resume=args.resume and method == args.method,
+        r = run(unet, task, _recipe_config(args, method), out_dir=out, resume=args.resume and method == args.method,
                 progress=not args.quiet)
         after = canvas.evaluate(unet, **ev)
         row = {"target": args.target, "surrogate": surrogate, "method": method, "ua": after["ua"],
@@ -118,7 +148,7 @@ def _cmd_demo(args):
         from .utils.io import write_json
         write_json(os.path.join(args.out, "results.json"), {"rows": rows, "curves": {
             m: {"curve": r["curve"], "timestep_density": r["timestep_density"], "history": r["history"]}
-            for m, r in results.items()}})
+            for m, r in results.items()}, "configs": {m: r["config"] for m, r in results.items()}})
     if args.json:
         from .utils.io import write_json
         main_row = next(r for r in rows if r["method"] == args.method) if args.method in methods else rows[0]
@@ -175,7 +205,6 @@ def _device(spec):
 
 
 def _cmd_unlearn(args):
-    from .unlearn import Config
     from .unlearn.diffusers_task import check_model_dir, diffusers_task
 
     forget = _read_prompts(args.forget_prompt, args.forget_prompts_file, "--forget-prompts")
@@ -196,8 +225,7 @@ def _cmd_unlearn(args):
             raise UsageError(f"forget set: empty: no images in {args.forget_images!r}")
     try:
         check_model_dir(args.model)
-        cfg = Config(method="spare", steps=args.steps, seed=args.seed, density=args.density, rank=args.rank,
-                     timesteps=args.timesteps, checkpoint_every=args.checkpoint_every, precision=args.precision)
+        cfg = _recipe_config(args, "spare", precision=args.precision)
     except ValueError as e:
         raise UsageError(str(e)) from None
     device = _device(args.device)
@@ -250,15 +278,11 @@ def main(argv=None) -> int:
     d.add_argument("--surrogate", default=None, help="concept of the same domain to map the target to")
     d.add_argument("--method", default="spare", choices=METHODS)
     d.add_argument("--compare", action="store_true", help="run every method, one table")
-    d.add_argument("--steps", type=int, default=200)
-    d.add_argument("--density", type=float, default=0.5, help="mask density (SPARE's per-weight default 0.5)")
-    d.add_argument("--timesteps", default="critical", choices=["critical", "uniform"])
+    _recipe_args(d)
     d.add_argument("--data-free", action="store_true", help="forget images generated by the model (PECKER)")
     d.add_argument("--n-per-prompt", type=int, default=4, help="evaluation images per prompt")
-    d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default=None, help="directory for the adapter, plots and results.json")
     d.add_argument("--json", default=None, help="write the result keys to this JSON file")
-    d.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every K steps (needs --out)")
     d.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     d.add_argument("--threads", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -275,13 +299,8 @@ def main(argv=None) -> int:
     u.add_argument("--data-free", action="store_true", help="generate the forget images with the model")
     u.add_argument("--n-generate", type=int, default=4, help="generated images per prompt (data-free / retain)")
     u.add_argument("--resolution", type=int, default=None, help="image size (default: the UNet's sample size x 8)")
-    u.add_argument("--steps", type=int, default=200)
-    u.add_argument("--rank", type=int, default=4)
-    u.add_argument("--density", type=float, default=0.5)
-    u.add_argument("--timesteps", default="critical", choices=["critical", "uniform"])
-    u.add_argument("--seed", type=int, default=0)
+    _recipe_args(u)
     u.add_argument("--out", required=True, help="output directory (adapter.safetensors, run.json)")
-    u.add_argument("--checkpoint-every", type=int, default=0)
     u.add_argument("--resume", action="store_true")
     u.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if torch sees a GPU, else cpu)")
     u.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],

@@ -265,6 +265,17 @@ def test_bad_input_is_rejected_with_the_valid_names(task):
         Config(method="nope")
     with pytest.raises(ValueError, match="timesteps"):
         Config(timesteps="sometimes")
+    # every setting is checked when the Config is made, before any stage runs
+    for kw, msg in ((dict(granularity="tile"), "granularity: expected one of element, block, row"),
+                    (dict(scope="local"), "scope: expected one of global, per_module"),
+                    (dict(saliency_stat="fisher"), "saliency_stat: expected one of grad_abs"),
+                    (dict(init="zeros"), "init: expected one of gaussian"),
+                    (dict(block=(32,)), "block: expected a pair"), (dict(block=(8, True)), "block: expected a pair"),
+                    (dict(mix=1.5), "mix"), (dict(mix=float("nan")), "mix"), (dict(lr=-1e-3), "lr"),
+                    (dict(alpha=0), "alpha"), (dict(w_retain=-1), "w_retain")):
+        with pytest.raises(ValueError, match=msg):
+            Config(**kw)
+    assert Config(block=[16, 8]).block == (16, 8)    # a CLI / JSON list compares equal to a checkpoint's tuple
     with pytest.raises(ValueError, match=canvas.STYLES[1]):
         canvas_task("style:nope")
     with pytest.raises(ValueError, match="object"):
@@ -289,14 +300,22 @@ def test_cli_demo_errors_before_any_work(tmp_path, capsys):
     if not os.access(ro, os.W_OK):     # (root ignores permissions)
         assert main(["demo", "--out", str(ro / "x")]) == 2
         assert "--out" in capsys.readouterr().err
+    for flags, msg in ((["--mix", "2"], "mix"), (["--block", "0", "8"], "block"), (["--lr", "0"], "lr"),
+                       (["--density", "0"], "density")):
+        assert main(["demo", *flags, "--out", str(tmp_path / "o5")]) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "o5").exists()
 
 
 def test_cli_demo_end_to_end(tmp_path, capsys):
     from spare_kernels.cli import RESULT_KEYS, main
     out, js = tmp_path / "run", tmp_path / "r.json"
-    assert main(["demo", "--steps", "2", "--n-per-prompt", "1", "--out", str(out), "--json", str(js), "--quiet"]) == 0
+    assert main(["demo", "--steps", "2", "--n-per-prompt", "1", "--out", str(out), "--json", str(js), "--quiet",
+                 "--granularity", "block", "--block", "16", "8", "--rank", "2", "--mix", "0.25", "--lr", "0.005"]) == 0
     doc = json.loads(js.read_text())
     assert set(RESULT_KEYS) <= set(doc) and doc["method"] == "spare" and doc["steps"] == 2
+    cfg = json.loads((out / "results.json").read_text())["configs"]["spare"]
+    assert (cfg["granularity"], cfg["block"], cfg["rank"], cfg["mix"], cfg["lr"]) == ("block", [16, 8], 2, 0.25, 0.005)
     for f in ("adapter.safetensors", "loss_curves.png", "timesteps_spare.png", "mask_density_spare.png",
               "samples_before.png", "samples_after_spare.png", "results.json"):
         assert (out / f).exists(), f
@@ -315,7 +334,7 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["unlearn", str(model), "--forget-prompt", "a photo of a cat", "--surrogate-prompt", "a photo of a dog",
             "--retain-prompt", "a painting of a tree", "--data-free", "--n-generate", "1", "--steps", "2",
-            "--out", str(out), "--quiet"]
+            "--granularity", "row", "--scope", "per_module", "--out", str(out), "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     assert "generating" not in capsys.readouterr().out          # --quiet
     assert (out / "adapter.safetensors").exists() and (out / "run.json").exists()
@@ -333,7 +352,8 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     a32, a16 = load_file(str(out / "adapter.safetensors")), load_file(str(out_bf / "adapter.safetensors"))
     assert a32.keys() == a16.keys()
     assert all(v.dtype == torch.float32 for k, v in a16.items() if "lora_" in k) and any("lora_" in k for k in a16)
-    assert json.loads((out_bf / "run.json").read_text())["config"]["precision"] == "bf16"
+    run_cfg = json.loads((out_bf / "run.json").read_text())["config"]
+    assert (run_cfg["precision"], run_cfg["granularity"], run_cfg["scope"]) == ("bf16", "row", "per_module")
     for bad, msg in (("meta", "expected cpu or cuda"), ("cpu:1", "expected cpu or cuda"),
                      ("nonsense", "expected a torch device")) + (
             () if torch.cuda.is_available() else (("cuda", "no CUDA device"),)):

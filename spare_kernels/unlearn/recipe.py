@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import disable_adapters, save_adapter
-from ..masks import topk_masks
+from ..masks import GRANULARITIES, SCOPES, topk_masks
+from ..nn.lora import INITS
+from ..ops.saliency import STATS
 from ..patch import patch_unet
 from ..saliency import SaliencyCollector
 from ..utils.io import atomic_path
@@ -83,6 +85,22 @@ class Config:
                 raise ValueError(f"{k}: expected an int >= {0 if k == 'steps' else 1}, got {v!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"density: expected a fraction in (0, 1], got {self.density}")
+        for k, allowed in (("granularity", GRANULARITIES), ("scope", SCOPES), ("saliency_stat", STATS),
+                           ("init", INITS)):
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"{k}: expected one of {', '.join(allowed)}, got {getattr(self, k)!r}")
+        if (not isinstance(self.block, (tuple, list)) or len(self.block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in self.block)):
+            raise ValueError(f"block: expected a pair of positive ints (bo, bi), got {self.block!r}")
+        self.block = tuple(self.block)   # a CLI / JSON list compares equal to a checkpoint's tuple
+        if not 0 <= self.mix <= 1:
+            raise ValueError(f"mix: expected a weight in [0, 1], got {self.mix}")
+        for k in ("lr", "alpha"):
+            v = getattr(self, k)
+            if v is not None and not v > 0:
+                raise ValueError(f"{k}: expected a positive number (or None for the default), got {v!r}")
+        if not (self.w_forget >= 0 and self.w_retain >= 0):
+            raise ValueError(f"w_forget / w_retain: expected weights >= 0, got {self.w_forget} / {self.w_retain}")
         if self.timesteps not in ("critical", "uniform"):
             raise ValueError(f"timesteps: expected 'critical' or 'uniform', got {self.timesteps!r}")
         if self.precision not in PRECISIONS:
