@@ -45,17 +45,13 @@ def _threads(n):
 
 
 # ------------------------------------------------------------------------------------------- demo
-_RECIPE = ("steps", "rank", "density", "granularity", "block", "scope", "saliency_stat", "timesteps", "mix", "lr",
-           "seed", "checkpoint_every")
-
-
 def _recipe_args(p):
     """The recipe's settings that ``demo`` and ``unlearn`` share: ``Config`` fields, with its defaults."""
     import dataclasses
 
     from .masks import GRANULARITIES, SCOPES
     from .ops.saliency import STATS
-    from .unlearn import Config
+    from .unlearn.recipe import TIMESTEPS, Config
     d = {f.name: f.default for f in dataclasses.fields(Config)}
     p.add_argument("--steps", type=int, default=d["steps"], help=f"training steps (default {d['steps']})")
     p.add_argument("--rank", type=int, default=d["rank"], help=f"adapter rank (default {d['rank']})")
@@ -67,18 +63,24 @@ def _recipe_args(p):
                    help=f"tile of block masks (default {d['block'][0]} {d['block'][1]})")
     p.add_argument("--scope", default=d["scope"], choices=SCOPES, help="top-k over the whole UNet or per module")
     p.add_argument("--saliency-stat", default=d["saliency_stat"], choices=STATS)
-    p.add_argument("--timesteps", default=d["timesteps"], choices=["critical", "uniform"])
+    p.add_argument("--timesteps", default=d["timesteps"], choices=TIMESTEPS)
     p.add_argument("--mix", type=float, default=d["mix"],
                    help=f"weight of the concept curve in the timestep mixture (default {d['mix']})")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's own)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: each method's own; with --compare, one lr for every method)")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
                    help="checkpoint every K steps (0: never; needs --out)")
 
 
-def _recipe_config(args, method, **kw):
+def _recipe_config(args, method):
+    """The Config of ``method`` from every parsed flag named after a Config field (``--method`` aside:
+    ``--compare`` runs them all)."""
+    import dataclasses
+
     from .unlearn import Config
-    return Config(method=method, **{k: getattr(args, k) for k in _RECIPE}, **kw)
+    fields = {f.name for f in dataclasses.fields(Config)} - {"method"}
+    return Config(method=method, **{k: v for k, v in vars(args).items() if k in fields})
 
 
 def _cmd_demo(args):
@@ -225,7 +227,7 @@ def _cmd_unlearn(args):
             raise UsageError(f"forget set: empty: no images in {args.forget_images!r}")
     try:
         check_model_dir(args.model)
-        cfg = _recipe_config(args, "spare", precision=args.precision)
+        cfg = _recipe_config(args, "spare")
     except ValueError as e:
         raise UsageError(str(e)) from None
     device = _device(args.device)
@@ -267,7 +269,7 @@ def _cmd_info(args):
 
 
 def main(argv=None) -> int:
-    from .unlearn.recipe import METHODS
+    from .unlearn.recipe import METHODS, PRECISIONS
 
     p = argparse.ArgumentParser(prog="spare-kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
     u.add_argument("--out", required=True, help="output directory (adapter.safetensors, run.json)")
     u.add_argument("--resume", action="store_true")
     u.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if torch sees a GPU, else cpu)")
-    u.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    u.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="bf16: forwards under torch.autocast; weights, adapters and optimizer stay fp32")
     u.add_argument("--threads", type=int, default=0)
     u.add_argument("--quiet", action="store_true")

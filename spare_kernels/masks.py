@@ -34,7 +34,7 @@ def _check_granularity(g):
 
 def _check_block(block):
     if (not isinstance(block, (tuple, list)) or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0 for b in block)):
         raise ValueError(f"block: expected a pair of positive ints (bo, bi), got {block!r}")
     return int(block[0]), int(block[1])
 

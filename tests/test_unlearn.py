@@ -1,6 +1,7 @@
 """The unlearning recipe (spare_kernels.unlearn) and the command line on MiniCanvas, small budgets."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -234,6 +235,19 @@ def test_resume_keeps_this_runs_adam_implementation(task, tmp_path):
     assert pa.keys() == pc.keys() and pa
     for n in pa:
         torch.testing.assert_close(pa[n], pc[n], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_accepts_a_checkpoint_with_block_as_a_list(task, tmp_path):
+    # written so before Config made block a tuple: still the same settings
+    cfg = Config(method="spare", **dict(SMALL, checkpoint_every=1, steps=1))
+    run(canvas.load_model(), task, cfg, out_dir=str(tmp_path), progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["config"]["block"] = list(state["config"]["block"])
+    torch.save(state, path)
+    r = run(canvas.load_model(), task, dataclasses.replace(cfg, steps=2), out_dir=str(tmp_path), resume=True,
+            progress=False)
+    assert len(r["history"]) == 2
 
 
 def test_resume_refuses_other_settings(task, tmp_path):

@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import disable_adapters, save_adapter
-from ..masks import GRANULARITIES, SCOPES, topk_masks
+from ..masks import GRANULARITIES, SCOPES, _check_block, topk_masks
 from ..nn.lora import INITS
 from ..ops.saliency import STATS
 from ..patch import patch_unet
@@ -44,7 +45,12 @@ from .timesteps import TimestepSampler, probe
 
 METHODS = ("spare", "spare-reference", "lora", "salun", "esd")
 PRECISIONS = ("fp32", "bf16")   # fp16 would need loss scaling
+TIMESTEPS = ("critical", "uniform")
 _DEFAULT_LR = {"spare": 1e-2, "spare-reference": 1e-2, "lora": 1e-2, "salun": 3e-4, "esd": 3e-4}
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -89,19 +95,17 @@ class Config:
                            ("init", INITS)):
             if getattr(self, k) not in allowed:
                 raise ValueError(f"{k}: expected one of {', '.join(allowed)}, got {getattr(self, k)!r}")
-        if (not isinstance(self.block, (tuple, list)) or len(self.block) != 2
-                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in self.block)):
-            raise ValueError(f"block: expected a pair of positive ints (bo, bi), got {self.block!r}")
-        self.block = tuple(self.block)   # a CLI / JSON list compares equal to a checkpoint's tuple
-        if not 0 <= self.mix <= 1:
-            raise ValueError(f"mix: expected a weight in [0, 1], got {self.mix}")
+        self.block = _check_block(self.block)   # a tuple: a CLI / JSON list compares equal to a checkpoint's
+        if not (_real(self.mix) and 0 <= self.mix <= 1):
+            raise ValueError(f"mix: expected a weight in [0, 1], got {self.mix!r}")
         for k in ("lr", "alpha"):
             v = getattr(self, k)
-            if v is not None and not v > 0:
+            if v is not None and not (_real(v) and v > 0):
                 raise ValueError(f"{k}: expected a positive number (or None for the default), got {v!r}")
-        if not (self.w_forget >= 0 and self.w_retain >= 0):
-            raise ValueError(f"w_forget / w_retain: expected weights >= 0, got {self.w_forget} / {self.w_retain}")
-        if self.timesteps not in ("critical", "uniform"):
+        for k in ("w_forget", "w_retain"):
+            if not (_real(getattr(self, k)) and getattr(self, k) >= 0):
+                raise ValueError(f"{k}: expected a weight >= 0, got {getattr(self, k)!r}")
+        if self.timesteps not in TIMESTEPS:
             raise ValueError(f"timesteps: expected 'critical' or 'uniform', got {self.timesteps!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -417,6 +421,7 @@ def _load_checkpoint(path, params, opt, gen, cfg):
     state = torch.load(path, weights_only=False, map_location="cpu")   # copy_/load_state_dict place it
     want, default = dataclasses.asdict(cfg), dataclasses.asdict(Config(method=cfg.method))
     saved = {k: state["config"].get(k, default[k]) for k in want}   # settings added since: their defaults
+    saved["block"] = _check_block(saved["block"])   # saved as a list before Config made it a tuple
     diff = {k: (saved[k], v) for k, v in want.items() if k not in ("steps", "checkpoint_every") and saved[k] != v}
     if diff:
         raise ValueError(f"resume: the checkpoint {path} was made with other settings: "
