@@ -84,9 +84,10 @@ constexpr int64_t kWholeTile = 256 * 1024;
 constexpr int64_t kSmallT = 4;
 // Linear with element mask: the single-tile path applies.
 inline bool one_tile(int64_t tokens, int64_t out, int64_t cols) { return tokens > kSmallT && out * cols <= kWholeTile; }
-// Row and block masks run factored (rank-r pieces, no out x in work), except on one-tile weights (for
-// convs: per group) with fewer than kFactoredMin outputs or columns: there the extra rank-r GEMMs / convolutions cost more than
-// building W_eff once (MiniCanvas's convolutions ran 1.2-3x slower factored), so they take the engine.
+// Row and block masks run factored (rank-r pieces, no out x in work), except on one-tile weights
+// (for convs: per group) with fewer than kFactoredMin outputs or columns: there the extra rank-r
+// GEMMs / convolutions cost more than building W_eff once (MiniCanvas's convolutions ran 1.2-3x
+// slower factored), so they take the engine.
 constexpr int64_t kFactoredMin = 128;
 inline bool masked_engine(int64_t kind, int64_t out, int64_t cols) {
   return kind == kElement ||
