@@ -89,10 +89,10 @@ class Config:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "steps" else 1):
                 raise ValueError(f"{k}: expected an int >= {0 if k == 'steps' else 1}, got {v!r}")
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density: expected a fraction in (0, 1], got {self.density}")
+        if not (_real(self.density) and 0 < self.density <= 1):
+            raise ValueError(f"density: expected a fraction in (0, 1], got {self.density!r}")
         for k, allowed in (("granularity", GRANULARITIES), ("scope", SCOPES), ("saliency_stat", STATS),
-                           ("init", INITS)):
+                           ("init", INITS), ("timesteps", TIMESTEPS), ("precision", PRECISIONS)):
             if getattr(self, k) not in allowed:
                 raise ValueError(f"{k}: expected one of {', '.join(allowed)}, got {getattr(self, k)!r}")
         self.block = _check_block(self.block)   # a tuple: a CLI / JSON list compares equal to a checkpoint's
@@ -105,10 +105,6 @@ class Config:
         for k in ("w_forget", "w_retain"):
             if not (_real(getattr(self, k)) and getattr(self, k) >= 0):
                 raise ValueError(f"{k}: expected a weight >= 0, got {getattr(self, k)!r}")
-        if self.timesteps not in TIMESTEPS:
-            raise ValueError(f"timesteps: expected 'critical' or 'uniform', got {self.timesteps!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
 
