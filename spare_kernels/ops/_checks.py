@@ -1,6 +1,7 @@
 """Argument checks shared by the public op wrappers: errors name the argument, expected vs got."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -39,9 +40,14 @@ def same_device(op, ref_name, ref, **others):
             raise ValueError(f"{op}: {name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
 
 
-def scale(op, s):
+def scale(op, s, name="scale"):
+    """A finite real ``s`` as a float: a NaN or infinite scale would poison every output (and the
+    backends disagree on how), so it is refused by name."""
+    pre = f"{op}: " if op else ""
     if isinstance(s, bool) or not isinstance(s, numbers.Real):
-        raise TypeError(f"{op}: scale: expected a real number, got {type(s).__name__}")
+        raise TypeError(f"{pre}{name}: expected a real number, got {type(s).__name__}")
+    if not math.isfinite(s):
+        raise ValueError(f"{pre}{name}: expected a finite number, got {s!r}")
     return float(s)
 
 
