@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .backends import get_forced_backend, use_backend
 from .ops import STATS, saliency_conv2d, saliency_linear
 from .ops.masked_lora import conv_padding
 
@@ -69,11 +70,14 @@ class _Target:
 
 
 class _Pending:
-    """One layer call's input, owned by the gradient hook on its output (dies with the graph)."""
-    __slots__ = ("target", "x", "version", "__weakref__")
+    """One layer call's input, owned by the gradient hook on its output (dies with the graph), and the
+    backend forced where the forward ran: the hook may run in autograd's device thread, which does not
+    see the caller's use_backend scope."""
+    __slots__ = ("target", "x", "version", "backend", "__weakref__")
 
     def __init__(self, target, x):
         self.target, self.x, self.version = target, x, x._version
+        self.backend = get_forced_backend()
 
 
 class SaliencyCollector:
@@ -267,14 +271,15 @@ class SaliencyCollector:
         if x.dtype != grad.dtype:
             x = x.to(grad.dtype)
         acc = self._buffer(t)
-        if t.conv is None:
-            if x.dim() == 1:  # unbatched input: one sample
-                x, grad = x[None], grad[None]
-            saliency_linear(x, grad, self.stat, out=acc)
-        else:
-            if x.dim() == 3:
-                x, grad = x[None], grad[None]
-            saliency_conv2d(x, grad, tuple(t.layer.weight.shape), self.stat, *t.conv, out=acc)
+        with use_backend(pending.backend):
+            if t.conv is None:
+                if x.dim() == 1:  # unbatched input: one sample
+                    x, grad = x[None], grad[None]
+                saliency_linear(x, grad, self.stat, out=acc)
+            else:
+                if x.dim() == 3:
+                    x, grad = x[None], grad[None]
+                saliency_conv2d(x, grad, tuple(t.layer.weight.shape), self.stat, *t.conv, out=acc)
         self.num_updates += 1
         return None
 

@@ -9,12 +9,14 @@ from spare_kernels.backends import registry  # noqa: E402
 
 
 def available_backends(device="cpu"):
-    """Backends that really run the ops on ``device`` here (the reference always)."""
-    out = []
-    for b in registry.BACKENDS:
-        if all(registry._serves(op, b, device) for op in registry.OPS):
-            out.append(b)
-    return out
+    """Backends that really run every op on ``device`` here (the reference always)."""
+    return registry.runnable(device)
+
+
+def backend_pairs():
+    """Every (backend, device) pair the registry runs here: CPU, and CUDA where torch sees a GPU."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(b, d) for d in devices for b in available_backends(d)]
 
 
 @pytest.fixture(params=available_backends(), ids=lambda b: f"backend={b}")
@@ -22,6 +24,26 @@ def backend(request):
     """Runs a test once per backend available on CPU, forcing it."""
     with registry.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture(params=backend_pairs(), ids=lambda p: f"{p[0]}@{p[1]}")
+def backend_device(request):
+    """Runs a test once per (backend, device) pair the registry runs here, forcing the backend;
+    yields ``(backend, torch.device)``."""
+    b, d = request.param
+    with registry.use_backend(b):
+        yield b, torch.device(d)
+
+
+def override_entry(monkeypatch, op, backend, **changes):
+    """For one test: ``backend``'s registry entry of ``op`` with ``changes`` (``dataclasses.replace``);
+    the registry and its choice cache are restored after."""
+    import dataclasses
+    e = registry.entries()[(op, backend)]
+    monkeypatch.setattr(registry, "_IMPLS", dict(registry._IMPLS))
+    monkeypatch.setattr(registry, "_CHOICE", {})
+    registry._IMPLS[(op, backend)] = new = dataclasses.replace(e, **changes)
+    return new
 
 
 @pytest.fixture(autouse=True)

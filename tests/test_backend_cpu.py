@@ -11,12 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import override_entry
+
 try:
     import spare_kernels._C  # noqa: F401  (registers torch.ops.spare_kernels_cpu)
 except ImportError as e:  # only when the extension was not built (SPARE_KERNELS_BUILD_EXT=0, no compiler)
     pytest.skip(f"native extension spare_kernels._C not built ({e})", allow_module_level=True)
 
-from spare_kernels.backends import _maskfmt as fmt  # noqa: E402
+from spare_kernels import maskfmt as fmt  # noqa: E402
 from spare_kernels.backends import reference as R  # noqa: E402
 
 ops = torch.ops.spare_kernels_cpu
@@ -352,13 +354,13 @@ def test_cpp_autograd_twin_only_with_the_native_backward(monkeypatch):
     import spare_kernels as sk
     from spare_kernels.backends import registry
 
-    devices, native_bwd = registry._IMPLS[("masked_lora_linear_backward", "cpu")]
+    native = registry.entries()[("masked_lora_linear_backward", "cpu")].fn
     calls = []
 
     def spy(*a):
         calls.append(1)
-        return native_bwd(*a)
-    monkeypatch.setitem(registry._IMPLS, ("masked_lora_linear_backward", "cpu"), (devices, spy))
+        return native(*a)
+    override_entry(monkeypatch, "masked_lora_linear_backward", "cpu", fn=spy, autograd_twin=None)
     x = torch.randn(3, 8, requires_grad=True)
     y = sk.masked_lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 8, requires_grad=True), torch.randn(4, 2))
     assert "CppNode" not in y.grad_fn.name()

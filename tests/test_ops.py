@@ -257,7 +257,7 @@ def test_eager_fast_path_matches_custom_op(kind):
     """Eager calls use an autograd.Function over the same backend impls (or, on the native CPU
     backend, its C++ twin); the custom op (what torch.compile sees) must give bit-identical outputs
     and gradients."""
-    from spare_kernels.backends import _maskfmt as fmt
+    from spare_kernels import maskfmt as fmt
     from spare_kernels.ops import masked_lora as ml
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 40, generator=g, requires_grad=True)

@@ -5,6 +5,7 @@
 // on this CPU, more than many layers' kernels. Contract (checked by the caller, ops/masked_lora.py):
 // fp32/bf16 activations, contiguous tensors, frozen weight and bias (their gradients, when wanted,
 // go through the Python Function). Gradients: dx, dA, dB, each only when autograd asks for it.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -42,6 +43,33 @@ Need needs(AutogradContext* ctx) {
   return Need{ctx->needs_input_grad(0), ctx->needs_input_grad(a), ctx->needs_input_grad(a + 1)};
 }
 
+// A create_graph backward (grad mode on in backward) must itself be differentiable, which the kernels
+// are not: it runs the reference's formulas instead, defined in Python as
+// spare_kernels::<op>_backward_differentiable (CompositeImplicitAutograd: autograd records its ops).
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+Grads linear_backward_differentiable(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& A, const at::Tensor& B, const std::optional<at::Tensor>& m,
+                                     int64_t kind, int64_t bo, int64_t bi, double scale, Need n) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("spare_kernels::masked_lora_linear_backward_differentiable", "")
+                       .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                                    double, bool, bool, bool)>();
+  return op.call(dy, x, w, A, B, m, kind, bo, bi, scale, n.dx, n.dA, n.dB);
+}
+Grads conv2d_backward_differentiable(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& A, const at::Tensor& B, const std::optional<at::Tensor>& m,
+                                     int64_t kind, int64_t bo, int64_t bi, double scale, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, Need n) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("spare_kernels::masked_lora_conv2d_backward_differentiable", "")
+                       .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                                    double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, bool,
+                                    bool)>();
+  return op.call(dy, x, w, A, B, m, kind, bo, bi, scale, stride, padding, dilation, groups, n.dx, n.dA, n.dB);
+}
+
 struct LinearFn : public torch::autograd::Function<LinearFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
@@ -55,9 +83,13 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
     const auto s = ctx->get_saved_variables();
     const auto a = ctx->saved_data["args"].toIntVector();
     const Need n = needs(ctx);
-    auto [dx, dA, dB] = masked_lora_linear_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], mask_of(ctx),
-                                                    a[0], a[1], a[2], ctx->saved_data["scale"].toDouble(),
-                                                    n.dx, n.dA, n.dB);
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto [dx, dA, dB] =
+        at::GradMode::is_enabled()
+            ? linear_backward_differentiable(grads[0].contiguous(), s[0], s[1], s[2], s[3], mask_of(ctx), a[0], a[1],
+                                             a[2], scale, n)
+            : masked_lora_linear_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], mask_of(ctx), a[0], a[1],
+                                          a[2], scale, n.dx, n.dA, n.dB);
     return {opt(dx), at::Tensor(), at::Tensor(), opt(dA), opt(dB), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
@@ -82,9 +114,15 @@ struct ConvFn : public torch::autograd::Function<ConvFn> {
     const auto a = ctx->saved_data["args"].toIntVector();
     const Need n = needs(ctx);
     const at::Tensor& B = s[3];  // (out, r) or peft's (out, r, 1, 1)
-    auto [dx, dA, dB] = masked_lora_conv2d_backward(
-        grads[0].contiguous(), s[0], s[1], s[2], B.view({B.size(0), B.size(1)}), mask_of(ctx), a[0], a[1], a[2],
-        ctx->saved_data["scale"].toDouble(), {a[3], a[4]}, {a[5], a[6]}, {a[7], a[8]}, a[9], n.dx, n.dA, n.dB);
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const std::vector<int64_t> stride{a[3], a[4]}, padding{a[5], a[6]}, dilation{a[7], a[8]};
+    auto [dx, dA, dB] =
+        at::GradMode::is_enabled()
+            ? conv2d_backward_differentiable(grads[0].contiguous(), s[0], s[1], s[2], B.view({B.size(0), B.size(1)}),
+                                             mask_of(ctx), a[0], a[1], a[2], scale, stride, padding, dilation, a[9], n)
+            : masked_lora_conv2d_backward(grads[0].contiguous(), s[0], s[1], s[2], B.view({B.size(0), B.size(1)}),
+                                          mask_of(ctx), a[0], a[1], a[2], scale, stride, padding, dilation, a[9],
+                                          n.dx, n.dA, n.dB);
     variable_list out(14);
     out[0] = opt(dx);
     out[3] = opt(dA);

@@ -135,7 +135,7 @@ void build_tile(const EngineArgs& e, int64_t o0, int64_t pr, int64_t i0, int64_t
     for (int64_t j = 0; j < qc; ++j) {
       const int64_t c = i0 + j;
       float v = tof(wrow[j]);
-      if ((mrow[c >> 3] >> (c & 7)) & 1) {
+      if (mask_bit(mrow, c)) {
         float acc = 0.f;
         for (int64_t k = 0; k < r; ++k) acc += sbv[k] * e.A[k * e.lda + c];
         v += acc;
@@ -168,7 +168,7 @@ void mask_tile(const EngineArgs& e, int64_t o0, int64_t pr, int64_t i0, int64_t 
 #else
     for (int64_t j = 0; j < qc; ++j) {
       const int64_t c = i0 + j;
-      if (!((mrow[c >> 3] >> (c & 7)) & 1)) g[j] = 0.f;
+      if (!mask_bit(mrow, c)) g[j] = 0.f;
     }
 #endif
   }

@@ -35,6 +35,11 @@ TORCH_LIBRARY(spare_kernels_cpu, m) {
   m.def("saliency_linear(Tensor(a!) acc, Tensor x, Tensor dy, str stat) -> ()");
   m.def("saliency_conv2d(Tensor(a!) acc, Tensor x, Tensor dy, str stat, int[] stride, "
         "int[] padding, int[] dilation, int groups) -> ()");
+  // The compiled wire-format constants (csrc/common/maskfmt.h), for the test that holds them to
+  // spare_kernels/maskfmt.py: [kNone, kElement, kBlock, kRow, kBitsPerByte, kLsbFirst].
+  m.def("wire_format() -> int[]", []() -> std::vector<int64_t> {
+    return {spare::kNone, spare::kElement, spare::kBlock, spare::kRow, spare::kBitsPerByte, spare::kLsbFirst};
+  });
 }
 
 TORCH_LIBRARY_IMPL(spare_kernels_cpu, CPU, m) {

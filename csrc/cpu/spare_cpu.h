@@ -18,9 +18,9 @@
 #include <tuple>
 #include <vector>
 
-namespace spare {
+#include "../common/maskfmt.h"
 
-enum MaskKind : int64_t { kNone = 0, kElement = 1, kBlock = 2, kRow = 3 };
+namespace spare {
 
 // Every kernel entry holds one: the kernels choose their own precision (fp32 work under bf16
 // activations), and autocast, when on (a call under it, or a backward called inside its region),

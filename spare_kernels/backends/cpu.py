@@ -1,8 +1,8 @@
 """Native CPU backend: the C++ kernels of ``csrc/cpu`` (extension ``spare_kernels._C``).
 
 The C++ side defines ``torch.ops.spare_kernels_cpu.<op>`` with exactly the backend contract of
-``reference.py``. Each is registered here for CPU tensors of the dtypes it handles (fp32, bf16
-activations); any other dtype (fp64 gradcheck, fp16) goes to the reference, the oracle.
+``reference.py``. Each is registered for CPU tensors of the activation dtypes the kernels handle
+(fp32, bf16); the registry sends any other dtype (fp64 gradcheck, fp16) to the reference.
 """
 from __future__ import annotations
 
@@ -11,44 +11,27 @@ import warnings
 
 import torch
 
-from . import reference
 from .registry import OPS, note_unavailable, register
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# The kernels widen bf16 on load and compute in fp32; fp16 and fp64 are not compiled.
+DTYPES = (torch.float32, torch.bfloat16)
 
 try:
     _C = importlib.import_module("spare_kernels._C")  # registers torch.ops.spare_kernels_cpu
 except ImportError as e:  # built with SPARE_KERNELS_BUILD_EXT=0, or no compiler
     _C = None
-    _why = f"the native extension spare_kernels._C is not built ({e})"
+    _why = f"not built: the native extension spare_kernels._C is missing ({e})"
     note_unavailable("cpu", _why)
-    warnings.warn(f"spare_kernels: {_why}; using the pure-PyTorch reference backend on CPU. "
+    warnings.warn(f"spare_kernels: the cpu backend is {_why}; using the pure-PyTorch reference backend on CPU. "
                   "Reinstall with a C++ compiler (and SPARE_KERNELS_BUILD_EXT unset) for the fast kernels.",
                   RuntimeWarning, stacklevel=2)
 
-
-def _wrap(op):
-    native = getattr(torch.ops.spare_kernels_cpu, op)
-    fallback = getattr(reference, op)
-    # The activation's position: after the accumulator (saliency) or dy (backward), else first.
-    pos = 1 if op.startswith("saliency") or op.endswith("_backward") else 0
-
-    def impl(*args):
-        a = args[pos]
-        if a.dtype in _KERNEL_DTYPES:
-            return native(*args)
-        return fallback(*args)
-
-    impl.__name__ = f"cpu_{op}"
-    # The op's C++ autograd twin (native kernels forward and backward, no Python per call), used by
-    # ops/masked_lora.py for eager calls this implementation would send to the native kernel.
-    impl.autograd_twin = getattr(torch.ops.spare_kernels_cpu, f"{op}_autograd", None)
-    impl.twin_dtypes = _KERNEL_DTYPES
-    impl.native = True
-    return impl
-
-
 if _C is not None:
+    _lib = torch.ops.spare_kernels_cpu
     for _op in OPS:
-        if hasattr(torch.ops.spare_kernels_cpu, _op):
-            register(_op, "cpu", devices=("cpu",))(_wrap(_op))
+        # The C++ autograd twins of the forward ops (csrc/cpu/autograd.cpp) run these forward and
+        # backward kernels with no Python per call (a create_graph backward: the reference formulas);
+        # both entries of a pair name the twin.
+        _fwd = _op[:-len("_backward")] if _op.endswith("_backward") else _op
+        register(_op, "cpu", getattr(_lib, _op), devices=("cpu",), dtypes=DTYPES,
+                 autograd_twin=getattr(_lib, f"{_fwd}_autograd", None))

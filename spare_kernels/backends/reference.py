@@ -2,7 +2,7 @@
 
 Contract shared by all backends (the ops layer validates and normalises before calling):
 ``x`` is ``(N, in)`` for linear, ``(N, C, H, W)`` for conv; ``lora_B`` is ``(out, r)``;
-``mask`` / ``kind`` / ``block_o`` / ``block_i`` are the wire mask of ``_maskfmt``.
+``mask`` / ``kind`` / ``block_o`` / ``block_i`` are the wire mask of ``spare_kernels.maskfmt``.
 Outputs take the activation dtype, ``dA`` / ``dB`` the adapter's dtype. Backward functions return
 an empty tensor for a gradient that was not asked for.
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..utils import autocast
-from . import _maskfmt as fmt
+from .. import maskfmt as fmt
 from .registry import register
 
 
@@ -32,7 +32,9 @@ def _reference(op):
         def run(*args):
             with autocast.off(args[0]):
                 return fn(*args)
-        return register(op, "reference")(run)
+        # Built from differentiable torch ops: a create_graph backward through it is exact by itself.
+        register(op, "reference", run, double_backward=True)
+        return run
     return deco
 
 def _none_to_empty(ref, *grads):

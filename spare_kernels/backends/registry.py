@@ -1,13 +1,29 @@
-"""Backend registry: one table of (op, backend) -> implementation, chosen per device at call time.
+"""Backend registry: which implementation runs each op, chosen per op, device and activation dtype.
 
-Backends in priority order (fastest first). ``reference`` runs on any device and is the oracle.
-Force one with ``SPARE_KERNELS_BACKEND=reference|cpu|triton|cuda`` or :func:`set_backend`.
+Backends in priority order (fastest first); ``reference`` runs on any device and is the oracle.
+What a backend can do is data: one frozen :class:`Entry` per (op, backend). Backends load on first
+use, not at ``import spare_kernels`` (so importing the package, or ``spare_kernels.masks``, loads no
+compiled extension and no triton).
+
+Forcing: ``SPARE_KERNELS_BACKEND`` or :func:`set_backend` set the process default; :func:`use_backend`
+scopes a choice to the current context (a ``contextvars.ContextVar``, like ``torch.no_grad`` is
+thread-local): two threads with overlapping scopes never see each other's choice. A new thread starts
+from the process default; run work in ``contextvars.copy_context().run`` to carry a scope into it.
+A forced backend runs every op it implements on that device; an activation dtype outside its
+``dtypes`` runs the reference (e.g. fp64 gradcheck under a forced ``cpu``). Forcing a backend that has
+no implementation of an op for that device raises, naming why.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
+import importlib
 import os
-from typing import Callable
+import threading
+from typing import Callable, Optional
+
+import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 DEVICES = ("cpu", "cuda")
@@ -19,10 +35,39 @@ OPS = (
     "saliency_linear",
     "saliency_conv2d",
 )
+# The modules that register each backend, imported on first use. A backend whose module cannot
+# register anything here notes why (see note_unavailable).
+_MODULES = {"reference": "spare_kernels.backends.reference", "cpu": "spare_kernels.backends.cpu",
+            "triton": "spare_kernels.backends.triton", "cuda": "spare_kernels.backends.cuda"}
 
-# (op, backend) -> (device types it serves, fn); "any" serves every device.
-_IMPLS: dict[tuple[str, str], tuple[tuple[str, ...], Callable]] = {}
-_NOTES: dict[str, str] = {}  # backend -> why it is unavailable (shown by backend_info)
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One backend's implementation of one op, and what it can do."""
+    op: str
+    backend: str
+    fn: Callable
+    devices: tuple[str, ...] = ("any",)                 # device types served; "any": every device
+    dtypes: Optional[tuple[torch.dtype, ...]] = None    # activation dtypes served; None: every dtype
+    # An eager op with its own (C++) autograd over the same kernels: no Python autograd node per call.
+    # Eager calls with a frozen weight and bias take it when the forward entry and the backward entry
+    # chosen both name it (an entry registered over one of them without it keeps the Python path).
+    autograd_twin: Optional[Callable] = None
+    # Whether a create_graph backward through this backend is exact by itself (its backward is built
+    # from differentiable torch ops). If not, the ops layer runs the reference's formulas for such a
+    # backward (see spare_kernels/ops/masked_lora.py): exact double backward on every backend.
+    double_backward: bool = False
+
+    def serves(self, device: str, dtype: Optional[torch.dtype] = None) -> bool:
+        return (("any" in self.devices or device in self.devices)
+                and (dtype is None or self.dtypes is None or dtype in self.dtypes))
+
+
+_IMPLS: dict[tuple[str, str], Entry] = {}
+_NOTES: dict[str, str] = {}     # backend -> why it is unavailable (shown by backend_info)
+_LOADED: set[str] = set()
+_LOCK = threading.RLock()
+_CHOICE: dict[tuple, Entry] = {}   # (op, device, dtype, forced) -> Entry; cleared on register
 
 
 def _check_backend(name, what="backend"):
@@ -31,75 +76,139 @@ def _check_backend(name, what="backend"):
     return name
 
 
-_forced: str | None = _check_backend(os.environ.get("SPARE_KERNELS_BACKEND") or None,
-                                     "SPARE_KERNELS_BACKEND")
+_default: Optional[str] = _check_backend(os.environ.get("SPARE_KERNELS_BACKEND") or None, "SPARE_KERNELS_BACKEND")
+_UNSET = object()
+_scoped: contextvars.ContextVar = contextvars.ContextVar("spare_kernels_backend", default=_UNSET)
 
 
-def register(op: str, backend: str, devices: tuple[str, ...] = ("any",)):
-    """Decorator: register ``fn`` as ``backend``'s implementation of ``op`` on ``devices``."""
+def register(op: str, backend: str, fn: Callable, *, devices=("any",), dtypes=None, autograd_twin=None,
+             double_backward: bool = False) -> Entry:
+    """Register ``fn`` as ``backend``'s implementation of ``op`` (the contract of ``reference.py``)."""
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     _check_backend(backend)
-
-    def deco(fn):
-        _IMPLS[(op, backend)] = (tuple(devices), fn)
-        return fn
-
-    return deco
+    e = Entry(op, backend, fn, tuple(devices), None if dtypes is None else tuple(dtypes), autograd_twin,
+              bool(double_backward))
+    with _LOCK:
+        _IMPLS[(op, backend)] = e
+        _CHOICE.clear()
+    return e
 
 
 def note_unavailable(backend: str, why: str) -> None:
+    """Record why ``backend`` registers nothing here (not built, not installed, no device...)."""
     _NOTES[backend] = why
 
 
-def _serves(op, backend, device):
-    entry = _IMPLS.get((op, backend))
-    return entry is not None and ("any" in entry[0] or device in entry[0])
+def _load(backend: str) -> None:
+    if backend in _LOADED:
+        return
+    with _LOCK:
+        if backend in _LOADED:
+            return
+        _LOADED.add(backend)
+        try:
+            importlib.import_module(_MODULES[backend])
+        except ModuleNotFoundError as e:
+            if e.name != _MODULES[backend]:
+                raise
+            note_unavailable(backend, "not part of this version of spare_kernels")
 
 
-def backend_for(op: str, device: str) -> str:
-    """Name of the backend that runs ``op`` on ``device`` now."""
-    if _forced is not None:
-        if not _serves(op, _forced, device):
-            why = _NOTES.get(_forced, "it has no implementation of this op for this device")
-            raise RuntimeError(
-                f"spare_kernels: backend {_forced!r} is forced (SPARE_KERNELS_BACKEND / set_backend) "
-                f"but cannot run {op} on {device!r}: {why}")
-        return _forced
-    for b in BACKENDS:
-        if _serves(op, b, device):
-            return b
-    raise RuntimeError(f"spare_kernels: no backend implements {op} on {device!r}")
+def _load_all() -> None:
+    for b in reversed(BACKENDS):   # the reference first: other backends may fall back to it
+        _load(b)
 
 
-def select(op: str, device: str) -> Callable:
-    return _IMPLS[(op, backend_for(op, device))][1]
+def get_forced_backend() -> Optional[str]:
+    """The backend forced in this context (a :func:`use_backend` scope, else the process default)."""
+    v = _scoped.get()
+    return _default if v is _UNSET else v
 
 
-def set_backend(name: str | None) -> None:
-    """Force ``name`` for every op (``None``: fastest available per device)."""
-    global _forced
-    _forced = _check_backend(name)
-
-
-def get_forced_backend() -> str | None:
-    return _forced
+def set_backend(name: Optional[str]) -> None:
+    """Force ``name`` for every op, process-wide (``None``: the fastest available per device). A
+    :func:`use_backend` scope in effect still wins inside it."""
+    global _default
+    _default = _check_backend(name)
 
 
 @contextlib.contextmanager
-def use_backend(name: str | None):
-    """Context manager form of :func:`set_backend`; restores the previous choice."""
-    global _forced
-    prev = _forced
-    set_backend(name)
+def use_backend(name: Optional[str]):
+    """Force ``name`` (``None``: none) in this context only, until the block ends."""
+    token = _scoped.set(_check_backend(name))
     try:
         yield
     finally:
-        _forced = prev
+        _scoped.reset(token)
+
+
+def _choose(op: str, device: str, dtype, forced) -> Entry:
+    _load_all()
+    if forced is not None:
+        e = _IMPLS.get((op, forced))
+        if e is None or not e.serves(device):
+            why = _NOTES.get(forced, "it has no implementation of this op for this device")
+            raise RuntimeError(f"spare_kernels: backend {forced!r} is forced (SPARE_KERNELS_BACKEND / set_backend / "
+                               f"use_backend) but cannot run {op} on {device!r}: {why}")
+        if e.serves(device, dtype):
+            return e
+        return _IMPLS[(op, "reference")]   # a dtype outside the forced backend's list: the oracle
+    for b in BACKENDS:
+        e = _IMPLS.get((op, b))
+        if e is not None and e.serves(device, dtype):
+            return e
+    raise RuntimeError(f"spare_kernels: no backend implements {op} on {device!r} for {dtype}")
+
+
+def lookup(op: str, device: str, dtype: Optional[torch.dtype] = None) -> Entry:
+    """The :class:`Entry` that runs ``op`` on ``device`` for activations of ``dtype`` now."""
+    forced = get_forced_backend()
+    key = (op, device, dtype, forced)
+    e = _CHOICE.get(key)
+    if e is None:
+        e = _CHOICE[key] = _choose(op, device, dtype, forced)
+    return e
+
+
+def select(op: str, device: str, dtype: Optional[torch.dtype] = None) -> Callable:
+    return lookup(op, device, dtype).fn
+
+
+def reference(op: str) -> Callable:
+    """The oracle's implementation of ``op``."""
+    _load("reference")
+    return _IMPLS[(op, "reference")].fn
+
+
+def backend_for(op: str, device: str, dtype: Optional[torch.dtype] = torch.float32) -> str:
+    """Name of the backend that runs ``op`` on ``device`` (for ``dtype`` activations) now."""
+    return lookup(op, device, dtype).backend
+
+
+def entries() -> dict[tuple[str, str], Entry]:
+    """Every registered (op, backend) -> Entry, all backends loaded."""
+    _load_all()
+    return dict(_IMPLS)
+
+
+def runnable(device: str) -> list[str]:
+    """Backends that implement every op on ``device`` here, in priority order."""
+    _load_all()
+    return [b for b in BACKENDS if all((op, b) in _IMPLS and _IMPLS[(op, b)].serves(device) for op in OPS)]
+
+
+def _dtype_names(dtypes):
+    return None if dtypes is None else [str(d).replace("torch.", "") for d in dtypes]
 
 
 def backend_info() -> dict:
-    """``{"ops": {op: {device: backend}}, "forced": name|None, "available": {...}, "unavailable": {...}}``."""
+    """What runs where, and why a backend is unavailable:
+
+    ``{"ops": {op: {device: backend}}`` (fp32 activations), ``"forced": name|None``,
+    ``"available": {backend: [ops]}``, ``"unavailable": {backend: why}``,
+    ``"backends": {backend: {op: {"devices", "dtypes", "autograd_twin", "double_backward"}}}}``."""
+    _load_all()
     ops = {}
     for op in OPS:
         ops[op] = {}
@@ -108,7 +217,13 @@ def backend_info() -> dict:
                 ops[op][dev] = backend_for(op, dev)
             except RuntimeError:
                 ops[op][dev] = None
-    available = {b: sorted({op for (op, bb) in _IMPLS if bb == b}) for b in BACKENDS}
-    return {"ops": ops, "forced": _forced,
+    available = {b: sorted(op for (op, bb) in _IMPLS if bb == b) for b in BACKENDS}
+    detail = {b: {op: {"devices": list(e.devices), "dtypes": _dtype_names(e.dtypes),
+                       "autograd_twin": e.autograd_twin is not None,
+                       "double_backward": "exact (own backward)" if e.double_backward else "exact (reference formulas)"}
+                  for (op, bb), e in sorted(_IMPLS.items()) if bb == b}
+              for b in BACKENDS}
+    return {"ops": ops, "forced": get_forced_backend(),
             "available": {b: v for b, v in available.items() if v},
-            "unavailable": dict(_NOTES)}
+            "unavailable": {b: why for b, why in _NOTES.items() if not available.get(b)},
+            "backends": {b: v for b, v in detail.items() if v}}

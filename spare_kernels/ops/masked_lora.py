@@ -20,58 +20,86 @@ import torch
 from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
-from ..backends import select
+from ..backends import registry
+from ..backends.registry import Entry, lookup
 from ..utils import autocast as _autocast
 from . import _checks as chk
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 LIB = "spare_kernels"
+_lib = torch.library.Library(LIB, "FRAGMENT")
 
 
 def _maybe(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 else t
 
 
-def _eager(x: Tensor) -> bool:
-    """Plain eager tensors take the ``autograd.Function`` path (see the module docstring)."""
+def _impl(op: str, x: Tensor) -> Entry:
+    return lookup(op, x.device.type, x.dtype)
+
+
+def _eager(x: Tensor, *others: Optional[Tensor]) -> bool:
+    """Plain eager tensors take the ``autograd.Function`` path (see the module docstring); a functorch
+    transform over any input (e.g. ``torch.func.grad`` with respect to the adapter) takes the custom op."""
     # is_compiling() first: under dynamo it is a constant True and the rest is never traced.
     return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.device.type != "meta"
-            and not _is_wrapped(x))
+            and not _is_wrapped(x) and not any(t is not None and _is_wrapped(t) for t in others))
 
 
 def _native_autograd(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """The C++ autograd twin of the implementation the registry picks for ``op`` (the native CPU
     backend's, ``csrc/cpu/autograd.cpp``: the same kernels and gradients as ``_autograd``'s Function,
-    with no Python per call) when this eager call can take it: an activation dtype that
-    implementation sends to its kernel, a native backward registered too (the twin's backward is
-    chosen now, at forward time), and a frozen weight and bias. Else None."""
-    if x.device.type != "cpu" or weight.requires_grad or (bias is not None and bias.requires_grad):
+    with no Python per call) when this eager call can take it: the forward and backward entries chosen
+    for ``x`` both name it (the twin's backward is chosen now, at forward time), and the weight and
+    bias are frozen. Else None."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
-    impl = select(op, "cpu")
-    twin = getattr(impl, "autograd_twin", None)
-    native_bwd = getattr(select(f"{op}_backward", "cpu"), "native", False)
-    return twin if twin is not None and x.dtype in impl.twin_dtypes and native_bwd else None
+    twin = _impl(op, x).autograd_twin
+    return twin if twin is not None and _impl(f"{op}_backward", x).autograd_twin is twin else None
+
+
+def _differentiable_backward(op: str) -> None:
+    """Define ``<op>_backward_differentiable``: the backward op's schema, run as the reference's formulas
+    (differentiable torch ops) and registered CompositeImplicitAutograd, so autograd records them. The
+    backward of a create_graph pass: the C++ twins call it through the dispatcher."""
+    bwd = f"{op}_backward"
+    schema = str(getattr(torch.ops.spare_kernels, bwd).default._schema)
+    _lib.define(schema.replace(f"{LIB}::{bwd}(", f"{bwd}_differentiable(", 1))
+    _lib.impl(f"{bwd}_differentiable", lambda *args: registry.reference(bwd)(*args), "CompositeImplicitAutograd")
 
 
 def _autograd(name: str, op: str, setup, grads, custom_bwd):
     """Register ``op``'s custom-op autograd and return its eager twin: both save with ``setup`` and
     differentiate with ``grads(bwd, ctx, dy)``, the custom op through ``custom_bwd``, the eager
-    ``autograd.Function`` through the backend implementation of ``<op>_backward`` directly."""
+    ``autograd.Function`` through the backend implementation of ``<op>_backward`` directly.
+
+    Double backward is exact on every backend: a backward run with ``create_graph`` (grad mode on
+    inside it) whose backend's kernels are not differentiable (``Entry.double_backward`` False, and
+    the opaque backward custom op) runs the reference's formulas instead, which autograd records."""
+    bwd_op = f"{op}_backward"
+
     def no_autocast(bwd, ctx, dy):   # a backward may be called inside an autocast region
         with _autocast.off(dy):
             return grads(bwd, ctx, dy)
 
-    torch.library.register_autograd(f"{LIB}::{op}", lambda ctx, dy: no_autocast(custom_bwd, ctx, dy),
-                                    setup_context=setup)
+    def custom_backward(ctx, dy):
+        return no_autocast(registry.reference(bwd_op) if torch.is_grad_enabled() else custom_bwd, ctx, dy)
+
+    torch.library.register_autograd(f"{LIB}::{op}", custom_backward, setup_context=setup)
 
     def forward(ctx, *inputs):
-        y = select(op, inputs[0].device.type)(*inputs)
+        y = _impl(op, inputs[0]).fn(*inputs)
+        # Chosen now, in the caller's context: the backward may run in autograd's device thread,
+        # which does not see a use_backend scope.
+        ctx.bwd = _impl(bwd_op, inputs[0])
         setup(ctx, inputs, y)
         return y
 
     def backward(ctx, dy):
-        return no_autocast(select(f"{op}_backward", dy.device.type), ctx, dy)
+        e = ctx.bwd
+        fn = registry.reference(bwd_op) if torch.is_grad_enabled() and not e.double_backward else e.fn
+        return no_autocast(fn, ctx, dy)
 
     # Built with type() so the autograd node is named after it (e.g. "_LinearFnBackward").
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
@@ -81,8 +109,7 @@ def _autograd(name: str, op: str, setup, grads, custom_bwd):
 @torch.library.custom_op(f"{LIB}::masked_lora_linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float) -> Tensor:
-    return select("masked_lora_linear", x.device.type)(
-        x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale)
+    return _impl("masked_lora_linear", x).fn(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale)
 
 
 @_linear.register_fake
@@ -94,7 +121,7 @@ def _(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale):
 def _linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                 mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float,
                 need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return select("masked_lora_linear_backward", x.device.type)(
+    return _impl("masked_lora_linear_backward", x).fn(
         dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dx, need_dA, need_dB)
 
 
@@ -122,6 +149,7 @@ def _linear_grads(bwd, ctx, dy):
 
 
 _LinearFn = _autograd("_LinearFn", "masked_lora_linear", _setup_linear, _linear_grads, _linear_bwd)
+_differentiable_backward("masked_lora_linear")
 
 
 def masked_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -164,7 +192,7 @@ def linear_checked(x, weight, bias, lora_A, lora_B, wire, scale: float) -> Tenso
     entry of callers that own their weights and adapters (``spare_kernels.nn``), without the wrapper's
     Python checks on every call."""
     inf = weight.shape[1]
-    if _eager(x):
+    if _eager(x, weight, bias, lora_A, lora_B):
         fn = _native_autograd("masked_lora_linear", x, weight, bias) or _LinearFn.apply
     else:
         fn = _linear
@@ -178,7 +206,7 @@ def linear_checked(x, weight, bias, lora_A, lora_B, wire, scale: float) -> Tenso
 def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
           mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float,
           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    return select("masked_lora_conv2d", x.device.type)(
+    return _impl("masked_lora_conv2d", x).fn(
         x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups)
 
 
@@ -197,7 +225,7 @@ def _conv_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
               kind: int, block_o: int, block_i: int, scale: float, stride: Sequence[int],
               padding: Sequence[int], dilation: Sequence[int], groups: int,
               need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return select("masked_lora_conv2d_backward", x.device.type)(
+    return _impl("masked_lora_conv2d_backward", x).fn(
         dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups,
         need_dx, need_dA, need_dB)
 
@@ -228,6 +256,7 @@ def _conv_grads(bwd, ctx, dy):
 
 
 _ConvFn = _autograd("_ConvFn", "masked_lora_conv2d", _setup_conv, _conv_grads, _conv_bwd)
+_differentiable_backward("masked_lora_conv2d")
 
 
 def conv_padding(op, padding, kernel_size, stride, dilation):
@@ -252,7 +281,11 @@ def conv_args(op, stride, padding, dilation, kernel_size):
     """``(stride, padding, dilation)`` as the ops take them, ``[h, w]`` int lists each (``padding`` may
     also be nn.Conv2d's 'valid' / 'same')."""
     stride, dilation = chk.pair(op, "stride", stride), chk.pair(op, "dilation", dilation)
-    return stride, conv_padding(op, padding, kernel_size, stride, dilation), dilation
+    padding = conv_padding(op, padding, kernel_size, stride, dilation)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: expected stride, dilation >= 1 and padding >= 0, "
+                         f"got stride={stride}, padding={padding}, dilation={dilation}")
+    return stride, padding, dilation
 
 
 def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -293,9 +326,6 @@ def masked_lora_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     wire = chk.wire_mask(op, mask, weight)
     s = chk.scale(op, scale)
     stride, padding, dilation = conv_args(op, stride, padding, dilation, weight.shape[2:])
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"{op}: expected stride, dilation >= 1 and padding >= 0, "
-                         f"got stride={stride}, padding={padding}, dilation={dilation}")
     hw = _conv_out_hw(x.shape, weight.shape, stride, padding, dilation)
     if min(hw) < 1:
         raise ValueError(f"{op}: x: spatial size {tuple(x.shape[2:])} too small for kernel {(kh, kw)}, "
@@ -307,7 +337,7 @@ def conv2d_checked(x, weight, bias, lora_A, lora_B, wire, scale: float, stride, 
                    groups: int) -> Tensor:
     """:func:`masked_lora_conv2d` on arguments already validated (``wire`` = ``Mask.wire()``,
     ``stride``/``padding``/``dilation`` int pairs): see :func:`linear_checked`."""
-    if _eager(x):
+    if _eager(x, weight, bias, lora_A, lora_B):
         native = _native_autograd("masked_lora_conv2d", x, weight, bias)
         if native is not None:   # takes B as (out, r) or (out, r, 1, 1)
             return native(x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),

@@ -22,7 +22,7 @@ STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
 
 @torch.library.custom_op("spare_kernels::saliency_linear", mutates_args=("acc",))
 def _sal_linear(acc: Tensor, x: Tensor, dy: Tensor, stat: str) -> None:
-    select("saliency_linear", x.device.type)(acc, x, dy, stat)
+    select("saliency_linear", x.device.type, x.dtype)(acc, x, dy, stat)
 
 
 @_sal_linear.register_fake
@@ -33,7 +33,7 @@ def _(acc, x, dy, stat):
 @torch.library.custom_op("spare_kernels::saliency_conv2d", mutates_args=("acc",))
 def _sal_conv(acc: Tensor, x: Tensor, dy: Tensor, stat: str, stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int], groups: int) -> None:
-    select("saliency_conv2d", x.device.type)(acc, x, dy, stat, stride, padding, dilation, groups)
+    select("saliency_conv2d", x.device.type, x.dtype)(acc, x, dy, stat, stride, padding, dilation, groups)
 
 
 @_sal_conv.register_fake

@@ -1,4 +1,8 @@
-"""Wire format of masks as the ops and kernels see them (lowest layer: imports only torch).
+"""Wire format of masks as the ops and kernels see them: public, and free of side effects.
+
+Every backend's kernels read masks in this format (the C++ twin of these constants is
+``csrc/common/maskfmt.h``; a test checks the two agree). Importing it imports only torch: no backend,
+no compiled extension.
 
 A weight of shape ``(out, *rest)`` is viewed as a matrix ``(out, cols)``, ``cols = prod(rest)``.
 The op-level mask is ``(data, kind, block_o, block_i)``:
@@ -17,6 +21,8 @@ import torch
 
 NONE, ELEMENT, BLOCK, ROW = 0, 1, 2, 3
 KIND_NAMES = {NONE: "none", ELEMENT: "element", BLOCK: "block", ROW: "row"}
+BITS_PER_BYTE = 8
+LSB_FIRST = True     # bit b of byte j of a row is column 8*j + b
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
