@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .backends import _maskfmt as fmt
+from . import maskfmt as fmt
 
 GRANULARITIES = ("element", "block", "row", "module")
 SCOPES = ("global", "per_module")
@@ -120,7 +120,7 @@ class Mask:
         return self.data.numel() * self.data.element_size()
 
     def wire(self):
-        """``(data, kind, block_o, block_i)`` as the ops take it (see ``backends/_maskfmt``)."""
+        """``(data, kind, block_o, block_i)`` as the ops take it (see ``maskfmt``)."""
         g = self.granularity
         if g == "element":
             return self.data, fmt.ELEMENT, 0, 0
@@ -175,6 +175,27 @@ class Mask:
         extra = f", block={self.block}" if self.block else ""
         return (f"Mask({self.granularity}, shape={tuple(self.shape)}{extra}, "
                 f"density={self.density:.4f}, nbytes={self.nbytes})")
+
+
+def as_mask(m, shape, device=None, name: str = "mask", op: str = "") -> Mask:
+    """Any accepted mask (a :class:`Mask`, or a bool/uint8 tensor of the weight's shape, nonzero = on)
+    as a ``Mask`` of ``shape`` on ``device`` (if given), or a clear error naming ``name``. Callers that
+    change a model convert every mask first, so a bad one is refused before anything changed."""
+    pre = f"{op}: " if op else ""
+    if isinstance(m, torch.Tensor):
+        if m.dtype not in (torch.bool, torch.uint8):
+            hint = " (e.g. (scores > t), not (scores > t).float())" if m.is_floating_point() else ""
+            raise TypeError(f"{pre}{name}: expected a bool or uint8 tensor or a Mask, got dtype {m.dtype}{hint}")
+    elif not isinstance(m, Mask):
+        raise TypeError(f"{pre}{name}: expected a Mask or a bool/uint8 tensor, got {type(m).__name__}")
+    if tuple(m.shape) != tuple(shape):
+        raise ValueError(f"{pre}{name}: expected the weight's shape {tuple(shape)}, got {tuple(m.shape)}")
+    data = m if isinstance(m, torch.Tensor) else m.data
+    if data.device.type == "meta":
+        raise ValueError(f"{pre}{name}: expected a mask with data, got one on the meta device")
+    if device is not None and data.device != torch.device(device):
+        m = m.to(device)
+    return Mask.from_dense(m, "element") if isinstance(m, torch.Tensor) else m
 
 
 def _popcount(packed: torch.Tensor, chunk: int = 1 << 18) -> int:

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .masks import Mask
+from .masks import Mask, as_mask
 from .nn.lora import INITS, _MaskedLoRALayer, iter_patched, wrap
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -104,8 +104,10 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _normalise_masks(masks, carriers: dict[str, torch.Size], adapter_name: str) -> dict[str, object]:
-    """``carriers``: module name -> weight shape of every module that will carry ``adapter_name``."""
+def _normalise_masks(masks, carriers: dict[str, torch.Tensor], adapter_name: str) -> dict[str, Mask]:
+    """``carriers``: module name -> weight of every module that will carry ``adapter_name``. Every mask
+    becomes a ``Mask`` on its weight's device here, before the UNet is changed: a bad one (wrong dtype,
+    shape, a meta tensor) is refused with nothing swapped or frozen."""
     if masks is None:
         return {}
     if not isinstance(masks, dict):
@@ -118,12 +120,8 @@ def _normalise_masks(masks, carriers: dict[str, torch.Size], adapter_name: str) 
         if mod not in carriers:
             bad.append(key)
             continue
-        shape = carriers[mod]
-        if not isinstance(m, (Mask, torch.Tensor)):
-            raise TypeError(f"masks[{key!r}]: expected a Mask or a bool/uint8 tensor, got {type(m).__name__}")
-        if m.shape != shape:
-            raise ValueError(f"masks[{key!r}]: expected the weight's shape {tuple(shape)}, got {tuple(m.shape)}")
-        out[mod] = m
+        w = carriers[mod]
+        out[mod] = as_mask(m, w.shape, w.device, name=f"masks[{key!r}]")
     if bad:
         names = [f"{n}.weight" for n in carriers]
         raise ValueError(f"masks: {len(bad)} key(s) name no weight of a module that carries adapter "
@@ -177,7 +175,7 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: int = 4, alp
     todo = {n: m for n, m in cands.items() if _is_peft_lora(m)}
     if not exists:
         todo.update(targeted)
-    carriers = {n: getattr(m, "base_layer", m).weight.shape for n, m in (cands if exists else targeted).items()
+    carriers = {n: getattr(m, "base_layer", m).weight for n, m in (cands if exists else targeted).items()
                 if not exists or adapter_name in getattr(m, "lora_A", {})}
     mask_map = _normalise_masks(masks, carriers, adapter_name)   # all checks pass before anything changes
     converted = {n: _from_peft(m) for n, m in todo.items() if _is_peft_lora(m)}

@@ -14,8 +14,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ..backends import _maskfmt as fmt
-from ..masks import Mask
+from .. import maskfmt as fmt
+from ..masks import Mask, as_mask
 from ..ops import masked_lora_conv2d, masked_lora_linear
 from ..ops.masked_lora import conv2d_checked, conv_args, linear_checked
 from ..utils import autocast as _autocast
@@ -121,19 +121,7 @@ class _MaskedLoRALayer(nn.Module):
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before changing its mask")
         if mask is not None:
-            if isinstance(mask, Tensor):
-                if mask.dtype not in (torch.bool, torch.uint8):
-                    raise TypeError(f"mask: expected a bool/uint8 tensor or a Mask, got dtype {mask.dtype}")
-                if mask.shape != self.weight.shape:
-                    raise ValueError(f"mask: expected the weight's shape {tuple(self.weight.shape)}, "
-                                     f"got {tuple(mask.shape)}")
-                mask = Mask.from_dense(mask.to(self.weight.device))
-            elif not isinstance(mask, Mask):
-                raise TypeError(f"mask: expected None, a Mask or a bool/uint8 tensor, got {type(mask).__name__}")
-            if mask.shape != self.weight.shape:
-                raise ValueError(f"mask: expected the weight's shape {tuple(self.weight.shape)}, "
-                                 f"got {tuple(mask.shape)}")
-            mask = mask.to(self.weight.device)
+            mask = as_mask(mask, self.weight.shape, self.weight.device)
         self.masks[name] = mask
 
     def remove_adapter(self, name: str) -> None:

@@ -6,8 +6,8 @@ import numbers
 
 import torch
 
-from ..backends import _maskfmt as fmt
-from ..masks import Mask
+from .. import maskfmt as fmt
+from ..masks import as_mask
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -55,21 +55,10 @@ def wire_mask(op, mask, weight):
     """Any accepted ``mask=`` (None, a ``Mask``, a bool/uint8 tensor of the weight's shape) -> wire tuple."""
     if mask is None:
         return None, fmt.NONE, 0, 0
-    if isinstance(mask, torch.Tensor):
-        if mask.dtype not in (torch.bool, torch.uint8):
-            raise TypeError(f"{op}: mask: expected a bool or uint8 tensor or a Mask, got dtype {mask.dtype}")
-        if mask.shape != weight.shape:
-            raise ValueError(f"{op}: mask: expected the weight's shape {tuple(weight.shape)}, "
-                             f"got {tuple(mask.shape)}")
-        mask = Mask.from_dense(mask, "element")
-    elif not isinstance(mask, Mask):
-        raise TypeError(f"{op}: mask: expected None, a Mask or a bool/uint8 tensor, got {type(mask).__name__}")
-    if mask.shape != weight.shape:
-        raise ValueError(f"{op}: mask: expected a Mask of the weight's shape {tuple(weight.shape)}, "
-                         f"got {tuple(mask.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"{op}: mask: expected device {weight.device} (that of weight), got {mask.device}")
-    return mask.wire()
+    m = as_mask(mask, weight.shape, name="mask", op=op)
+    if m.device != weight.device:
+        raise ValueError(f"{op}: mask: expected device {weight.device} (that of weight), got {m.device}")
+    return m.wire()
 
 
 def pair(op, name, v):
