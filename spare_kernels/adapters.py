@@ -15,6 +15,7 @@ from torch import nn
 
 from .masks import Mask
 from .nn.lora import MaskedLoRAConv2d, _MaskedLoRALayer, iter_patched, thread_disabled, wrap
+from .ops import _checks as chk
 from .patch import _set_module, check_unet
 from .utils.io import atomic_path
 
@@ -167,8 +168,7 @@ def remove_adapter(unet: nn.Module, adapter_name: str) -> None:
 
 def set_adapter_scale(unet: nn.Module, adapter_name: str, scale: float) -> None:
     """Set the adapter's multiplier ``s`` in ``W + s·M⊙(B·A)`` (patch_unet sets ``alpha / rank``)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a number, got {type(scale).__name__}")
+    chk.scale("set_adapter_scale", scale)
     for _, m in _layers(unet, adapter_name):
         m.set_scale(adapter_name, scale)
 

@@ -124,3 +124,40 @@ def test_patched_conv_follows_its_base_geometry():
     with torch.no_grad():
         want = torch.nn.functional.conv2d(x, m.base_layer.weight + m.delta_weight("a"), m.bias, stride=2)
         torch.testing.assert_close(m(x), want)
+
+
+@pytest.mark.parametrize("rank", [0, -2, 2.0, True, "4"])
+def test_add_adapter_refuses_a_bad_rank(rank):
+    from spare_kernels.nn.lora import wrap
+    m = wrap(torch.nn.Linear(6, 5))
+    with pytest.raises(ValueError, match="rank: expected a positive int") as e:
+        m.add_adapter("a", rank)
+    assert repr(rank) in str(e.value)
+    assert not m.lora_A and not m.active_adapters                      # nothing added
+
+
+@pytest.mark.parametrize("scale,exc", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                       (-float("inf"), ValueError), ("2", TypeError), (None, TypeError),
+                                       (True, TypeError)])
+def test_scales_must_be_finite_reals(scale, exc):
+    from spare_kernels.nn.lora import wrap
+    m = wrap(torch.nn.Linear(6, 5))
+    with pytest.raises(exc, match="scale: expected a"):
+        m.add_adapter("a", 2, scale)
+    assert not m.lora_A
+    m.add_adapter("a", 2, 0.5)
+    with pytest.raises(exc, match="scale: expected a"):
+        m.set_scale("a", scale)
+    assert m.scaling["a"] == 0.5
+    holder = torch.nn.Sequential(m)
+    with pytest.raises(exc, match="set_adapter_scale: scale: expected a"):
+        sk.set_adapter_scale(holder, "a", scale)
+    assert m.scaling["a"] == 0.5
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0, -1.0])
+def test_patch_unet_refuses_a_non_finite_alpha(alpha):
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    with pytest.raises(ValueError, match="alpha: expected a positive finite number"):
+        sk.patch_unet(net, alpha=alpha, target_modules="all")
+    assert isinstance(net[0], torch.nn.Linear) and net[0].weight.requires_grad   # nothing changed

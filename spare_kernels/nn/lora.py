@@ -8,6 +8,7 @@ Masks are not in the state dict (``save_adapter`` stores them, bit-packed).
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from typing import Iterator, Optional
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ..backends import _maskfmt as fmt
 from ..masks import Mask
+from ..ops import _checks as chk
 from ..ops import masked_lora_conv2d, masked_lora_linear
 from ..ops.masked_lora import conv2d_checked, conv_args, linear_checked
 from ..utils import autocast as _autocast
@@ -85,6 +87,10 @@ class _MaskedLoRALayer(nn.Module):
         benchmarks)."""
         if name in self.lora_A:
             raise ValueError(f"adapter_name: {name!r} already exists on this layer")
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+            raise ValueError(f"rank: expected a positive int, got {rank!r}")
+        rank = int(rank)
+        scale = chk.scale("", scale)
         a_shape, b_shape = self._factor_shapes(rank)
         dev = self.weight.device
         if lora_A is None or lora_B is None:
@@ -105,7 +111,7 @@ class _MaskedLoRALayer(nn.Module):
                              f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
         self.lora_A[name] = _Factor(lora_A)
         self.lora_B[name] = _Factor(lora_B)
-        self.scaling[name] = float(scale)
+        self.scaling[name] = scale
         self.masks[name] = None
         self.set_mask(name, mask)
         if active:
@@ -148,7 +154,7 @@ class _MaskedLoRALayer(nn.Module):
         self._check_name(name)
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before changing its scale")
-        self.scaling[name] = float(scale)
+        self.scaling[name] = chk.scale("", scale)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
