@@ -296,6 +296,13 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
             geo = self.__dict__["_geo"] = (key, (stride, padding, dilation, min_hw))
         return geo[1]
 
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 3:   # unbatched (C, H, W), as nn.Conv2d takes it
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        if isinstance(x, Tensor) and x.dim() != 4:
+            raise ValueError(f"x: expected a 3-D (unbatched) or 4-D tensor, got shape {tuple(x.shape)}")
+        return super().forward(x)
+
     def _run_op(self, x, weight, bias, name):
         c = self.base_layer
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
