@@ -137,3 +137,47 @@ def test_merged_forward_equals_live_adapter_and_unpatch_unmerges():
     holder = nn.Sequential(nn.Conv2d(1, 1, 1), m)
     sk.unpatch_unet(holder)
     assert holder[1] is lin and torch.equal(lin.weight, w0)
+
+
+def test_atomic_write_syncs_file_then_folder(tmp_path, monkeypatch):
+    """The data reaches the disk before the rename and the rename before returning: a crash right
+    after never leaves an empty file at the path."""
+    from spare_kernels.utils import io
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.fspath(b))), real_replace(a, b))[1])
+    with io.atomic_path(tmp_path / "x.bin") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"data")
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"], events
+    assert events[0][1] == os.path.realpath(tmp)                       # the temporary file, before the rename
+    assert events[2][1] == os.path.realpath(tmp_path)                  # the folder, after it
+    assert (tmp_path / "x.bin").read_bytes() == b"data"
+
+
+def test_atomic_write_removes_dead_writers_temporaries_only(tmp_path):
+    import subprocess
+    import sys
+    from spare_kernels.utils.io import atomic_path, write_json
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        orphan = tmp_path / f".x.json.{done.pid}.ab_12cd3.tmp"
+        keep = [tmp_path / f".x.json.{live.pid}.zz9xk2aq.tmp",           # a live writer's
+                tmp_path / f".y.json.{done.pid}.ab_12cd3.tmp",           # another path's
+                tmp_path / f".x.json.1.{done.pid}.ab_12cd3.tmp",         # ...of the path 'x.json.1'
+                tmp_path / ".x.json.ab_12cd3.tmp"]                       # no pid: cannot tell
+        for p in [orphan, *keep]:
+            p.write_bytes(b"half")
+        with atomic_path(tmp_path / "x.json") as tmp:
+            assert os.path.basename(tmp).startswith(f".x.json.{os.getpid()}.")   # names its writer
+        write_json(tmp_path / "x.json", {"a": 1})
+        assert not orphan.exists()
+        assert all(p.exists() for p in keep)
+        assert sorted(os.listdir(tmp_path)) == sorted(["x.json"] + [p.name for p in keep])
+    finally:
+        live.kill()
+        live.wait()
