@@ -32,6 +32,11 @@ def fingerprint(weight: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def _base_weight(m: nn.Module) -> torch.Tensor:
+    """The weight a fingerprint is of: a patched layer's with its merges undone."""
+    return m.unmerged_weight() if isinstance(m, _MaskedLoRALayer) else m.weight
+
+
 def _layers(unet, adapter_name=None) -> list[tuple[str, _MaskedLoRALayer]]:
     check_unet(unet)
     out = [(n, m) for n, m in iter_patched(unet) if adapter_name is None or adapter_name in m.lora_A]
@@ -66,7 +71,7 @@ def save_adapter(unet: nn.Module, path: Union[str, os.PathLike], adapter_name: s
             "rank": int(m.lora_A[adapter_name].weight.shape[0]),
             "scale": m.scaling[adapter_name],
             "mask": None if mask is None else {"granularity": mask.granularity, "block": mask.block},
-            "fingerprint": fingerprint(m.weight) if adapter_name not in m.merged_adapters else None,
+            "fingerprint": fingerprint(m.unmerged_weight()),   # the base's, whatever is merged now
             "active": adapter_name in m.active_adapters,
         }
     meta = {"format": FORMAT, "adapter_name": adapter_name, "modules": json.dumps(modules)}
@@ -112,7 +117,7 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
             continue
         if list(base.weight.shape) != info["weight_shape"]:
             wrong.append(f"{mod}: file {tuple(info['weight_shape'])} vs unet {tuple(base.weight.shape)}")
-        elif info["fingerprint"] and fingerprint(base.weight) != info["fingerprint"]:
+        elif info["fingerprint"] and fingerprint(_base_weight(m)) != info["fingerprint"]:
             foreign.append(mod)
         if isinstance(m, _MaskedLoRALayer) and name in m.lora_A:
             clash.append(mod)

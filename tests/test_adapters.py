@@ -181,3 +181,48 @@ def test_atomic_write_removes_dead_writers_temporaries_only(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_fingerprint_is_of_the_unmerged_base(tmp_path):
+    """Saved while merged (this adapter, another, or both): the fingerprints are those of the base
+    weight, so a strict load still tells another base from the same one."""
+    unet = masked_patched()
+    sk.patch_unet(unet, init="random", adapter_name="second", target_modules=["to_q", "to_v"])
+    plain = sk.save_adapter(unet, tmp_path / "plain.safetensors")
+
+    def fingerprints(p):
+        return {k: v["fingerprint"] for k, v in adapters_mod.read_adapter(p)[0]["modules"].items()}
+
+    assert all(fingerprints(plain).values())
+    for merged in (["default"], ["second"], ["second", "default"]):
+        for n in merged:
+            sk.merge_adapter(unet, n)
+        weights = {n: m.weight.clone() for n, m in iter_patched(unet)}
+        path = sk.save_adapter(unet, tmp_path / f"{'_'.join(merged)}.safetensors")
+        assert fingerprints(path) == fingerprints(plain), merged
+        assert all(torch.equal(m.weight, weights[n]) for n, m in iter_patched(unet))   # save changed nothing
+        sk.unmerge_adapter(unet)
+    with pytest.raises(ValueError, match="fingerprint"):
+        sk.load_adapter(tiny_unet(seed=1), path)
+    sk.load_adapter(tiny_unet(), path)
+    # the target's own merges do not count either
+    target = tiny_unet()
+    sk.patch_unet(target, init="random", adapter_name="other", target_modules=["to_q"])
+    sk.merge_adapter(target, "other")
+    sk.load_adapter(target, path)
+    assert sorted(sk.adapter_names(target)) == ["default", "other"]
+
+
+def test_unmerged_weight_undoes_every_merge_without_changing_the_layer():
+    m = MaskedLoRALinear(nn.Linear(40, 24).to(torch.bfloat16))
+    w0 = m.weight.detach().clone()
+    m.add_adapter("a", 4, 0.5, init="random", mask=torch.rand(24, 40) > 0.3)
+    m.add_adapter("b", 2, 2.0, init="random")
+    assert torch.equal(m.unmerged_weight(), w0)
+    m.merge("a")
+    m.merge("b")
+    merged = m.weight.detach().clone()
+    got = m.unmerged_weight()
+    assert torch.equal(got, w0) and got.dtype == w0.dtype
+    assert torch.equal(m.weight, merged) and m.merged_adapters == ["a", "b"]
+    assert got.data_ptr() != m.weight.data_ptr()

@@ -201,6 +201,16 @@ class _MaskedLoRALayer(nn.Module):
             if last == name:
                 break
 
+    @torch.no_grad()
+    def unmerged_weight(self) -> Tensor:
+        """A copy of the base weight with every merge undone (newest first, as :meth:`unmerge`); the
+        layer is left as it is."""
+        W = self.weight.detach().clone()
+        for name in reversed(self.merged_adapters):
+            where, values = self._merge_backup[name]
+            W[where.to_dense()] = values
+        return W
+
     # -------------------------------------------------------------------------- forward
     def _run_op(self, x, weight, bias, name):
         raise NotImplementedError
