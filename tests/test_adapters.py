@@ -226,3 +226,187 @@ def test_unmerged_weight_undoes_every_merge_without_changing_the_layer():
     assert torch.equal(got, w0) and got.dtype == w0.dtype
     assert torch.equal(m.weight, merged) and m.merged_adapters == ["a", "b"]
     assert got.data_ptr() != m.weight.data_ptr()
+
+
+# ----------------------------------------------------------------------------------- load: validate all, then apply
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    return sk.save_adapter(masked_patched(), tmp_path_factory.mktemp("good") / "good.safetensors")
+
+
+_DROP = object()
+
+
+def _edited(good, dst, edit):
+    """A copy of ``good`` with ``edit(meta, modules, tensors)`` applied (``meta['modules']``, if the
+    edit sets it, is written as given (``_DROP``: left out), else the edited ``modules`` are)."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(good, framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    modules = json.loads(meta.pop("modules"))
+    edit(meta, modules, tensors)
+    meta.setdefault("modules", json.dumps(modules))
+    meta = {k: v for k, v in meta.items() if v is not _DROP}
+    save_file(tensors, str(dst), metadata=meta)
+    return str(dst)
+
+
+def _last(modules, masked=False):
+    """The module applied last (so a load that fails on it leaves the others patched)."""
+    return [n for n, i in modules.items() if not masked or i["mask"]][-1]
+
+
+def _set(field, value, masked=False):
+    def edit(meta, modules, tensors):
+        modules[_last(modules, masked)][field] = value
+    return edit
+
+
+def _drop(field):
+    def edit(meta, modules, tensors):
+        del modules[_last(modules)][field]
+    return edit
+
+
+def _tensor(suffix, fn, masked=False):
+    def edit(meta, modules, tensors):
+        key = f"{_last(modules, masked)}.{suffix}"
+        out = fn(tensors[key])
+        if out is None:
+            del tensors[key]
+        else:
+            tensors[key] = out
+    return edit
+
+
+def _meta(key, value):
+    def edit(meta, modules, tensors):
+        meta[key] = value
+    return edit
+
+
+def _granularity(meta, modules, tensors):
+    modules[_last(modules, masked=True)]["mask"]["granularity"] = "diagonal"
+
+
+def _inner(meta, modules, tensors):   # names the base layer inside a patched to_q
+    mod = [n for n in modules if n.endswith("to_q")][-1]
+    modules[mod + ".base_layer"] = modules.pop(mod)
+    for s in ("lora_A", "lora_B", "mask"):
+        tensors[f"{mod}.base_layer.{s}"] = tensors.pop(f"{mod}.{s}")
+
+
+BAD_FILES = {   # id: (edit, words the error names besides the file; "LAST"/"LASTM": the module edited)
+    "lora_B missing": (_tensor("lora_B", lambda t: None), ["LAST", "lora_B"]),
+    "lora_A shape": (_tensor("lora_A", lambda t: torch.cat([t, t[:1]])), ["LAST", "lora_A", "shape"]),
+    "lora_B shape": (_tensor("lora_B", lambda t: t[:-1]), ["LAST", "lora_B", "shape"]),
+    "lora_A int": (_tensor("lora_A", lambda t: t.to(torch.int32)), ["LAST", "lora_A", "int32"]),
+    "lora_B dtype": (_tensor("lora_B", lambda t: t.double()), ["LAST", "lora_B", "float64"]),
+    "mask shape": (_tensor("mask", lambda t: t[:-1], masked=True), ["LASTM", "mask", "shape"]),
+    "mask missing": (_tensor("mask", lambda t: None, masked=True), ["LASTM", "mask"]),
+    "mask granularity": (_granularity, ["LASTM", "mask", "granularity", "diagonal"]),
+    "mask not a dict": (_set("mask", "element", masked=True), ["LASTM", "mask"]),
+    "scale text": (_set("scale", "abc"), ["LAST", "scale", "str"]),
+    "scale nan": (_set("scale", float("nan")), ["LAST", "scale", "finite", "nan"]),
+    "scale inf": (_set("scale", float("inf")), ["LAST", "scale", "finite", "inf"]),
+    "rank 0": (_set("rank", 0), ["LAST", "rank", "positive int"]),
+    "rank -1": (_set("rank", -1), ["LAST", "rank", "positive int"]),
+    "rank 2.5": (_set("rank", 2.5), ["LAST", "rank", "positive int"]),
+    "rank true": (_set("rank", True), ["LAST", "rank", "positive int"]),
+    "rank 4": (_set("rank", 4), ["LAST", "lora_A", "shape"]),          # positive, but A has 3 rows
+    "active text": (_set("active", "yes"), ["LAST", "active"]),
+    "kind": (_set("kind", "conv3d"), ["LAST", "kind"]),
+    "weight_shape text": (_set("weight_shape", "32x32"), ["LAST", "weight_shape"]),
+    "fingerprint number": (_set("fingerprint", 7), ["LAST", "fingerprint"]),
+    "no weight_shape": (_drop("weight_shape"), ["LAST", "weight_shape", "missing"]),
+    "no rank": (_drop("rank"), ["LAST", "rank", "missing"]),
+    "no scale": (_drop("scale"), ["LAST", "scale", "missing"]),
+    "no mask key": (_drop("mask"), ["LAST", "mask", "missing"]),
+    "modules bad JSON": (_meta("modules", "{not json"), ["modules", "JSON"]),
+    "modules a list": (_meta("modules", "[1, 2]"), ["modules", "JSON object"]),
+    "modules empty": (_meta("modules", "{}"), ["modules"]),
+    "modules missing": (_meta("modules", _DROP), ["modules", "missing"]),
+    "no adapter_name": (_meta("adapter_name", _DROP), ["adapter_name", "missing"]),
+    "adapter_name dotted": (_meta("adapter_name", "a.b"), ["adapter_name", "'a.b'"]),
+    "inside a patched layer": (_inner, ["base_layer"]),
+}
+
+
+def _target(pre):
+    unet = tiny_unet()
+    if pre:   # some layers already patched (adapter added to them), the others wrapped on load
+        sk.patch_unet(unet, init="random", adapter_name="other", target_modules=["to_q"])
+    return unet
+
+
+def _snapshot(unet):
+    return (dict(unet.named_modules()), {k: v.clone() for k, v in unet.state_dict().items()},
+            {n: p.requires_grad for n, p in unet.named_parameters()}, sk.adapter_names(unet),
+            {n: (list(m.lora_A), list(m.active_adapters), dict(m.scaling)) for n, m in iter_patched(unet)})
+
+
+def _assert_unchanged(unet, snap):
+    modules, state, grads, names, layers = snap
+    now = dict(unet.named_modules())
+    assert now.keys() == modules.keys() and all(now[k] is modules[k] for k in now)
+    sd = unet.state_dict()
+    assert sd.keys() == state.keys() and all(torch.equal(sd[k], state[k]) for k in sd)
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == grads
+    assert sk.adapter_names(unet) == names
+    assert {n: (list(m.lora_A), list(m.active_adapters), dict(m.scaling)) for n, m in iter_patched(unet)} == layers
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_load_checks_everything_before_changing_anything(tmp_path, good_file, case):
+    import json
+    from safetensors import safe_open
+    edit, words = BAD_FILES[case]
+    bad = _edited(good_file, tmp_path / "bad.safetensors", edit)
+    with safe_open(good_file, framework="pt") as f:
+        modules = json.loads(f.metadata()["modules"])
+    unet = _target(pre=True)   # the load would both wrap layers and add to patched ones
+    snap = _snapshot(unet)
+    with pytest.raises(ValueError) as e:
+        sk.load_adapter(unet, bad)
+    msg = str(e.value)
+    for w in [bad] + words:
+        w = {"LAST": _last(modules), "LASTM": _last(modules, masked=True)}.get(w, w)
+        assert w in msg, (w, msg)
+    _assert_unchanged(unet, snap)
+    sk.load_adapter(unet, good_file)                                       # a corrected retry works
+    assert "default" in sk.adapter_names(unet)
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["plain", "prepatched"])
+def test_load_rolls_back_if_applying_fails(good_file, monkeypatch, pre):
+    from spare_kernels.nn.lora import _MaskedLoRALayer
+    unet = _target(pre)
+    snap = _snapshot(unet)
+    real, calls = _MaskedLoRALayer.add_adapter, []
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("CUDA out of memory")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(_MaskedLoRALayer, "add_adapter", flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sk.load_adapter(unet, good_file)
+    _assert_unchanged(unet, snap)
+    monkeypatch.setattr(_MaskedLoRALayer, "add_adapter", real)
+    sk.load_adapter(unet, good_file)
+    assert "default" in sk.adapter_names(unet)
+
+
+def test_load_refuses_a_bad_adapter_name_argument(good_file):
+    unet = tiny_unet()
+    snap = _snapshot(unet)
+    for name in ("a.b", "", 3):
+        with pytest.raises(ValueError, match="adapter_name: expected a non-empty string"):
+            sk.load_adapter(unet, good_file, adapter_name=name)
+        _assert_unchanged(unet, snap)
+

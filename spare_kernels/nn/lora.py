@@ -76,7 +76,7 @@ class _MaskedLoRALayer(nn.Module):
         return self.base_layer.bias
 
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        raise NotImplementedError
+        return factor_shapes(self.base_layer, rank)
 
     def add_adapter(self, name: str, rank: int, scale: float = 1.0, mask=None, init: str = "gaussian",
                     dtype: torch.dtype = torch.float32, lora_A: Optional[Tensor] = None,
@@ -269,9 +269,6 @@ class MaskedLoRALinear(_MaskedLoRALayer):
             raise TypeError(f"base_layer: expected nn.Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer)
 
-    def _factor_shapes(self, rank):
-        return (rank, self.base_layer.in_features), (self.base_layer.out_features, rank)
-
     def _run_op(self, x, weight, bias, name):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if self._owned(x, weight, A, B) and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
@@ -285,14 +282,8 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
     def __init__(self, base_layer: nn.Conv2d):
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"base_layer: expected nn.Conv2d, got {type(base_layer).__name__}")
-        if base_layer.padding_mode != "zeros":
-            raise ValueError(f"base_layer: padding_mode={base_layer.padding_mode!r} is not supported "
-                             "(expected 'zeros')")
+        check_base(base_layer)
         super().__init__(base_layer)
-
-    def _factor_shapes(self, rank):
-        c = self.base_layer
-        return (rank, c.in_channels // c.groups, *c.kernel_size), (c.out_channels, rank, 1, 1)
 
     def _geometry(self, c):
         """``(stride, padding, dilation, smallest input (H, W))`` as the op takes them, kept until the
@@ -323,6 +314,23 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
                                       stride, padding, dilation, c.groups)
         return masked_lora_conv2d(x, weight, bias, A, B, self.masks[name], self.scaling[name],
                                   c.stride, c.padding, c.dilation, c.groups)
+
+
+def factor_shapes(base_layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``(lora_A, lora_B)`` of rank ``rank`` on ``base_layer`` (peft's layout)."""
+    if isinstance(base_layer, nn.Conv2d):
+        c = base_layer
+        return (rank, c.in_channels // c.groups, *c.kernel_size), (c.out_channels, rank, 1, 1)
+    return (rank, base_layer.in_features), (base_layer.out_features, rank)
+
+
+def check_base(base_layer: nn.Module) -> None:
+    """Raise what :func:`wrap` would for ``base_layer``, building nothing."""
+    if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"base_layer: expected nn.Linear or nn.Conv2d, got {type(base_layer).__name__}")
+    if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
+        raise ValueError(f"base_layer: padding_mode={base_layer.padding_mode!r} is not supported "
+                         "(expected 'zeros')")
 
 
 def wrap(base_layer: nn.Module) -> _MaskedLoRALayer:
