@@ -206,8 +206,8 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
     Checks every target exists with the saved weight shape, that every module's factors, mask, scale
     and rank are whole and fit its layer (always), and that the base weights carry the saved
     fingerprints (``strict=False`` turns a mismatch into a warning). Nothing changes until every check
-    has passed, and a failure while applying undoes what was applied. ``adapter_name`` renames the
-    adapter on load."""
+    has passed, and a failure while applying undoes what was applied. Tensors in the file that no
+    module uses are ignored with a warning. ``adapter_name`` renames the adapter on load."""
     check_unet(unet)
     if adapter_name is not None:
         _check_name(adapter_name)
@@ -257,6 +257,12 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
         if strict:
             raise ValueError(msg + "; pass strict=False to load anyway")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    used = {f"{mod}.{k}" for mod, p in plan.items() for k in ("lora_A", "lora_B", "mask")
+            if k != "mask" or p["mask"] is not None}
+    extra = sorted(set(tensors) - used)
+    if extra:   # as peft warns of unexpected keys: likely a file edited or written by another tool
+        warnings.warn(f"load_adapter: {path!r} holds {len(extra)} tensor(s) no module of the adapter uses, "
+                      f"ignored: {extra[:5]}{'...' if len(extra) > 5 else ''}", UserWarning, stacklevel=2)
     _apply(unet, modules, plan, name)
     return unet
 

@@ -410,3 +410,19 @@ def test_load_refuses_a_bad_adapter_name_argument(good_file):
             sk.load_adapter(unet, good_file, adapter_name=name)
         _assert_unchanged(unet, snap)
 
+
+def test_load_warns_of_tensors_it_does_not_use(tmp_path, good_file):
+    import warnings
+
+    def extra(meta, modules, tensors):
+        tensors["foo.lora_A"] = torch.zeros(2)
+        tensors["conv_out.mask"] = torch.zeros(3, dtype=torch.uint8)     # conv_out's adapter is dense
+    path = _edited(good_file, tmp_path / "extra.safetensors", extra)
+    unet = tiny_unet()
+    with pytest.warns(UserWarning, match="conv_out.mask") as w:
+        sk.load_adapter(unet, path)
+    assert "foo.lora_A" in str(w[0].message) and path in str(w[0].message)
+    assert "default" in sk.adapter_names(unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.load_adapter(tiny_unet(), good_file)                            # a clean file: no warning
