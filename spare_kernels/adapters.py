@@ -13,9 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .masks import Mask
-from .nn.lora import MaskedLoRAConv2d, _MaskedLoRALayer, iter_patched, thread_disabled, wrap
-from .patch import _set_module, check_unet
+from .masks import GRANULARITIES, Mask
+from .nn.lora import (MaskedLoRAConv2d, _MaskedLoRALayer, check_base, factor_shapes, iter_patched,
+                      thread_disabled, wrap)
+from .ops import _checks as chk
+from .patch import _is_peft_lora, _set_module, check_unet
 from .utils.io import atomic_path
 
 FORMAT = "spare_kernels.adapter/1"
@@ -29,6 +31,11 @@ def fingerprint(weight: torch.Tensor) -> str:
     h = hashlib.sha256(f"{tuple(weight.shape)}|{weight.dtype}".encode())
     h.update(flat[::step][:_SAMPLES].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _base_weight(m: nn.Module) -> torch.Tensor:
+    """The weight a fingerprint is of: a patched layer's with its merges undone."""
+    return m.unmerged_weight() if isinstance(m, _MaskedLoRALayer) else m.weight
 
 
 def _layers(unet, adapter_name=None) -> list[tuple[str, _MaskedLoRALayer]]:
@@ -65,7 +72,7 @@ def save_adapter(unet: nn.Module, path: Union[str, os.PathLike], adapter_name: s
             "rank": int(m.lora_A[adapter_name].weight.shape[0]),
             "scale": m.scaling[adapter_name],
             "mask": None if mask is None else {"granularity": mask.granularity, "block": mask.block},
-            "fingerprint": fingerprint(m.weight) if adapter_name not in m.merged_adapters else None,
+            "fingerprint": fingerprint(m.unmerged_weight()),   # the base's, whatever is merged now
             "active": adapter_name in m.active_adapters,
         }
     meta = {"format": FORMAT, "adapter_name": adapter_name, "modules": json.dumps(modules)}
@@ -74,8 +81,58 @@ def save_adapter(unet: nn.Module, path: Union[str, os.PathLike], adapter_name: s
     return os.fspath(path)
 
 
-def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(metadata with parsed 'modules', tensors)`` of an adapter file, validated."""
+_FIELDS = ("kind", "weight_shape", "rank", "scale", "mask", "fingerprint")   # "active" may be absent
+
+
+def _check_name(name, what="adapter_name"):
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{what}: expected a non-empty string without '.', got {name!r}")
+    return name
+
+
+def _complaint(where: str):
+    """``bad(field, expected, got)``: a ValueError saying so after ``where`` (the file, the module);
+    ``expected=None``: ``got`` says it all."""
+    def bad(field, expected, got):
+        what = got if expected is None else f"expected {expected}, got {got}"
+        return ValueError(f"{where}: {field}: {what}")
+    return bad
+
+
+def _check_module(info, bad) -> None:
+    """The metadata of one module."""
+    if not isinstance(info, dict):
+        raise bad("settings", "a JSON object", repr(info)[:80])
+    for k in _FIELDS:
+        if k not in info:
+            raise bad(k, "a value", "none (the key is missing)")
+    if info["kind"] not in ("linear", "conv2d"):
+        raise bad("kind", "'linear' or 'conv2d'", repr(info["kind"]))
+    shape = info["weight_shape"]
+    dims = 2 if info["kind"] == "linear" else 4
+    if (not isinstance(shape, list) or len(shape) != dims
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise bad("weight_shape", f"a list of {dims} positive ints", repr(shape))
+    rank = info["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise bad("rank", "a positive int", repr(rank))
+    try:
+        chk.scale("", info["scale"])
+    except (TypeError, ValueError):
+        raise bad("scale", "a finite real number",
+                  f"{type(info['scale']).__name__} {info['scale']!r}") from None
+    mask = info["mask"]
+    if mask is not None and (not isinstance(mask, dict) or "granularity" not in mask):
+        raise bad("mask", "null or an object with 'granularity' (and 'block')", repr(mask))
+    if mask is not None and mask["granularity"] not in GRANULARITIES:
+        raise bad("mask", f"a granularity in {GRANULARITIES}", repr(mask["granularity"]))
+    if info["fingerprint"] is not None and not isinstance(info["fingerprint"], str):
+        raise bad("fingerprint", "null or a string", repr(info["fingerprint"]))
+    if not isinstance(info.get("active", True), bool):
+        raise bad("active", "true or false", repr(info["active"]))
+
+
+def _read(path, op: str) -> tuple[dict, dict[str, torch.Tensor]]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no adapter file at {path!r}")
@@ -88,36 +145,109 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, torch.T
     if meta.get("format") != FORMAT:
         raise ValueError(f"path: {path!r} is not a spare_kernels adapter (format {meta.get('format')!r}, "
                          f"expected {FORMAT!r})")
-    meta["modules"] = json.loads(meta["modules"])
+    bad = _complaint(f"{op}: {path!r}")
+    for k in ("adapter_name", "modules"):
+        if k not in meta:
+            raise bad(k, "a metadata entry", "none (the key is missing)")
+    try:
+        _check_name(meta["adapter_name"])
+    except ValueError:
+        raise bad("adapter_name", "a non-empty string without '.'", repr(meta["adapter_name"])) from None
+    try:
+        modules = json.loads(meta["modules"])
+    except ValueError as e:
+        raise bad("modules", "a JSON object", f"invalid JSON ({e})") from None
+    if not isinstance(modules, dict) or not modules:
+        raise bad("modules", "a non-empty JSON object of module name -> settings", repr(modules)[:80])
+    for mod, info in modules.items():
+        _check_module(info, _complaint(f"{op}: {path!r}: module {mod!r}"))
+    meta["modules"] = modules
     return meta, tensors
+
+
+def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(metadata with parsed 'modules', tensors)`` of an adapter file; the metadata is validated
+    (a ``ValueError`` names the file, the module and the field), the tensors by :func:`load_adapter`."""
+    return _read(path, "read_adapter")
+
+
+def _plan_module(mod, info, base, tensors, bad) -> dict:
+    """``add_adapter``'s arguments for one module, every one checked against ``base``'s geometry."""
+    a_shape, b_shape = factor_shapes(base, info["rank"])
+    factors = {}
+    for key, shape in (("lora_A", a_shape), ("lora_B", b_shape)):
+        t = tensors.get(f"{mod}.{key}")
+        if t is None:
+            raise bad(key, f"a tensor of shape {shape}", "none in the file")
+        if tuple(t.shape) != shape:
+            raise bad(key, f"shape {shape} (rank {info['rank']})", tuple(t.shape))
+        factors[key] = t
+    A, B = factors["lora_A"], factors["lora_B"]
+    if A.dtype not in chk.FLOAT_DTYPES:
+        raise bad("lora_A", "a floating-point tensor", A.dtype)
+    if B.dtype != A.dtype:
+        raise bad("lora_B", f"lora_A's dtype {A.dtype}", B.dtype)
+    mask = None
+    if info["mask"] is not None:
+        t = tensors.get(f"{mod}.mask")
+        if t is None:
+            raise bad("mask", f"the tensor of its {info['mask']['granularity']!r} mask", "none in the file")
+        try:
+            mask = Mask(info["mask"]["granularity"], info["weight_shape"], t, info["mask"].get("block") or (32, 32))
+        except (TypeError, ValueError) as e:   # Mask's own message names what is wrong (granularity, data, block)
+            raise bad("mask", None, e) from None
+    return dict(rank=info["rank"], scale=info["scale"], mask=mask, lora_A=A, lora_B=B,
+                active=info.get("active", True))
 
 
 def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, strict: bool = True) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``unet`` (patching the layers it names).
 
-    Checks every target exists with the saved weight shape (always) and that the base weights carry
-    the saved fingerprints (``strict=False`` turns a mismatch into a warning). Nothing changes until
-    every check has passed. ``adapter_name`` renames the adapter on load."""
+    Checks every target exists with the saved weight shape, that every module's factors, mask, scale
+    and rank are whole and fit its layer (always), and that the base weights carry the saved
+    fingerprints (``strict=False`` turns a mismatch into a warning). Nothing changes until every check
+    has passed, and a failure while applying undoes what was applied. Tensors in the file that no
+    module uses are ignored with a warning. ``adapter_name`` renames the adapter on load."""
     check_unet(unet)
-    meta, tensors = read_adapter(path)
-    name = adapter_name or meta["adapter_name"]
+    if adapter_name is not None:
+        _check_name(adapter_name)
+    meta, tensors = _read(path, "load_adapter")
+    path = os.fspath(path)
+    name = adapter_name if adapter_name is not None else meta["adapter_name"]
     modules = dict(unet.named_modules())
+    # Names inside an adapted layer (its base_layer, peft's lora_A.<name>) are not targets.
+    owners = [n for n, m in modules.items() if isinstance(m, _MaskedLoRALayer) or _is_peft_lora(m)]
     missing, wrong, foreign, clash = [], [], [], []
     for mod, info in meta["modules"].items():
         m = modules.get(mod)
         base = getattr(m, "base_layer", m)
+        owner = next((o for o in owners if mod.startswith(o + ".")), None)
+        if owner is not None:
+            raise ValueError(f"load_adapter: {path!r}: module {mod!r}: expected a layer of the unet, got a "
+                             f"part of the adapted layer {owner!r}")
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             missing.append(mod)
-            continue
-        if list(base.weight.shape) != info["weight_shape"]:
+        elif list(base.weight.shape) != info["weight_shape"]:
             wrong.append(f"{mod}: file {tuple(info['weight_shape'])} vs unet {tuple(base.weight.shape)}")
-        elif info["fingerprint"] and fingerprint(base.weight) != info["fingerprint"]:
-            foreign.append(mod)
-        if isinstance(m, _MaskedLoRALayer) and name in m.lora_A:
-            clash.append(mod)
     if missing or wrong:
         raise ValueError(f"load_adapter: {path!r} does not fit this unet: missing modules {missing[:5]}, "
                          f"shape mismatches {wrong[:5]}")
+    plan = {}
+    for mod, info in meta["modules"].items():
+        m = modules[mod]
+        where = f"load_adapter: {path!r}: module {mod!r}"
+        if _is_peft_lora(m):
+            raise ValueError(f"{where}: carries peft LoRA layers; patch_unet(unet) first")
+        if not isinstance(m, _MaskedLoRALayer):
+            try:
+                check_base(m)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: {e}") from None
+        plan[mod] = _plan_module(mod, info, getattr(m, "base_layer", m), tensors, _complaint(where))
+        if isinstance(m, _MaskedLoRALayer) and name in m.lora_A:
+            clash.append(mod)
+        elif info["fingerprint"] and fingerprint(_base_weight(m)) != info["fingerprint"]:
+            foreign.append(mod)
     if clash:
         raise ValueError(f"adapter_name: {name!r} already exists on {clash[:3]}...; remove_adapter() it or "
                          "pass another adapter_name")
@@ -127,23 +257,44 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
         if strict:
             raise ValueError(msg + "; pass strict=False to load anyway")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    for mod, info in meta["modules"].items():
-        m = modules[mod]
-        if not isinstance(m, _MaskedLoRALayer):
-            if hasattr(m, "lora_A"):
-                raise ValueError(f"load_adapter: {mod} carries peft LoRA layers; patch_unet(unet) first")
-            m = wrap(m)
-            _set_module(unet, mod, m)
-        dev = m.weight.device
-        A = tensors[f"{mod}.lora_A"].to(dev)
-        B = tensors[f"{mod}.lora_B"].to(dev)
-        mask = None
-        if info["mask"] is not None:
-            mask = Mask(info["mask"]["granularity"], info["weight_shape"], tensors[f"{mod}.mask"].to(dev),
-                        tuple(info["mask"]["block"] or (32, 32)))
-        m.add_adapter(name, info["rank"], info["scale"], mask=mask, lora_A=A, lora_B=B,
-                      active=info.get("active", True))
+    used = {f"{mod}.{k}" for mod, p in plan.items() for k in ("lora_A", "lora_B", "mask")
+            if k != "mask" or p["mask"] is not None}
+    extra = sorted(set(tensors) - used)
+    if extra:   # as peft warns of unexpected keys: likely a file edited or written by another tool
+        warnings.warn(f"load_adapter: {path!r} holds {len(extra)} tensor(s) no module of the adapter uses, "
+                      f"ignored: {extra[:5]}{'...' if len(extra) > 5 else ''}", UserWarning, stacklevel=2)
+    _apply(unet, modules, plan, name)
     return unet
+
+
+def _apply(unet, modules, plan, name) -> None:
+    """Add the planned adapter everywhere; if anything still fails (out of memory, say), put back
+    every layer as it was before raising."""
+    done = []   # (module name, layer, (base module, its requires_grad flags) if wrapped here)
+    try:
+        for mod, p in plan.items():
+            layer = modules[mod]
+            if isinstance(layer, _MaskedLoRALayer):
+                done.append((mod, layer, None))
+            else:
+                base = layer
+                flags = [q.requires_grad for q in base.parameters()]
+                layer = wrap(base)                   # freezes the base layer
+                done.append((mod, layer, (base, flags)))
+                _set_module(unet, mod, layer)
+            dev = layer.weight.device
+            layer.add_adapter(name, p["rank"], p["scale"], mask=p["mask"], lora_A=p["lora_A"].to(dev),
+                              lora_B=p["lora_B"].to(dev), active=p["active"])
+    except BaseException:
+        for mod, layer, wrapped in reversed(done):
+            if name in layer.lora_A:
+                layer.remove_adapter(name)
+            if wrapped is not None:
+                base, flags = wrapped
+                _set_module(unet, mod, base)
+                for q, f in zip(base.parameters(), flags):
+                    q.requires_grad_(f)
+        raise
 
 
 # ----------------------------------------------------------------------------------- run-time control
@@ -167,8 +318,7 @@ def remove_adapter(unet: nn.Module, adapter_name: str) -> None:
 
 def set_adapter_scale(unet: nn.Module, adapter_name: str, scale: float) -> None:
     """Set the adapter's multiplier ``s`` in ``W + s·M⊙(B·A)`` (patch_unet sets ``alpha / rank``)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a number, got {type(scale).__name__}")
+    chk.scale("set_adapter_scale", scale)
     for _, m in _layers(unet, adapter_name):
         m.set_scale(adapter_name, scale)
 

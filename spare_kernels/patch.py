@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Callable, Optional, Union
 
@@ -151,8 +152,9 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: int = 4, alp
     check_unet(unet)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank: expected a positive int, got {rank!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(f"alpha: expected a positive number or None, got {alpha!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"alpha: expected a positive finite number or None, got {alpha!r}")
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS}, got {init!r}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:

@@ -105,7 +105,7 @@ def test_patched_module_bad_input_gets_the_op_errors(kind):
            (torch.randn(3, 7) if kind == "linear" else torch.randn(2, 7, 5, 5), ValueError, ["weight"])]
     if kind == "conv":
         bad += [(torch.randn(2, 6, 2, 2), ValueError, ["x", "too small"]),
-                (torch.randn(6, 5, 5), ValueError, ["x", "4-D"])]
+                (torch.randn(6, 5), ValueError, ["x", "3-D (unbatched) or 4-D"])]
     for x, exc, words in bad:
         with pytest.raises(exc) as e:
             m(x)
@@ -124,3 +124,64 @@ def test_patched_conv_follows_its_base_geometry():
     with torch.no_grad():
         want = torch.nn.functional.conv2d(x, m.base_layer.weight + m.delta_weight("a"), m.bias, stride=2)
         torch.testing.assert_close(m(x), want)
+
+
+@pytest.mark.parametrize("rank", [0, -2, 2.0, True, "4"])
+def test_add_adapter_refuses_a_bad_rank(rank):
+    from spare_kernels.nn.lora import wrap
+    m = wrap(torch.nn.Linear(6, 5))
+    with pytest.raises(ValueError, match="rank: expected a positive int") as e:
+        m.add_adapter("a", rank)
+    assert repr(rank) in str(e.value)
+    assert not m.lora_A and not m.active_adapters                      # nothing added
+
+
+@pytest.mark.parametrize("scale,exc", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                       (-float("inf"), ValueError), ("2", TypeError), (None, TypeError),
+                                       (True, TypeError)])
+def test_scales_must_be_finite_reals(scale, exc):
+    from spare_kernels.nn.lora import wrap
+    m = wrap(torch.nn.Linear(6, 5))
+    with pytest.raises(exc, match="scale: expected a"):
+        m.add_adapter("a", 2, scale)
+    assert not m.lora_A
+    m.add_adapter("a", 2, 0.5)
+    with pytest.raises(exc, match="scale: expected a"):
+        m.set_scale("a", scale)
+    assert m.scaling["a"] == 0.5
+    holder = torch.nn.Sequential(m)
+    with pytest.raises(exc, match="set_adapter_scale: scale: expected a"):
+        sk.set_adapter_scale(holder, "a", scale)
+    assert m.scaling["a"] == 0.5
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0, -1.0])
+def test_patch_unet_refuses_a_non_finite_alpha(alpha):
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    with pytest.raises(ValueError, match="alpha: expected a positive finite number"):
+        sk.patch_unet(net, alpha=alpha, target_modules="all")
+    assert isinstance(net[0], torch.nn.Linear) and net[0].weight.requires_grad   # nothing changed
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_patched_conv_takes_unbatched_input(stacked):
+    """``(C, H, W)`` works as in nn.Conv2d: same values and gradients as the base conv with the delta."""
+    from spare_kernels.nn.lora import wrap
+    m = wrap(torch.nn.Conv2d(3, 4, 3, padding=1))
+    m.add_adapter("a", 2, 0.7, mask=torch.rand(4, 3, 3, 3) < 0.5, init="random")
+    if stacked:
+        m.add_adapter("b", 3, 1.3, init="random")
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    y = m(x)
+    assert y.shape == (4, 6, 5)
+    g = torch.randn_like(y)
+    params = [x] + [f.weight for f in [*m.lora_A.values(), *m.lora_B.values()]]
+    got = torch.autograd.grad(y, params, g)
+    w = m.base_layer.weight + sum(m.delta_weight(n) for n in m.lora_A)
+    want_y = torch.nn.functional.conv2d(x, w, m.bias, padding=1)
+    want = torch.autograd.grad(want_y, params, g)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"x: expected a 3-D \(unbatched\) or 4-D tensor"):
+        m(torch.randn(6, 5))

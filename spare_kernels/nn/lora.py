@@ -8,6 +8,7 @@ Masks are not in the state dict (``save_adapter`` stores them, bit-packed).
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from typing import Iterator, Optional
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import maskfmt as fmt
 from ..masks import Mask, as_mask
+from ..ops import _checks as chk
 from ..ops import masked_lora_conv2d, masked_lora_linear
 from ..ops.masked_lora import conv2d_checked, conv_args, linear_checked
 from ..utils import autocast as _autocast
@@ -74,7 +76,7 @@ class _MaskedLoRALayer(nn.Module):
         return self.base_layer.bias
 
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        raise NotImplementedError
+        return factor_shapes(self.base_layer, rank)
 
     def add_adapter(self, name: str, rank: int, scale: float = 1.0, mask=None, init: str = "gaussian",
                     dtype: torch.dtype = torch.float32, lora_A: Optional[Tensor] = None,
@@ -85,6 +87,10 @@ class _MaskedLoRALayer(nn.Module):
         benchmarks)."""
         if name in self.lora_A:
             raise ValueError(f"adapter_name: {name!r} already exists on this layer")
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+            raise ValueError(f"rank: expected a positive int, got {rank!r}")
+        rank = int(rank)
+        scale = chk.scale("", scale)
         a_shape, b_shape = self._factor_shapes(rank)
         dev = self.weight.device
         if lora_A is None or lora_B is None:
@@ -105,7 +111,7 @@ class _MaskedLoRALayer(nn.Module):
                              f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
         self.lora_A[name] = _Factor(lora_A)
         self.lora_B[name] = _Factor(lora_B)
-        self.scaling[name] = float(scale)
+        self.scaling[name] = scale
         self.masks[name] = None
         self.set_mask(name, mask)
         if active:
@@ -136,7 +142,7 @@ class _MaskedLoRALayer(nn.Module):
         self._check_name(name)
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before changing its scale")
-        self.scaling[name] = float(scale)
+        self.scaling[name] = chk.scale("", scale)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -182,6 +188,16 @@ class _MaskedLoRALayer(nn.Module):
             self.weight[where.to_dense()] = values
             if last == name:
                 break
+
+    @torch.no_grad()
+    def unmerged_weight(self) -> Tensor:
+        """A copy of the base weight with every merge undone (newest first, as :meth:`unmerge`); the
+        layer is left as it is."""
+        W = self.weight.detach().clone()
+        for name in reversed(self.merged_adapters):
+            where, values = self._merge_backup[name]
+            W[where.to_dense()] = values
+        return W
 
     # -------------------------------------------------------------------------- forward
     def _run_op(self, x, weight, bias, name):
@@ -241,9 +257,6 @@ class MaskedLoRALinear(_MaskedLoRALayer):
             raise TypeError(f"base_layer: expected nn.Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer)
 
-    def _factor_shapes(self, rank):
-        return (rank, self.base_layer.in_features), (self.base_layer.out_features, rank)
-
     def _run_op(self, x, weight, bias, name):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if self._owned(x, weight, A, B) and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
@@ -257,14 +270,8 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
     def __init__(self, base_layer: nn.Conv2d):
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"base_layer: expected nn.Conv2d, got {type(base_layer).__name__}")
-        if base_layer.padding_mode != "zeros":
-            raise ValueError(f"base_layer: padding_mode={base_layer.padding_mode!r} is not supported "
-                             "(expected 'zeros')")
+        check_base(base_layer)
         super().__init__(base_layer)
-
-    def _factor_shapes(self, rank):
-        c = self.base_layer
-        return (rank, c.in_channels // c.groups, *c.kernel_size), (c.out_channels, rank, 1, 1)
 
     def _geometry(self, c):
         """``(stride, padding, dilation, smallest input (H, W))`` as the op takes them, kept until the
@@ -278,6 +285,13 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
             geo = self.__dict__["_geo"] = (key, (stride, padding, dilation, min_hw))
         return geo[1]
 
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 3:   # unbatched (C, H, W), as nn.Conv2d takes it
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        if isinstance(x, Tensor) and x.dim() != 4:
+            raise ValueError(f"x: expected a 3-D (unbatched) or 4-D tensor, got shape {tuple(x.shape)}")
+        return super().forward(x)
+
     def _run_op(self, x, weight, bias, name):
         c = self.base_layer
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -288,6 +302,23 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
                                       stride, padding, dilation, c.groups)
         return masked_lora_conv2d(x, weight, bias, A, B, self.masks[name], self.scaling[name],
                                   c.stride, c.padding, c.dilation, c.groups)
+
+
+def factor_shapes(base_layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``(lora_A, lora_B)`` of rank ``rank`` on ``base_layer`` (peft's layout)."""
+    if isinstance(base_layer, nn.Conv2d):
+        c = base_layer
+        return (rank, c.in_channels // c.groups, *c.kernel_size), (c.out_channels, rank, 1, 1)
+    return (rank, base_layer.in_features), (base_layer.out_features, rank)
+
+
+def check_base(base_layer: nn.Module) -> None:
+    """Raise what :func:`wrap` would for ``base_layer``, building nothing."""
+    if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"base_layer: expected nn.Linear or nn.Conv2d, got {type(base_layer).__name__}")
+    if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
+        raise ValueError(f"base_layer: padding_mode={base_layer.padding_mode!r} is not supported "
+                         "(expected 'zeros')")
 
 
 def wrap(base_layer: nn.Module) -> _MaskedLoRALayer:
