@@ -182,12 +182,17 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", default=(), help="compile only specs whose 'kernel label' contains all")
     ap.add_argument("--ptxas", default=None, help="ptxas binary (default: TRITON_PTXAS_PATH, PATH, triton's own)")
     ap.add_argument("--quiet", action="store_true", help="print the summary only")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     rows, took = run(a.arch, a.only, max(1, a.jobs), a.ptxas, verbose=not a.quiet)
     if not rows:
         print("AOT: no specialisation matched", file=sys.stderr)
         return 1
     print(summary(rows, took, a.jobs))
+    if a.json:
+        import json
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 1 if any(problems(r) for r in rows) else 0
 
 

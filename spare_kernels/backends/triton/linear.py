@@ -5,24 +5,28 @@ with ``G = dyᵀ·x``. The launchers take exactly the arguments of ``backends/re
 contract (outputs in the activation dtype, ``dA``/``dB`` in the adapters', an empty tensor for a
 gradient not asked for). No autograd here: that is ``spare_kernels/ops``.
 
-Kernels:
+Kernels (the mask kind is a runtime argument: ``utils.mask_tile`` reads element and block masks with one
+formula, so one compiled variant serves both):
 - ``_fwd_masked_kernel`` (element / block masks): one tiled GEMM over (token tile, output tile) whose K
-  loop builds the effective weight tile ``W + s·M⊙(B·A)`` in registers (a rank-r ``tl.dot`` of the
-  B and A tiles, the mask bits, ``tl.where``, the add) and dots it with the x tile. No ``out×in``
-  tensor is written. Tiles whose mask entries are all off skip the rank-r dot (a scalar branch; with
-  block masks whose blocks contain the tile this is exact tile skipping).
+  loop builds the effective weight tile ``W + s·M⊙(B·A)`` in registers (a rank-r ``tl.dot`` of B and A
+  tiles, 16 ranks at a time; the mask bits; ``tl.where``; the add) and dots it with the x tile. No
+  ``out×in`` tensor is written. With block masks a tile whose entries are all off skips the rank-r dot
+  (a scalar branch; when the blocks contain the tile this is exact tile skipping).
 - ``_fwd_factored_kernel`` (row mask, no mask): ``x·Wᵀ`` and ``h = x·Aᵀ`` in the same K loop, then
   ``s·(h·Bᵀ)·diag(m)`` in the epilogue.
 - ``_dx_masked_kernel`` / ``_dx_factored_kernel``: the same for ``dx = dy·W_eff`` (K loop over outputs).
-- ``_wgrad_masked_kernel``: one program per (listed weight tile, token split) accumulates ``G`` over
-  tokens in registers, masks it and contracts it with A and B in the epilogue into per-program
-  partials; ``_reduce_db_kernel`` / ``_reduce_da_kernel`` sum the partials in a fixed order.
+- ``_wgrad_masked_kernel``: one program per (listed weight tile, token split) accumulates ``G = dyᵀ·x``
+  over its tokens in registers, masks it and contracts it with A and B in the epilogue into per-program
+  partials; ``_reduce_db_kernel`` / ``_reduce_da_kernel`` sum the partials in a fixed order. Block masks
+  list only the tiles that overlap an on block, so that side's cost falls with density.
 
-Precision (matches ``reference.py``'s, see ``utils.dot_precision``): fp32 accumulation everywhere. With
-16-bit activations the effective weight tile is rounded to the activation dtype and the main dot runs
-on 16-bit tensor cores (what ``F.linear(x, W_eff.to(x.dtype))`` computes); the adapters are rounded
-to the activation dtype for the rank-r dot (their rounding is below that of the W_eff tile). ``G`` and
-its contractions with A and B stay fp32 (fp32 dots at torch's matmul precision).
+Precision (as ``reference.py``: fp32 accumulation everywhere; fp32 dots at torch's matmul precision,
+``utils.dot_precision``). With 16-bit activations the effective weight tile is rounded to the activation
+dtype and the main dot runs on 16-bit tensor cores (what ``F.linear(x, W_eff.to(x.dtype))`` computes);
+the adapters are rounded to the activation dtype for the rank-r dot (below the W_eff tile's own
+rounding). ``G`` and its contractions with A and B stay fp32. Small fp32 epilogue contractions (over the
+rank or a weight tile) that would run at ``"ieee"`` run at ``"tf32x3"`` instead (``utils.small_dot``:
+about fp32's accuracy; an FMA dot over K = 64 spills).
 """
 from __future__ import annotations
 
@@ -43,28 +47,40 @@ GROUP_M: tl.constexpr = tl.constexpr(8)
 
 # ===================================================================================== kernels
 @triton.jit
+def _ba_chunk(d, c, b_ptr, a_ptr, rows, cols, row_ok, col_ok, r, a_stride, EMUL_BF16: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """``d += B[rows, c:c+16]·A[c:c+16, cols]``."""
+    rc = c + tl.arange(0, 16)
+    rc_ok = rc < r
+    b = load_act(b_ptr + rows[:, None] * r + rc[None, :], row_ok[:, None] & rc_ok[None, :], EMUL_BF16)
+    a = load_act(a_ptr + rc[:, None] * a_stride + cols[None, :], rc_ok[:, None] & col_ok[None, :], EMUL_BF16)
+    return tl.dot(b, a, d, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _ba_tile(b_ptr, a_ptr, rows, cols, row_ok, col_ok, r, a_stride, EMUL_BF16: tl.constexpr,
              DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, NR: tl.constexpr, NC: tl.constexpr):
     """``(B·A)[rows, cols]`` (fp32, ``NR × NC``) as a rank-r dot in chunks of 16 ranks: each chunk's B
     (NR, 16) and A (16, NC) tiles are read (from L1/L2: the same few KiB every K step) right before their
-    dot, so no (NR, R) / (R, NC) operand stays live in registers across the K loop (that spills at
-    R = 64 with fp32 operands)."""
+    dot, so no (NR, R) / (R, NC) operand stays live in registers across the K loop. Up to 32 ranks the
+    chunks are unrolled (the K loop stays a single loop, which Triton software-pipelines); at 64 they
+    are a loop (unrolled, four chunks spill), which costs the K loop its pipelining."""
     d = tl.zeros((NR, NC), dtype=tl.float32)
-    for c in tl.static_range(0, R_PAD, 16):
-        rc = c + tl.arange(0, 16)
-        rc_ok = rc < r
-        b = load_act(b_ptr + rows[:, None] * r + rc[None, :], row_ok[:, None] & rc_ok[None, :], EMUL_BF16)
-        a = load_act(a_ptr + rc[:, None] * a_stride + cols[None, :], rc_ok[:, None] & col_ok[None, :], EMUL_BF16)
-        d = tl.dot(b, a, d, input_precision=DOT_PREC)
+    if R_PAD <= 32:
+        for c in tl.static_range(0, R_PAD, 16):
+            d = _ba_chunk(d, c, b_ptr, a_ptr, rows, cols, row_ok, col_ok, r, a_stride, EMUL_BF16, DOT_PREC)
+    else:
+        for c in range(0, R_PAD, 16):
+            d = _ba_chunk(d, c, b_ptr, a_ptr, rows, cols, row_ok, col_ok, r, a_stride, EMUL_BF16, DOT_PREC)
     return d
 
 
-@triton.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "KIND", "R_PAD", "DOT_PREC"],
+@triton.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
-                       N, OUT, IN, r, mask_stride, block_o, block_i, scale, has_bias,
-                       KIND: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, EMUL_BF16: tl.constexpr,
+                       N, OUT, IN, r, mask_stride, row_div, col_div, bit_mask, skip_empty, scale, has_bias,
+                       R_PAD: tl.constexpr, ACT: tl.constexpr, EMUL_BF16: tl.constexpr,
                        DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(OUT, BN), GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -81,9 +97,9 @@ def _fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
         k_ok = kk < IN
         x = load_act(x_ptrs, m_ok[:, None] & k_ok[None, :], EMUL_BF16)
         w = load_act(w_ptrs, n_ok[:, None] & k_ok[None, :], EMUL_BF16).to(tl.float32)
-        on = mask_tile(mask_ptr, mask_stride, rn64, kk, OUT, IN, block_o, block_i, KIND)
-        if KIND == 2:
-            if any_on(on):   # block masks: a tile with every block off is W alone (no rank-r dot)
+        on = mask_tile(mask_ptr, mask_stride, rn64, kk, OUT, IN, row_div, col_div, bit_mask)
+        if skip_empty:   # block masks: a tile with every block off is W alone (no rank-r dot)
+            if any_on(on):
                 d = _ba_tile(b_ptr, a_ptr, rn64, kk, n_ok, k_ok, r, IN, EMUL_BF16, DOT_PREC, R_PAD, BN, BK)
                 w = w + tl.where(on, d * scale, 0.0)
         else:
@@ -141,12 +157,12 @@ def _fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "KIND", "R_PAD", "DOT_PREC"],
+@triton.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "dy_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
-                      N, OUT, IN, r, mask_stride, block_o, block_i, scale,
-                      KIND: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, EMUL_BF16: tl.constexpr,
+                      N, OUT, IN, r, mask_stride, row_div, col_div, bit_mask, skip_empty, scale,
+                      R_PAD: tl.constexpr, ACT: tl.constexpr, EMUL_BF16: tl.constexpr,
                       DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # Tiles: BM tokens × BN input features; K loop over BK outputs (the W_eff tile is (BK, BN)).
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(IN, BN), GROUP_M)
@@ -164,9 +180,9 @@ def _dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
         o_ok = ro < OUT
         dy = load_act(dy_ptrs, m_ok[:, None] & o_ok[None, :], EMUL_BF16)
         w = load_act(w_ptrs, o_ok[:, None] & i_ok[None, :], EMUL_BF16).to(tl.float32)
-        on = mask_tile(mask_ptr, mask_stride, ro64, ri, OUT, IN, block_o, block_i, KIND)
-        if KIND == 2:
-            if any_on(on):   # block masks: a tile with every block off is W alone (no rank-r dot)
+        on = mask_tile(mask_ptr, mask_stride, ro64, ri, OUT, IN, row_div, col_div, bit_mask)
+        if skip_empty:   # block masks: a tile with every block off is W alone (no rank-r dot)
+            if any_on(on):
                 d = _ba_tile(b_ptr, a_ptr, ro64, ri, o_ok, i_ok, r, IN, EMUL_BF16, DOT_PREC, R_PAD, BK, BN)
                 w = w + tl.where(on, d * scale, 0.0)
         else:
@@ -224,8 +240,8 @@ def _dx_factored_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, row_ptr, dx_ptr,
 
 @triton.jit(do_not_specialize=["N", "n_listed", "tok_per_split"])
 def _wgrad_masked_kernel(x_ptr, dy_ptr, a_ptr, b_ptr, mask_ptr, tiles_ptr, pa_ptr, pb_ptr,
-                         N, OUT, IN, r, mask_stride, block_o, block_i, n_q, n_listed, tok_per_split,
-                         KIND: tl.constexpr, R_PAD: tl.constexpr, EMUL_BF16: tl.constexpr, DOT_PREC: tl.constexpr,
+                         N, OUT, IN, r, mask_stride, row_div, col_div, bit_mask, n_q, n_listed, tok_per_split,
+                         R_PAD: tl.constexpr, EMUL_BF16: tl.constexpr, DOT_PREC: tl.constexpr,
                          T: tl.constexpr, BT: tl.constexpr):
     # Program e = k·n_listed + j: token split k (outer, so programs running together read the same
     # tokens from L2) of the j-th listed T×T weight tile.
@@ -238,7 +254,7 @@ def _wgrad_masked_kernel(x_ptr, dy_ptr, a_ptr, b_ptr, mask_ptr, tiles_ptr, pa_pt
     o_ok = ro < OUT
     i_ok = ri < IN
     ro64 = ro.to(tl.int64)
-    on = mask_tile(mask_ptr, mask_stride, ro64, ri, OUT, IN, block_o, block_i, KIND)
+    on = mask_tile(mask_ptr, mask_stride, ro64, ri, OUT, IN, row_div, col_div, bit_mask)
     g = tl.zeros((T, T), dtype=tl.float32)
     if any_on(on):   # element masks: a tile without any entry on skips the token loop
         t0 = k * tok_per_split
@@ -368,8 +384,8 @@ def masked_lora_linear(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
         if kind in (ELEMENT, BLOCK):
             m = _mask_u8(mask)
             _fwd_masked_kernel[grid](x, weight, b, A, B, m, y, N, OUT, IN, r, m.stride(0),
-                                     max(block_o, 1), max(block_i, 1), float(scale), int(bias is not None),
-                                     KIND=kind, **consts)
+                                     *U.mask_geometry(kind, block_o, block_i), int(kind == BLOCK), float(scale),
+                                     int(bias is not None), **consts)
         elif kind in (NONE, ROW):
             row = _mask_u8(mask) if kind == ROW else _dummy_u8(x.device)
             _fwd_factored_kernel[grid](x, weight, b, A, B, row, y, N, OUT, IN, r, float(scale),
@@ -391,8 +407,8 @@ def _dx(dy, x, weight, A, B, mask, kind, block_o, block_i, scale):
 
     if kind in (ELEMENT, BLOCK):
         m = _mask_u8(mask)
-        _dx_masked_kernel[grid](dy, weight, A, B, m, dx, N, OUT, IN, r, m.stride(0), max(block_o, 1),
-                                max(block_i, 1), float(scale), KIND=kind, **consts)
+        _dx_masked_kernel[grid](dy, weight, A, B, m, dx, N, OUT, IN, r, m.stride(0),
+                                *U.mask_geometry(kind, block_o, block_i), int(kind == BLOCK), float(scale), **consts)
     else:
         row = _mask_u8(mask) if kind == ROW else _dummy_u8(x.device)
         _dx_factored_kernel[grid](dy, weight, A, B, row, dx, N, OUT, IN, r, float(scale), int(kind == ROW),
@@ -468,12 +484,13 @@ def _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, ne
     T = U.wgrad_tile(kind, block_o, block_i)
     R_PAD = U.rank_pad(r)
     m = _mask_u8(mask)
-    tiles, rowptr, colptr, colidx = _tile_plan(m, kind, block_o, block_i, OUT, IN, T)
+    tiles, rowptr, colptr, colidx = _tile_plan(mask, kind, block_o, block_i, OUT, IN, T)   # keyed on mask itself
     n_listed = tiles.numel()
-    dA = torch.empty_like(lora_A) if need_dA else None
-    dB = torch.empty_like(lora_B) if need_dB else None
+    # The reduce kernels write fp32; the (r, in) / (out, r) results are cast to the adapters' dtype.
+    dA = torch.empty(lora_A.shape, dtype=torch.float32, device=dev) if need_dA else None
+    dB = torch.empty(lora_B.shape, dtype=torch.float32, device=dev) if need_dB else None
     if n_listed == 0:   # every block off
-        return (dA.zero_() if need_dA else None), (dB.zero_() if need_dB else None)
+        return (torch.zeros_like(lora_A) if need_dA else None), (torch.zeros_like(lora_B) if need_dB else None)
     # fp32 activations: G's dots follow torch's matmul precision. 16-bit: G's dots are 16-bit (exact
     # products); the small fp32 epilogue contractions then run at "ieee" whatever torch's setting.
     prec = U.dot_precision() if x.dtype == torch.float32 else "ieee"
@@ -490,8 +507,8 @@ def _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, ne
     A32 = lora_A.to(torch.float32).contiguous()
     B32 = lora_B.to(torch.float32).contiguous()
     _wgrad_masked_kernel[(E,)](x, dy, A32, B32, m, tiles, pa, pb, N, OUT, IN, r, m.stride(0),
-                               max(block_o, 1), max(block_i, 1), triton.cdiv(IN, T), n_listed, tok,
-                               KIND=kind, R_PAD=R_PAD, EMUL_BF16=U.bf16_emulated(x.dtype),
+                               *U.mask_geometry(kind, block_o, block_i), triton.cdiv(IN, T), n_listed, tok,
+                               R_PAD=R_PAD, EMUL_BF16=U.bf16_emulated(x.dtype),
                                DOT_PREC=prec, T=T, BT=BT, num_warps=warps, num_stages=stages)
     if need_dB:
         _reduce_db_kernel[(triton.cdiv(OUT, T),)](pb, rowptr, dB, OUT, r, n_listed, n_split, float(scale),
@@ -499,7 +516,7 @@ def _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, ne
     if need_dA:
         _reduce_da_kernel[(triton.cdiv(IN, T),)](pa, colptr, colidx, dA, IN, r, n_listed, n_split, float(scale),
                                                 R_PAD=R_PAD, T=T, num_warps=U.REDUCE_WARPS)
-    return dA, dB
+    return (dA.to(lora_A.dtype) if need_dA else None), (dB.to(lora_B.dtype) if need_dB else None)
 
 
 def _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB):
@@ -542,11 +559,13 @@ def masked_lora_linear_backward(dy, x, weight, lora_A, lora_B, mask, kind, block
 # ============================================================================ AOT specialisations
 def aot_specs():
     """Every specialisation the launchers above can launch on a GPU (``aot.py`` compiles them all):
-    activation dtypes × fp32 dot precisions where fp32 dots occur (both of torch's settings) × mask
-    kinds × padded ranks × the autotune set of the launch's dot class; the weight-gradient tiles; the
-    reduce kernels' output dtypes (the adapters'). EMUL_BF16 is an interpreter-only switch: False."""
+    activation dtypes × fp32 dot precisions where fp32 dots occur (both of torch's settings) × padded
+    ranks × the autotune set of the launch's dot class and rank; the weight-gradient tiles; the reduce
+    kernels. Mask kinds are runtime arguments (``utils.mask_geometry``); EMUL_BF16 is an interpreter-only
+    switch, always False here."""
     specs = []
     i32, f32, u8 = "i32", "fp32", "*u8"
+    geo = dict(mask_stride=i32, row_div=i32, col_div=i32, bit_mask=i32)
     for dt in U.ACT_DTYPES:
         p, name = U.ptr(dt), U.SIG_DTYPES[dt]
         for prec in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
@@ -557,16 +576,13 @@ def aot_specs():
                 for cfg in U.gemm_configs(cls, R):
                     c = dict(base, ACT=U.tl_dtype(dt), **cfg.kwargs)
                     lab = f"{name} {prec} R{R} {U.config_label(cfg)}"
-                    for kind in (ELEMENT, BLOCK):
-                        kn = fmt.KIND_NAMES[kind]
-                        specs.append(U.make_spec(_fwd_masked_kernel, dict(
-                            x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, y_ptr=p, N=i32, OUT=i32,
-                            IN=i32, r=i32, mask_stride=i32, block_o=i32, block_i=i32, scale=f32, has_bias=i32),
-                            dict(c, KIND=kind), cfg.num_warps, cfg.num_stages, f"{kn} {lab}"))
-                        specs.append(U.make_spec(_dx_masked_kernel, dict(
-                            dy_ptr=p, w_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, dx_ptr=p, N=i32, OUT=i32, IN=i32,
-                            r=i32, mask_stride=i32, block_o=i32, block_i=i32, scale=f32),
-                            dict(c, KIND=kind), cfg.num_warps, cfg.num_stages, f"{kn} {lab}"))
+                    specs.append(U.make_spec(_fwd_masked_kernel, dict(
+                        x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, y_ptr=p, N=i32, OUT=i32,
+                        IN=i32, r=i32, **geo, skip_empty=i32, scale=f32, has_bias=i32),
+                        c, cfg.num_warps, cfg.num_stages, lab))
+                    specs.append(U.make_spec(_dx_masked_kernel, dict(
+                        dy_ptr=p, w_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, dx_ptr=p, N=i32, OUT=i32, IN=i32,
+                        r=i32, **geo, skip_empty=i32, scale=f32), c, cfg.num_warps, cfg.num_stages, lab))
                     specs.append(U.make_spec(_fwd_factored_kernel, dict(
                         x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, row_ptr=u8, y_ptr=p, N=i32, OUT=i32,
                         IN=i32, r=i32, scale=f32, has_bias=i32, has_row=i32), c, cfg.num_warps, cfg.num_stages, lab))
@@ -574,21 +590,18 @@ def aot_specs():
                         dy_ptr=p, w_ptr=p, a_ptr=p, b_ptr=p, row_ptr=u8, dx_ptr=p, N=i32, OUT=i32, IN=i32, r=i32,
                         scale=f32, has_row=i32), c, cfg.num_warps, cfg.num_stages, lab))
                 for T in U.WGRAD_TILES:
-                    for kind in (ELEMENT, BLOCK):
-                        specs.append(U.make_spec(_wgrad_masked_kernel, dict(
-                            x_ptr=p, dy_ptr=p, a_ptr="*fp32", b_ptr="*fp32", mask_ptr=u8, tiles_ptr="*i32",
-                            pa_ptr="*fp32", pb_ptr="*fp32", N=i32, OUT=i32, IN=i32, r=i32, mask_stride=i32,
-                            block_o=i32, block_i=i32, n_q=i32, n_listed=i32, tok_per_split=i32),
-                            dict(base, KIND=kind, T=T, BT=BT), warps, stages,
-                            f"{fmt.KIND_NAMES[kind]} {name} {prec} R{R} T{T} BT{BT}-w{warps}-s{stages}"))
+                    specs.append(U.make_spec(_wgrad_masked_kernel, dict(
+                        x_ptr=p, dy_ptr=p, a_ptr="*fp32", b_ptr="*fp32", mask_ptr=u8, tiles_ptr="*i32",
+                        pa_ptr="*fp32", pb_ptr="*fp32", N=i32, OUT=i32, IN=i32, r=i32, **geo,
+                        n_q=i32, n_listed=i32, tok_per_split=i32),
+                        dict(base, T=T, BT=BT), warps, stages, f"{name} {prec} R{R} T{T} BT{BT}-w{warps}-s{stages}"))
     for R in U.RANK_PADS:
         for T in U.WGRAD_TILES:
-            for adt in U.ACT_DTYPES:    # dA / dB are stored in the adapters' dtype
-                lab = f"{U.SIG_DTYPES[adt]} R{R} T{T}"
-                specs.append(U.make_spec(_reduce_db_kernel, dict(
-                    pb_ptr="*fp32", rowptr_ptr="*i32", db_ptr=U.ptr(adt), OUT=i32, r=i32, n_listed=i32,
-                    n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 1, lab))
-                specs.append(U.make_spec(_reduce_da_kernel, dict(
-                    pa_ptr="*fp32", colptr_ptr="*i32", colidx_ptr="*i32", da_ptr=U.ptr(adt), IN=i32, r=i32,
-                    n_listed=i32, n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 1, lab))
+            lab = f"R{R} T{T}"
+            specs.append(U.make_spec(_reduce_db_kernel, dict(
+                pb_ptr="*fp32", rowptr_ptr="*i32", db_ptr="*fp32", OUT=i32, r=i32, n_listed=i32,
+                n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 1, lab))
+            specs.append(U.make_spec(_reduce_da_kernel, dict(
+                pa_ptr="*fp32", colptr_ptr="*i32", colidx_ptr="*i32", da_ptr="*fp32", IN=i32, r=i32,
+                n_listed=i32, n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 1, lab))
     return specs

@@ -122,7 +122,8 @@ _GEMM = {
         # fp32 activations at tf32: 128×64 rather than 128×128 (fp32 operand fragments are twice as
         # large as 16-bit ones; 128×128 spills on sm_80 at rank 64).
         _C({"BM": 128, "BN": 64, "BK": 32}, num_warps=8, num_stages=3),
-        _C({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=3),
+        # Few tokens: 64×64 with 8 warps (4 warps spill on sm_80 in three kernels).
+        _C({"BM": 64, "BN": 64, "BK": 32}, num_warps=8, num_stages=3),
     ],
     "fma": [
         # fp32 "ieee" (torch's allow_tf32 off): K step 16 and 8 warps keep the FMA dot's operand
@@ -148,16 +149,19 @@ _SALIENCY = {
         # Default: 64×64 tiles, 64-token steps, 8 warps (two fp32 64×64 tiles = 32 registers/thread).
         triton.Config({"BO": 64, "BI": 64, "BT": 64}, num_warps=8, num_stages=3),
         # Few tokens per sample (T <= 32: 8×8 latents, text tokens): a 32-token step wastes less on the
-        # masked tail of each sample; 32×64 tiles double the programs for small layers.
-        triton.Config({"BO": 32, "BI": 64, "BT": 32}, num_warps=4, num_stages=3),
+        # masked tail of each sample; 32×64 tiles double the programs for small layers (8 warps: with
+        # 4, ptxas spills a few bytes on sm_80 / sm_90).
+        triton.Config({"BO": 32, "BI": 64, "BT": 32}, num_warps=8, num_stages=3),
     ],
     "tf32": [
+        # fp32 operands: 32-token steps keep the two fp32 operand tiles at the 16-bit set's bytes.
         triton.Config({"BO": 64, "BI": 64, "BT": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BO": 32, "BI": 64, "BT": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BO": 32, "BI": 64, "BT": 32}, num_warps=8, num_stages=3),
     ],
     "fma": [
+        # fp32 at "ieee": 16-token K steps (FMA dots hold whole K slices in registers).
         triton.Config({"BO": 64, "BI": 64, "BT": 16}, num_warps=8, num_stages=3),
-        triton.Config({"BO": 32, "BI": 64, "BT": 16}, num_warps=8, num_stages=3),
+        triton.Config({"BO": 32, "BI": 64, "BT": 16}, num_warps=8, num_stages=2),
     ],
 }
 
@@ -265,37 +269,32 @@ def small_dot(a, b, DOT_PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=DOT_PREC)
 
 
-@triton.jit
-def element_mask_tile(mask_ptr, row_stride, rows, cols, n_rows, n_cols):
-    """Entries ``(rows[:, None], cols[None, :])`` of a packed ELEMENT mask (uint8 ``(n_rows, ceil(n_cols/8))``,
-    LSB first) as an int1 tile; out-of-range entries are off. ``rows`` must be int64 where
-    ``n_rows·row_stride`` can pass 2**31. Each byte is read by the 8 lanes of its bits (one cached
-    transaction per warp row), so no shuffle is needed to spread bits."""
-    valid = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    byte = tl.load(mask_ptr + rows[:, None] * row_stride + (cols // 8)[None, :], mask=valid, other=0)
-    bit = (cols % 8).to(tl.uint8)
-    return ((byte >> bit[None, :]) & 1) != 0
+def mask_geometry(kind: int, block_o: int = 1, block_i: int = 1):
+    """``(row_div, col_div, bit_mask)`` of :func:`mask_tile` for an ELEMENT or BLOCK wire mask."""
+    if kind == ELEMENT:
+        return 1, 8, 7
+    if kind == BLOCK:
+        return max(block_o, 1), max(block_i, 1), 0
+    raise ValueError(f"mask_geometry: kind {kind} is not element or block")
 
 
 @triton.jit
-def block_mask_tile(mask_ptr, row_stride, rows, cols, n_rows, n_cols, block_o, block_i):
-    """Entries of a BLOCK mask (one byte per ``block_o × block_i`` tile, ``(ceil(n_rows/bo), ceil(n_cols/bi))``,
-    bool viewed as uint8) as an int1 tile, for any block size: each entry reads its block's flag. When a
-    whole tile lies in one block all flags are one cached address."""
+def mask_tile(mask_ptr, row_stride, rows, cols, n_rows, n_cols, row_div, col_div, bit_mask):
+    """Entries ``(rows[:, None], cols[None, :])`` of an ELEMENT or BLOCK wire mask as an int1 tile, one
+    formula for both (``mask_geometry``): entry ``(i, j)`` is bit ``j & bit_mask`` of byte
+    ``[i // row_div, j // col_div]``.
+
+    - ELEMENT (uint8 ``(n_rows, ceil(n_cols/8))``, LSB first): ``row_div 1, col_div 8, bit_mask 7``.
+    - BLOCK (bool viewed as uint8, ``(ceil(n_rows/bo), ceil(n_cols/bi))``, one 0/1 byte per block):
+      ``row_div bo, col_div bi, bit_mask 0`` (any block size; a tile inside one block reads one address).
+
+    Out-of-range entries are off. ``rows`` must be int64 where ``n_rows·row_stride`` can pass 2**31. The 8
+    lanes reading one byte hit one cached address, so no shuffle is needed to spread bits."""
     valid = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    flag = tl.load(mask_ptr + (rows // block_o)[:, None] * row_stride + (cols // block_i)[None, :],
+    byte = tl.load(mask_ptr + (rows // row_div)[:, None] * row_stride + (cols // col_div)[None, :],
                    mask=valid, other=0)
-    return flag != 0
-
-
-@triton.jit
-def mask_tile(mask_ptr, row_stride, rows, cols, n_rows, n_cols, block_o, block_i, KIND: tl.constexpr):
-    """ELEMENT or BLOCK mask entries as an int1 tile (``KIND`` is ``_maskfmt.ELEMENT`` = 1 or ``BLOCK`` = 2)."""
-    if KIND == 1:
-        on = element_mask_tile(mask_ptr, row_stride, rows, cols, n_rows, n_cols)
-    else:
-        on = block_mask_tile(mask_ptr, row_stride, rows, cols, n_rows, n_cols, block_o, block_i)
-    return on
+    bit = (cols & bit_mask).to(tl.uint8)
+    return ((byte >> bit[None, :]) & 1) != 0
 
 
 @triton.jit
