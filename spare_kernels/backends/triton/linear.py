@@ -436,8 +436,13 @@ def _tile_plan(mask, kind, block_o, block_i, out, cols, T):
     if kind == ELEMENT:
         key = ("element", out, cols, T, dev)
     else:
-        key = ("block", mask.data_ptr(), mask._version, tuple(mask.shape), block_o, block_i, out, cols, T, dev)
-    hit = _PLANS.get(key)
+        try:
+            version = mask._version
+        except RuntimeError:   # inference tensors keep no version counter: no caching
+            version = None
+        key = None if version is None else \
+            ("block", mask.data_ptr(), version, tuple(mask.shape), block_o, block_i, out, cols, T, dev)
+    hit = _PLANS.get(key) if key is not None else None
     if hit is not None and (hit[0] is None or hit[0]() is mask):
         return hit[1]
     if kind == ELEMENT:
@@ -459,6 +464,8 @@ def _tile_plan(mask, kind, block_o, block_i, out, cols, T):
     colptr[1:] = torch.bincount(q, minlength=n_q).cumsum(0)
     colidx = torch.sort(q, stable=True).indices.to(torch.int32)
     plan = (tiles, rowptr, colptr, colidx)
+    if key is None:
+        return plan
     if len(_PLANS) >= _PLANS_MAX:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[key] = (None if kind == ELEMENT else weakref.ref(mask), plan)

@@ -19,8 +19,9 @@ from .. import _maskfmt as fmt
 # Same parsing as triton's own knob (``knobs.env_bool``), read once, like ``@triton.jit`` does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
-# Largest adapter rank the kernels take in one rank-r tile (B tile (rows, R) and A tile (R, cols) stay
-# in registers across the K loop; 128 would spill). Launchers send larger ranks to the reference.
+# Largest adapter rank the kernels take: the factored kernels hold (BM, R) accumulators and the
+# weight-gradient partials are (T, R) per tile; ranks up to 64 are compiled ahead of time and checked
+# for spills. Launchers send larger ranks to the reference (same contract).
 MAX_RANK = 64
 
 ELEMENT, BLOCK = fmt.ELEMENT, fmt.BLOCK
@@ -38,11 +39,11 @@ def tl_dtype(dt: torch.dtype):
         raise TypeError(f"triton backend: unsupported dtype {dt} (expected one of {ACT_DTYPES})") from None
 
 
-def dot_precision(dtype: torch.dtype = torch.float32) -> str:
+def dot_precision() -> str:
     """``input_precision`` of the kernels' fp32 ``tl.dot``\\ s, following torch's own fp32 matmuls:
     ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is on, ``"ieee"`` when it is off (torch's
-    default). Under the interpreter numpy does the dot: ``"ieee"``. ``dtype`` is the activation dtype:
-    for 16-bit activations the value is only used by fp32 epilogue dots."""
+    default). Under the interpreter numpy does the dot: ``"ieee"``. (Small epilogue contractions at
+    ``"ieee"`` run as ``"tf32x3"``: see :func:`small_dot`.)"""
     if INTERPRET:
         return "ieee"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -105,7 +106,8 @@ def dot_class(dt: torch.dtype, prec: str, fp32_dots: bool = False) -> str:
 # GEMM-shaped kernels (forward x·W_effᵀ, backward dy·W_eff): BM tokens × BN outputs, K step BK. Every
 # program rebuilds its W_eff tile (a BN×BK×R rank-r dot) per K step, so the delta's cost relative to
 # the main GEMM is R/BM: tall token tiles amortise it. Registers: the fp32 W_eff tile (BN×BK), the
-# accumulator (BM×BN) and the B tile (BN×R) live together (checked by aot.py: no spills at R = 64).
+# accumulator (BM×BN) and one 16-rank chunk of B and A live together; the factored kernels add a
+# (BM, R) accumulator. ``aot.py`` checks every entry below for spills on sm_80 and sm_90.
 _C = triton.Config
 _GEMM = {
     "mma16": [
@@ -133,12 +135,13 @@ _GEMM = {
         _C({"BM": 32, "BN": 64, "BK": 16}, num_warps=8, num_stages=3),
     ],
 }
-# Rank 64 (R_PAD 64: 4 rank chunks per W_eff tile, more live values): the sets that do not spill there.
+# Rank 64 (R_PAD 64: four rank chunks per W_eff tile, a (BM, 64) accumulator in the factored kernels):
+# the sets that do not spill there.
 _GEMM_R64 = {
-    # 128×128 spills on sm_80 in the dx kernel (108 B): 128×64 with 8 warps (238 registers).
+    # 128×128 spills in the forward on sm_80: 128×64 with 8 warps.
     "mma16": [_C({"BM": 128, "BN": 64, "BK": 32}, num_warps=8, num_stages=3), _GEMM["mma16"][1]],
     "tf32": _GEMM["tf32"],
-    # 64×64 spills in the forward with block masks: 32×64 only (192-196 registers).
+    # 64×64 spills in the factored kernels on sm_80 (336-440 B): 32×64 only.
     "fma": [_GEMM["fma"][1]],
 }
 
@@ -189,6 +192,8 @@ def gemm_configs(cls: str | None = None, r_pad: int | None = None):
 
 
 def saliency_configs(cls: str | None = None, r_pad: int | None = None):
+    """The saliency kernel's autotune set for dot class ``cls`` (``r_pad`` unused: same signature as
+    :func:`gemm_configs` for :func:`pruner`)."""
     if INTERPRET:
         return [_INTERP_SALIENCY]
     return list(_SALIENCY[cls]) if cls else _unique([c for v in _SALIENCY.values() for c in v])
@@ -213,9 +218,9 @@ def pruner(table_fn, act_arg: str, fp32_dots_arg: str | None = None):
 #   GPU: 64 (16 KiB fp32 G tile, 64-token steps: enough reuse to not be L2-bound), 32 for 32-aligned
 #   block masks (so tiles match blocks and off blocks cost nothing). Interpreter: 128 then 32.
 WGRAD_TILES = (128, 32) if INTERPRET else (64, 32)
-# (tokens per K step of G = dyᵀ·x, warps, stages) per dot class. 8 warps: the fp32 epilogue
-# contractions ((M⊙G)·Aᵀ, Bᵀ·(M⊙G)) are FMA dots, which need the threads (64×64 with 4 warps: 234
-# registers, with 8: 113).
+# (tokens per K step of G = dyᵀ·x, warps, stages) per dot class: 8 warps hold the fp32 64×64 G tile and
+# the epilogue contractions' operands ((M⊙G)·Aᵀ, Bᵀ·(M⊙G), 16 ranks at a time) in at most ~130 registers;
+# fp32 G dots take shorter token steps (tf32 operands are twice the bytes; FMA dots hold whole K slices).
 _WGRAD = {"mma16": (64, 8, 3), "tf32": (32, 8, 3), "fma": (16, 8, 3)}
 
 
@@ -320,7 +325,7 @@ def grouped_tile(pid, n_m, n_n, GROUP_M: tl.constexpr):
 class Spec:
     """One ahead-of-time specialisation of a kernel: the raw ``JITFunction``, its signature (argument ->
     triton type string; ``"constexpr"`` for constexprs), the constexpr values, and launch options.
-    Kernel modules list theirs in a module-level ``AOT_SPECS``; ``aot.py`` compiles them."""
+    Kernel modules return theirs from a module-level ``aot_specs()``; ``aot.py`` compiles them."""
 
     __slots__ = ("fn", "signature", "constexprs", "num_warps", "num_stages", "label")
 
