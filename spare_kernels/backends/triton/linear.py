@@ -331,7 +331,7 @@ def _reduce_da_kernel(pa_ptr, colptr_ptr, colidx_ptr, da_ptr, IN, r, n_listed, n
 # =================================================================================== launchers
 def _fallback(x, lora_A) -> bool:
     """Cases the kernels do not take, sent to the reference (same contract): fp64 (gradcheck), ranks
-    above ``utils.MAX_RANK``, empty dimensions."""
+    above ``utils.MAX_RANK``, empty dimensions (and, in backward, a ``dy`` dtype other than ``x``'s)."""
     return (x.dtype not in U.ACT_DTYPES or lora_A.dtype not in U.ACT_DTYPES
             or lora_A.shape[0] > U.MAX_RANK or x.numel() == 0 or lora_A.numel() == 0)
 
@@ -544,7 +544,7 @@ def _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB):
 
 def masked_lora_linear_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
                                 need_dx, need_dA, need_dB):
-    if _fallback(x, lora_A) or weight.shape[0] == 0:
+    if _fallback(x, lora_A) or weight.shape[0] == 0 or dy.dtype != x.dtype:
         return _ref.masked_lora_linear_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i,
                                                 scale, need_dx, need_dA, need_dB)
     if kind not in (NONE, ELEMENT, BLOCK, ROW):
