@@ -1,0 +1,150 @@
+"""Triton kernel for linear saliency (DESIGN §1): ``acc (out, in) fp32 += stat`` over a batch of samples,
+``x (S, T, in)``, ``dy (S, T, out)``, per-sample gradient ``g_i = Σ_t dy_tᵀ·x_t``:
+
+- ``grad_abs``: ``|Σ_i g_i|``; ``signed``: ``Σ_i g_i`` (one pass over all tokens of the G tile);
+- ``sample_abs``: ``Σ_i |g_i|``; ``sample_sq``: ``Σ_i g_i²``.
+
+One program per ``BO×BI`` weight tile loops over the samples; each sample's ``g_i`` tile is accumulated
+over its tokens in registers, then ``|g_i|`` or ``g_i²`` is added to the tile's running statistic; one
+read-modify-write of ``acc`` at the end. No per-sample gradient is ever in memory. With one token per
+sample (``T == 1``) ``g_i = dy_iᵀ·x_i`` is rank one, so ``|g_i| = |dy_i|ᵀ·|x_i|`` and ``g_i² =
+(dy_i²)ᵀ·(x_i²)``: the sample statistics become one GEMM over the samples.
+
+Precision: as the reference (fp32 accumulation): 16-bit inputs go to 16-bit tensor-core dots with fp32
+accumulation (exact products); abs / square and the rank-one GEMM in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference as _ref
+from . import utils as U
+from .utils import load_act
+
+STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
+# Kernel variants (constexpr): one pass over all tokens (grad_abs, signed), a loop over samples
+# (sample_abs, sample_sq), the rank-one GEMM (sample stats with T == 1). abs vs square is a runtime flag
+# (one elementwise op per sample tile), so the four statistics share three compiled variants.
+ONE_PASS, PER_SAMPLE, RANK_ONE = 0, 1, 2
+
+
+@triton.autotune(configs=U.saliency_configs(), key=["T", "OUT", "IN", "VARIANT", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": U.pruner(U.saliency_configs, "x_ptr", "FP32_DOTS")},
+                 restore_value=["acc_ptr"])   # benchmarking runs must not add to acc several times
+@triton.jit(do_not_specialize=["S"])
+def _saliency_linear_kernel(acc_ptr, x_ptr, dy_ptr, S, T, OUT, IN, square,
+                            VARIANT: tl.constexpr, FP32_DOTS: tl.constexpr, EMUL_BF16: tl.constexpr,
+                            DOT_PREC: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr):
+    # square: per-sample variants add g² (else |g|); the one-pass variant takes |G| if square == 0
+    # (grad_abs) and G as is otherwise (signed). FP32_DOTS: the variant's dots are fp32 (rank one).
+    pid = tl.program_id(0)
+    n_i = tl.cdiv(IN, BI)
+    ro = (pid // n_i) * BO + tl.arange(0, BO)   # row-major over tiles: neighbours share dy columns
+    ri = (pid % n_i) * BI + tl.arange(0, BI)
+    rt = tl.arange(0, BT)
+    o_ok = ro < OUT
+    i_ok = ri < IN
+    tot = tl.zeros((BO, BI), dtype=tl.float32)
+    if VARIANT == 0:
+        # grad_abs / signed: G over all S·T tokens at once.
+        NT = S * T
+        dy_ptrs = dy_ptr + rt.to(tl.int64)[:, None] * OUT + ro[None, :]
+        x_ptrs = x_ptr + rt.to(tl.int64)[:, None] * IN + ri[None, :]
+        for t in range(0, NT, BT):
+            t_ok = (t + rt) < NT
+            dy = load_act(dy_ptrs, t_ok[:, None] & o_ok[None, :], EMUL_BF16)
+            x = load_act(x_ptrs, t_ok[:, None] & i_ok[None, :], EMUL_BF16)
+            tot = tl.dot(tl.trans(dy), x, tot, input_precision=DOT_PREC)
+            dy_ptrs += BT * OUT
+            x_ptrs += BT * IN
+        if square == 0:
+            tot = tl.abs(tot)
+    elif VARIANT == 2:
+        # T == 1: Σ_i |dy_i|ᵀ|x_i| (or squares) is one GEMM over the samples, in fp32 (squares of
+        # 16-bit gradients would underflow in 16 bits).
+        dy_ptrs = dy_ptr + rt.to(tl.int64)[:, None] * OUT + ro[None, :]
+        x_ptrs = x_ptr + rt.to(tl.int64)[:, None] * IN + ri[None, :]
+        for s in range(0, S, BT):
+            s_ok = (s + rt) < S
+            dy = tl.load(dy_ptrs, mask=s_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_ptrs, mask=s_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
+            if square != 0:
+                dy = dy * dy
+                x = x * x
+            else:
+                dy = tl.abs(dy)
+                x = tl.abs(x)
+            tot = tl.dot(tl.trans(dy), x, tot, input_precision=DOT_PREC)
+            dy_ptrs += BT * OUT
+            x_ptrs += BT * IN
+    else:
+        for s in range(0, S):
+            rows = (s * T + rt).to(tl.int64)   # (S·T)·max(in, out) can pass 2**31
+            dy_ptrs = dy_ptr + rows[:, None] * OUT + ro[None, :]
+            x_ptrs = x_ptr + rows[:, None] * IN + ri[None, :]
+            g = tl.zeros((BO, BI), dtype=tl.float32)
+            for t in range(0, T, BT):
+                t_ok = (t + rt) < T
+                dy = load_act(dy_ptrs, t_ok[:, None] & o_ok[None, :], EMUL_BF16)
+                x = load_act(x_ptrs, t_ok[:, None] & i_ok[None, :], EMUL_BF16)
+                g = tl.dot(tl.trans(dy), x, g, input_precision=DOT_PREC)   # g_i tile, registers only
+                dy_ptrs += BT * OUT
+                x_ptrs += BT * IN
+            if square != 0:
+                tot += g * g
+            else:
+                tot += tl.abs(g)
+    ptrs = acc_ptr + ro.to(tl.int64)[:, None] * IN + ri[None, :]
+    ok = o_ok[:, None] & i_ok[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + tot, mask=ok)
+
+
+def saliency_linear(acc, x, dy, stat):
+    """``acc (out, in) fp32 += stat``; ``x (S, T, in)``, ``dy (S, T, out)`` (the reference's contract)."""
+    if stat not in STATS:
+        raise ValueError(f"stat: unknown {stat!r}")
+    if (acc.dtype != torch.float32 or x.dtype not in U.ACT_DTYPES or dy.dtype != x.dtype
+            or x.numel() == 0 or dy.numel() == 0 or acc.numel() == 0):
+        # fp64 accumulators, mixed input dtypes and empty batches: the reference (same contract).
+        return _ref.saliency_linear(acc, x, dy, stat)
+    S, T, IN = x.shape
+    OUT = dy.shape[2]
+    per_sample = stat.startswith("sample_")
+    variant = (RANK_ONE if T == 1 else PER_SAMPLE) if per_sample else ONE_PASS
+    x, dy = x.contiguous(), dy.contiguous()
+    work = acc if acc.is_contiguous() else acc.contiguous()
+    fp32_dots = variant == RANK_ONE
+    # fp32 dots (fp32 inputs, or the rank-one variant) follow torch's matmul precision.
+    prec = U.dot_precision() if (x.dtype == torch.float32 or fp32_dots) else "ieee"
+
+    def grid(meta):
+        return (triton.cdiv(OUT, meta["BO"]) * triton.cdiv(IN, meta["BI"]),)
+
+    with U.device_guard(x):
+        _saliency_linear_kernel[grid](work, x, dy, S, T, OUT, IN, int(stat in ("signed", "sample_sq")),
+                                      VARIANT=variant, FP32_DOTS=fp32_dots, EMUL_BF16=U.bf16_emulated(x.dtype),
+                                      DOT_PREC=prec)
+    if work is not acc:
+        acc.copy_(work)
+
+
+def aot_specs():
+    """Every specialisation ``saliency_linear`` launches on a GPU (compiled by ``aot.py``): activation
+    dtypes × variants × fp32 dot precisions where fp32 dots occur × the autotune set of the dot class."""
+    specs = []
+    names = {ONE_PASS: "one-pass", PER_SAMPLE: "per-sample", RANK_ONE: "rank-one"}
+    for dt in U.ACT_DTYPES:
+        for variant in (ONE_PASS, PER_SAMPLE, RANK_ONE):
+            fp32_dots = variant == RANK_ONE
+            for prec in (("ieee", "tf32") if dt == torch.float32 or fp32_dots else ("ieee",)):
+                cls = U.dot_class(dt, prec, fp32_dots)
+                for cfg in U.saliency_configs(cls):
+                    specs.append(U.make_spec(_saliency_linear_kernel, dict(
+                        acc_ptr="*fp32", x_ptr=U.ptr(dt), dy_ptr=U.ptr(dt), S="i32", T="i32", OUT="i32", IN="i32",
+                        square="i32"),
+                        dict(VARIANT=variant, FP32_DOTS=fp32_dots, EMUL_BF16=False, DOT_PREC=prec, **cfg.kwargs),
+                        cfg.num_warps, cfg.num_stages,
+                        f"{names[variant]} {U.SIG_DTYPES[dt]} {prec} {U.config_label(cfg)}"))
+    return specs
