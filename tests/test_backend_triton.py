@@ -24,7 +24,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from conftest import tol_check  # noqa: E402
-from spare_kernels.backends import _maskfmt as fmt  # noqa: E402
+from spare_kernels import maskfmt as fmt  # noqa: E402
 from spare_kernels.backends import reference as R  # noqa: E402
 from spare_kernels.backends.triton import linear as TL  # noqa: E402
 from spare_kernels.backends.triton import saliency as TS  # noqa: E402

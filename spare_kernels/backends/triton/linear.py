@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _maskfmt as fmt
+from ... import maskfmt as fmt
 from .. import reference as _ref
 from . import utils as U
 from .utils import any_on, grouped_tile, load_act, mask_tile, mm_operand, small_dot

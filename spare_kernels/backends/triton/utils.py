@@ -1,6 +1,6 @@
 """Shared pieces of the Triton backend: interpreter detection, autotune sets, dtypes, dot precision,
 the launchers' device guard, rank padding, and the ``@triton.jit`` helpers that read the mask wire
-format (``backends/_maskfmt``) and round dot operands. Conv kernels reuse all of it.
+format (``spare_kernels.maskfmt``) and round dot operands. Conv kernels reuse all of it.
 
 ``TRITON_INTERPRET=1`` must be set before this package's kernel modules are imported: ``@triton.jit``
 decides at decoration time whether it returns a compiled or an interpreted function.
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _maskfmt as fmt
+from ... import maskfmt as fmt
 
 # Same parsing as triton's own knob (``knobs.env_bool``), read once, like ``@triton.jit`` does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
