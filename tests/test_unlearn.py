@@ -137,6 +137,33 @@ def test_overlap_propagates_errors_and_restores_threads():
         torch.set_num_threads(prev)
 
 
+def test_overlap_runs_the_teacher_in_the_callers_context():
+    """A pool thread does not inherit the caller's contextvars (the backend switch is to become one):
+    the teacher sees the value set in the calling thread at each call, and cannot change the caller's."""
+    import contextvars
+
+    from spare_kernels.unlearn.recipe import _Overlap
+    var = contextvars.ContextVar("spare_kernels_test_var", default="unset")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    ov = _Overlap()
+    try:
+        for value in ("first", "second"):      # copied at each call, not once for the pool
+            token = var.set(value)
+            try:
+                def teacher():
+                    seen = var.get()
+                    var.set("changed by the teacher")
+                    return seen
+                assert ov(teacher, var.get) == (value, value)
+                assert var.get() == value
+            finally:
+                var.reset(token)
+    finally:
+        ov.close()
+        torch.set_num_threads(prev)
+
+
 def test_disable_adapters_this_thread_only(task):
     """disable_adapters(this_thread=True) switches adapters off for the calling thread only."""
     import threading

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import numbers
@@ -185,7 +186,11 @@ def _own_adam_implementation(opt):
 class _Overlap:
     """Runs the teacher's forward in a worker thread while the calling thread runs the student's, the
     intra-op threads split between them. Small convolutions scale poorly over cores; two independent
-    forwards side by side do not. Only with 2+ threads: with one, teacher then student."""
+    forwards side by side do not. Only with 2+ threads: with one, teacher then student.
+
+    The teacher runs in a copy of the caller's ``contextvars`` context, taken at each call: a pool
+    thread does not inherit it, and settings kept in context variables (the backend switch) must
+    hold for the teacher as they do for the student."""
 
     def __init__(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spare_kernels-teacher")
@@ -207,7 +212,7 @@ class _Overlap:
             target = teacher_fn()
             return student_fn(), target
         half = nt // 2
-        fut = self._pool.submit(self._in_worker, half, teacher_fn)
+        fut = self._pool.submit(contextvars.copy_context().run, self._in_worker, half, teacher_fn)
         torch.set_num_threads(nt - half)
         try:
             pred = student_fn()
