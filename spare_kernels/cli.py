@@ -178,13 +178,25 @@ def format_table(rows) -> str:
 
 
 # ---------------------------------------------------------------------------------------- unlearn
-def _read_prompts(flag_values, file_path, arg):
-    prompts = list(flag_values or [])
+def _prompt(value, flag):
+    """An empty or blank prompt would encode to the unconditional embedding: never what was meant."""
+    if not value.strip():
+        raise UsageError(f"{flag}: expected a non-empty prompt, got {value!r}")
+    return value
+
+
+def _read_prompts(flag_values, file_path, flag):
+    """``flag`` values, then the file's lines (blank lines skipped); a file holding no prompt at all is
+    an error of its own (an empty forget set would otherwise be blamed on the flags)."""
+    prompts = [_prompt(v, flag) for v in flag_values or []]
     if file_path:
         if not os.path.isfile(file_path):
-            raise UsageError(f"{arg}-file: no such file {file_path!r}")
+            raise UsageError(f"{flag}s-file: no such file {file_path!r}")
         with open(file_path) as f:
-            prompts += [ln.strip() for ln in f if ln.strip()]
+            lines = [ln.strip() for ln in f if ln.strip()]
+        if not lines:
+            raise UsageError(f"{flag}s-file: {file_path!r} holds no prompt (every line is blank)")
+        prompts += lines
     return prompts
 
 
@@ -209,12 +221,13 @@ def _device(spec):
 def _cmd_unlearn(args):
     from .unlearn.diffusers_task import check_model_dir, diffusers_task
 
-    forget = _read_prompts(args.forget_prompt, args.forget_prompts_file, "--forget-prompts")
-    retain = _read_prompts(args.retain_prompt, args.retain_prompts_file, "--retain-prompts")
+    forget = _read_prompts(args.forget_prompt, args.forget_prompts_file, "--forget-prompt")
+    retain = _read_prompts(args.retain_prompt, args.retain_prompts_file, "--retain-prompt")
     if not forget:
         raise UsageError("forget set: empty: give --forget-prompt and/or --forget-prompts-file")
-    if not args.surrogate_prompt:
+    if args.surrogate_prompt is None:
         raise UsageError("--surrogate-prompt: required (what the forget prompts should produce instead)")
+    _prompt(args.surrogate_prompt, "--surrogate-prompt")
     if not retain:
         raise UsageError("retain set: empty: give --retain-prompt and/or --retain-prompts-file")
     if bool(args.forget_images) == bool(args.data_free):

@@ -411,6 +411,37 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     assert "forget set: empty" in capsys.readouterr().err
 
 
+def test_cli_unlearn_refuses_empty_prompts_by_flag(tmp_path, capsys):
+    """An empty or blank prompt (it would encode as the unconditional prompt) is refused naming its
+    flag, before the model is looked at and before --out exists; blank lines of a file are skipped,
+    a file of blank lines only is refused."""
+    from spare_kernels.cli import main
+    good = {"--forget-prompt": "a cat", "--surrogate-prompt": "a dog", "--retain-prompt": "a tree"}
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\t\n")
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n  a cat  \n\n")
+    out = tmp_path / "out"
+
+    def argv(**over):
+        flags = dict(good, **over)
+        return ["unlearn", str(tmp_path / "no_model"), "--data-free", "--out", str(out)] + [
+            x for k, v in flags.items() if v is not None for x in (k, v)]
+    for flag in good:
+        for bad in ("", "   ", "\t\n"):
+            assert main(argv(**{flag: bad})) == 2, (flag, bad)
+            err = capsys.readouterr().err
+            assert f"spare-kernels unlearn: error: {flag}: expected a non-empty prompt" in err, err
+            assert not out.exists()
+    for flag in ("--forget-prompt", "--retain-prompt"):
+        assert main(argv(**{flag: "a bird"}) + [f"{flag}s-file", str(blank)]) == 2
+        assert f"{flag}s-file: {str(blank)!r} holds no prompt" in capsys.readouterr().err
+        # a file with blank lines around a prompt is fine: the run gets as far as the model directory
+        assert main(argv(**{flag: None}) + [f"{flag}s-file", str(mixed)]) == 2
+        assert "model: not a directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_compare_table_shows_spares_time_over_each_method():
     from spare_kernels.cli import format_table
     row = dict(ua=1.0, ira=0.99, cra=0.93, base_ira=1.0, base_cra=0.92, fidelity_psnr=29.0, peak_mem_mb=95)
