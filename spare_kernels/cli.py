@@ -33,6 +33,18 @@ def _writable_dir(path, arg):
     return path
 
 
+def _could_write_dir(path, arg):
+    """What :func:`_writable_dir` will find, without creating anything: ``path`` is a writable directory,
+    or its nearest existing ancestor is one (``path`` is made there later)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"{arg}: cannot write to {path!r} ({p!r} is not a directory)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"{arg}: cannot write to {path!r} (no write permission in {p!r})")
+
+
 def _writable_file(path, arg):
     _writable_dir(os.path.dirname(os.path.abspath(path)), arg)
     return path
@@ -219,7 +231,7 @@ def _device(spec):
 
 
 def _cmd_unlearn(args):
-    from .unlearn.diffusers_task import check_model_dir, diffusers_task
+    from .unlearn.diffusers_task import check_model_dir, diffusers_task, load_pipeline
 
     forget = _read_prompts(args.forget_prompt, args.forget_prompts_file, "--forget-prompt")
     retain = _read_prompts(args.retain_prompt, args.retain_prompts_file, "--retain-prompt")
@@ -251,12 +263,19 @@ def _cmd_unlearn(args):
         if not native_bf16:
             raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
                              "(it would be emulated, slowly); use --precision fp32")
-    _writable_dir(args.out, "--out")
+    _could_write_dir(args.out, "--out")
     _threads(args.threads)
+    # Load before --out is made: a folder with missing files (an interrupted download) passes
+    # check_model_dir but fails here, and must leave nothing behind. Generation and training follow.
+    try:
+        pipe = load_pipeline(args.model, progress=not args.quiet)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _writable_dir(args.out, "--out")
     from .unlearn import run
     unet, task = diffusers_task(args.model, forget, args.surrogate_prompt, retain, images_dir=args.forget_images,
                                 n_generate=args.n_generate, seed=args.seed, resolution=args.resolution,
-                                device=device, progress=not args.quiet)
+                                device=device, progress=not args.quiet, pipe=pipe)
     r = run(unet, task, cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     from .utils.io import write_json
     write_json(os.path.join(args.out, "run.json"), {k: v for k, v in r.items() if k != "history"}

@@ -411,6 +411,45 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     assert "forget set: empty" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny offline diffusers pipeline folder (python/toggle_adapter_pipeline.py's builder)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+    from toggle_adapter_pipeline import build_pipeline
+    model = tmp_path_factory.mktemp("tiny_sd") / "sd"
+    build_pipeline(str(model)).save_pretrained(str(model))
+    return model
+
+
+def test_cli_unlearn_refuses_an_incomplete_pipeline_folder(tiny_sd, tmp_path, capsys, monkeypatch):
+    """Right subfolders, missing files (an interrupted download): exit 2 naming the folder and the part
+    that does not load, before --out is made; a missing tokenizer vocabulary (transformers then builds
+    a tokenizer that knows no word) too. An unwritable --out is refused before the model loads."""
+    import shutil
+
+    from spare_kernels.cli import main
+    from spare_kernels.unlearn import diffusers_task
+    out = tmp_path / "out"
+    for missing, said in (("unet/diffusion_pytorch_model.safetensors", "unet/ does not load (OSError"),
+                          ("text_encoder/config.json", "text_encoder/ does not load"),
+                          ("tokenizer/tokenizer.json", "tokenizer/ holds 2 tokens where text_encoder/ embeds 80")):
+        model = tmp_path / f"sd_without_{missing.replace('/', '_')}"
+        shutil.copytree(tiny_sd, model)
+        os.remove(model / missing)
+        assert main(["unlearn", str(model), "--forget-prompt", "a cat", "--surrogate-prompt", "a dog",
+                     "--retain-prompt", "a tree", "--data-free", "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()   # diffusers may log warnings first
+        assert err[-1].startswith(f"spare-kernels unlearn: error: model: {str(model)!r}: {said}"), err
+        assert not out.exists()
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    monkeypatch.setattr(diffusers_task, "load_pipeline", lambda *a, **k: pytest.fail("loaded before --out was checked"))
+    assert main(["unlearn", str(tiny_sd), "--forget-prompt", "a cat", "--surrogate-prompt", "a dog",
+                 "--retain-prompt", "a tree", "--data-free", "--out", str(afile / "out"), "--quiet"]) == 2
+    assert f"--out: cannot write to {str(afile / 'out')!r} ({str(afile)!r} is not a directory)" in capsys.readouterr().err
+
+
 def test_cli_unlearn_refuses_empty_prompts_by_flag(tmp_path, capsys):
     """An empty or blank prompt (it would encode as the unconditional prompt) is refused naming its
     flag, before the model is looked at and before --out exists; blank lines of a file are skipped,
