@@ -203,6 +203,35 @@ def test_disable_adapters_this_thread_only(task):
         unmerge_adapter(unet)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_spare_reference_layer_keeps_its_mask_as_uint8_like_spares_code(kind, monkeypatch):
+    """SpareRefLayer stores its mask as a uint8 buffer and casts it to the delta's dtype at use: fp32
+    results are the float mask's bit for bit; under bf16 autocast the delta stays bf16 (a float buffer
+    promoted it to fp32: weight-sized fp32 passes SPARE's code does not pay)."""
+    import torch.nn.functional as F
+
+    from spare_kernels.unlearn import reference
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(24, 16) if kind == "linear" else torch.nn.Conv2d(8, 12, 3, padding=1)
+    x = torch.randn((2, 5, 24) if kind == "linear" else (2, 8, 6, 6), generator=g)
+    mask = torch.rand(base.weight.shape, generator=g) > 0.5
+    layer = reference.SpareRefLayer(base, 4, mask, scale=0.5, init="random", generator=g)
+    assert layer.mask.dtype == torch.uint8 and torch.equal(layer.mask.bool(), mask)
+    fn = F.linear if kind == "linear" else (lambda a, w: F.conv2d(a, w, None, 1, 1))
+    delta = (layer.lora_B @ layer.lora_A.reshape(4, -1)).view(base.weight.shape) * 0.5 * mask.float()
+    assert torch.equal(layer(x), base(x) + fn(x, delta))
+    assert torch.equal(reference.SpareRefLayer(base, 4, mask.float(), init="random",
+                                               generator=torch.Generator().manual_seed(1)).mask, layer.mask)
+    name = "linear" if kind == "linear" else "conv2d"
+    seen, real = [], getattr(F, name)
+    monkeypatch.setattr(F, name, lambda a, w, *r, **k: seen.append(w.dtype) or real(a, w, *r, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert seen[-1] == torch.bfloat16, seen      # the delta's call (the base layer's weight is fp32)
+    with pytest.raises(ValueError, match="0/1"):
+        reference.SpareRefLayer(base, 4, torch.full(base.weight.shape, 0.5))
+
+
 def test_spare_teacher_is_the_unpatched_model(task):
     from spare_kernels import disable_adapters
     base = canvas.load_model()
