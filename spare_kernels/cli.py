@@ -63,7 +63,7 @@ def _recipe_args(p):
 
     from .masks import GRANULARITIES, SCOPES
     from .ops.saliency import STATS
-    from .unlearn.recipe import TIMESTEPS, Config
+    from .unlearn.recipe import TARGETS, TIMESTEPS, Config
     d = {f.name: f.default for f in dataclasses.fields(Config)}
     p.add_argument("--steps", type=int, default=d["steps"], help=f"training steps (default {d['steps']})")
     p.add_argument("--rank", type=int, default=d["rank"], help=f"adapter rank (default {d['rank']})")
@@ -76,6 +76,10 @@ def _recipe_args(p):
     p.add_argument("--scope", default=d["scope"], choices=SCOPES, help="top-k over the whole UNet or per module")
     p.add_argument("--saliency-stat", default=d["saliency_stat"], choices=STATS)
     p.add_argument("--timesteps", default=d["timesteps"], choices=TIMESTEPS)
+    p.add_argument("--targets", default=d["targets"], choices=TARGETS,
+                   help=f"layers the methods change: every Linear and Conv2d, or the attention projections "
+                        f"to_q/to_k/to_v/to_out.0 as SPARE's code (default {d['targets']}; esd: cross-attention "
+                        f"whatever this says)")
     p.add_argument("--mix", type=float, default=d["mix"],
                    help=f"weight of the concept curve in the timestep mixture (default {d['mix']})")
     p.add_argument("--lr", type=float, default=None,
@@ -124,7 +128,7 @@ def _cmd_demo(args):
     ev = dict(target=args.target, surrogate=surrogate, n_per_prompt=args.n_per_prompt, seed=args.seed,
               progress=not args.quiet)
     print(f"MiniCanvas: erase {args.target!r} (surrogate {surrogate!r}); methods: {', '.join(methods)}; "
-          f"{args.steps} steps; {torch.get_num_threads()} threads", flush=True)
+          f"targets {args.targets}; {args.steps} steps; {torch.get_num_threads()} threads", flush=True)
     base_model = canvas.load_model()
     base = canvas.evaluate(base_model, **ev)
     print(f"base model: UA {base['ua']:.3f}  IRA {base['ira']:.3f}  CRA {base['cra']:.3f}", flush=True)
@@ -147,7 +151,8 @@ def _cmd_demo(args):
                "ira": after["ira"], "cra": after["cra"], "base_ira": base["ira"], "base_cra": base["cra"],
                "fidelity_psnr": after["fidelity_psnr"], "seconds": r["seconds"], "steps": r["steps"],
                "peak_mem_mb": r["peak_mem_mb"], "surrogate_rate": after["surrogate_rate"],
-               "stage_seconds": r["stage_seconds"], "data_free": args.data_free, "timesteps": args.timesteps}
+               "stage_seconds": r["stage_seconds"], "data_free": args.data_free, "timesteps": args.timesteps,
+               "targets": "cross-attention" if method == "esd" else args.targets}   # esd: ESD-x's own set
         rows.append(row)
         results[method] = r
         grids[f"samples_after_{method}"] = (canvas.sample(unet, grid_prompts, seed=args.seed), len(grid_prompts) // 2)

@@ -306,6 +306,72 @@ def test_resume_accepts_a_checkpoint_with_block_as_a_list(task, tmp_path):
     assert len(r["history"]) == 2
 
 
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _is_attention(name):
+    return name.endswith(tuple("." + a for a in ATTENTION))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_targets_attention_restricts_saliency_masks_and_adapters(method, task):
+    """Config.targets="attention": saliency, threshold, masks and adapters (spare, spare-reference), peft
+    adapters (lora), trainable masked weights (salun) on to_q/to_k/to_v/to_out.0 only; the threshold
+    keeps the density over those weights. esd trains its cross-attention set whatever the setting."""
+    from torch import nn
+
+    from spare_kernels.unlearn.reference import SpareRefLayer
+    model = canvas.load_model()
+    attn = {f"{n}.weight" for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and _is_attention(n)}
+    layers = {f"{n}.weight" for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    assert attn and len(attn) < len(layers)
+    got = {}
+    for targets in ("all", "attention"):
+        unet = canvas.load_model()
+        with Trainer(unet, task, Config(method=method, targets=targets, **SMALL)) as tr:
+            trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+            masks = {k.replace(".base_layer", ""): v for k, v in tr.method.masks.items()}
+            got[targets] = trained
+            if method in ("spare", "spare-reference", "salun"):
+                assert set(masks) == (attn if targets == "attention" else layers), method
+                if targets == "attention":   # the density is kept over the targeted weights alone
+                    on = sum(float(m.density) * m.numel if hasattr(m, "density") else float(m.sum())
+                             for m in tr.method.masks.values())
+                    total = sum(model.get_parameter(k).numel() for k in attn)
+                    assert on / total == pytest.approx(0.5, abs=0.01)
+            if method == "spare-reference":
+                swapped = {f"{n}.weight" for n, m in unet.named_modules() if isinstance(m, SpareRefLayer)}
+                assert swapped == set(masks)
+            if method in ("spare", "lora") and targets == "attention":
+                owners = {n.rsplit(".lora_", 1)[0].replace(".base_layer", "") for n in trained}
+                assert {o + ".weight" for o in owners} == attn, sorted(owners)[:4]
+            if method == "salun":
+                assert trained == set(masks)
+            tr.step()
+    if method == "esd":
+        assert got["all"] == got["attention"] and all(".attn2." in n for n in got["all"])
+    else:
+        assert got["attention"] < got["all"]
+
+
+def test_resume_with_a_checkpoint_from_before_targets(task, tmp_path):
+    """A checkpoint from before Config.targets existed resumes with the default (every Linear and
+    Conv2d); a run with targets="attention" refuses it."""
+    cfg = Config(method="spare", **dict(SMALL, checkpoint_every=1, steps=1))
+    run(canvas.load_model(), task, cfg, out_dir=str(tmp_path), progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    assert state["config"]["targets"] == "all"
+    del state["config"]["targets"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="targets='all' \\(now 'attention'\\)"):
+        run(canvas.load_model(), task, dataclasses.replace(cfg, steps=2, targets="attention"), out_dir=str(tmp_path),
+            resume=True, progress=False)
+    r = run(canvas.load_model(), task, dataclasses.replace(cfg, steps=2), out_dir=str(tmp_path), resume=True,
+            progress=False)
+    assert len(r["history"]) == 2 and r["config"]["targets"] == "all"
+
+
 def test_resume_refuses_other_settings(task, tmp_path):
     run(canvas.load_model(), task, Config(method="spare", **dict(SMALL, checkpoint_every=1)),
         out_dir=str(tmp_path), progress=False)
@@ -342,7 +408,8 @@ def test_bad_input_is_rejected_with_the_valid_names(task):
                     (dict(init="zeros"), "init: expected one of gaussian"),
                     (dict(block=(32,)), "block: expected a pair"), (dict(block=(8, True)), "block: expected a pair"),
                     (dict(mix=1.5), "mix"), (dict(mix=float("nan")), "mix"), (dict(lr=-1e-3), "lr"),
-                    (dict(alpha=0), "alpha"), (dict(w_retain=-1), "w_retain")):
+                    (dict(alpha=0), "alpha"), (dict(w_retain=-1), "w_retain"),
+                    (dict(targets="attn"), "targets: expected one of all, attention, got 'attn'")):
         with pytest.raises(ValueError, match=msg):
             Config(**kw)
     assert Config(block=[16, 8]).block == (16, 8)    # a CLI / JSON list compares equal to a checkpoint's tuple
@@ -381,11 +448,15 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     from spare_kernels.cli import RESULT_KEYS, main
     out, js = tmp_path / "run", tmp_path / "r.json"
     assert main(["demo", "--steps", "2", "--n-per-prompt", "1", "--out", str(out), "--json", str(js), "--quiet",
-                 "--granularity", "block", "--block", "16", "8", "--rank", "2", "--mix", "0.25", "--lr", "0.005"]) == 0
+                 "--granularity", "block", "--block", "16", "8", "--rank", "2", "--mix", "0.25", "--lr", "0.005",
+                 "--targets", "attention"]) == 0
     doc = json.loads(js.read_text())
     assert set(RESULT_KEYS) <= set(doc) and doc["method"] == "spare" and doc["steps"] == 2
-    cfg = json.loads((out / "results.json").read_text())["configs"]["spare"]
-    assert (cfg["granularity"], cfg["block"], cfg["rank"], cfg["mix"], cfg["lr"]) == ("block", [16, 8], 2, 0.25, 0.005)
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["configs"]["spare"]
+    assert (cfg["granularity"], cfg["block"], cfg["rank"], cfg["mix"], cfg["lr"], cfg["targets"]) == \
+        ("block", [16, 8], 2, 0.25, 0.005, "attention")
+    assert res["rows"][0]["targets"] == "attention"
     for f in ("adapter.safetensors", "loss_curves.png", "timesteps_spare.png", "mask_density_spare.png",
               "samples_before.png", "samples_after_spare.png", "results.json"):
         assert (out / f).exists(), f
@@ -412,18 +483,19 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
     load_adapter(unet, str(out / "adapter.safetensors"))
     assert adapter_names(unet) == ["default"]
-    # bf16 forwards on an explicit device: adapter in fp32, same keys
+    # bf16 forwards on an explicit device, attention targets: adapter in fp32, on to_q/to_k/to_v/to_out.0 only
     out_bf = tmp_path / "out_bf16"
     capsys.readouterr()
-    assert main(argv[:-3] + ["--out", str(out_bf), "--precision", "bf16", "--device", "cpu"]) == 0
+    assert main(argv[:-3] + ["--out", str(out_bf), "--precision", "bf16", "--device", "cpu", "--targets", "attention"]) == 0
     said = capsys.readouterr().out     # not --quiet: the long parts say what they do
     assert "generating 1 forget images" in said and "generating 1 retain images" in said, said
     from safetensors.torch import load_file
     a32, a16 = load_file(str(out / "adapter.safetensors")), load_file(str(out_bf / "adapter.safetensors"))
-    assert a32.keys() == a16.keys()
     assert all(v.dtype == torch.float32 for k, v in a16.items() if "lora_" in k) and any("lora_" in k for k in a16)
     run_cfg = json.loads((out_bf / "run.json").read_text())["config"]
-    assert (run_cfg["precision"], run_cfg["granularity"], run_cfg["scope"]) == ("bf16", "row", "per_module")
+    assert (run_cfg["precision"], run_cfg["granularity"], run_cfg["scope"], run_cfg["targets"]) == \
+        ("bf16", "row", "per_module", "attention")
+    assert a16.keys() < a32.keys() and all(any(f".{t}." in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in a16)
     for bad, msg in (("meta", "expected cpu or cuda"), ("cpu:1", "expected cpu or cuda"),
                      ("nonsense", "expected a torch device")) + (
             () if torch.cuda.is_available() else (("cuda", "no CUDA device"),)):
