@@ -12,8 +12,9 @@ or 32x32 (sd15), random weights built from a config (no downloads). Schemes, for
                      (dense LoRA; for ``all`` the list of every Linear/Conv2d module name).
 - ``ours_dense``     ``spare_kernels.patch_unet`` with no masks (dense adapter, fused op).
 - ``ours_element50`` ``patch_unet`` with 50% random element masks on every targeted weight.
-- ``spare_ref``      SPARE's own layers (``spare_kernels.unlearn.reference.SpareRefLayer``: dense float mask, a
-                     second full GEMM/conv) on the same targets with the same masks.
+- ``spare_ref``      SPARE's own layers (``spare_kernels.unlearn.reference.SpareRefLayer``: dense uint8 mask
+                     cast to the delta's dtype at use, a second full GEMM/conv) on the same targets with
+                     the same masks.
 
 Every variant is a copy of one UNet sharing its (frozen) parameter tensors, so sd15 fits in memory
 once; all are timed interleaved in one process (``spare_kernels.bench.time_side_by_side``,

@@ -1,9 +1,11 @@
 """Whole unlearning runs side by side in one process: the wall-time ratios of issue 6's targets.
 
 ``PYTHONPATH=. python -m benchmarks.unlearn_runs [--target style:dots] [--methods spare spare-reference
-salun] [--reps 3] [--steps 200] [--threads N]`` runs :func:`spare_kernels.unlearn.run` (probe, saliency,
-training; evaluation excluded) for each method on a fresh copy of the shipped MiniCanvas model, the
-methods interleaved ``reps`` times so that the machine's slow and fast phases fall on all of them.
+salun] [--reps 3] [--steps 200] [--threads N] [--targets all|attention]`` runs
+:func:`spare_kernels.unlearn.run` (probe, saliency, training; evaluation excluded) for each method on a
+fresh copy of the shipped MiniCanvas model, the methods interleaved ``reps`` times so that the
+machine's slow and fast phases fall on all of them. ``--targets`` is ``Config.targets`` for every
+method: every Linear and Conv2d (``all``, the default) or the attention projections (``attention``).
 Prints each run's seconds and, per rep, the first method's time over each other's; writes
 ``benchmarks/results/unlearn_runs.json``.
 """
@@ -17,6 +19,7 @@ import torch
 
 from spare_kernels import canvas
 from spare_kernels.unlearn import METHODS, Config, canvas_task, run
+from spare_kernels.unlearn.recipe import TARGETS
 from spare_kernels.utils.io import write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -30,6 +33,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=Config().steps)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: as set by the environment)")
+    p.add_argument("--targets", default=Config().targets, choices=TARGETS,
+                   help="layers every method changes (Config.targets; esd: cross-attention whatever this says)")
     p.add_argument("--out", default=os.path.join(RESULTS, "unlearn_runs.json"))
     a = p.parse_args(argv)
     if a.reps < 1 or a.steps < 0 or a.threads < 0:
@@ -40,12 +45,13 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     task = canvas_task(a.target, seed=a.seed)
     first = a.methods[0]
-    print(f"whole runs, {torch.get_num_threads()} thread(s), {a.steps} steps, target {a.target}; "
-          f"ratios = {first} / other, same rep")
+    print(f"whole runs, {torch.get_num_threads()} thread(s), {a.steps} steps, target {a.target}, "
+          f"targets {a.targets}; ratios = {first} / other, same rep")
     secs = {m: [] for m in a.methods}
     for rep in range(a.reps):
         for m in a.methods:
-            r = run(canvas.load_model(), task, Config(method=m, steps=a.steps, seed=a.seed), progress=False)
+            r = run(canvas.load_model(), task, Config(method=m, steps=a.steps, seed=a.seed, targets=a.targets),
+                    progress=False)
             secs[m].append(r["seconds"])
             st = r["stage_seconds"]
             print(f"rep {rep}  {m:<16} {r['seconds']:7.2f} s  (localise {st['localise']:.2f}, "
@@ -53,7 +59,7 @@ def main(argv=None):
     ratios = {m: [s / o for s, o in zip(secs[first], secs[m])] for m in a.methods[1:]}
     for m, v in ratios.items():
         print(f"{first} / {m}: " + ", ".join(f"{x:.3f}" for x in v) + f"  (median {statistics.median(v):.3f})")
-    write_json(a.out, {"target": a.target, "threads": torch.get_num_threads(), "steps": a.steps,
+    write_json(a.out, {"target": a.target, "targets": a.targets, "threads": torch.get_num_threads(), "steps": a.steps,
                        "seconds": secs, "ratios": ratios,
                        "median_ratios": {m: statistics.median(v) for m, v in ratios.items()}})
     print(f"wrote {a.out}")

@@ -1,7 +1,8 @@
 """Where one MiniCanvas unlearning step spends its time, per method (the same task, batch and seeds).
 
 ``PYTHONPATH=. python -m benchmarks.unlearn_step [--target style:dots] [--reps 20] [--threads N]
-[--no-overlap] [--granularity element block row]`` times, after setup, the training step of every method split into its phases: "loss"
+[--no-overlap] [--granularity element block row] [--targets all|attention]`` times, after setup, the
+training step of every method (``--targets``: ``Config.targets``) split into its phases: "loss"
 (wall time of the forwards and the loss), within it the time spent in teacher forwards (no grad)
 and student forwards, then backward and optimizer. With 2+ threads ``spare`` runs the teacher
 beside the student (``Trainer(overlap=True)``), so its teacher + student exceeds "loss".
@@ -22,6 +23,7 @@ import torch
 from spare_kernels import canvas
 from spare_kernels.masks import GRANULARITIES
 from spare_kernels.unlearn import METHODS, Config, Trainer, canvas_task
+from spare_kernels.unlearn.recipe import TARGETS
 from spare_kernels.utils.io import write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -49,9 +51,10 @@ class _ForwardClock:
             h.remove()
 
 
-def time_method(method, task, reps, warmup, seed, overlap=True, granularity="element"):
+def time_method(method, task, reps, warmup, seed, overlap=True, granularity="element", targets="all"):
     unet = canvas.load_model()
-    tr = Trainer(unet, task, Config(method=method, steps=0, seed=seed, granularity=granularity), overlap=overlap)
+    tr = Trainer(unet, task, Config(method=method, steps=0, seed=seed, granularity=granularity, targets=targets),
+                 overlap=overlap)
     teacher = tr.teacher_model
     clock = _ForwardClock([unet] + ([teacher] if teacher is not None else []))
     acc = dict.fromkeys(("loss", "backward", "optimizer"), 0.0)
@@ -109,6 +112,8 @@ def main(argv=None):
     p.add_argument("--no-overlap", action="store_true", help="teacher then student, in one thread")
     p.add_argument("--granularity", nargs="+", default=["element"], choices=GRANULARITIES,
                    help="spare's mask granularities (rows 'spare' for element, 'spare/G' for the others)")
+    p.add_argument("--targets", default=Config().targets, choices=TARGETS,
+                   help="layers every method changes (Config.targets; esd: cross-attention whatever this says)")
     p.add_argument("--out", default=os.path.join(RESULTS, "unlearn_step.json"))
     a = p.parse_args(argv)
     if a.reps < 1 or a.warmup < 0 or a.threads < 0:
@@ -118,19 +123,20 @@ def main(argv=None):
     task = canvas_task(a.target, seed=a.seed)
     cols = ("step", "loss", "teacher", "student", "backward", "optimizer")
     print(f"ms per step, {torch.get_num_threads()} thread(s), {a.reps} reps, overlap {not a.no_overlap}; "
-          f"target {a.target}")
+          f"target {a.target}, targets {a.targets}")
     print(f"{'method':<16}" + "".join(f"{c:>11}" for c in cols))
     rows = {}
     runs = [(m, g) for m in a.methods for g in (a.granularity if m == "spare" else ["element"])]
     for method, gran in runs:
         label = method if gran == "element" else f"{method}/{gran}"
-        rows[label] = time_method(method, task, a.reps, a.warmup, a.seed, overlap=not a.no_overlap, granularity=gran)
+        rows[label] = time_method(method, task, a.reps, a.warmup, a.seed, overlap=not a.no_overlap, granularity=gran,
+                                  targets=a.targets)
         print(f"{label:<16}" + "".join(f"{rows[label][c]:>11.1f}" for c in cols), flush=True)
     batch = Config().batch_forget + Config().batch_retain
     base = time_base_backward(task, batch, a.reps, a.warmup, a.seed)
     print(f"base model backward, batch {batch}: to the input only {base['input_only']:.1f} ms, "
           f"with every weight gradient {base['with_weight_grads']:.1f} ms")
-    write_json(a.out, {"target": a.target, "threads": torch.get_num_threads(),
+    write_json(a.out, {"target": a.target, "targets": a.targets, "threads": torch.get_num_threads(),
                        "overlap": not a.no_overlap and torch.get_num_threads() >= 2,   # spare's teacher only
                        "reps": a.reps,
                        "ms_per_step": rows, "base_backward_ms": base})

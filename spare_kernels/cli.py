@@ -33,6 +33,18 @@ def _writable_dir(path, arg):
     return path
 
 
+def _could_write_dir(path, arg):
+    """What :func:`_writable_dir` will find, without creating anything: ``path`` is a writable directory,
+    or its nearest existing ancestor is one (``path`` is made there later)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"{arg}: cannot write to {path!r} ({p!r} is not a directory)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"{arg}: cannot write to {path!r} (no write permission in {p!r})")
+
+
 def _writable_file(path, arg):
     _writable_dir(os.path.dirname(os.path.abspath(path)), arg)
     return path
@@ -51,7 +63,7 @@ def _recipe_args(p):
 
     from .masks import GRANULARITIES, SCOPES
     from .ops.saliency import STATS
-    from .unlearn.recipe import TIMESTEPS, Config
+    from .unlearn.recipe import TARGETS, TIMESTEPS, Config
     d = {f.name: f.default for f in dataclasses.fields(Config)}
     p.add_argument("--steps", type=int, default=d["steps"], help=f"training steps (default {d['steps']})")
     p.add_argument("--rank", type=int, default=d["rank"], help=f"adapter rank (default {d['rank']})")
@@ -64,6 +76,10 @@ def _recipe_args(p):
     p.add_argument("--scope", default=d["scope"], choices=SCOPES, help="top-k over the whole UNet or per module")
     p.add_argument("--saliency-stat", default=d["saliency_stat"], choices=STATS)
     p.add_argument("--timesteps", default=d["timesteps"], choices=TIMESTEPS)
+    p.add_argument("--targets", default=d["targets"], choices=TARGETS,
+                   help=f"layers the methods change: every Linear and Conv2d, or the attention projections "
+                        f"to_q/to_k/to_v/to_out.0 as SPARE's code (default {d['targets']}; esd: cross-attention "
+                        f"whatever this says)")
     p.add_argument("--mix", type=float, default=d["mix"],
                    help=f"weight of the concept curve in the timestep mixture (default {d['mix']})")
     p.add_argument("--lr", type=float, default=None,
@@ -112,7 +128,7 @@ def _cmd_demo(args):
     ev = dict(target=args.target, surrogate=surrogate, n_per_prompt=args.n_per_prompt, seed=args.seed,
               progress=not args.quiet)
     print(f"MiniCanvas: erase {args.target!r} (surrogate {surrogate!r}); methods: {', '.join(methods)}; "
-          f"{args.steps} steps; {torch.get_num_threads()} threads", flush=True)
+          f"targets {args.targets}; {args.steps} steps; {torch.get_num_threads()} threads", flush=True)
     base_model = canvas.load_model()
     base = canvas.evaluate(base_model, **ev)
     print(f"base model: UA {base['ua']:.3f}  IRA {base['ira']:.3f}  CRA {base['cra']:.3f}", flush=True)
@@ -135,7 +151,8 @@ def _cmd_demo(args):
                "ira": after["ira"], "cra": after["cra"], "base_ira": base["ira"], "base_cra": base["cra"],
                "fidelity_psnr": after["fidelity_psnr"], "seconds": r["seconds"], "steps": r["steps"],
                "peak_mem_mb": r["peak_mem_mb"], "surrogate_rate": after["surrogate_rate"],
-               "stage_seconds": r["stage_seconds"], "data_free": args.data_free, "timesteps": args.timesteps}
+               "stage_seconds": r["stage_seconds"], "data_free": args.data_free, "timesteps": args.timesteps,
+               "targets": "cross-attention" if method == "esd" else args.targets}   # esd: ESD-x's own set
         rows.append(row)
         results[method] = r
         grids[f"samples_after_{method}"] = (canvas.sample(unet, grid_prompts, seed=args.seed), len(grid_prompts) // 2)
@@ -178,13 +195,25 @@ def format_table(rows) -> str:
 
 
 # ---------------------------------------------------------------------------------------- unlearn
-def _read_prompts(flag_values, file_path, arg):
-    prompts = list(flag_values or [])
+def _prompt(value, flag):
+    """An empty or blank prompt would encode to the unconditional embedding: never what was meant."""
+    if not value.strip():
+        raise UsageError(f"{flag}: expected a non-empty prompt, got {value!r}")
+    return value
+
+
+def _read_prompts(flag_values, file_path, flag):
+    """``flag`` values, then the file's lines (blank lines skipped); a file holding no prompt at all is
+    an error of its own (an empty forget set would otherwise be blamed on the flags)."""
+    prompts = [_prompt(v, flag) for v in flag_values or []]
     if file_path:
         if not os.path.isfile(file_path):
-            raise UsageError(f"{arg}-file: no such file {file_path!r}")
+            raise UsageError(f"{flag}s-file: no such file {file_path!r}")
         with open(file_path) as f:
-            prompts += [ln.strip() for ln in f if ln.strip()]
+            lines = [ln.strip() for ln in f if ln.strip()]
+        if not lines:
+            raise UsageError(f"{flag}s-file: {file_path!r} holds no prompt (every line is blank)")
+        prompts += lines
     return prompts
 
 
@@ -207,14 +236,15 @@ def _device(spec):
 
 
 def _cmd_unlearn(args):
-    from .unlearn.diffusers_task import check_model_dir, diffusers_task
+    from .unlearn.diffusers_task import check_model_dir, diffusers_task, load_pipeline
 
-    forget = _read_prompts(args.forget_prompt, args.forget_prompts_file, "--forget-prompts")
-    retain = _read_prompts(args.retain_prompt, args.retain_prompts_file, "--retain-prompts")
+    forget = _read_prompts(args.forget_prompt, args.forget_prompts_file, "--forget-prompt")
+    retain = _read_prompts(args.retain_prompt, args.retain_prompts_file, "--retain-prompt")
     if not forget:
         raise UsageError("forget set: empty: give --forget-prompt and/or --forget-prompts-file")
-    if not args.surrogate_prompt:
+    if args.surrogate_prompt is None:
         raise UsageError("--surrogate-prompt: required (what the forget prompts should produce instead)")
+    _prompt(args.surrogate_prompt, "--surrogate-prompt")
     if not retain:
         raise UsageError("retain set: empty: give --retain-prompt and/or --retain-prompts-file")
     if bool(args.forget_images) == bool(args.data_free):
@@ -238,12 +268,19 @@ def _cmd_unlearn(args):
         if not native_bf16:
             raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
                              "(it would be emulated, slowly); use --precision fp32")
-    _writable_dir(args.out, "--out")
+    _could_write_dir(args.out, "--out")
     _threads(args.threads)
+    # Load before --out is made: a folder with missing files (an interrupted download) passes
+    # check_model_dir but fails here, and must leave nothing behind. Generation and training follow.
+    try:
+        pipe = load_pipeline(args.model, progress=not args.quiet)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _writable_dir(args.out, "--out")
     from .unlearn import run
     unet, task = diffusers_task(args.model, forget, args.surrogate_prompt, retain, images_dir=args.forget_images,
                                 n_generate=args.n_generate, seed=args.seed, resolution=args.resolution,
-                                device=device, progress=not args.quiet)
+                                device=device, progress=not args.quiet, pipe=pipe)
     r = run(unet, task, cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     from .utils.io import write_json
     write_json(os.path.join(args.out, "run.json"), {k: v for k, v in r.items() if k != "history"}

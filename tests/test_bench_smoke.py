@@ -60,8 +60,9 @@ def test_unlearn_step_breakdown_smoke(tmp_path):
 
     out = tmp_path / "step.json"
     unlearn_step.main(["--methods", "spare", "esd", "--granularity", "element", "block", "--reps", "1", "--warmup", "0",
-                       "--out", str(out)])
+                       "--targets", "attention", "--out", str(out)])
     res = json.loads(out.read_text())
+    assert res["targets"] == "attention"
     assert set(res["ms_per_step"]) == {"spare", "spare/block", "esd"}
     for m in ("spare", "spare/block", "esd"):
         r = res["ms_per_step"][m]
@@ -74,13 +75,16 @@ def test_unlearn_runs_smoke(tmp_path, capsys):
     from benchmarks import unlearn_runs
 
     out = tmp_path / "runs.json"
-    unlearn_runs.main(["--methods", "spare", "esd", "--reps", "2", "--steps", "1", "--out", str(out)])
+    unlearn_runs.main(["--methods", "spare", "esd", "--reps", "2", "--steps", "1", "--targets", "attention",
+                       "--out", str(out)])
     res = json.loads(out.read_text())
+    said = capsys.readouterr().out
+    assert res["targets"] == "attention" and "targets attention" in said
     assert len(res["seconds"]["spare"]) == len(res["seconds"]["esd"]) == 2
     assert all(s > 0 for v in res["seconds"].values() for s in v)
     r = res["ratios"]["esd"]
     assert r == [a / b for a, b in zip(res["seconds"]["spare"], res["seconds"]["esd"])]
-    assert "spare / esd:" in capsys.readouterr().out
+    assert "spare / esd:" in said
     with pytest.raises(SystemExit):
         unlearn_runs.main(["--methods", "spare", "spare"])
 

@@ -137,6 +137,33 @@ def test_overlap_propagates_errors_and_restores_threads():
         torch.set_num_threads(prev)
 
 
+def test_overlap_runs_the_teacher_in_the_callers_context():
+    """A pool thread does not inherit the caller's contextvars (the backend switch is to become one):
+    the teacher sees the value set in the calling thread at each call, and cannot change the caller's."""
+    import contextvars
+
+    from spare_kernels.unlearn.recipe import _Overlap
+    var = contextvars.ContextVar("spare_kernels_test_var", default="unset")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    ov = _Overlap()
+    try:
+        for value in ("first", "second"):      # copied at each call, not once for the pool
+            token = var.set(value)
+            try:
+                def teacher():
+                    seen = var.get()
+                    var.set("changed by the teacher")
+                    return seen
+                assert ov(teacher, var.get) == (value, value)
+                assert var.get() == value
+            finally:
+                var.reset(token)
+    finally:
+        ov.close()
+        torch.set_num_threads(prev)
+
+
 def test_disable_adapters_this_thread_only(task):
     """disable_adapters(this_thread=True) switches adapters off for the calling thread only."""
     import threading
@@ -174,6 +201,35 @@ def test_disable_adapters_this_thread_only(task):
             with disable_adapters(unet, this_thread=True):
                 pass
         unmerge_adapter(unet)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_spare_reference_layer_keeps_its_mask_as_uint8_like_spares_code(kind, monkeypatch):
+    """SpareRefLayer stores its mask as a uint8 buffer and casts it to the delta's dtype at use: fp32
+    results are the float mask's bit for bit; under bf16 autocast the delta stays bf16 (a float buffer
+    promoted it to fp32: weight-sized fp32 passes SPARE's code does not pay)."""
+    import torch.nn.functional as F
+
+    from spare_kernels.unlearn import reference
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(24, 16) if kind == "linear" else torch.nn.Conv2d(8, 12, 3, padding=1)
+    x = torch.randn((2, 5, 24) if kind == "linear" else (2, 8, 6, 6), generator=g)
+    mask = torch.rand(base.weight.shape, generator=g) > 0.5
+    layer = reference.SpareRefLayer(base, 4, mask, scale=0.5, init="random", generator=g)
+    assert layer.mask.dtype == torch.uint8 and torch.equal(layer.mask.bool(), mask)
+    fn = F.linear if kind == "linear" else (lambda a, w: F.conv2d(a, w, None, 1, 1))
+    delta = (layer.lora_B @ layer.lora_A.reshape(4, -1)).view(base.weight.shape) * 0.5 * mask.float()
+    assert torch.equal(layer(x), base(x) + fn(x, delta))
+    assert torch.equal(reference.SpareRefLayer(base, 4, mask.float(), init="random",
+                                               generator=torch.Generator().manual_seed(1)).mask, layer.mask)
+    name = "linear" if kind == "linear" else "conv2d"
+    seen, real = [], getattr(F, name)
+    monkeypatch.setattr(F, name, lambda a, w, *r, **k: seen.append(w.dtype) or real(a, w, *r, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert seen[-1] == torch.bfloat16, seen      # the delta's call (the base layer's weight is fp32)
+    with pytest.raises(ValueError, match="0/1"):
+        reference.SpareRefLayer(base, 4, torch.full(base.weight.shape, 0.5))
 
 
 def test_spare_teacher_is_the_unpatched_model(task):
@@ -250,6 +306,72 @@ def test_resume_accepts_a_checkpoint_with_block_as_a_list(task, tmp_path):
     assert len(r["history"]) == 2
 
 
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _is_attention(name):
+    return name.endswith(tuple("." + a for a in ATTENTION))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_targets_attention_restricts_saliency_masks_and_adapters(method, task):
+    """Config.targets="attention": saliency, threshold, masks and adapters (spare, spare-reference), peft
+    adapters (lora), trainable masked weights (salun) on to_q/to_k/to_v/to_out.0 only; the threshold
+    keeps the density over those weights. esd trains its cross-attention set whatever the setting."""
+    from torch import nn
+
+    from spare_kernels.unlearn.reference import SpareRefLayer
+    model = canvas.load_model()
+    attn = {f"{n}.weight" for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and _is_attention(n)}
+    layers = {f"{n}.weight" for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    assert attn and len(attn) < len(layers)
+    got = {}
+    for targets in ("all", "attention"):
+        unet = canvas.load_model()
+        with Trainer(unet, task, Config(method=method, targets=targets, **SMALL)) as tr:
+            trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+            masks = {k.replace(".base_layer", ""): v for k, v in tr.method.masks.items()}
+            got[targets] = trained
+            if method in ("spare", "spare-reference", "salun"):
+                assert set(masks) == (attn if targets == "attention" else layers), method
+                if targets == "attention":   # the density is kept over the targeted weights alone
+                    on = sum(float(m.density) * m.numel if hasattr(m, "density") else float(m.sum())
+                             for m in tr.method.masks.values())
+                    total = sum(model.get_parameter(k).numel() for k in attn)
+                    assert on / total == pytest.approx(0.5, abs=0.01)
+            if method == "spare-reference":
+                swapped = {f"{n}.weight" for n, m in unet.named_modules() if isinstance(m, SpareRefLayer)}
+                assert swapped == set(masks)
+            if method in ("spare", "lora") and targets == "attention":
+                owners = {n.rsplit(".lora_", 1)[0].replace(".base_layer", "") for n in trained}
+                assert {o + ".weight" for o in owners} == attn, sorted(owners)[:4]
+            if method == "salun":
+                assert trained == set(masks)
+            tr.step()
+    if method == "esd":
+        assert got["all"] == got["attention"] and all(".attn2." in n for n in got["all"])
+    else:
+        assert got["attention"] < got["all"]
+
+
+def test_resume_with_a_checkpoint_from_before_targets(task, tmp_path):
+    """A checkpoint from before Config.targets existed resumes with the default (every Linear and
+    Conv2d); a run with targets="attention" refuses it."""
+    cfg = Config(method="spare", **dict(SMALL, checkpoint_every=1, steps=1))
+    run(canvas.load_model(), task, cfg, out_dir=str(tmp_path), progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    assert state["config"]["targets"] == "all"
+    del state["config"]["targets"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="targets='all' \\(now 'attention'\\)"):
+        run(canvas.load_model(), task, dataclasses.replace(cfg, steps=2, targets="attention"), out_dir=str(tmp_path),
+            resume=True, progress=False)
+    r = run(canvas.load_model(), task, dataclasses.replace(cfg, steps=2), out_dir=str(tmp_path), resume=True,
+            progress=False)
+    assert len(r["history"]) == 2 and r["config"]["targets"] == "all"
+
+
 def test_resume_refuses_other_settings(task, tmp_path):
     run(canvas.load_model(), task, Config(method="spare", **dict(SMALL, checkpoint_every=1)),
         out_dir=str(tmp_path), progress=False)
@@ -286,7 +408,8 @@ def test_bad_input_is_rejected_with_the_valid_names(task):
                     (dict(init="zeros"), "init: expected one of gaussian"),
                     (dict(block=(32,)), "block: expected a pair"), (dict(block=(8, True)), "block: expected a pair"),
                     (dict(mix=1.5), "mix"), (dict(mix=float("nan")), "mix"), (dict(lr=-1e-3), "lr"),
-                    (dict(alpha=0), "alpha"), (dict(w_retain=-1), "w_retain")):
+                    (dict(alpha=0), "alpha"), (dict(w_retain=-1), "w_retain"),
+                    (dict(targets="attn"), "targets: expected one of all, attention, got 'attn'")):
         with pytest.raises(ValueError, match=msg):
             Config(**kw)
     assert Config(block=[16, 8]).block == (16, 8)    # a CLI / JSON list compares equal to a checkpoint's tuple
@@ -325,11 +448,15 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     from spare_kernels.cli import RESULT_KEYS, main
     out, js = tmp_path / "run", tmp_path / "r.json"
     assert main(["demo", "--steps", "2", "--n-per-prompt", "1", "--out", str(out), "--json", str(js), "--quiet",
-                 "--granularity", "block", "--block", "16", "8", "--rank", "2", "--mix", "0.25", "--lr", "0.005"]) == 0
+                 "--granularity", "block", "--block", "16", "8", "--rank", "2", "--mix", "0.25", "--lr", "0.005",
+                 "--targets", "attention"]) == 0
     doc = json.loads(js.read_text())
     assert set(RESULT_KEYS) <= set(doc) and doc["method"] == "spare" and doc["steps"] == 2
-    cfg = json.loads((out / "results.json").read_text())["configs"]["spare"]
-    assert (cfg["granularity"], cfg["block"], cfg["rank"], cfg["mix"], cfg["lr"]) == ("block", [16, 8], 2, 0.25, 0.005)
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["configs"]["spare"]
+    assert (cfg["granularity"], cfg["block"], cfg["rank"], cfg["mix"], cfg["lr"], cfg["targets"]) == \
+        ("block", [16, 8], 2, 0.25, 0.005, "attention")
+    assert res["rows"][0]["targets"] == "attention"
     for f in ("adapter.safetensors", "loss_curves.png", "timesteps_spare.png", "mask_density_spare.png",
               "samples_before.png", "samples_after_spare.png", "results.json"):
         assert (out / f).exists(), f
@@ -356,18 +483,19 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
     load_adapter(unet, str(out / "adapter.safetensors"))
     assert adapter_names(unet) == ["default"]
-    # bf16 forwards on an explicit device: adapter in fp32, same keys
+    # bf16 forwards on an explicit device, attention targets: adapter in fp32, on to_q/to_k/to_v/to_out.0 only
     out_bf = tmp_path / "out_bf16"
     capsys.readouterr()
-    assert main(argv[:-3] + ["--out", str(out_bf), "--precision", "bf16", "--device", "cpu"]) == 0
+    assert main(argv[:-3] + ["--out", str(out_bf), "--precision", "bf16", "--device", "cpu", "--targets", "attention"]) == 0
     said = capsys.readouterr().out     # not --quiet: the long parts say what they do
     assert "generating 1 forget images" in said and "generating 1 retain images" in said, said
     from safetensors.torch import load_file
     a32, a16 = load_file(str(out / "adapter.safetensors")), load_file(str(out_bf / "adapter.safetensors"))
-    assert a32.keys() == a16.keys()
     assert all(v.dtype == torch.float32 for k, v in a16.items() if "lora_" in k) and any("lora_" in k for k in a16)
     run_cfg = json.loads((out_bf / "run.json").read_text())["config"]
-    assert (run_cfg["precision"], run_cfg["granularity"], run_cfg["scope"]) == ("bf16", "row", "per_module")
+    assert (run_cfg["precision"], run_cfg["granularity"], run_cfg["scope"], run_cfg["targets"]) == \
+        ("bf16", "row", "per_module", "attention")
+    assert a16.keys() < a32.keys() and all(any(f".{t}." in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in a16)
     for bad, msg in (("meta", "expected cpu or cuda"), ("cpu:1", "expected cpu or cuda"),
                      ("nonsense", "expected a torch device")) + (
             () if torch.cuda.is_available() else (("cuda", "no CUDA device"),)):
@@ -382,6 +510,76 @@ def test_cli_unlearn_on_a_local_pipeline(tmp_path, capsys):
     assert main(["unlearn", str(model), "--forget-prompt", "x", "--surrogate-prompt", "y", "--retain-prompt", "z",
                  "--forget-images", str(empty), "--out", str(tmp_path / "o3")]) == 2
     assert "forget set: empty" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny offline diffusers pipeline folder (python/toggle_adapter_pipeline.py's builder)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+    from toggle_adapter_pipeline import build_pipeline
+    model = tmp_path_factory.mktemp("tiny_sd") / "sd"
+    build_pipeline(str(model)).save_pretrained(str(model))
+    return model
+
+
+def test_cli_unlearn_refuses_an_incomplete_pipeline_folder(tiny_sd, tmp_path, capsys, monkeypatch):
+    """Right subfolders, missing files (an interrupted download): exit 2 naming the folder and the part
+    that does not load, before --out is made; a missing tokenizer vocabulary (transformers then builds
+    a tokenizer that knows no word) too. An unwritable --out is refused before the model loads."""
+    import shutil
+
+    from spare_kernels.cli import main
+    from spare_kernels.unlearn import diffusers_task
+    out = tmp_path / "out"
+    for missing, said in (("unet/diffusion_pytorch_model.safetensors", "unet/ does not load (OSError"),
+                          ("text_encoder/config.json", "text_encoder/ does not load"),
+                          ("tokenizer/tokenizer.json", "tokenizer/ holds 2 tokens where text_encoder/ embeds 80")):
+        model = tmp_path / f"sd_without_{missing.replace('/', '_')}"
+        shutil.copytree(tiny_sd, model)
+        os.remove(model / missing)
+        assert main(["unlearn", str(model), "--forget-prompt", "a cat", "--surrogate-prompt", "a dog",
+                     "--retain-prompt", "a tree", "--data-free", "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()   # diffusers may log warnings first
+        assert err[-1].startswith(f"spare-kernels unlearn: error: model: {str(model)!r}: {said}"), err
+        assert not out.exists()
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    monkeypatch.setattr(diffusers_task, "load_pipeline", lambda *a, **k: pytest.fail("loaded before --out was checked"))
+    assert main(["unlearn", str(tiny_sd), "--forget-prompt", "a cat", "--surrogate-prompt", "a dog",
+                 "--retain-prompt", "a tree", "--data-free", "--out", str(afile / "out"), "--quiet"]) == 2
+    assert f"--out: cannot write to {str(afile / 'out')!r} ({str(afile)!r} is not a directory)" in capsys.readouterr().err
+
+
+def test_cli_unlearn_refuses_empty_prompts_by_flag(tmp_path, capsys):
+    """An empty or blank prompt (it would encode as the unconditional prompt) is refused naming its
+    flag, before the model is looked at and before --out exists; blank lines of a file are skipped,
+    a file of blank lines only is refused."""
+    from spare_kernels.cli import main
+    good = {"--forget-prompt": "a cat", "--surrogate-prompt": "a dog", "--retain-prompt": "a tree"}
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\t\n")
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n  a cat  \n\n")
+    out = tmp_path / "out"
+
+    def argv(**over):
+        flags = dict(good, **over)
+        return ["unlearn", str(tmp_path / "no_model"), "--data-free", "--out", str(out)] + [
+            x for k, v in flags.items() if v is not None for x in (k, v)]
+    for flag in good:
+        for bad in ("", "   ", "\t\n"):
+            assert main(argv(**{flag: bad})) == 2, (flag, bad)
+            err = capsys.readouterr().err
+            assert f"spare-kernels unlearn: error: {flag}: expected a non-empty prompt" in err, err
+            assert not out.exists()
+    for flag in ("--forget-prompt", "--retain-prompt"):
+        assert main(argv(**{flag: "a bird"}) + [f"{flag}s-file", str(blank)]) == 2
+        assert f"{flag}s-file: {str(blank)!r} holds no prompt" in capsys.readouterr().err
+        # a file with blank lines around a prompt is fine: the run gets as far as the model directory
+        assert main(argv(**{flag: None}) + [f"{flag}s-file", str(mixed)]) == 2
+        assert "model: not a directory" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_compare_table_shows_spares_time_over_each_method():

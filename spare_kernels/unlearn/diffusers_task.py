@@ -6,6 +6,7 @@ retain prompts (self-distillation only needs ``x_t`` where the teacher is to be 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -37,6 +38,69 @@ def check_model_dir(path: str) -> None:
             raise ValueError(f"model: {path!r} has no {sub}/ (a full Stable Diffusion pipeline directory is needed)")
 
 
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _failing_component(path: str):
+    """``(subfolder, exception)`` of the first component that does not load on its own, or None: only
+    called after the pipeline failed to load, to say which part of the folder is broken."""
+    import importlib
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        return "model_index.json", e
+    for sub in _COMPONENTS:
+        lib, cls = (index.get(sub) or [None, None])[:2]
+        if not (isinstance(lib, str) and isinstance(cls, str)):
+            return "model_index.json", ValueError(f"no [library, class] entry for {sub!r}")
+        try:
+            getattr(importlib.import_module(lib), cls).from_pretrained(os.path.join(path, sub))
+        except Exception as e:   # whatever the class raises: this component does not load
+            return f"{sub}/", e
+    return None
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """diffusers' and transformers' loading bars off (their global switches), restored after."""
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+    was = [(m, m.is_progress_bar_enabled()) for m in (dl, tl)]
+    for m, _ in was:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in was:
+            if on:
+                m.enable_progress_bar()
+
+
+def load_pipeline(model_dir: str, progress: bool = True):
+    """The StableDiffusionPipeline of a local directory (on the CPU), or ValueError naming the directory
+    and what failed: a folder that passes :func:`check_model_dir` but misses files (an interrupted
+    download) fails here, before anything is written or generated."""
+    from diffusers import StableDiffusionPipeline
+
+    check_model_dir(model_dir)
+    with contextlib.nullcontext() if progress else _no_progress_bars():
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
+                                                           requires_safety_checker=False)
+        except Exception as e:   # OSError, ValueError, RuntimeError, ... depending on the component's library
+            part, err = _failing_component(model_dir) or ("the pipeline", e)
+            raise ValueError(f"model: {model_dir!r}: {part} does not load ({type(err).__name__}: "
+                             f"{str(err).strip() or 'no message'})") from e
+    # transformers builds a tokenizer with no vocabulary (every word unknown) when its vocabulary file
+    # is missing; every prompt would then encode alike.
+    n_tok, n_emb = len(pipe.tokenizer), pipe.text_encoder.config.vocab_size
+    if n_tok < n_emb:
+        raise ValueError(f"model: {model_dir!r}: tokenizer/ holds {n_tok} tokens where text_encoder/ embeds "
+                         f"{n_emb} (a missing or incomplete vocabulary file?)")
+    return pipe
+
+
 def image_files(folder: str) -> list:
     return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(_IMAGE_EXT))
 
@@ -60,14 +124,15 @@ def _load_images(folder: str, size: int) -> torch.Tensor:
 
 def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, images_dir=None,
                    n_generate: int = 4, seed: int = 0, resolution=None, steps: int = 20, device="cpu",
-                   progress: bool = True):
+                   progress: bool = True, pipe=None):
     """``(unet, task)`` for the SPARE recipe on a local Stable Diffusion pipeline directory, the UNet
     and the task's tensors on ``device`` (generation and encoding run there too; random draws come
-    from CPU generators, so a seed gives the same samples on any device up to its arithmetic)."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from CPU generators, so a seed gives the same samples on any device up to its arithmetic).
+    ``pipe``: the directory's pipeline, already loaded by :func:`load_pipeline` (default: load it)."""
+    from diffusers import DDPMScheduler
 
-    check_model_dir(model_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    if pipe is None:
+        pipe = load_pipeline(model_dir, progress)
     pipe.set_progress_bar_config(disable=not progress)
     say = print if progress else (lambda *a, **k: None)
     pipe.to(device)

@@ -16,11 +16,19 @@ loop one step at a time. The methods:
   the same distillation objective against a frozen copy, uniform timesteps.
 - ``esd``: ESD-x: cross-attention weights fine-tuned towards negative guidance,
   ``ε*(x_t, c_f) = ε₀(x_t, ∅) − η (ε₀(x_t, c_f) − ε₀(x_t, ∅))``, on noised forget samples, uniform timesteps.
+
+``Config.targets`` picks the layers the methods may change: ``"all"`` (every Linear and Conv2d, the
+default) or ``"attention"`` (the attention projections ``to_q``/``to_k``/``to_v``/``to_out.0``, where
+SPARE's own code puts its adapters). It restricts the saliency scores and the threshold (one density
+over those weights only), the masks and the adapters of ``spare`` and ``spare-reference``, ``lora``'s
+adapters and ``salun``'s trainable masked weights. ``esd`` ignores it: ESD-x is defined by its
+parameter set (every cross-attention parameter), which is neither target set.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import numbers
@@ -37,7 +45,7 @@ from ..adapters import disable_adapters, save_adapter
 from ..masks import GRANULARITIES, SCOPES, _check_block, topk_masks
 from ..nn.lora import INITS
 from ..ops.saliency import STATS
-from ..patch import patch_unet
+from ..patch import patch_unet, target_predicate
 from ..saliency import SaliencyCollector
 from ..utils.io import atomic_path
 from . import reference as ref
@@ -46,6 +54,7 @@ from .timesteps import TimestepSampler, probe
 METHODS = ("spare", "spare-reference", "lora", "salun", "esd")
 PRECISIONS = ("fp32", "bf16")   # fp16 would need loss scaling
 TIMESTEPS = ("critical", "uniform")
+TARGETS = ("all", "attention")   # every Linear and Conv2d; to_q/to_k/to_v/to_out.0 (SPARE's choice)
 _DEFAULT_LR = {"spare": 1e-2, "spare-reference": 1e-2, "lora": 1e-2, "salun": 3e-4, "esd": 3e-4}
 
 
@@ -80,6 +89,7 @@ class Config:
     seed: int = 0
     checkpoint_every: int = 0             # 0: no checkpoints
     precision: str = "fp32"               # or "bf16": forwards under torch.autocast (weights, adapters fp32)
+    targets: str = "all"                  # or "attention" (to_q/to_k/to_v/to_out.0); esd ignores it
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -92,7 +102,8 @@ class Config:
         if not (_real(self.density) and 0 < self.density <= 1):
             raise ValueError(f"density: expected a fraction in (0, 1], got {self.density!r}")
         for k, allowed in (("granularity", GRANULARITIES), ("scope", SCOPES), ("saliency_stat", STATS),
-                           ("init", INITS), ("timesteps", TIMESTEPS), ("precision", PRECISIONS)):
+                           ("init", INITS), ("timesteps", TIMESTEPS), ("precision", PRECISIONS),
+                           ("targets", TARGETS)):
             if getattr(self, k) not in allowed:
                 raise ValueError(f"{k}: expected one of {', '.join(allowed)}, got {getattr(self, k)!r}")
         self.block = _check_block(self.block)   # a tuple: a CLI / JSON list compares equal to a checkpoint's
@@ -141,13 +152,20 @@ def _seeded(seed):
         yield
 
 
-def _linear_conv_names(unet):
-    return [n for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+def _linear_conv_names(unet, targets: str = "all"):
+    """The Linear / Conv2d modules of ``targets`` (``Config.targets``), in ``named_modules`` order."""
+    names = [n for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    if targets == "attention":
+        pred = target_predicate("attention")
+        names = [n for n in names if pred(n, None)]
+        if not names:
+            raise ValueError("targets: 'attention' matched no to_q/to_k/to_v/to_out.0 layer of the UNet")
+    return names
 
 
-def _layer_weights(scores: dict, unet) -> dict:
-    """The entries of ``scores`` (keyed by parameter name) that are Linear / Conv2d weights."""
-    keys = {f"{n}.weight" for n in _linear_conv_names(unet)}
+def _layer_weights(scores: dict, unet, targets: str = "all") -> dict:
+    """The entries of ``scores`` (keyed by parameter name) that are weights of the ``targets`` layers."""
+    keys = {f"{n}.weight" for n in _linear_conv_names(unet, targets)}
     return {k: v for k, v in scores.items() if k in keys}
 
 
@@ -185,7 +203,11 @@ def _own_adam_implementation(opt):
 class _Overlap:
     """Runs the teacher's forward in a worker thread while the calling thread runs the student's, the
     intra-op threads split between them. Small convolutions scale poorly over cores; two independent
-    forwards side by side do not. Only with 2+ threads: with one, teacher then student."""
+    forwards side by side do not. Only with 2+ threads: with one, teacher then student.
+
+    The teacher runs in a copy of the caller's ``contextvars`` context, taken at each call: a pool
+    thread does not inherit it, and settings kept in context variables (the backend switch) must
+    hold for the teacher as they do for the student."""
 
     def __init__(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spare_kernels-teacher")
@@ -207,7 +229,7 @@ class _Overlap:
             target = teacher_fn()
             return student_fn(), target
         half = nt // 2
-        fut = self._pool.submit(self._in_worker, half, teacher_fn)
+        fut = self._pool.submit(contextvars.copy_context().run, self._in_worker, half, teacher_fn)
         torch.set_num_threads(nt - half)
         try:
             pred = student_fn()
@@ -280,7 +302,9 @@ class _Spare(_Method):
         if cfg.timesteps == "critical":
             self.curve = probe(unet, task, cfg.probe_bins, cfg.probe_per_bin, seed=cfg.seed)
         self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix)
-        with SaliencyCollector(unet, stat=cfg.saliency_stat) as col:
+        # "all": every Linear / Conv2d the collector finds (None), as before the setting existed.
+        layers = None if cfg.targets == "all" else _linear_conv_names(unet, cfg.targets)
+        with SaliencyCollector(unet, stat=cfg.saliency_stat, target_modules=layers) as col:
             for batch in _forget_batches(task, self._sampler, cfg, gen):
                 _diffusion_loss(unet, batch).backward()
         scores = col.scores()
@@ -307,8 +331,10 @@ class _SpareReference(_Method):
     def setup(self, gen):
         cfg, task, unet = self.cfg, self.task, self.unet
         scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
-        dense = ref.kth_threshold_masks(scores, cfg.density)
-        self.masks = _layer_weights(dense, unet)     # thresholded over every parameter, as SPARE's code
+        if cfg.targets == "all":   # thresholded over every parameter, as SPARE's code
+            self.masks = _layer_weights(ref.kth_threshold_masks(scores, cfg.density), unet)
+        else:                      # over the targeted weights only, as spare: the same density over the same weights
+            self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet, cfg.targets), cfg.density)
         ref.patch_spare_ref(unet, self.masks, rank=cfg.rank, scale=(cfg.alpha or cfg.rank) / cfg.rank, seed=cfg.seed)
         return [p for p in unet.parameters() if p.requires_grad]
 
@@ -330,8 +356,8 @@ class _Lora(_Method):
     def setup(self, gen):
         from peft import LoraConfig, inject_adapter_in_model
         cfg = self.cfg
-        lc = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=_linear_conv_names(self.unet),
-                        init_lora_weights=True)
+        lc = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank,
+                        target_modules=_linear_conv_names(self.unet, cfg.targets), init_lora_weights=True)
         self.unet.requires_grad_(False)
         with _seeded(cfg.seed):
             inject_adapter_in_model(lc, self.unet)
@@ -362,7 +388,7 @@ class _Salun(_Method):
         cfg, task, unet = self.cfg, self.task, self.unet
         self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
         scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
-        self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet), cfg.density)
+        self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet, cfg.targets), cfg.density)
         unet.requires_grad_(False)
         params = []
         for k, m in self.masks.items():
@@ -376,6 +402,7 @@ class _Salun(_Method):
 
 
 class _Esd(_Method):
+    # Config.targets does not apply: ESD-x is every cross-attention parameter by definition.
     def setup(self, gen):
         unet = self.unet
         self.teacher_model = copy.deepcopy(unet).requires_grad_(False)

@@ -1,7 +1,8 @@
 """SPARE's own code path (the authors' ``vision-unlearning`` package), as the baseline runs it.
 
 - :class:`SpareRefLayer`: the masked adapter materialised as a dense weight and applied by a second
-  full GEMM / conv, ``base(x) + F.linear(x, (B@A)*scale*M)``, ``M`` a dense float mask buffer.
+  full GEMM / conv, ``base(x) + F.linear(x, (B@A)*scale*M)``, ``M`` a dense uint8 mask buffer cast
+  to the delta's dtype at use (as SPARE's code keeps it).
 - :func:`full_grad_saliency`: ``unet.requires_grad_(True)``; per batch forward, ``unet.zero_grad()``,
   backward, ``saliency[name] += param.grad.abs()`` for every parameter
   (``vision_unlearning/utils/parameter_attribution.py``).
@@ -17,7 +18,12 @@ from torch import nn
 
 
 class SpareRefLayer(nn.Module):
-    """``base(x) + F.linear(x, (B@A)*scale*M)`` (conv: ``F.conv2d`` with the base geometry)."""
+    """``base(x) + F.linear(x, (B@A)*scale*M)`` (conv: ``F.conv2d`` with the base geometry).
+
+    ``mask``: 0/1 entries of the weight's shape (bool, integer or float), stored as a uint8 buffer and
+    cast to the delta's dtype in the forward, as SPARE's code does. A float buffer would promote a
+    bf16 delta (autocast) to fp32: weight-sized fp32 passes SPARE does not pay. Masks are 0/1, so in
+    fp32 the result is the float buffer's, bit for bit."""
 
     def __init__(self, base: nn.Module, rank: int, mask: torch.Tensor, scale: float = 1.0,
                  init: str = "zeros", generator: torch.Generator | None = None):
@@ -31,7 +37,9 @@ class SpareRefLayer(nn.Module):
         self.lora_A = nn.Parameter((torch.randn(a_shape, generator=g) / fan_in ** 0.5).to(**like))
         B = torch.randn(w.shape[0], rank, generator=g) if init == "random" else torch.zeros(w.shape[0], rank)
         self.lora_B = nn.Parameter(B.to(**like))
-        self.register_buffer("mask", mask.reshape(w.shape).to(**like))
+        if mask.is_floating_point() and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("SpareRefLayer: mask: expected 0/1 entries (a uint8 buffer holds it), got other values")
+        self.register_buffer("mask", mask.reshape(w.shape).to(device=w.device, dtype=torch.uint8))
         self.scale = scale
         self.enabled = True
 
@@ -39,7 +47,8 @@ class SpareRefLayer(nn.Module):
         if not self.enabled:
             return self.base(x)
         w = self.base.weight
-        delta = (self.lora_B @ self.lora_A.reshape(self.lora_A.shape[0], -1)).view(w.shape) * self.scale * self.mask
+        delta = (self.lora_B @ self.lora_A.reshape(self.lora_A.shape[0], -1)).view(w.shape) * self.scale
+        delta = delta * self.mask.to(delta.dtype)
         if isinstance(self.base, nn.Linear):
             return self.base(x) + F.linear(x, delta)
         c = self.base
