@@ -5,9 +5,10 @@ Layer level (one layer, forward + backward with ``x`` requiring grad, ``W`` froz
 - ``floor``     the frozen layer: forward and ``dx`` only, what any adapter method pays;
 - ``peft``      a real peft LoRA layer (``peft.tuners.lora.layer.Linear`` / ``Conv2d``), dense LoRA;
 - ``spare_ref`` SPARE's scheme as the authors' ``vision-unlearning`` package runs it with sparse-peft:
-                ``base(x) + F.linear(x, (B@A)*scale*M)`` (a second full GEMM / conv), M a dense float mask;
+                ``base(x) + F.linear(x, (B@A)*scale*M)`` (a second full GEMM / conv), M a dense uint8
+                mask cast to the compute dtype at use, as SPARE's code keeps it;
 - ``merged``    ``F.linear(x, W + scale*M*(B@A))`` through autograd;
-- ``ours_*``    this library's fused op (element mask, 32×32 block mask, or dense factored).
+- ``ours_*``    this library's fused op (element mask, block mask, row mask, or dense factored).
 
 UNet level (saliency): ``naive_per_sample`` (one backward per sample, ``.grad`` of every weight) and
 ``full_grad`` (SPARE's code: ``.grad`` for every parameter, ``abs()`` accumulated per batch).
@@ -34,8 +35,10 @@ def _peft_layer(base: nn.Module, rank: int, alpha: float):
 
 
 def make_layer_case(spec: dict, rank: int = 4, density: float = 0.5, block_density: float = 0.1,
-                    block=(32, 32), seed: int = 0, dtype=torch.float32) -> dict:
-    """Tensors and masks for one layer shape (``spec`` as ``benchmarks.shapes.layer_shapes`` gives)."""
+                    block=(32, 32), seed: int = 0, dtype=torch.float32, device="cpu",
+                    adapter_dtype=None) -> dict:
+    """Tensors and masks for one layer shape (``spec`` as ``benchmarks.shapes.layer_shapes`` gives), on
+    ``device``; adapters in ``adapter_dtype`` (default: ``dtype``)."""
     g = torch.Generator().manual_seed(seed)
     if spec["kind"] == "linear":
         x = torch.randn(spec["n"], spec["in"], generator=g)
@@ -49,14 +52,18 @@ def make_layer_case(spec: dict, rank: int = 4, density: float = 0.5, block_densi
                          spec.get("dilation", 1), spec.get("groups", 1))
         A = torch.randn(rank, cin, kh, kw, generator=g) / (cin * kh * kw) ** 0.5
         B = torch.randn(out, rank, 1, 1, generator=g)
-    base = base.to(dtype).requires_grad_(False)
+    base = base.to(dtype=dtype, device=device).requires_grad_(False)
     W = base.weight
     rows, cols = W.shape[0], W[0].numel()
     dense = torch.rand(W.shape, generator=g) < density
     tiles = torch.rand(-(-rows // block[0]), -(-cols // block[1]), generator=g) < block_density
-    return dict(kind=spec["kind"], spec=spec, x=x.to(dtype), base=base, A=A.to(dtype), B=B.to(dtype),
-                dense=dense, element=Mask.from_dense(dense), block=Mask("block", W.shape, tiles, block),
-                rank=rank, scale=1.0)
+    on_rows = torch.rand(rows, generator=g) < density
+    ad = adapter_dtype or dtype
+    dense = dense.to(device)
+    return dict(kind=spec["kind"], spec=spec, x=x.to(dtype=dtype, device=device), base=base,
+                A=A.to(dtype=ad, device=device), B=B.to(dtype=ad, device=device), dense=dense,
+                element=Mask.from_dense(dense), block=Mask("block", W.shape, tiles.to(device), block),
+                row=Mask("row", W.shape, on_rows.to(device)), rank=rank, scale=1.0)
 
 
 def layer_schemes(case: dict, names=None) -> dict:
@@ -67,6 +74,7 @@ def layer_schemes(case: dict, names=None) -> dict:
     A = case["A"].clone().requires_grad_()
     B = case["B"].clone().requires_grad_()
     Mf = case["dense"].to(W.dtype)
+    M8 = case["dense"].to(torch.uint8)   # SPARE's code keeps a uint8 mask and casts it at use
     if kind == "linear":
         fn, op, geo, B2 = F.linear, masked_lora_linear, {}, B
     else:
@@ -75,7 +83,7 @@ def layer_schemes(case: dict, names=None) -> dict:
 
     def delta():
         d = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
-        return d.view(W.shape)
+        return d.view(W.shape).to(W.dtype)
 
     peft_layer = None
 
@@ -91,10 +99,11 @@ def layer_schemes(case: dict, names=None) -> dict:
     fwd = {
         "floor": lambda: fn(x, W, b),
         "peft": peft_fwd,
-        "spare_ref": lambda: fn(x, W, b) + fn(x, delta() * s * Mf),
+        "spare_ref": lambda: fn(x, W, b) + fn(x, delta() * s * M8.to(W.dtype)),
         "merged": lambda: fn(x, W + s * Mf * delta(), b),
         "ours_element": lambda: op(x, W, b, A, B2, case["element"], s, **geo),
         "ours_block": lambda: op(x, W, b, A, B2, case["block"], s, **geo),
+        "ours_row": lambda: op(x, W, b, A, B2, case["row"], s, **geo),
         "ours_dense": lambda: op(x, W, b, A, B2, None, s, **geo),
     }
     names = names or list(fwd)

@@ -3,7 +3,7 @@
 - ``demo``: MiniCanvas end to end on the shipped model (base metrics, saliency, masks, training,
   metrics after), one method or ``--compare`` (all methods, one table);
 - ``unlearn``: the same recipe on a local diffusers model directory, writes the adapter;
-- ``bench``: the benchmark table (``benchmarks/``, run from a checkout);
+- ``bench``: the benchmark tables (``benchmarks/``, run from a checkout; the GPU one when torch sees a GPU);
 - ``info``: which backend runs each op.
 """
 from __future__ import annotations
@@ -292,11 +292,19 @@ def _cmd_unlearn(args):
 # ------------------------------------------------------------------------------------------ bench
 def _cmd_bench(args):
     try:   # the anchors live in the repository's benchmarks/ (run from a checkout)
+        from benchmarks import gpu as bench_gpu
         from benchmarks import run as bench_run
     except ImportError:
         raise UsageError("bench: run it from the repository root (it uses benchmarks/)") from None
+    import torch
     _threads(args.threads)
-    return bench_run.main((["--quick"] if args.quick else []) + (["--only"] + args.only if args.only else [])) or 0
+    if torch.cuda.is_available() and not args.cpu:   # the GPU benchmark (CUDA events, SD-1.5 at 64x64)
+        sections = [{"unet_step": "step"}.get(s, s) for s in (args.only or ["layers", "saliency", "unet_step", "run"])]
+        return bench_gpu.main((["--quick"] if args.quick else []) + ["--sections"] + sections) or 0
+    if args.only and "run" in args.only:
+        raise UsageError("--only run: the whole SPARE run is a section of the GPU benchmark (no GPU here, or --cpu)")
+    only = args.only or []
+    return bench_run.main((["--quick"] if args.quick else []) + (["--only"] + only if only else [])) or 0
 
 
 def _cmd_info(args):
@@ -348,9 +356,12 @@ def main(argv=None) -> int:
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(fn=_cmd_unlearn)
 
-    b = sub.add_parser("bench", help="the kernel benchmark table (run from the repository root)")
+    b = sub.add_parser("bench", help="the benchmark tables (run from the repository root): the GPU benchmark "
+                                     "(benchmarks/gpu.py) when torch sees a GPU, else the CPU one")
     b.add_argument("--quick", action="store_true")
-    b.add_argument("--only", nargs="+", choices=["layers", "saliency", "unet_step"])
+    b.add_argument("--only", nargs="+", choices=["layers", "saliency", "unet_step", "run"],
+                   help="sections ('run': the whole SPARE run, GPU only)")
+    b.add_argument("--cpu", action="store_true", help="the CPU benchmarks even when a GPU is present")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(fn=_cmd_bench)
 

@@ -14,7 +14,7 @@ def test_every_scheme_runs_and_computes_the_same_layer(spec):
     import torch
     case = baselines.make_layer_case(spec, rank=2)
     fns = baselines.layer_schemes(case)
-    assert set(fns) == {"floor", "peft", "spare_ref", "merged", "ours_element", "ours_block", "ours_dense"}
+    assert set(fns) == {"floor", "peft", "spare_ref", "merged", "ours_element", "ours_block", "ours_row", "ours_dense"}
     for fn in fns.values():
         fn()
     # the anchors compute what they claim: spare_ref and merged agree with ours on the element mask
@@ -123,3 +123,23 @@ def test_unlearn_ablation_smoke(tmp_path, capsys, monkeypatch):
                                           "steps_bar": 1, "seconds_bar": rows[0]["seconds"]}
     assert res["base"] == {"ira": 0.9, "cra": 0.9}
     assert "UA >= 0.95" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_smoke_on_cpu(tmp_path, capsys):
+    """benchmarks.gpu runs every section end to end (tiny shapes, wall clock on the CPU) and writes a
+    result its --report turns into the README's tables."""
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--device", "cpu", "--smoke", "--reps", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {r["layer"] for r in doc["layers"]} and all(r["elem/spare_ref"] > 0 for r in doc["layers"])
+    assert set(doc["step"]) == {"attention", "all"} and doc["run"]["spare"]["seconds"] > 0
+    assert all(r["sample_abs/gemm"] > 0 for r in doc["saliency"])
+    capsys.readouterr()
+    gpu.main(["--report", str(out)])
+    md = capsys.readouterr().out
+    assert "| whole-UNet step |" in md and "wall clock" in md and "Whole run (2 steps" in md
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu.main(["--sections", "layers"])      # the default device is CUDA: refused, exit 2

@@ -49,6 +49,9 @@ class Entry:
     fn: Callable
     devices: tuple[str, ...] = ("any",)                 # device types served; "any": every device
     dtypes: Optional[tuple[torch.dtype, ...]] = None    # activation dtypes served; None: every dtype
+    # Device types served only when this backend is forced, never picked by default (the Triton
+    # kernels on CPU tensors under TRITON_INTERPRET=1: a verification mode, far slower than ``cpu``).
+    forced_devices: tuple[str, ...] = ()
     # An eager op with its own (C++) autograd over the same kernels: no Python autograd node per call.
     # Eager calls with a frozen weight and bias take it when the forward entry and the backward entry
     # chosen both name it (an entry registered over one of them without it keeps the Python path).
@@ -58,8 +61,8 @@ class Entry:
     # backward (see spare_kernels/ops/masked_lora.py): exact double backward on every backend.
     double_backward: bool = False
 
-    def serves(self, device: str, dtype: Optional[torch.dtype] = None) -> bool:
-        return (("any" in self.devices or device in self.devices)
+    def serves(self, device: str, dtype: Optional[torch.dtype] = None, forced: bool = False) -> bool:
+        return (("any" in self.devices or device in self.devices or (forced and device in self.forced_devices))
                 and (dtype is None or self.dtypes is None or dtype in self.dtypes))
 
 
@@ -81,14 +84,14 @@ _UNSET = object()
 _scoped: contextvars.ContextVar = contextvars.ContextVar("spare_kernels_backend", default=_UNSET)
 
 
-def register(op: str, backend: str, fn: Callable, *, devices=("any",), dtypes=None, autograd_twin=None,
-             double_backward: bool = False) -> Entry:
+def register(op: str, backend: str, fn: Callable, *, devices=("any",), dtypes=None, forced_devices=(),
+             autograd_twin=None, double_backward: bool = False) -> Entry:
     """Register ``fn`` as ``backend``'s implementation of ``op`` (the contract of ``reference.py``)."""
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     _check_backend(backend)
-    e = Entry(op, backend, fn, tuple(devices), None if dtypes is None else tuple(dtypes), autograd_twin,
-              bool(double_backward))
+    e = Entry(op, backend, fn, tuple(devices), None if dtypes is None else tuple(dtypes), tuple(forced_devices),
+              autograd_twin, bool(double_backward))
     with _LOCK:
         _IMPLS[(op, backend)] = e
         _CHOICE.clear()
@@ -147,11 +150,12 @@ def _choose(op: str, device: str, dtype, forced) -> Entry:
     _load_all()
     if forced is not None:
         e = _IMPLS.get((op, forced))
-        if e is None or not e.serves(device):
-            why = _NOTES.get(forced, "it has no implementation of this op for this device")
+        if e is None or not e.serves(device, forced=True):
+            why = _NOTES.get(forced) or (f"it runs on {', '.join(e.devices + e.forced_devices)} tensors only"
+                                         if e is not None else "it has no implementation of this op")
             raise RuntimeError(f"spare_kernels: backend {forced!r} is forced (SPARE_KERNELS_BACKEND / set_backend / "
                                f"use_backend) but cannot run {op} on {device!r}: {why}")
-        if e.serves(device, dtype):
+        if e.serves(device, dtype, forced=True):
             return e
         return _IMPLS[(op, "reference")]   # a dtype outside the forced backend's list: the oracle
     for b in BACKENDS:
@@ -193,9 +197,10 @@ def entries() -> dict[tuple[str, str], Entry]:
 
 
 def runnable(device: str) -> list[str]:
-    """Backends that implement every op on ``device`` here, in priority order."""
+    """Backends that implement every op on ``device`` here (forced, where only forcing reaches it), in
+    priority order."""
     _load_all()
-    return [b for b in BACKENDS if all((op, b) in _IMPLS and _IMPLS[(op, b)].serves(device) for op in OPS)]
+    return [b for b in BACKENDS if all((op, b) in _IMPLS and _IMPLS[(op, b)].serves(device, forced=True) for op in OPS)]
 
 
 def _dtype_names(dtypes):
@@ -218,7 +223,8 @@ def backend_info() -> dict:
             except RuntimeError:
                 ops[op][dev] = None
     available = {b: sorted(op for (op, bb) in _IMPLS if bb == b) for b in BACKENDS}
-    detail = {b: {op: {"devices": list(e.devices), "dtypes": _dtype_names(e.dtypes),
+    detail = {b: {op: {"devices": list(e.devices), "forced_devices": list(e.forced_devices),
+                       "dtypes": _dtype_names(e.dtypes),
                        "autograd_twin": e.autograd_twin is not None,
                        "double_backward": "exact (own backward)" if e.double_backward else "exact (reference formulas)"}
                   for (op, bb), e in sorted(_IMPLS.items()) if bb == b}

@@ -1,0 +1,355 @@
+"""GPU benchmark: the fused ops and the SPARE recipe against their anchors, timed side by side.
+
+``PYTHONPATH=. python -m benchmarks.gpu [--quick] [--sections layers saliency step run] [--out PATH]``
+(``spare-kernels bench`` runs it when torch sees a GPU). On CUDA every call is timed by CUDA events
+after a synchronisation, interleaved with its anchors in one process, medians after warm-up
+(``spare_kernels.bench.time_side_by_side``). Only ratios are reported against targets; the GPU's name
+is in every table. Sections:
+
+- ``layers``: every distinct Linear and Conv2d shape of the SD-1.5 UNet at a 64×64 latent (the
+  resolution it is trained at), batch 1 and 4, bf16, rank 4 and 16, forward + backward (x, A, B train,
+  W frozen): ours with element (density 0.5), block (64×64 blocks, density 0.1: the Triton kernels'
+  64-wide tiles) and row (0.5) masks and with none, against ``floor`` (the frozen layer, forward + dx),
+  ``peft`` (a real peft LoRA layer), ``spare_ref`` (SPARE's scheme: dense delta, uint8 mask cast at use,
+  a second GEMM / conv) and ``merged`` (``W + s·M⊙(B·A)`` through autograd). ``benchmarks/baselines.py``.
+- ``saliency``: ``sample_abs`` of batch 8 on each SD-1.5 layer shape against the naive per-sample loop
+  (one weight-gradient GEMM per sample, ``|g_i|`` accumulated), ``torch.func`` vmap per-sample
+  gradients (``vmap(grad)``, then ``|·|.sum(0)``), and one plain weight-gradient GEMM of the batch.
+- ``step``: a whole-UNet SPARE training step (the recipe's ``Trainer.step``: one teacher and one student
+  forward, backward, Adam; bf16 autocast, batch 4 forget + 4 retain) against ``lora`` (peft) and
+  ``spare-reference`` (SPARE's code path: four forwards, dense adapters), on the attention projections
+  (what SPARE's code ships) and on every Linear and Conv2d.
+- ``run``: a whole SPARE run on an SD-1.5-shaped UNet (random weights; saliency, masks and 200
+  distillation steps of batch 4 + 4 at a 64×64 latent) end to end against ``spare-reference``.
+
+Targets (issue 16, H100, bf16, batch 1): element layer fwd+bwd ≤ 0.5× spare_ref and ≤ 1.6× floor; block
+(density 0.1) ≤ 1.15× floor; no mask ≤ 1.0× peft (conv: peft ≥ 1.3× ours); sample_abs ≤ 1.5× one
+weight-gradient GEMM and ≥ 5× faster than vmap; whole-UNet step (every layer, element) ≤ 0.5×
+spare-reference; the whole run ≤ 60 s. ``--report PATH`` prints the README's markdown of a result file.
+``--device cpu --smoke`` runs every section on tiny shapes (the CPU test of this script).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_weight
+
+import spare_kernels as sk
+from spare_kernels.bench import time_side_by_side
+from spare_kernels.utils.io import write_json
+
+from .baselines import layer_schemes, make_layer_case
+from .shapes import CONFIGS, build_unet, layer_shapes
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+SECTIONS = ("layers", "saliency", "step", "run")
+LAYER_SCHEMES = ("floor", "peft", "spare_ref", "merged", "ours_element", "ours_block", "ours_row", "ours_dense")
+# 64×64 blocks: a multiple of the Triton kernels' 64-wide weight tiles (BN/BI 64, dA/dB tile 64), so an
+# off block is an off tile.
+BLOCK = (64, 64)
+# (column, numerator, denominator, target, layer kinds the target applies to)
+LAYER_RATIOS = [
+    ("elem/spare_ref", "ours_element", "spare_ref", 0.5, ("linear", "conv2d")),
+    ("elem/floor", "ours_element", "floor", 1.6, ("linear", "conv2d")),
+    ("block/floor", "ours_block", "floor", 1.15, ("linear", "conv2d")),
+    ("dense/peft", "ours_dense", "peft", 1.0, ("linear",)),
+    ("dense/peft", "ours_dense", "peft", 1 / 1.3, ("conv2d",)),
+    ("row/peft", "ours_row", "peft", None, ()),
+    ("elem/merged", "ours_element", "merged", None, ()),
+]
+SAL_RATIOS = [("sample_abs/gemm", "sample_abs", "gemm", 1.5), ("vmap/sample_abs", "vmap", "sample_abs", None),
+              ("naive/sample_abs", "naive", "sample_abs", None)]
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# --------------------------------------------------------------------------------------------- layers
+def describe(spec) -> str:
+    if spec["kind"] == "linear":
+        return f"linear {spec['n']}x{spec['in']}->{spec['out']}"
+    n, c, h, w = spec["x"]
+    o, _, kh, kw = spec["weight"]
+    s = spec["stride"][0]
+    return f"conv {n}x{c}x{h}x{w} {kh}x{kw}->{o}" + (f" s{s}" if s != 1 else "")
+
+
+def layers(dev, dtype, config, latent, batches, ranks, reps, limit=None, log=print):
+    rows = []
+    for batch in batches:
+        specs = layer_shapes(config, batch=batch, latent=latent)[:limit]
+        for spec in specs:
+            for rank in ranks:
+                case = make_layer_case(spec, rank=rank, block=BLOCK, dtype=dtype, device=dev,
+                                       adapter_dtype=torch.float32)
+                t = time_side_by_side(layer_schemes(case, LAYER_SCHEMES), reps=reps, warmup=2, device=dev)
+                row = {"layer": describe(spec), "kind": spec["kind"], "batch": batch, "rank": rank,
+                       "count": spec.get("count", 1), "ms": {k: 1e3 * v for k, v in t.items()}}
+                for col, a, b, _, _ in LAYER_RATIOS:
+                    row[col] = t[a] / t[b]
+                rows.append(row)
+                log(f"{row['layer']:<36} b{batch} r{rank:<3} floor {row['ms']['floor']:8.3f} ms  "
+                    + "  ".join(f"{c} {row[c]:.2f}" for c, *_ in LAYER_RATIOS if c != "dense/peft")
+                    + f"  dense/peft {row['dense/peft']:.2f}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- saliency
+def _saliency_fns(spec, batch, dev, dtype):
+    g = torch.Generator().manual_seed(0)
+    if spec["kind"] == "linear":
+        tokens = max(1, spec["n"])   # tokens per sample at batch 1
+        x = torch.randn(batch, tokens, spec["in"], generator=g).to(dev, dtype)
+        dy = torch.randn(batch, tokens, spec["out"], generator=g).to(dev, dtype)
+        W = torch.zeros(spec["out"], spec["in"], device=dev, dtype=dtype)
+
+        def op():
+            return sk.saliency_linear(x, dy, "sample_abs")
+
+        def gemm():
+            return dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+
+        def per_sample_grad(xi, dyi):
+            return dyi.t().float() @ xi.float()
+
+        def layer_loss(w, xi, dyi):
+            return (F.linear(xi, w) * dyi).sum()
+    else:
+        geo = dict(stride=spec["stride"], padding=spec["padding"], dilation=spec.get("dilation", (1, 1)),
+                   groups=spec.get("groups", 1))
+        x = torch.randn(batch, *spec["x"][1:], generator=g).to(dev, dtype)
+        W = torch.zeros(spec["weight"], device=dev, dtype=dtype)
+        with torch.no_grad():
+            y = F.conv2d(x, W, None, **geo)
+        dy = torch.randn(y.shape, generator=g).to(dev, dtype)
+
+        def op():
+            return sk.saliency_conv2d(x, dy, tuple(W.shape), "sample_abs", **geo)
+
+        def gemm():
+            return conv2d_weight(x, W.shape, dy, **geo)
+
+        def per_sample_grad(xi, dyi):
+            return conv2d_weight(xi[None], W.shape, dyi[None], **geo).float()
+
+        def layer_loss(w, xi, dyi):
+            return (F.conv2d(xi[None], w, None, **geo)[0] * dyi).sum()
+
+    def naive():
+        acc = torch.zeros(W.shape, device=dev)
+        for i in range(batch):
+            acc += per_sample_grad(x[i], dy[i]).abs()
+        return acc
+
+    grads = torch.func.vmap(torch.func.grad(layer_loss), in_dims=(None, 0, 0))
+
+    def vmap():
+        return grads(W, x, dy).float().abs().sum(0)
+
+    return {"sample_abs": op, "gemm": gemm, "naive": naive, "vmap": vmap}
+
+
+def saliency(dev, dtype, config, latent, batch, reps, limit=None, log=print):
+    rows = []
+    for spec in layer_shapes(config, batch=1, latent=latent)[:limit]:
+        t = time_side_by_side(_saliency_fns(spec, batch, dev, dtype), reps=reps, warmup=1, device=dev)
+        row = {"layer": describe(spec), "kind": spec["kind"], "batch": batch, "ms": {k: 1e3 * v for k, v in t.items()}}
+        for col, a, b, _ in SAL_RATIOS:
+            row[col] = t[a] / t[b]
+        rows.append(row)
+        log(f"{row['layer']:<36} S{batch}  gemm {row['ms']['gemm']:8.3f} ms  "
+            + "  ".join(f"{c} {row[c]:.2f}" for c, *_ in SAL_RATIOS))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ step and run
+def synthetic_task(config, latent, dev, n=16, seed=0):
+    """Random latents and text embeddings of an SD-shaped UNet (no model weights are downloaded)."""
+    from diffusers import DDPMScheduler
+
+    from spare_kernels.unlearn import Task
+    g = torch.Generator().manual_seed(seed)
+    d = CONFIGS[config]["cross_attention_dim"]
+    L = 77 if config == "sd15" else 7
+
+    def lat(k):
+        return torch.randn(k, 4, latent, latent, generator=g)
+
+    def txt(k):
+        return torch.randn(k, L, d, generator=g)
+    return Task(x_forget=lat(n), c_forget=txt(n), c_surrogate=txt(n), x_retain=lat(n), c_retain=txt(n),
+                c_null=txt(1), scheduler=DDPMScheduler(num_train_timesteps=1000), target="synthetic").to(dev)
+
+
+def _cfg(method, targets, steps, batch, precision, saliency_batch):
+    from spare_kernels.unlearn import Config
+    return Config(method=method, steps=steps, batch_forget=batch, batch_retain=batch, precision=precision,
+                  targets=targets, saliency_batch=saliency_batch, saliency_batches=2, probe_per_bin=2)
+
+
+def step(dev, config, latent, batch, reps, precision, saliency_batch, log=print):
+    """ms per ``Trainer.step`` of spare, lora and spare-reference, interleaved, per target set."""
+    from spare_kernels.unlearn import Trainer
+    task = synthetic_task(config, latent, dev)
+    out = {}
+    for targets in ("attention", "all"):
+        trainers = {}
+        for m in ("spare", "lora", "spare-reference"):
+            unet = build_unet(config, device=dev)
+            trainers[m] = Trainer(unet, task, _cfg(m, targets, 1, batch, precision, saliency_batch))
+        try:
+            t = time_side_by_side({m: tr.step for m, tr in trainers.items()}, reps=reps, warmup=2, device=dev)
+        finally:
+            for tr in trainers.values():
+                tr.close()
+            del trainers
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        out[targets] = {"ms": {k: 1e3 * v for k, v in t.items()}, "spare/spare-reference": t["spare"] / t["spare-reference"],
+                        "spare/lora": t["spare"] / t["lora"]}
+        log(f"step, {targets}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in t.items())
+            + f"; spare/spare-reference {out[targets]['spare/spare-reference']:.2f}, spare/lora {out[targets]['spare/lora']:.2f}")
+    return out
+
+
+def whole_run(dev, config, latent, batch, steps, precision, saliency_batch, targets="all", log=print):
+    """Seconds of ``spare_kernels.unlearn.run`` (probe, saliency, masks, training) for spare and
+    spare-reference, one after the other on fresh UNets."""
+    from spare_kernels.unlearn import run
+    task = synthetic_task(config, latent, dev)
+    out = {}
+    for m in ("spare", "spare-reference"):
+        unet = build_unet(config, device=dev)
+        _sync(dev)
+        r = run(unet, task, _cfg(m, targets, steps, batch, precision, saliency_batch), progress=False)
+        _sync(dev)
+        out[m] = {"seconds": r["seconds"], "localise": r["stage_seconds"]["localise"],
+                  "train": r["stage_seconds"]["train"], "peak_mem_mb": r["peak_mem_mb"]}
+        log(f"run {m}: {r['seconds']:.1f} s (localise {r['stage_seconds']['localise']:.1f}, "
+            f"train {r['stage_seconds']['train']:.1f}), peak {r['peak_mem_mb']:.0f} MB")
+        del unet
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    out["spare/spare-reference"] = out["spare"]["seconds"] / out["spare-reference"]["seconds"]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- report
+def _fmt(v, target=None, above_is_bad=True):
+    miss = target is not None and ((v > target) if above_is_bad else (v < target))
+    return f"{v:.2f}" + (" ✗" if miss else "")
+
+
+def report(doc) -> str:
+    """The README's markdown of a result file."""
+    clock = "CUDA events" if doc.get("cuda") else "wall clock"
+    lines = [f"{doc['device']}, torch {doc['torch']}, triton {doc.get('triton')}, {doc['dtype']}, medians of "
+             f"{doc['reps']} ({clock}){' — quick run' if doc.get('quick') else ''}; ✗ = misses the target", ""]
+    if doc.get("layers"):
+        lines += ["| layer | b | r | floor ms | elem/spare_ref (≤0.5) | elem/floor (≤1.6) | block/floor (≤1.15) | "
+                  "dense/peft (≤1.0; conv ≤0.77) | row/peft |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in doc["layers"]:
+            dense_t = 1.0 if r["kind"] == "linear" else 1 / 1.3
+            lines.append(f"| {r['layer']} | {r['batch']} | {r['rank']} | {r['ms']['floor']:.3f} | "
+                         f"{_fmt(r['elem/spare_ref'], 0.5)} | {_fmt(r['elem/floor'], 1.6)} | "
+                         f"{_fmt(r['block/floor'], 1.15)} | {_fmt(r['dense/peft'], dense_t)} | {r['row/peft']:.2f} |")
+        lines.append("")
+    if doc.get("saliency"):
+        lines += [f"| layer (saliency, batch {doc['saliency'][0]['batch']}) | gemm ms | sample_abs/gemm (≤1.5) | vmap/sample_abs (≥5) | "
+                  "naive/sample_abs |", "| --- | --- | --- | --- | --- |"]
+        for r in doc["saliency"]:
+            lines.append(f"| {r['layer']} | {r['ms']['gemm']:.3f} | {_fmt(r['sample_abs/gemm'], 1.5)} | "
+                         f"{_fmt(r['vmap/sample_abs'], 5.0, above_is_bad=False)} | {r['naive/sample_abs']:.2f} |")
+        lines.append("")
+    if doc.get("step"):
+        lines += ["| whole-UNet step | spare ms | lora ms | spare-reference ms | spare/spare-reference | spare/lora |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for ts, r in doc["step"].items():
+            target = 0.5 if ts == "all" else None
+            lines.append(f"| {ts} | {r['ms']['spare']:.1f} | {r['ms']['lora']:.1f} | {r['ms']['spare-reference']:.1f} | "
+                         f"{_fmt(r['spare/spare-reference'], target)} | {r['spare/lora']:.2f} |")
+        lines.append("")
+    if doc.get("run"):
+        r = doc["run"]
+        miss = " ✗" if doc["run_steps"] >= 200 and r["spare"]["seconds"] > 60 else ""
+        lines.append(f"Whole run ({doc['run_steps']} steps; target for 200: ≤ 60 s): spare "
+                     f"{r['spare']['seconds']:.1f} s{miss}, spare-reference {r['spare-reference']['seconds']:.1f} s, "
+                     f"ratio {r['spare/spare-reference']:.2f}.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="default: cuda (a GPU is what this benchmark is for)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--quick", action="store_true", help="batch 1, rank 4, the first shapes, 20-step run")
+    p.add_argument("--smoke", action="store_true", help="tiny UNet config and shapes (the CPU test)")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--report", metavar="PATH", help="print the markdown of a result file and exit")
+    a = p.parse_args(argv)
+    if a.report:
+        with open(a.report) as f:
+            print(report(json.load(f)))
+        return 0
+    dev = torch.device(a.device or "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {dev}: torch {torch.__version__} sees no CUDA device (this is the GPU benchmark; "
+                "`python -m benchmarks.run` is the CPU one, `--device cpu --smoke` a CPU smoke run)")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    config, latent = ("tiny", 8) if a.smoke else ("sd15", 64)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    quick = a.quick or a.smoke
+    reps = a.reps or (2 if a.smoke else 10 if quick else 25)
+    limit = 3 if a.smoke else 12 if quick else None
+    run_steps = 2 if a.smoke else 20 if quick else 200
+    precision = "fp32" if dev.type == "cpu" else "bf16"
+    sal_batch = 2 if a.smoke else 4 if quick else 16
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    doc = {"device": device_name(dev), "torch": torch.__version__, "triton": triton_version, "dtype": str(dtype),
+           "reps": reps, "quick": quick, "config": config, "latent": latent, "block": BLOCK,
+           "backends": sk.backend_info()["ops"], "run_steps": run_steps, "cuda": dev.type == "cuda"}
+    print(f"benchmarks.gpu on {doc['device']}: {config} shapes at a {latent}x{latent} latent, {dtype}, "
+          f"backend {sk.backend_info()['ops']['masked_lora_linear'][dev.type]}", flush=True)
+    t0 = time.perf_counter()
+    log = lambda s: print(s, flush=True)   # noqa: E731
+    if "layers" in a.sections:
+        doc["layers"] = layers(dev, dtype, config, latent, (1,) if quick else (1, 4), (4,) if quick else (4, 16),
+                               reps, limit, log)
+    if "saliency" in a.sections:
+        doc["saliency"] = saliency(dev, dtype, config, latent, 8 if not a.smoke else 2, reps, limit, log)
+    if "step" in a.sections:
+        doc["step"] = step(dev, config, latent, 4 if not a.smoke else 1, max(3, reps // 3), precision, sal_batch, log)
+    if "run" in a.sections:
+        doc["run"] = whole_run(dev, config, latent, 4 if not a.smoke else 1, run_steps, precision, sal_batch, log=log)
+    doc["seconds"] = time.perf_counter() - t0
+    name = doc["device"].split(" (")[0].replace(" ", "_").lower()
+    out = a.out or os.path.join(RESULTS, f"gpu_{name}{'_quick' if quick else ''}.json")
+    write_json(out, doc)
+    print(report(doc))
+    print(f"wrote {out} ({doc['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

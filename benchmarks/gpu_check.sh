@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The project's GPU check, for a fresh GPU machine (torch with CUDA, triton, nvcc, pytest; no network;
+# diffusers may be missing: wheels in .whl/ beside the repository root are installed first).
+#   benchmarks/gpu_check.sh OUTDIR
+# Builds the package in place, then: the self-check (every op on every backend against the reference),
+# the GPU tests (pytest -m gpu) and the quick GPU benchmark. Writes env.txt, build.log, selfcheck.txt,
+# pytest_gpu.txt, bench.txt, gpu_quick.json and table.md to OUTDIR. Each step has its own time limit so
+# the whole script ends within 8 minutes; a failing step is recorded and the next one still runs.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+step() {   # step NAME SECONDS LOGFILE COMMAND...
+  local name=$1 secs=$2 log=$3; shift 3
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$out/$log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc in $((SECONDS - t0)) s (log $log)" | tee -a "$out/summary.txt"
+  [ $rc -eq 0 ] || status=1
+}
+{ nvidia-smi; "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$out/env.txt" 2>&1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/spare_site .whl/*.whl >>"$out/env.txt" 2>&1
+  export PYTHONPATH="$PYTHONPATH:/tmp/spare_site"
+fi
+# The native CPU extension, built in place against this torch (the GPU kernels are Triton: JIT).
+step build 90 build.log env SPARE_KERNELS_BUILD_CUDA=0 MAX_JOBS=16 "$py" setup.py build_ext --inplace
+step selfcheck 120 selfcheck.txt "$py" -m spare_kernels.selfcheck
+step pytest_gpu 90 pytest_gpu.txt "$py" -m pytest -q -m gpu -p no:cacheprovider tests
+step bench 180 bench.txt "$py" -m benchmarks.gpu --quick --out "$out/gpu_quick.json"
+[ -f "$out/gpu_quick.json" ] && "$py" -m benchmarks.gpu --report "$out/gpu_quick.json" >"$out/table.md" 2>&1
+exit $status
