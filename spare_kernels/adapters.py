@@ -133,6 +133,8 @@ def _check_module(info, bad) -> None:
 
 
 def _read(path, op: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{op}: path: expected a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no adapter file at {path!r}")
@@ -325,7 +327,12 @@ def set_adapter_scale(unet: nn.Module, adapter_name: str, scale: float) -> None:
 
 def set_active_adapters(unet: nn.Module, adapter_names_: Union[str, Iterable[str]]) -> None:
     """Exactly these adapters are on (in this order, where a layer carries them); the rest are off."""
-    names = [adapter_names_] if isinstance(adapter_names_, str) else list(adapter_names_)
+    if isinstance(adapter_names_, str):
+        names = [adapter_names_]
+    elif isinstance(adapter_names_, (list, tuple)) and all(isinstance(n, str) for n in adapter_names_):
+        names = list(adapter_names_)
+    else:
+        raise TypeError(f"adapter_names: expected a name or a list of names, got {adapter_names_!r}")
     known = adapter_names(unet)
     unknown = [n for n in names if n not in known]
     if unknown:

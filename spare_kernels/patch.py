@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .masks import Mask, as_mask
-from .nn.lora import INITS, _MaskedLoRALayer, iter_patched, wrap
+from .nn.lora import INITS, _MaskedLoRALayer, check_base, iter_patched, wrap
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PRESETS = ("attention", "all")
@@ -115,7 +115,9 @@ def _normalise_masks(masks, carriers: dict[str, torch.Tensor], adapter_name: str
         raise TypeError(f"masks: expected a dict of parameter name -> Mask/bool tensor, got {type(masks).__name__}")
     out, bad = {}, []
     for key, m in masks.items():
-        mod = key[:-len(".weight")] if isinstance(key, str) and key.endswith(".weight") else None
+        if not isinstance(key, str):
+            raise TypeError(f"masks: expected parameter names (str) as keys, got {key!r}")
+        mod = key[:-len(".weight")] if key.endswith(".weight") else None
         if mod is not None and mod.endswith(".base_layer"):
             mod = mod[:-len(".base_layer")]
         if mod not in carriers:
@@ -180,6 +182,9 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: int = 4, alp
     carriers = {n: getattr(m, "base_layer", m).weight for n, m in (cands if exists else targeted).items()
                 if not exists or adapter_name in getattr(m, "lora_A", {})}
     mask_map = _normalise_masks(masks, carriers, adapter_name)   # all checks pass before anything changes
+    for m in todo.values():   # a layer wrap() would refuse (e.g. a conv with padding_mode='reflect')
+        if not isinstance(m, _MaskedLoRALayer) and not _is_peft_lora(m):
+            check_base(m)
     converted = {n: _from_peft(m) for n, m in todo.items() if _is_peft_lora(m)}
     # Like peft: only adapters train. The flags are restored by unpatch_unet.
     if not hasattr(unet, _FLAGS):

@@ -130,3 +130,73 @@ def test_opcheck_saliency(backend_device, stat):
     xc, dyc = torch.randn(2, 4, 6, 6, device=dev), torch.randn(2, 6, 3, 6, device=dev)
     _opcheck(ops.saliency_conv2d.default, (torch.zeros(6, 2, 3, 3, device=dev), xc, dyc, stat, [2, 1], [1, 1],
                                            [1, 1], 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unmerge_restores_negative_zeros(dtype):
+    """A merged masked (or B = 0) adapter adds +0.0 to -0.0 entries: equal values, other bits. The merge
+    keeps every entry whose bits change, so unmerge and unpatch are bit-exact, and the fingerprint of a
+    file saved while merged is the unmerged base's."""
+    unet = tiny_unet(dtype=dtype)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.view(-1)[::5] = -0.0
+    snap = snapshot(unet)
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    sk.patch_unet(unet, target_modules="all")          # gaussian init: B = 0, the delta is +0.0 everywhere
+    sk.merge_adapter(unet)
+    sk.unmerge_adapter(unet)
+    for n, m in sk.nn.iter_patched(unet):
+        assert torch.equal(m.weight.view(bits), snap[1][f"{n}.weight"].view(bits)), n
+    sk.merge_adapter(unet)
+    sk.unpatch_unet(unet)
+    now = unet.state_dict()
+    assert all(torch.equal(now[k].view(bits) if now[k].is_floating_point() else now[k],
+                           v.view(bits) if v.is_floating_point() else v) for k, v in snap[1].items())
+
+
+def test_patch_unet_refuses_an_unwrappable_layer_before_changing_anything():
+    unet = tiny_unet()
+    convs = [m for m in unet.modules() if isinstance(m, nn.Conv2d)]
+    convs[2].padding_mode = "reflect"
+    snap = snapshot(unet)
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        sk.patch_unet(unet, target_modules="all")
+    assert_unchanged(unet, snap)
+    assert not hasattr(unet, "_spare_kernels_requires_grad")
+
+
+@pytest.mark.parametrize("call, err, match", [
+    (lambda u: sk.patch_unet(u, masks={0: torch.ones(1, dtype=torch.bool)}), TypeError, "masks: expected parameter names"),
+    (lambda u: sk.set_active_adapters(u, 5), TypeError, "adapter_names: expected a name or a list"),
+    (lambda u: sk.set_active_adapters(u, None), TypeError, "adapter_names: expected a name or a list"),
+    (lambda u: sk.load_adapter(u, 5), TypeError, "path: expected a str or os.PathLike"),
+    (lambda u: sk.nn.MaskedLoRALinear(nn.Linear(4, 3)).add_adapter("a.b", 1), ValueError, "adapter_name: expected"),
+], ids=["mask-key", "active-int", "active-none", "load-path", "dotted-name"])
+def test_bad_arguments_are_named(call, err, match):
+    unet = tiny_unet()
+    snap = snapshot(unet)
+    with pytest.raises(err, match=match):
+        call(unet)
+    assert_unchanged(unet, snap)
+
+
+def test_adapter_dtypes_a_backend_lacks_run_the_reference():
+    """fp16 adapters under fp32 / bf16 activations: the C++ kernels take fp32 / bf16 adapters only, so the
+    registry picks by adapter dtype too (they used to raise 'lora_A must be float32 or bfloat16')."""
+    from spare_kernels.backends import registry
+    for act in (torch.float32, torch.bfloat16):
+        x, W = torch.randn(3, 24).to(act), torch.randn(10, 24).to(act)
+        A, B = torch.randn(4, 24).half(), torch.randn(10, 4).half()
+        m = Mask.from_dense(torch.rand(10, 24) > 0.5)
+        y = sk.masked_lora_linear(x, W, None, A, B, m, 1.5)
+        with sk.use_backend("reference"):
+            torch.testing.assert_close(y, sk.masked_lora_linear(x, W, None, A, B, m, 1.5))
+        xc, Wc = torch.randn(2, 3, 6, 5).to(act), torch.randn(4, 3, 3, 3).to(act)
+        sk.masked_lora_conv2d(xc, Wc, None, torch.randn(2, 3, 3, 3).half(), torch.randn(4, 2).half())
+        assert registry.backend_for("masked_lora_linear", "cpu", act) in ("cpu", "reference")
+    assert registry.lookup("masked_lora_linear", "cpu", torch.float32, torch.float16).backend == "reference"
+    unet = tiny_unet()
+    sk.patch_unet(unet, init="random", adapter_dtype=torch.float16, target_modules=["to_q"])
+    from unets import run, tiny_inputs
+    assert run(unet, tiny_inputs()).isfinite().all()

@@ -2,7 +2,8 @@
 
 The C++ side defines ``torch.ops.spare_kernels_cpu.<op>`` with exactly the backend contract of
 ``reference.py``. Each is registered for CPU tensors of the activation dtypes the kernels handle
-(fp32, bf16); the registry sends any other dtype (fp64 gradcheck, fp16) to the reference.
+(fp32, bf16) and adapters (fp32, bf16); the registry sends any other dtype (fp64 gradcheck, fp16) to
+the reference.
 """
 from __future__ import annotations
 
@@ -34,4 +35,5 @@ if _C is not None:
         # both entries of a pair name the twin.
         _fwd = _op[:-len("_backward")] if _op.endswith("_backward") else _op
         register(_op, "cpu", getattr(_lib, _op), devices=("cpu",), dtypes=DTYPES,
+                 adapter_dtypes=None if _op.startswith("saliency") else DTYPES,
                  autograd_twin=getattr(_lib, f"{_fwd}_autograd", None))

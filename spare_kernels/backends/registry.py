@@ -49,6 +49,7 @@ class Entry:
     fn: Callable
     devices: tuple[str, ...] = ("any",)                 # device types served; "any": every device
     dtypes: Optional[tuple[torch.dtype, ...]] = None    # activation dtypes served; None: every dtype
+    adapter_dtypes: Optional[tuple[torch.dtype, ...]] = None   # lora_A / lora_B dtypes served; None: every
     # Device types served only when this backend is forced, never picked by default (the Triton
     # kernels on CPU tensors under TRITON_INTERPRET=1: a verification mode, far slower than ``cpu``).
     forced_devices: tuple[str, ...] = ()
@@ -61,16 +62,18 @@ class Entry:
     # backward (see spare_kernels/ops/masked_lora.py): exact double backward on every backend.
     double_backward: bool = False
 
-    def serves(self, device: str, dtype: Optional[torch.dtype] = None, forced: bool = False) -> bool:
+    def serves(self, device: str, dtype: Optional[torch.dtype] = None, forced: bool = False,
+               adapter_dtype: Optional[torch.dtype] = None) -> bool:
         return (("any" in self.devices or device in self.devices or (forced and device in self.forced_devices))
-                and (dtype is None or self.dtypes is None or dtype in self.dtypes))
+                and (dtype is None or self.dtypes is None or dtype in self.dtypes)
+                and (adapter_dtype is None or self.adapter_dtypes is None or adapter_dtype in self.adapter_dtypes))
 
 
 _IMPLS: dict[tuple[str, str], Entry] = {}
 _NOTES: dict[str, str] = {}     # backend -> why it is unavailable (shown by backend_info)
 _LOADED: set[str] = set()
 _LOCK = threading.RLock()
-_CHOICE: dict[tuple, Entry] = {}   # (op, device, dtype, forced) -> Entry; cleared on register
+_CHOICE: dict[tuple, Entry] = {}   # (op, device, dtype, adapter dtype, forced) -> Entry; cleared on register
 
 
 def _check_backend(name, what="backend"):
@@ -84,14 +87,15 @@ _UNSET = object()
 _scoped: contextvars.ContextVar = contextvars.ContextVar("spare_kernels_backend", default=_UNSET)
 
 
-def register(op: str, backend: str, fn: Callable, *, devices=("any",), dtypes=None, forced_devices=(),
-             autograd_twin=None, double_backward: bool = False) -> Entry:
+def register(op: str, backend: str, fn: Callable, *, devices=("any",), dtypes=None, adapter_dtypes=None,
+             forced_devices=(), autograd_twin=None, double_backward: bool = False) -> Entry:
     """Register ``fn`` as ``backend``'s implementation of ``op`` (the contract of ``reference.py``)."""
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     _check_backend(backend)
-    e = Entry(op, backend, fn, tuple(devices), None if dtypes is None else tuple(dtypes), tuple(forced_devices),
-              autograd_twin, bool(double_backward))
+    e = Entry(op, backend, fn, tuple(devices), None if dtypes is None else tuple(dtypes),
+              None if adapter_dtypes is None else tuple(adapter_dtypes), tuple(forced_devices), autograd_twin,
+              bool(double_backward))
     with _LOCK:
         _IMPLS[(op, backend)] = e
         _CHOICE.clear()
@@ -146,7 +150,7 @@ def use_backend(name: Optional[str]):
         _scoped.reset(token)
 
 
-def _choose(op: str, device: str, dtype, forced) -> Entry:
+def _choose(op: str, device: str, dtype, adapter_dtype, forced) -> Entry:
     _load_all()
     if forced is not None:
         e = _IMPLS.get((op, forced))
@@ -155,28 +159,31 @@ def _choose(op: str, device: str, dtype, forced) -> Entry:
                                          if e is not None else "it has no implementation of this op")
             raise RuntimeError(f"spare_kernels: backend {forced!r} is forced (SPARE_KERNELS_BACKEND / set_backend / "
                                f"use_backend) but cannot run {op} on {device!r}: {why}")
-        if e.serves(device, dtype, forced=True):
+        if e.serves(device, dtype, True, adapter_dtype):
             return e
-        return _IMPLS[(op, "reference")]   # a dtype outside the forced backend's list: the oracle
+        return _IMPLS[(op, "reference")]   # a dtype outside the forced backend's lists: the oracle
     for b in BACKENDS:
         e = _IMPLS.get((op, b))
-        if e is not None and e.serves(device, dtype):
+        if e is not None and e.serves(device, dtype, False, adapter_dtype):
             return e
     raise RuntimeError(f"spare_kernels: no backend implements {op} on {device!r} for {dtype}")
 
 
-def lookup(op: str, device: str, dtype: Optional[torch.dtype] = None) -> Entry:
-    """The :class:`Entry` that runs ``op`` on ``device`` for activations of ``dtype`` now."""
+def lookup(op: str, device: str, dtype: Optional[torch.dtype] = None,
+           adapter_dtype: Optional[torch.dtype] = None) -> Entry:
+    """The :class:`Entry` that runs ``op`` on ``device`` for activations of ``dtype`` (and adapters of
+    ``adapter_dtype``) now."""
     forced = get_forced_backend()
-    key = (op, device, dtype, forced)
+    key = (op, device, dtype, adapter_dtype, forced)
     e = _CHOICE.get(key)
     if e is None:
-        e = _CHOICE[key] = _choose(op, device, dtype, forced)
+        e = _CHOICE[key] = _choose(op, device, dtype, adapter_dtype, forced)
     return e
 
 
-def select(op: str, device: str, dtype: Optional[torch.dtype] = None) -> Callable:
-    return lookup(op, device, dtype).fn
+def select(op: str, device: str, dtype: Optional[torch.dtype] = None,
+           adapter_dtype: Optional[torch.dtype] = None) -> Callable:
+    return lookup(op, device, dtype, adapter_dtype).fn
 
 
 def reference(op: str) -> Callable:
@@ -224,7 +231,7 @@ def backend_info() -> dict:
                 ops[op][dev] = None
     available = {b: sorted(op for (op, bb) in _IMPLS if bb == b) for b in BACKENDS}
     detail = {b: {op: {"devices": list(e.devices), "forced_devices": list(e.forced_devices),
-                       "dtypes": _dtype_names(e.dtypes),
+                       "dtypes": _dtype_names(e.dtypes), "adapter_dtypes": _dtype_names(e.adapter_dtypes),
                        "autograd_twin": e.autograd_twin is not None,
                        "double_backward": "exact (own backward)" if e.double_backward else "exact (reference formulas)"}
                   for (op, bb), e in sorted(_IMPLS.items()) if bb == b}

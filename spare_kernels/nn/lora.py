@@ -23,6 +23,7 @@ from ..ops.masked_lora import conv2d_checked, conv_args, linear_checked
 from ..utils import autocast as _autocast
 
 INITS = ("gaussian", "kaiming", "random")
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}   # an integer view of each float width
 
 # Layers whose adapters are off in the current thread only (disable_adapters(..., this_thread=True)):
 # a teacher forward in a worker thread while the student runs the same modules in another.
@@ -85,6 +86,8 @@ class _MaskedLoRALayer(nn.Module):
         are, not copied; else ``init``: ``gaussian`` (A ~ N(0, 1/r), B = 0, peft's "gaussian"),
         ``kaiming`` (peft's default: A kaiming-uniform, B = 0), ``random`` (both non-zero, for tests and
         benchmarks)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter_name: expected a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
             raise ValueError(f"adapter_name: {name!r} already exists on this layer")
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
@@ -172,7 +175,9 @@ class _MaskedLoRALayer(nn.Module):
             raise RuntimeError(f"adapter {name!r} is already merged")
         W = self.weight
         new = (W.to(torch.float64 if W.dtype == torch.float64 else torch.float32) + self.delta_weight(name)).to(W.dtype)
-        changed = new != W
+        # Changed bits, not changed values: -0.0 + 0.0 is +0.0, equal to -0.0 but another bit pattern.
+        bits = _BITS[W.element_size()]
+        changed = new.view(bits) != W.view(bits)
         self._merge_backup[name] = (Mask.from_dense(changed), W[changed].clone())
         W.copy_(new)
         self.merged_adapters.append(name)

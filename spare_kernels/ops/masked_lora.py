@@ -35,8 +35,8 @@ def _maybe(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 else t
 
 
-def _impl(op: str, x: Tensor) -> Entry:
-    return lookup(op, x.device.type, x.dtype)
+def _impl(op: str, x: Tensor, lora_A: Tensor) -> Entry:
+    return lookup(op, x.device.type, x.dtype, lora_A.dtype)
 
 
 def _eager(x: Tensor, *others: Optional[Tensor]) -> bool:
@@ -47,7 +47,7 @@ def _eager(x: Tensor, *others: Optional[Tensor]) -> bool:
             and not _is_wrapped(x) and not any(t is not None and _is_wrapped(t) for t in others))
 
 
-def _native_autograd(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+def _native_autograd(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor):
     """The C++ autograd twin of the implementation the registry picks for ``op`` (the native CPU
     backend's, ``csrc/cpu/autograd.cpp``: the same kernels and gradients as ``_autograd``'s Function,
     with no Python per call) when this eager call can take it: the forward and backward entries chosen
@@ -55,8 +55,8 @@ def _native_autograd(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor])
     bias are frozen. Else None."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
-    twin = _impl(op, x).autograd_twin
-    return twin if twin is not None and _impl(f"{op}_backward", x).autograd_twin is twin else None
+    twin = _impl(op, x, lora_A).autograd_twin
+    return twin if twin is not None and _impl(f"{op}_backward", x, lora_A).autograd_twin is twin else None
 
 
 def _differentiable_backward(op: str) -> None:
@@ -89,10 +89,11 @@ def _autograd(name: str, op: str, setup, grads, custom_bwd):
     torch.library.register_autograd(f"{LIB}::{op}", custom_backward, setup_context=setup)
 
     def forward(ctx, *inputs):
-        y = _impl(op, inputs[0]).fn(*inputs)
+        x, lora_A = inputs[0], inputs[3]
+        y = _impl(op, x, lora_A).fn(*inputs)
         # Chosen now, in the caller's context: the backward may run in autograd's device thread,
         # which does not see a use_backend scope.
-        ctx.bwd = _impl(bwd_op, inputs[0])
+        ctx.bwd = _impl(bwd_op, x, lora_A)
         setup(ctx, inputs, y)
         return y
 
@@ -109,7 +110,8 @@ def _autograd(name: str, op: str, setup, grads, custom_bwd):
 @torch.library.custom_op(f"{LIB}::masked_lora_linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float) -> Tensor:
-    return _impl("masked_lora_linear", x).fn(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale)
+    return _impl("masked_lora_linear", x, lora_A).fn(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i,
+                                                     scale)
 
 
 @_linear.register_fake
@@ -121,7 +123,7 @@ def _(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale):
 def _linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                 mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float,
                 need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("masked_lora_linear_backward", x).fn(
+    return _impl("masked_lora_linear_backward", x, lora_A).fn(
         dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dx, need_dA, need_dB)
 
 
@@ -193,7 +195,7 @@ def linear_checked(x, weight, bias, lora_A, lora_B, wire, scale: float) -> Tenso
     Python checks on every call."""
     inf = weight.shape[1]
     if _eager(x, weight, bias, lora_A, lora_B):
-        fn = _native_autograd("masked_lora_linear", x, weight, bias) or _LinearFn.apply
+        fn = _native_autograd("masked_lora_linear", x, weight, bias, lora_A) or _LinearFn.apply
     else:
         fn = _linear
     y = fn(x.reshape(-1, inf).contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
@@ -206,7 +208,7 @@ def linear_checked(x, weight, bias, lora_A, lora_B, wire, scale: float) -> Tenso
 def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
           mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float,
           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    return _impl("masked_lora_conv2d", x).fn(
+    return _impl("masked_lora_conv2d", x, lora_A).fn(
         x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups)
 
 
@@ -225,7 +227,7 @@ def _conv_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
               kind: int, block_o: int, block_i: int, scale: float, stride: Sequence[int],
               padding: Sequence[int], dilation: Sequence[int], groups: int,
               need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("masked_lora_conv2d_backward", x).fn(
+    return _impl("masked_lora_conv2d_backward", x, lora_A).fn(
         dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups,
         need_dx, need_dA, need_dB)
 
@@ -338,7 +340,7 @@ def conv2d_checked(x, weight, bias, lora_A, lora_B, wire, scale: float, stride, 
     """:func:`masked_lora_conv2d` on arguments already validated (``wire`` = ``Mask.wire()``,
     ``stride``/``padding``/``dilation`` int pairs): see :func:`linear_checked`."""
     if _eager(x, weight, bias, lora_A, lora_B):
-        native = _native_autograd("masked_lora_conv2d", x, weight, bias)
+        native = _native_autograd("masked_lora_conv2d", x, weight, bias, lora_A)
         if native is not None:   # takes B as (out, r) or (out, r, 1, 1)
             return native(x.contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
                           *wire, scale, stride, padding, dilation, groups)
