@@ -46,8 +46,25 @@ def _could_write_dir(path, arg):
 
 
 def _writable_file(path, arg):
+    if os.path.isdir(path):
+        raise UsageError(f"{arg}: {path!r} is a directory; expected a file path")
     _writable_dir(os.path.dirname(os.path.abspath(path)), arg)
     return path
+
+
+def _common_checks(args, out_dirs):
+    """Checks ``demo`` and ``unlearn`` share, before any work: thread count, checkpoint and resume flags
+    (``out_dirs``: the run directories that will hold checkpoint.pt)."""
+    if args.threads < 0:
+        raise UsageError(f"--threads: expected >= 0 (0: torch's default), got {args.threads}")
+    if args.checkpoint_every and not out_dirs:
+        raise UsageError("--checkpoint-every: needs --out (where checkpoint.pt is written)")
+    if args.resume:
+        if not out_dirs:
+            raise UsageError("--resume: needs --out (the run directory holding checkpoint.pt)")
+        missing = [d for d in out_dirs if not os.path.isfile(os.path.join(d, "checkpoint.pt"))]
+        if missing:
+            raise UsageError(f"--resume: no checkpoint.pt in {missing[0]!r} to resume from")
 
 
 def _threads(n):
@@ -113,12 +130,14 @@ def _cmd_demo(args):
         _recipe_config(args, args.method)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.out:
-        _writable_dir(args.out, "--out")
+    if args.n_per_prompt < 1:
+        raise UsageError(f"--n-per-prompt: expected >= 1, got {args.n_per_prompt}")
     if args.json:
         _writable_file(args.json, "--json")
-    if args.resume and not args.out:
-        raise UsageError("--resume: needs --out (the run directory holding checkpoint.pt)")
+    # resume continues the method named by --method (its folder under --out with --compare)
+    _common_checks(args, [os.path.join(args.out, args.method) if args.compare else args.out] if args.out else [])
+    if args.out:
+        _writable_dir(args.out, "--out")
     _threads(args.threads)
     import torch
 
@@ -255,11 +274,16 @@ def _cmd_unlearn(args):
             raise UsageError(f"--forget-images: not a directory: {args.forget_images!r}")
         if not image_files(args.forget_images):
             raise UsageError(f"forget set: empty: no images in {args.forget_images!r}")
+    if args.n_generate < 1:
+        raise UsageError(f"--n-generate: expected >= 1, got {args.n_generate}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise UsageError(f"--resolution: expected a positive multiple of 8 (the VAE's factor), got {args.resolution}")
     try:
         check_model_dir(args.model)
         cfg = _recipe_config(args, "spare")
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _common_checks(args, [args.out])
     device = _device(args.device)
     if args.precision == "bf16" and device.type == "cuda":
         import torch

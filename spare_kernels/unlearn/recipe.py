@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import math
 import numbers
 import os
 import time
@@ -59,7 +60,8 @@ _DEFAULT_LR = {"spare": 1e-2, "spare-reference": 1e-2, "lora": 1e-2, "salun": 3e
 
 
 def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    """A finite real number (an infinite lr or loss weight would only produce NaN later)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -112,12 +114,13 @@ class Config:
         for k in ("lr", "alpha"):
             v = getattr(self, k)
             if v is not None and not (_real(v) and v > 0):
-                raise ValueError(f"{k}: expected a positive number (or None for the default), got {v!r}")
+                raise ValueError(f"{k}: expected a positive finite number (or None for the default), got {v!r}")
         for k in ("w_forget", "w_retain"):
             if not (_real(getattr(self, k)) and getattr(self, k) >= 0):
-                raise ValueError(f"{k}: expected a weight >= 0, got {getattr(self, k)!r}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+                raise ValueError(f"{k}: expected a finite weight >= 0, got {getattr(self, k)!r}")
+        ce = self.checkpoint_every
+        if isinstance(ce, bool) or not isinstance(ce, int) or ce < 0:
+            raise ValueError(f"checkpoint_every: expected an int >= 0, got {ce!r}")
 
     @property
     def learning_rate(self) -> float:
