@@ -24,15 +24,17 @@ pixels on their last axis, so that neighbouring threads read neighbouring pixels
   it to. Input pixels are split into the ``sh·sw`` stride phases (``ih ≡ rh mod sh``, ``iw ≡ rw mod sw``,
   one launch each); within a phase the aligned taps are the same for every pixel (an arithmetic
   progression per axis, computed on the host), so no tap is visited that a pixel cannot use (a 3×3
-  stride-2 conv visits 9 taps per 4 input pixels, not 36). The factored variant accumulates
-  ``dz = (diag(m)·B)ᵀ·dy`` per tap beside ``Wᵀ·dy`` and adds ``s·A_tapᵀ·dz`` after each tap.
+  stride-2 conv visits 9 taps per 4 input pixels, not 36). The factored variant adds one rank-r step
+  ``A_tapᵀ·dz`` per tap, ``dz = (s·diag(m)·B)ᵀ·dy`` per output pixel computed once by torch (a 1×1
+  transposed conv, ``r/out`` of dy's size) and shared with ``dA`` (recomputing it per tap inside the
+  kernel would cost ``r/BN`` of the main GEMM per channel tile and kept a second accumulator live).
 - ``_conv_wgrad_masked_kernel``: as linear's ``_wgrad_masked_kernel``: one program per (listed T×T tile
   of the ``(out, K)`` matrix, pixel split) accumulates ``G = dyᵀ·unfold(x)`` over its pixels in registers
   (``_g_tile``, shared with the conv saliency kernel), masks it and contracts it with A and B in the
   epilogue (``linear._wgrad_partials``) into per-program partials; linear's reduce kernels sum them in a
   fixed order (deterministic). Block masks list only the tiles overlapping an on block. A tile whose
   rows straddle groups runs its pixel loop once per group it touches, with the other rows masked.
-- Row / no mask ``dA``/``dB``: factored, through torch convs (as the reference).
+- Row / no mask ``dA``/``dB``: factored, through torch convs (as the reference), sharing dx's ``dz``.
 
 groups > 1 run in the kernels: the forward and dx grids carry the group (tiles never straddle one);
 the weight-gradient and saliency tiles are those of the ``(out, K)`` matrix (see above).
@@ -44,7 +46,8 @@ and the same back for ``y`` (two activation-sized copies per call, three in back
 that do the same GEMM. Not measured (no GPU here); kept simple.
 
 Sent to the reference (same contract): fp64 and other dtypes, ranks above ``utils.MAX_RANK``, empty
-tensors, a weight or ``dy`` of another dtype than ``x``, and ``x`` in channels_last (cuDNN takes it as is
+tensors, no output pixels, tensors of 2**31 elements or more (the kernels index with int32), a weight,
+bias or ``dy`` of another dtype than ``x``, and ``x`` in channels_last (cuDNN takes it as is
 and returns channels_last; these kernels would need a copy to NCHW). Other non-contiguous inputs are
 made contiguous.
 
@@ -87,8 +90,8 @@ def _out_pixels(rm, OH, OW, sh, sw, ph, pw):
     return nb, p, oh * sh - ph, ow * sw - pw
 
 
-@triton.autotune(configs=U.gemm_configs(), key=_FWD_KEY,
-                 prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "x_ptr")})
+@triton.autotune(configs=U.conv_gemm_configs("fwd_masked"), key=_FWD_KEY,
+                 prune_configs_by={"early_config_prune": U.pruner(U.conv_table("fwd_masked"), "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _conv_fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
                             N, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw,
@@ -110,10 +113,10 @@ def _conv_fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_pt
     rk = tl.arange(0, BK)
     m_ok = rm < M
     n_ok = rn < OUTG
-    ro = (grp * OUTG + rn).to(tl.int64)
+    ro = grp * OUTG + rn
     ro_m = tl.where(n_ok, ro, OUT)          # rows past the group read as off in the mask
     nb, p, ih0, iw0 = _out_pixels(rm, OH, OW, sh, sw, ph, pw)
-    x_pix = x_ptr + ((nb.to(tl.int64) * C + grp * CG) * HW + ih0 * W + iw0)
+    x_pix = x_ptr + ((nb * C + grp * CG) * HW + ih0 * W + iw0)
     n_cc = tl.cdiv(CG, BK)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for step in range(0, KHW * n_cc):
@@ -140,12 +143,12 @@ def _conv_fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_pt
         acc = tl.dot(mm_operand(w, ACT, EMUL_BF16), xt, acc, input_precision=DOT_PREC)
     if has_bias:
         acc += tl.load(bias_ptr + ro, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + (nb.to(tl.int64) * OUT * (OH * OW) + p)[None, :] + (ro * (OH * OW))[:, None]
+    y_ptrs = y_ptr + (nb * OUT * (OH * OW) + p)[None, :] + (ro * (OH * OW))[:, None]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
-@triton.autotune(configs=U.gemm_configs(), key=_FWD_KEY,
-                 prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "x_ptr")})
+@triton.autotune(configs=U.conv_gemm_configs("fwd_factored"), key=_FWD_KEY,
+                 prune_configs_by={"early_config_prune": U.pruner(U.conv_table("fwd_factored"), "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _conv_fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
                               N, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw,
@@ -169,9 +172,9 @@ def _conv_fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_p
     m_ok = rm < M
     n_ok = rn < OUTG
     r_ok = rr < r
-    ro = (grp * OUTG + rn).to(tl.int64)
+    ro = grp * OUTG + rn
     nb, p, ih0, iw0 = _out_pixels(rm, OH, OW, sh, sw, ph, pw)
-    x_pix = x_ptr + ((nb.to(tl.int64) * C + grp * CG) * HW + ih0 * W + iw0)
+    x_pix = x_ptr + ((nb * C + grp * CG) * HW + ih0 * W + iw0)
     n_cc = tl.cdiv(CG, BK)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     z = tl.zeros((R_PAD, BM), dtype=tl.float32)
@@ -199,7 +202,7 @@ def _conv_fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_p
     acc += lo * scale
     if has_bias:
         acc += tl.load(bias_ptr + ro, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + (nb.to(tl.int64) * OUT * (OH * OW) + p)[None, :] + (ro * (OH * OW))[:, None]
+    y_ptrs = y_ptr + (nb * OUT * (OH * OW) + p)[None, :] + (ro * (OH * OW))[:, None]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
@@ -222,8 +225,8 @@ def _phase_tap(j, n_kw, kh0, kh_step, oh0, doh, kw0, kw_step, ow0, dow):
     return kh0 + jkh * kh_step, kw0 + jkw * kw_step, oh0 - jkh * doh, ow0 - jkw * dow
 
 
-@triton.autotune(configs=U.gemm_configs(), key=_DX_KEY,
-                 prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "dy_ptr")})
+@triton.autotune(configs=U.conv_gemm_configs("dx_masked"), key=_DX_KEY,
+                 prune_configs_by={"early_config_prune": U.pruner(U.conv_table("dx_masked"), "dy_ptr")})
 @triton.jit(do_not_specialize=["N", "rh", "rw", "HR", "WR", "kh0", "kh_step", "n_kh", "oh0", "doh",
                                "kw0", "kw_step", "n_kw", "ow0", "dow"])
 def _conv_dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
@@ -249,7 +252,7 @@ def _conv_dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
     m_ok = rm < MR
     c_ok = rc < CG
     nb, jh, jw = _phase_pixels(rm, HR, WR)
-    dy_pix = dy_ptr + (nb.to(tl.int64) * OUT + grp * OUTG) * OHW
+    dy_pix = dy_ptr + (nb * OUT + grp * OUTG) * OHW
     n_oc = tl.cdiv(OUTG, BK)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for step in range(0, n_kh * n_kw * n_oc):
@@ -262,7 +265,7 @@ def _conv_dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
         o_ok = o < OUTG
         dyt = load_act(dy_pix[None, :] + (oh * OW + ow)[None, :] + (o * OHW)[:, None],
                        o_ok[:, None] & p_ok[None, :], EMUL_BF16)                      # (BK, BM)
-        ro = (grp * OUTG + o).to(tl.int64)
+        ro = grp * OUTG + o
         ro_m = tl.where(o_ok, ro, OUT)
         cols = rc * KHW + (kh * KW + kw)
         w = load_act(w_ptr + ro[:, None] * K + cols[None, :], o_ok[:, None] & c_ok[None, :], EMUL_BF16).to(tl.float32)
@@ -276,23 +279,34 @@ def _conv_dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
             w = w + tl.where(on, d * scale, 0.0)
         acc = tl.dot(tl.trans(mm_operand(w, ACT, EMUL_BF16)), dyt, acc, input_precision=DOT_PREC)
     HW = H * W
-    pix = (nb.to(tl.int64) * C + grp * CG) * HW + (rh + jh * sh) * W + (rw + jw * sw)
+    pix = (nb * C + grp * CG) * HW + (rh + jh * sh) * W + (rw + jw * sw)
     dx_ptrs = dx_ptr + pix[None, :] + (rc * HW)[:, None]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_ok[:, None] & m_ok[None, :])
 
 
-@triton.autotune(configs=U.gemm_configs(), key=_DX_KEY,
-                 prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "dy_ptr")})
+@triton.jit
+def _dz_step(acc, dz_pix, a_ptr, pix, p_ok, cols, c_ok, c0, r, OHW, K, EMUL_BF16: tl.constexpr,
+             DOT_PREC: tl.constexpr):
+    """``acc += A[c0:c0+16, cols]ᵀ · dz[c0:c0+16, pixels]`` (ranks past ``r`` masked to zero)."""
+    rc = c0 + tl.arange(0, 16)
+    rc_ok = rc < r
+    dzt = load_act(dz_pix[None, :] + pix[None, :] + (rc * OHW)[:, None], rc_ok[:, None] & p_ok[None, :], EMUL_BF16)
+    at = load_act(a_ptr + rc[None, :] * K + cols[:, None], c_ok[:, None] & rc_ok[None, :], EMUL_BF16)
+    return acc + small_dot(at, dzt, DOT_PREC)
+
+
+@triton.autotune(configs=U.conv_gemm_configs("dx_factored"), key=_DX_KEY,
+                 prune_configs_by={"early_config_prune": U.pruner(U.conv_table("dx_factored"), "dy_ptr")})
 @triton.jit(do_not_specialize=["N", "rh", "rw", "HR", "WR", "kh0", "kh_step", "n_kh", "oh0", "doh",
                                "kw0", "kw_step", "n_kw", "ow0", "dow"])
-def _conv_dx_factored_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, row_ptr, dx_ptr,
+def _conv_dx_factored_kernel(dy_ptr, dz_ptr, w_ptr, a_ptr, dx_ptr,
                              N, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw,
-                             rh, rw, HR, WR, kh0, kh_step, n_kh, oh0, doh, kw0, kw_step, n_kw, ow0, dow,
-                             r, scale, has_row,
+                             rh, rw, HR, WR, kh0, kh_step, n_kh, oh0, doh, kw0, kw_step, n_kw, ow0, dow, r,
                              R_PAD: tl.constexpr, ACT: tl.constexpr, EMUL_BF16: tl.constexpr,
                              DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # dxᵀ = Σ_taps W_tapᵀ·dy_tap + s·A_tapᵀ·dz_tap, dz_tap = (diag(m)·B)ᵀ·dy_tap accumulated beside the
-    # main dot over the tap's output channels (as linear's dh), contracted with A_tap after each tap.
+    # dxᵀ = Σ_taps W_tapᵀ·dy_tap + A_tapᵀ·dz_tap, dz = (s·diag(m)·B)ᵀ·dy per output pixel ((N, groups·r,
+    # H', W'), computed once by the launcher and shared with dA): per tap, the K loop over the group's
+    # output channels, then one rank-r step.
     MR = N * HR * WR
     OHW = OH * OW
     KHW = KH * KW
@@ -305,48 +319,45 @@ def _conv_dx_factored_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, row_ptr, dx_ptr,
     rm = pid_m * BM + tl.arange(0, BM)
     rc = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    rr = tl.arange(0, R_PAD)
     m_ok = rm < MR
     c_ok = rc < CG
-    r_ok = rr < r
     nb, jh, jw = _phase_pixels(rm, HR, WR)
-    dy_pix = dy_ptr + (nb.to(tl.int64) * OUT + grp * OUTG) * OHW
+    dy_pix = dy_ptr + (nb * OUT + grp * OUTG) * OHW
+    dz_pix = dz_ptr + (nb * (OUT // OUTG) + grp) * r * OHW
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for j in range(0, n_kh * n_kw):
         kh, kw, oh_off, ow_off = _phase_tap(j, n_kw, kh0, kh_step, oh0, doh, kw0, kw_step, ow0, dow)
         oh = jh + oh_off
         ow = jw + ow_off
         p_ok = m_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-        dy_tap = dy_pix + (oh * OW + ow)
+        pix = oh * OW + ow
         cols = rc * KHW + (kh * KW + kw)
-        dz = tl.zeros((R_PAD, BM), dtype=tl.float32)
         for o0 in range(0, OUTG, BK):
             o = o0 + rk
             o_ok = o < OUTG
-            ro = (grp * OUTG + o).to(tl.int64)
-            dyt = load_act(dy_tap[None, :] + (o * OHW)[:, None], o_ok[:, None] & p_ok[None, :], EMUL_BF16)
-            wt = load_act(w_ptr + ro[None, :] * K + cols[:, None], c_ok[:, None] & o_ok[None, :], EMUL_BF16)
-            if has_row:
-                b_on = o_ok & (tl.load(row_ptr + ro, mask=o_ok, other=0) != 0)
-            else:
-                b_on = o_ok
-            bt = load_act(b_ptr + ro[None, :] * r + rr[:, None], r_ok[:, None] & b_on[None, :], EMUL_BF16)
-            acc = tl.dot(wt, dyt, acc, input_precision=DOT_PREC)                      # (BN, BM)
-            dz = tl.dot(bt, dyt, dz, input_precision=DOT_PREC)                        # (R, BM)
-        at = load_act(a_ptr + rr[None, :] * K + cols[:, None], c_ok[:, None] & r_ok[None, :], EMUL_BF16)
-        acc += small_dot(at, mm_operand(dz, ACT, EMUL_BF16), DOT_PREC) * scale
+            dyt = load_act(dy_pix[None, :] + pix[None, :] + (o * OHW)[:, None], o_ok[:, None] & p_ok[None, :],
+                           EMUL_BF16)                                                 # (BK, BM)
+            wt = load_act(w_ptr + (grp * OUTG + o)[None, :] * K + cols[:, None], c_ok[:, None] & o_ok[None, :],
+                          EMUL_BF16)                                                  # (BN, BK) = W_tapᵀ
+            acc = tl.dot(wt, dyt, acc, input_precision=DOT_PREC)
+        if R_PAD <= 32:   # the rank step, 16 ranks at a time (as linear._ba_tile: a loop at 64)
+            for c0 in tl.static_range(0, R_PAD, 16):
+                acc = _dz_step(acc, dz_pix, a_ptr, pix, p_ok, cols, c_ok, c0, r, OHW, K, EMUL_BF16, DOT_PREC)
+        else:
+            for c0 in range(0, R_PAD, 16):
+                acc = _dz_step(acc, dz_pix, a_ptr, pix, p_ok, cols, c_ok, c0, r, OHW, K, EMUL_BF16, DOT_PREC)
     HW = H * W
-    pix = (nb.to(tl.int64) * C + grp * CG) * HW + (rh + jh * sh) * W + (rw + jw * sw)
+    pix = (nb * C + grp * CG) * HW + (rh + jh * sh) * W + (rw + jw * sw)
     dx_ptrs = dx_ptr + pix[None, :] + (rc * HW)[:, None]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
-def _g_tile(g, x_ptr, dy_ptr, t0, t1, o_first, ro64, o_ok, ri, i_ok,
+def _g_tile(g, x_ptr, dy_ptr, t0, t1, o_first, ro, o_ok, ri, i_ok,
             C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw,
             EMUL_BF16: tl.constexpr, DOT_PREC: tl.constexpr, NR: tl.constexpr, BT: tl.constexpr):
     """``g += G[ro, ri]`` over the output pixels ``[t0, t1)`` (flattened over samples), ``G = dyᵀ·unfold(x)``
-    for the ``NR`` rows ``ro64`` (first row ``o_first``) and columns ``ri`` of the ``(out, K)`` weight matrix. The
+    for the ``NR`` rows ``ro`` (first row ``o_first``) and columns ``ri`` of the ``(out, K)`` weight matrix. The
     unfolded input is gathered per pixel step (implicit im2col); rows of several groups are handled one
     group at a time, the others masked. Shared by the weight-gradient and conv saliency kernels."""
     KHW = KH * KW
@@ -362,18 +373,18 @@ def _g_tile(g, x_ptr, dy_ptr, t0, t1, o_first, ro64, o_ok, ri, i_ok,
     g_first = o_first // OUTG
     g_last = (tl.minimum(o_first + NR, OUT) - 1) // OUTG
     for grp in range(g_first, g_last + 1):
-        o_in = o_ok & ((ro64 // OUTG) == grp)
+        o_in = o_ok & ((ro // OUTG) == grp)
         for t in range(t0, t1, BT):
             rm = t + rt
             t_ok = rm < t1
             nb, p, ih0, iw0 = _out_pixels(rm, OH, OW, sh, sw, ph, pw)
-            nb64 = nb.to(tl.int64)
-            dyt = load_act(dy_ptr + (nb64 * OUT * OHW + p)[None, :] + (ro64 * OHW)[:, None],
+            nb = nb
+            dyt = load_act(dy_ptr + (nb * OUT * OHW + p)[None, :] + (ro * OHW)[:, None],
                            o_in[:, None] & t_ok[None, :], EMUL_BF16)                   # (rows, BT)
             ih = ih0[None, :] + khd[:, None]
             iw = iw0[None, :] + kwd[:, None]
             ok = (i_ok[:, None] & t_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xt = load_act(x_ptr + ((nb64 * C + grp * CG) * HW + ih0 * W + iw0)[None, :] + col_off[:, None],
+            xt = load_act(x_ptr + ((nb * C + grp * CG) * HW + ih0 * W + iw0)[None, :] + col_off[:, None],
                           ok, EMUL_BF16)                                               # (cols, BT)
             g = tl.dot(dyt, tl.trans(xt), g, input_precision=DOT_PREC)
     return g
@@ -395,16 +406,15 @@ def _conv_wgrad_masked_kernel(x_ptr, dy_ptr, a_ptr, b_ptr, mask_ptr, tiles_ptr, 
     ri = (tile % n_q) * T + tl.arange(0, T)
     o_ok = ro < OUT
     i_ok = ri < K
-    ro64 = ro.to(tl.int64)
-    on = mask_tile(mask_ptr, mask_stride, ro64, ri, OUT, K, row_div, col_div, bit_mask)
+    on = mask_tile(mask_ptr, mask_stride, ro, ri, OUT, K, row_div, col_div, bit_mask)
     g = tl.zeros((T, T), dtype=tl.float32)
     if any_on(on):   # element masks: a tile without any entry on skips the pixel loop
         t0 = k * tok_per_split
         t1 = tl.minimum(t0 + tok_per_split, N * OH * OW)
-        g = _g_tile(g, x_ptr, dy_ptr, t0, t1, o_first, ro64, o_ok, ri, i_ok,
+        g = _g_tile(g, x_ptr, dy_ptr, t0, t1, o_first, ro, o_ok, ri, i_ok,
                     C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw, EMUL_BF16, DOT_PREC, T, BT)
         g = tl.where(on, g, 0.0)                                          # M⊙G, never written
-    _wgrad_partials(g, pid, ro64, ri, o_ok, i_ok, r, K, a_ptr, b_ptr, pa_ptr, pb_ptr, DOT_PREC, R_PAD, T)
+    _wgrad_partials(g, pid, ro, ri, o_ok, i_ok, r, K, a_ptr, b_ptr, pa_ptr, pb_ptr, DOT_PREC, R_PAD, T)
 
 
 # =================================================================================== launchers
@@ -447,8 +457,16 @@ def _conv_fallback(x, weight, lora_A, dy=None) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _empty_output(g: _Geom) -> bool:
-    return g.OH <= 0 or g.OW <= 0
+_I32 = 2 ** 31
+
+
+def _not_for_kernels(g: _Geom) -> bool:
+    """No output pixels, or a tensor too large for the kernels' int32 offsets (every offset is an int32
+    element index into x, y / dy or the weight: cheaper index math, fewer registers; a SD-1.5 UNet layer
+    at batch 64 is ~10x below the limit): the reference."""
+    if g.OH <= 0 or g.OW <= 0:
+        return True
+    return max(g.N * g.C * g.H * g.W, g.N * g.OUT * g.OH * g.OW, g.OUT * g.K) >= _I32
 
 
 def masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale,
@@ -457,7 +475,7 @@ def masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
     if _conv_fallback(x, weight, lora_A) or (bias is not None and bias.dtype != x.dtype):
         return _ref.masked_lora_conv2d(x, weight, bias, lora_A, lora_B, *args)
     g = _Geom(x, weight, stride, padding, dilation, groups)
-    if _empty_output(g):
+    if _not_for_kernels(g):
         return _ref.masked_lora_conv2d(x, weight, bias, lora_A, lora_B, *args)
     r = lora_A.shape[0]
     x, weight = x.contiguous(), weight.contiguous()
@@ -511,17 +529,19 @@ def _dx_phases(g: _Geom):
             yield rh, rw, HR, WR, kh0, khs, nkh, oh0, doh, kw0, kws, nkw, ow0, dow
 
 
-def _dx(dy, x, weight, A, B, mask, kind, block_o, block_i, scale, g: _Geom):
+def _dx(dy, x, weight, A, B, mask, kind, block_o, block_i, scale, g: _Geom, dz=None):
+    """``dx``, one launch per stride phase; ``dz`` (row / no mask) from :func:`_dz`."""
     r = A.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     consts = _gemm_consts(x.dtype, r)
     if kind in (ELEMENT, BLOCK):
         m = _mask_u8(mask)
-        geo = (r, m.stride(0), *U.mask_geometry(kind, block_o, block_i), int(kind == BLOCK), float(scale))
+        ptrs = (dy, weight, A, B, m, dx)
+        tail = (r, m.stride(0), *U.mask_geometry(kind, block_o, block_i), int(kind == BLOCK), float(scale))
         kernel = _conv_dx_masked_kernel
     else:
-        m = _mask_u8(mask) if kind == ROW else _dummy_u8(x.device)
-        geo = (r, float(scale), int(kind == ROW))
+        ptrs = (dy, dz, weight, A, dx)
+        tail = (r,)
         kernel = _conv_dx_factored_kernel
     for ph in _dx_phases(g):
         MR = g.N * ph[2] * ph[3]
@@ -529,8 +549,23 @@ def _dx(dy, x, weight, A, B, mask, kind, block_o, block_i, scale, g: _Geom):
         def grid(meta, MR=MR):
             return (g.groups * triton.cdiv(MR, meta["BM"]) * triton.cdiv(g.CG, meta["BN"]),)
 
-        kernel[grid](dy, weight, A, B, m, dx, *g.sizes(), g.sh, g.sw, *ph, *geo, **consts)
+        kernel[grid](*ptrs, *g.sizes(), g.sh, g.sw, *ph, *tail, **consts)
     return dx
+
+
+def _row_factor(mask, kind, scale, out, device):
+    """``s·m`` per output channel (fp32), the factor of the factored paths."""
+    if kind == NONE:
+        return torch.full((out,), float(scale), dtype=torch.float32, device=device)
+    return mask.reshape(-1).to(torch.float32) * scale
+
+
+def _dz(dy, lora_B, rs, g: _Geom):
+    """``dz = (s·diag(m)·B)ᵀ·dy`` per output pixel, ``(N, groups·r, H', W')`` in the activation dtype (as the
+    reference's ``dz``): a 1×1 transposed conv (torch), ``r/out`` of ``dy``'s size; shared by dx and dA."""
+    r = lora_B.shape[1]
+    Bs = (lora_B.to(torch.float32) * rs[:, None]).to(dy.dtype)[:, :, None, None]
+    return conv2d_input((g.N, g.groups * r, g.OH, g.OW), Bs, dy, groups=g.groups).contiguous()
 
 
 def _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dA, need_dB, g: _Geom):
@@ -546,7 +581,7 @@ def _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, ne
     dA = torch.empty(r, g.K, dtype=torch.float32, device=dev) if need_dA else None
     dB = torch.empty(lora_B.shape, dtype=torch.float32, device=dev) if need_dB else None
     prec = U.dot_precision() if x.dtype == torch.float32 else "ieee"
-    BT, warps, stages = U.wgrad_params(U.dot_class(x.dtype, prec))
+    BT, warps, stages = U.conv_wgrad_params(U.dot_class(x.dtype, prec), T)
     n_split = _token_split(g.M, n_listed, x)
     tok = triton.cdiv(triton.cdiv(g.M, n_split), BT) * BT
     n_split = triton.cdiv(g.M, tok)
@@ -569,17 +604,15 @@ def _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, ne
             (dB.to(lora_B.dtype) if need_dB else None))
 
 
-def _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB, g: _Geom):
+def _wgrad_factored(dy, x, lora_A, lora_B, rs, dz, need_dA, need_dB, g: _Geom):
     """Row / no mask, through torch convs in the activation dtype (as the reference), with the scale and
     row mask on the small side (no dy-sized temporary): ``dB = s·diag(m)·(dy ⋆ z)``, ``z = conv(x, A)``
-    (the row factor applied in fp32 to the ``(out, r)`` result), and ``dA = Σ_groups x ⋆ dz``, ``dz =
-    (s·diag(m)·B)ᵀ·dy`` per pixel (the group sum in fp32)."""
+    (the row factor applied in fp32 to the ``(out, r)`` result), and ``dA = Σ_groups x ⋆ dz`` (the group
+    sum in fp32)."""
     dt = x.dtype
     r = lora_A.shape[0]
     A = lora_A.to(dt)
     Af = A.repeat(g.groups, 1, 1, 1) if g.groups > 1 else A
-    rs = torch.full((g.OUT,), float(scale), dtype=torch.float32, device=x.device) if kind == NONE \
-        else mask.reshape(-1).to(torch.float32) * scale
     conv = dict(stride=(g.sh, g.sw), padding=(g.ph, g.pw), dilation=(g.dh, g.dw), groups=g.groups)
     dA = dB = None
     if need_dB:
@@ -587,8 +620,6 @@ def _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB, 
         gz = conv2d_weight(z, (g.OUT, r, 1, 1), dy, groups=g.groups).reshape(g.OUT, r)
         dB = (gz.to(torch.float32) * rs[:, None]).to(lora_B.dtype)
     if need_dA:
-        Bs = (lora_B.to(torch.float32) * rs[:, None]).to(dt)[:, :, None, None]
-        dz = conv2d_input((g.N, g.groups * r, g.OH, g.OW), Bs, dy, groups=g.groups)
         dAf = conv2d_weight(x, Af.shape, dz, **conv)
         dA = dAf.view(g.groups, *lora_A.shape).to(torch.float32).sum(0).to(lora_A.dtype)
     return dA, dB
@@ -600,22 +631,25 @@ def masked_lora_conv2d_backward(dy, x, weight, lora_A, lora_B, mask, kind, block
     if _conv_fallback(x, weight, lora_A, dy):
         return _ref.masked_lora_conv2d_backward(dy, x, weight, lora_A, lora_B, *args)
     g = _Geom(x, weight, stride, padding, dilation, groups)
-    if _empty_output(g):
+    if _not_for_kernels(g):
         return _ref.masked_lora_conv2d_backward(dy, x, weight, lora_A, lora_B, *args)
     if kind not in (NONE, ELEMENT, BLOCK, ROW):
         raise ValueError(f"unknown mask kind {kind}")
     dy, x = dy.contiguous(), x.contiguous()
     dx = dA = dB = None
+    factored = kind in (NONE, ROW)
     with U.device_guard(x):
+        rs = _row_factor(mask, kind, scale, g.OUT, x.device) if factored else None
+        dz = _dz(dy, lora_B, rs, g) if factored and (need_dx or need_dA) else None
         if need_dx:
             r = lora_A.shape[0]
             A, B = _kernel_adapters(lora_A.reshape(r, g.K), lora_B, x.dtype)
-            dx = _dx(dy, x, weight.contiguous(), A, B, mask, kind, block_o, block_i, scale, g)
+            dx = _dx(dy, x, weight.contiguous(), A, B, mask, kind, block_o, block_i, scale, g, dz)
         if need_dA or need_dB:
-            if kind in (ELEMENT, BLOCK):
-                dA, dB = _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dA, need_dB, g)
+            if factored:
+                dA, dB = _wgrad_factored(dy, x, lora_A, lora_B, rs, dz, need_dA, need_dB, g)
             else:
-                dA, dB = _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB, g)
+                dA, dB = _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dA, need_dB, g)
     return _ref._none_to_empty(x, dx, dA, dB)
 
 
@@ -627,34 +661,42 @@ _PHASE = ("rh", "rw", "HR", "WR", "kh0", "kh_step", "n_kh", "oh0", "doh", "kw0",
 
 def aot_specs():
     """Every specialisation the launchers above can launch on a GPU (``aot.py`` compiles them all), as
-    linear's: activation dtypes × fp32 dot precisions where fp32 dots occur × padded ranks × the autotune
-    set of the launch's dot class and rank; the weight-gradient tiles. The reduce kernels are linear's
-    (compiled by its list). Mask kinds are runtime arguments; EMUL_BF16 is interpreter-only."""
-    specs = []
+    linear's: activation dtypes × fp32 dot precisions where fp32 dots occur × padded ranks × the kernel's
+    autotune set for the launch's dot class and rank (``utils.conv_gemm_configs``); the weight-gradient
+    tiles. The reduce kernels are linear's (compiled by its list). Mask kinds are runtime arguments;
+    EMUL_BF16 is interpreter-only."""
     i32, f32, u8 = "i32", "fp32", "*u8"
     ints = lambda names: {n: i32 for n in names}   # noqa: E731
     geo = dict(mask_stride=i32, row_div=i32, col_div=i32, bit_mask=i32)
+
+    def gemm_types(p):
+        return {
+            "fwd_masked": (_conv_fwd_masked_kernel, dict(
+                x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, y_ptr=p, **ints(_SIZES + _CONV), r=i32,
+                **geo, skip_empty=i32, scale=f32, has_bias=i32)),
+            "fwd_factored": (_conv_fwd_factored_kernel, dict(
+                x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, row_ptr=u8, y_ptr=p, **ints(_SIZES + _CONV), r=i32,
+                scale=f32, has_bias=i32, has_row=i32)),
+            "dx_masked": (_conv_dx_masked_kernel, dict(
+                dy_ptr=p, w_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, dx_ptr=p, **ints(_SIZES + ("sh", "sw") + _PHASE),
+                r=i32, **geo, skip_empty=i32, scale=f32)),
+            "dx_factored": (_conv_dx_factored_kernel, dict(
+                dy_ptr=p, dz_ptr=p, w_ptr=p, a_ptr=p, dx_ptr=p, **ints(_SIZES + ("sh", "sw") + _PHASE), r=i32)),
+        }
+
+    specs = []
     for dt in U.ACT_DTYPES:
         p, name = U.ptr(dt), U.SIG_DTYPES[dt]
         for prec in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
             cls = U.dot_class(dt, prec)
-            BT, warps, stages = U.wgrad_params(cls)
             for R in U.RANK_PADS:
                 base = dict(R_PAD=R, EMUL_BF16=False, DOT_PREC=prec)
-                for cfg in U.gemm_configs(cls, R):
-                    c = dict(base, ACT=U.tl_dtype(dt), **cfg.kwargs)
-                    lab = f"{name} {prec} R{R} {U.config_label(cfg)}"
-                    sp = lambda fn, **types: specs.append(U.make_spec(  # noqa: E731
-                        fn, types, c, cfg.num_warps, cfg.num_stages, lab))
-                    sp(_conv_fwd_masked_kernel, x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, y_ptr=p,
-                       **ints(_SIZES + _CONV), r=i32, **geo, skip_empty=i32, scale=f32, has_bias=i32)
-                    sp(_conv_fwd_factored_kernel, x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, row_ptr=u8, y_ptr=p,
-                       **ints(_SIZES + _CONV), r=i32, scale=f32, has_bias=i32, has_row=i32)
-                    sp(_conv_dx_masked_kernel, dy_ptr=p, w_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, dx_ptr=p,
-                       **ints(_SIZES + ("sh", "sw") + _PHASE), r=i32, **geo, skip_empty=i32, scale=f32)
-                    sp(_conv_dx_factored_kernel, dy_ptr=p, w_ptr=p, a_ptr=p, b_ptr=p, row_ptr=u8, dx_ptr=p,
-                       **ints(_SIZES + ("sh", "sw") + _PHASE), r=i32, scale=f32, has_row=i32)
+                for kernel, (fn, types) in gemm_types(p).items():
+                    for cfg in U.conv_gemm_configs(kernel, cls, R):
+                        specs.append(U.make_spec(fn, types, dict(base, ACT=U.tl_dtype(dt), **cfg.kwargs),
+                                                 cfg.num_warps, cfg.num_stages, f"{name} {prec} R{R} {U.config_label(cfg)}"))
                 for T in U.WGRAD_TILES:
+                    BT, warps, stages = U.conv_wgrad_params(cls, T)
                     specs.append(U.make_spec(_conv_wgrad_masked_kernel, dict(
                         x_ptr=p, dy_ptr=p, a_ptr="*fp32", b_ptr="*fp32", mask_ptr=u8, tiles_ptr="*i32",
                         pa_ptr="*fp32", pb_ptr="*fp32", **ints(_SIZES + _CONV), r=i32, **geo,

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .. import reference as _ref
 from . import utils as U
-from .conv import _Geom, _g_tile
+from .conv import _Geom, _g_tile, _not_for_kernels
 from .utils import load_act
 
 STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
@@ -138,8 +138,9 @@ def saliency_linear(acc, x, dy, stat):
         acc.copy_(work)
 
 
-@triton.autotune(configs=U.saliency_configs(), key=["C", "H", "W", "OUT", "KH", "KW", "sh", "sw", "VARIANT", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": U.pruner(U.saliency_configs, "x_ptr")},
+@triton.autotune(configs=U.conv_saliency_configs(),
+                 key=["C", "H", "W", "OUT", "KH", "KW", "sh", "sw", "VARIANT", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": U.pruner(U.conv_saliency_configs, "x_ptr")},
                  restore_value=["acc_ptr"])   # benchmarking runs must not add to acc several times
 @triton.jit(do_not_specialize=["S"])
 def _saliency_conv_kernel(acc_ptr, x_ptr, dy_ptr, S, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW,
@@ -156,23 +157,22 @@ def _saliency_conv_kernel(acc_ptr, x_ptr, dy_ptr, S, C, H, W, OUT, OH, OW, CG, O
     ri = (pid % n_i) * BI + tl.arange(0, BI)
     o_ok = ro < OUT
     i_ok = ri < K
-    ro64 = ro.to(tl.int64)
     tot = tl.zeros((BO, BI), dtype=tl.float32)
     if VARIANT == 0:
-        tot = _g_tile(tot, x_ptr, dy_ptr, 0, S * OHW, o_first, ro64, o_ok, ri, i_ok, C, H, W, OUT, OH, OW, CG, OUTG,
+        tot = _g_tile(tot, x_ptr, dy_ptr, 0, S * OHW, o_first, ro, o_ok, ri, i_ok, C, H, W, OUT, OH, OW, CG, OUTG,
                       KH, KW, sh, sw, ph, pw, dh, dw, EMUL_BF16, DOT_PREC, BO, BT)
         if square == 0:
             tot = tl.abs(tot)
     else:
         for s in range(0, S):
             g = tl.zeros((BO, BI), dtype=tl.float32)           # g_i tile, registers only
-            g = _g_tile(g, x_ptr, dy_ptr, s * OHW, (s + 1) * OHW, o_first, ro64, o_ok, ri, i_ok, C, H, W, OUT, OH, OW,
+            g = _g_tile(g, x_ptr, dy_ptr, s * OHW, (s + 1) * OHW, o_first, ro, o_ok, ri, i_ok, C, H, W, OUT, OH, OW,
                         CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw, EMUL_BF16, DOT_PREC, BO, BT)
             if square != 0:
                 tot += g * g
             else:
                 tot += tl.abs(g)
-    ptrs = acc_ptr + ro64[:, None] * K + ri[None, :]
+    ptrs = acc_ptr + ro[:, None] * K + ri[None, :]
     ok = o_ok[:, None] & i_ok[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + tot, mask=ok)
 
@@ -188,6 +188,8 @@ def saliency_conv2d(acc, x, dy, stat, stride, padding, dilation, groups):
         # fp64 accumulators, mixed input dtypes, empty batches, channels_last: the reference (same contract).
         return _ref.saliency_conv2d(acc, x, dy, stat, stride, padding, dilation, groups)
     g = _Geom(x, acc, stride, padding, dilation, groups)
+    if _not_for_kernels(g):   # no output pixels, or int32 offsets would overflow
+        return _ref.saliency_conv2d(acc, x, dy, stat, stride, padding, dilation, groups)
     x, dy = x.contiguous(), dy.contiguous()
     work = acc if acc.is_contiguous() else acc.contiguous()
     prec = U.dot_precision() if x.dtype == torch.float32 else "ieee"
@@ -226,7 +228,7 @@ def aot_specs():
     for dt in U.ACT_DTYPES:
         for variant in (ONE_PASS, PER_SAMPLE):
             for prec in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
-                for cfg in U.saliency_configs(U.dot_class(dt, prec)):
+                for cfg in U.conv_saliency_configs(U.dot_class(dt, prec)):
                     specs.append(U.make_spec(_saliency_conv_kernel, dict(
                         acc_ptr="*fp32", x_ptr=U.ptr(dt), dy_ptr=U.ptr(dt), **conv_ints),
                         dict(VARIANT=variant, EMUL_BF16=False, DOT_PREC=prec, **cfg.kwargs),
