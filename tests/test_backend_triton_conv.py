@@ -4,14 +4,20 @@ reference oracle, on the CPU through Triton's interpreter.
 ``TRITON_INTERPRET=1`` is set here, before any Triton kernel module is imported (``@triton.jit`` picks
 interpreted or compiled at decoration time). Bounds as tests/test_backend_triton.py (``conftest.tol_check``):
 every output and gradient is within 4x the error of the straightforward formula in the test's own dtype
-(dense effective weight, torch convs) of the float64 reference, plus 8 eps of the dtype; bf16 through the
-kernels' interpreter emulation. Shapes are odd and small (the interpreter pays per program and K step).
+(dense effective weight, torch convs; for row / no mask the factored formula, i.e. the reference run in
+that dtype) of the float64 reference, plus 8 eps of the dtype; bf16 through the kernels' interpreter
+emulation. Shapes are odd and small (the interpreter pays per program and K step). One AOT compile of
+the four conv GEMM kernels for sm_80 / sm_90 checks what the interpreter cannot (that they compile).
 """
 from __future__ import annotations
 
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules below are imported
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -172,7 +178,8 @@ def test_conv_wgrad_pixel_splits_deterministic(kind, monkeypatch):
     to fp32 rounding, and repeated calls are bitwise equal (fixed-order reduction)."""
     g = torch.Generator().manual_seed(7)
     x, W = torch.randn(3, 4, 7, 6, generator=g), torch.randn(10, 4, 3, 3, generator=g)   # 3·42 = 126 pixels
-    A, B, dy = torch.randn(5, 4, 3, 3, generator=g), torch.randn(10, 5, generator=g), torch.randn(3, 10, 7, 6, generator=g)
+    A, B = torch.randn(5, 4, 3, 3, generator=g), torch.randn(10, 5, generator=g)
+    dy = torch.randn(3, 10, 7, 6, generator=g)
     m, _ = make_mask(kind, 10, 36, "random", 4, 6, g)
     args = (dy, x, W, A, B, m, kind, 4, 6, 0.3, [1, 1], [1, 1], [1, 1], 1, False, True, True)
     one = TC.masked_lora_conv2d_backward(*args)
@@ -189,7 +196,9 @@ def test_conv_wgrad_pixel_splits_deterministic(kind, monkeypatch):
 def test_dx_phases_cover_every_tap_once():
     """The stride phases partition the input plane, and over a phase's pixels its taps are exactly those
     that map the pixel to an output pixel (the brute-force transposed-conv enumeration)."""
-    for H, s, p, d, k in [(9, 2, 1, 2, 3), (8, 2, 0, 1, 1), (7, 3, 2, 2, 3), (5, 1, 1, 1, 3), (6, 2, 1, 3, 4), (2, 3, 0, 1, 2)]:
+    # (size, stride, padding, dilation, kernel)
+    for H, s, p, d, k in [(9, 2, 1, 2, 3), (8, 2, 0, 1, 1), (7, 3, 2, 2, 3), (5, 1, 1, 1, 3), (6, 2, 1, 3, 4),
+                          (2, 3, 0, 1, 2)]:
         OH = (H + 2 * p - d * (k - 1) - 1) // s + 1
         seen = {}
         for rho, n, k0, step, nk, o0, do in TC._axis_phases(H, s, p, d, k):
@@ -208,8 +217,9 @@ def test_fallbacks_and_layouts():
     (sliced) x runs the kernels on a contiguous copy."""
     g = torch.Generator().manual_seed(2)
     conv = ([1, 1], [1, 1], [1, 1], 1)
-    x, W = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64), torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
-    A, B = torch.randn(2, 3, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g, dtype=torch.float64)
+    f64 = dict(generator=g, dtype=torch.float64)
+    x, W = torch.randn(2, 3, 5, 4, **f64), torch.randn(4, 3, 3, 3, **f64)
+    A, B = torch.randn(2, 3, 3, 3, **f64), torch.randn(4, 2, **f64)
     assert torch.equal(TC.masked_lora_conv2d(x, W, None, A, B, None, NONE, 0, 0, 1.0, *conv),
                        R.masked_lora_conv2d(x, W, None, A, B, None, NONE, 0, 0, 1.0, *conv))
     x, W = x.float(), W.float()
@@ -277,3 +287,27 @@ def test_saliency_conv2d_noncontiguous_acc_and_errors():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="stat"):
         TS.saliency_conv2d(ours, x, dy, "nope", [1, 1], [1, 1], [1, 1], 1)
+
+
+# ------------------------------------------------------------------------------------------- AOT
+def test_aot_conv_gemm_kernels_both_archs(tmp_path):
+    """The four conv GEMM kernels in one specialisation each (bf16, rank 16, the 64×64 tile) through the
+    AOT path for sm_80 and sm_90: they compile, no spills. The full AOT is a separate CI step."""
+    from spare_kernels.backends.triton import aot
+    try:
+        aot.find_ptxas()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "aot.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "spare_kernels.backends.triton.aot", "--arch", "80", "90", "--jobs", "1",
+           "--only", "_conv_kernel", "bf16 ieee R16 BM64-BN64", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert sorted({r["kernel"] for r in rows}) == ["_dx_factored_conv_kernel", "_dx_masked_conv_kernel",
+                                                  "_fwd_factored_conv_kernel", "_fwd_masked_conv_kernel"]
+    assert len(rows) == 8
+    for r in rows:
+        assert r["error"] is None and r["regs"] > 0 and r["spills"] == 0, r

@@ -9,17 +9,21 @@ asked for). No autograd here: that is ``spare_kernels/ops``.
 
 Every kernel is an implicit GEMM: patches of ``x`` (or of ``dy``) are gathered from NCHW on the fly
 (stride, padding, dilation; masked loads for the padding), never the unfolded input in memory. Tiles put
-pixels on their last axis, so that neighbouring threads read neighbouring pixels of one channel plane.
+pixels on their last axis: with Triton's default order for pointers of unknown contiguity (last axis
+fastest), neighbouring threads then read neighbouring pixels of one channel plane (unverified on a GPU).
 
-- ``_conv_fwd_masked_kernel`` (element / block masks): ``yᵀ`` tile (BN output channels × BM output
+- ``_fwd_masked_conv_kernel`` (element / block masks): ``yᵀ`` tile (BN output channels × BM output
   pixels) of one group; the K loop walks (tap, BK input channels) and builds the effective weight tile
   ``W + s·M⊙(B·A)`` for those columns (``c·kh·kw + tap``) in registers exactly as linear's
   ``_fwd_masked_kernel`` does (``linear._ba_tile``, ``utils.mask_tile``), then dots it with the gathered
   patch tile. Taps outer, channels inner: a K step's gather needs one validity and offset per pixel,
-  not per (pixel, column). Block masks skip the rank-r dot of tiles with every entry off.
-- ``_conv_fwd_factored_kernel`` (row mask, no mask): the base conv GEMM and ``z = A·patches`` in the same
+  not per (pixel, column). Block masks skip the rank-r dot of tiles with every entry off; a K step's
+  columns are ``kh·kw`` apart, so with ``kh·kw > 1`` a step meets several column blocks and skips less
+  often than linear's (the rank-r dot is ``r/BM`` of the step's work; dA/dB, where skipping saves the
+  most, tile the flattened ``(out, K)`` matrix and skip exactly).
+- ``_fwd_factored_conv_kernel`` (row mask, no mask): the base conv GEMM and ``z = A·patches`` in the same
   K loop, ``s·diag(m)·(B·z)`` in the epilogue (no ``out×K`` tensor).
-- ``_conv_dx_masked_kernel`` / ``_conv_dx_factored_kernel``: ``dx`` as a gather: for each input pixel,
+- ``_dx_masked_conv_kernel`` / ``_dx_factored_conv_kernel``: ``dx`` as a gather: for each input pixel,
   the sum over the taps whose stride alignment hits of ``W_effᵀ·dy`` at the output pixel the tap maps
   it to. Input pixels are split into the ``sh·sw`` stride phases (``ih ≡ rh mod sh``, ``iw ≡ rw mod sw``,
   one launch each); within a phase the aligned taps are the same for every pixel (an arithmetic
@@ -28,7 +32,7 @@ pixels on their last axis, so that neighbouring threads read neighbouring pixels
   ``A_tapᵀ·dz`` per tap, ``dz = (s·diag(m)·B)ᵀ·dy`` per output pixel computed once by torch (a 1×1
   transposed conv, ``r/out`` of dy's size) and shared with ``dA`` (recomputing it per tap inside the
   kernel would cost ``r/BN`` of the main GEMM per channel tile and kept a second accumulator live).
-- ``_conv_wgrad_masked_kernel``: as linear's ``_wgrad_masked_kernel``: one program per (listed T×T tile
+- ``_wgrad_masked_conv_kernel``: as linear's ``_wgrad_masked_kernel``: one program per (listed T×T tile
   of the ``(out, K)`` matrix, pixel split) accumulates ``G = dyᵀ·unfold(x)`` over its pixels in registers
   (``_g_tile``, shared with the conv saliency kernel), masks it and contracts it with A and B in the
   epilogue (``linear._wgrad_partials``) into per-program partials; linear's reduce kernels sum them in a
@@ -93,7 +97,7 @@ def _out_pixels(rm, OH, OW, sh, sw, ph, pw):
 @triton.autotune(configs=U.conv_gemm_configs("fwd_masked"), key=_FWD_KEY,
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_table("fwd_masked"), "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
-def _conv_fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
+def _fwd_masked_conv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
                             N, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw,
                             r, mask_stride, row_div, col_div, bit_mask, skip_empty, scale, has_bias,
                             R_PAD: tl.constexpr, ACT: tl.constexpr, EMUL_BF16: tl.constexpr,
@@ -131,7 +135,8 @@ def _conv_fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_pt
         xt = load_act(x_pix[None, :] + (c * HW + (kh * dh * W + kw * dw))[:, None],
                       c_ok[:, None] & p_ok[None, :], EMUL_BF16)                       # (BK, BM) patches
         cols = c * KHW + tap
-        w = load_act(w_ptr + ro[:, None] * K + cols[None, :], n_ok[:, None] & c_ok[None, :], EMUL_BF16).to(tl.float32)
+        w = load_act(w_ptr + ro[:, None] * K + cols[None, :], n_ok[:, None] & c_ok[None, :],
+                     EMUL_BF16).to(tl.float32)
         on = mask_tile(mask_ptr, mask_stride, ro_m, cols, OUT, K, row_div, col_div, bit_mask)
         if skip_empty:   # block masks: a tile with every block off is W alone (no rank-r dot)
             if any_on(on):
@@ -150,7 +155,7 @@ def _conv_fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_pt
 @triton.autotune(configs=U.conv_gemm_configs("fwd_factored"), key=_FWD_KEY,
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_table("fwd_factored"), "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
-def _conv_fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
+def _fwd_factored_conv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
                               N, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw,
                               r, scale, has_bias, has_row,
                               R_PAD: tl.constexpr, ACT: tl.constexpr, EMUL_BF16: tl.constexpr,
@@ -229,7 +234,7 @@ def _phase_tap(j, n_kw, kh0, kh_step, oh0, doh, kw0, kw_step, ow0, dow):
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_table("dx_masked"), "dy_ptr")})
 @triton.jit(do_not_specialize=["N", "rh", "rw", "HR", "WR", "kh0", "kh_step", "n_kh", "oh0", "doh",
                                "kw0", "kw_step", "n_kw", "ow0", "dow"])
-def _conv_dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
+def _dx_masked_conv_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
                            N, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw,
                            rh, rw, HR, WR, kh0, kh_step, n_kh, oh0, doh, kw0, kw_step, n_kw, ow0, dow,
                            r, mask_stride, row_div, col_div, bit_mask, skip_empty, scale,
@@ -268,7 +273,8 @@ def _conv_dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
         ro = grp * OUTG + o
         ro_m = tl.where(o_ok, ro, OUT)
         cols = rc * KHW + (kh * KW + kw)
-        w = load_act(w_ptr + ro[:, None] * K + cols[None, :], o_ok[:, None] & c_ok[None, :], EMUL_BF16).to(tl.float32)
+        w = load_act(w_ptr + ro[:, None] * K + cols[None, :], o_ok[:, None] & c_ok[None, :],
+                     EMUL_BF16).to(tl.float32)
         on = mask_tile(mask_ptr, mask_stride, ro_m, cols, OUT, K, row_div, col_div, bit_mask)
         if skip_empty:
             if any_on(on):
@@ -299,7 +305,7 @@ def _dz_step(acc, dz_pix, a_ptr, pix, p_ok, cols, c_ok, c0, r, OHW, K, EMUL_BF16
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_table("dx_factored"), "dy_ptr")})
 @triton.jit(do_not_specialize=["N", "rh", "rw", "HR", "WR", "kh0", "kh_step", "n_kh", "oh0", "doh",
                                "kw0", "kw_step", "n_kw", "ow0", "dow"])
-def _conv_dx_factored_kernel(dy_ptr, dz_ptr, w_ptr, a_ptr, dx_ptr,
+def _dx_factored_conv_kernel(dy_ptr, dz_ptr, w_ptr, a_ptr, dx_ptr,
                              N, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw,
                              rh, rw, HR, WR, kh0, kh_step, n_kh, oh0, doh, kw0, kw_step, n_kw, ow0, dow, r,
                              R_PAD: tl.constexpr, ACT: tl.constexpr, EMUL_BF16: tl.constexpr,
@@ -391,7 +397,7 @@ def _g_tile(g, x_ptr, dy_ptr, t0, t1, o_first, ro, o_ok, ri, i_ok,
 
 
 @triton.jit(do_not_specialize=["N", "n_listed", "tok_per_split"])
-def _conv_wgrad_masked_kernel(x_ptr, dy_ptr, a_ptr, b_ptr, mask_ptr, tiles_ptr, pa_ptr, pb_ptr,
+def _wgrad_masked_conv_kernel(x_ptr, dy_ptr, a_ptr, b_ptr, mask_ptr, tiles_ptr, pa_ptr, pb_ptr,
                               N, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw,
                               r, mask_stride, row_div, col_div, bit_mask, n_q, n_listed, tok_per_split,
                               R_PAD: tl.constexpr, EMUL_BF16: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -490,12 +496,12 @@ def masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
     with U.device_guard(x):
         if kind in (ELEMENT, BLOCK):
             m = _mask_u8(mask)
-            _conv_fwd_masked_kernel[grid](x, weight, b, A, B, m, y, *g.sizes(), *g.conv(), r, m.stride(0),
+            _fwd_masked_conv_kernel[grid](x, weight, b, A, B, m, y, *g.sizes(), *g.conv(), r, m.stride(0),
                                           *U.mask_geometry(kind, block_o, block_i), int(kind == BLOCK), float(scale),
                                           int(bias is not None), **consts)
         elif kind in (NONE, ROW):
             row = _mask_u8(mask) if kind == ROW else _dummy_u8(x.device)
-            _conv_fwd_factored_kernel[grid](x, weight, b, A, B, row, y, *g.sizes(), *g.conv(), r, float(scale),
+            _fwd_factored_conv_kernel[grid](x, weight, b, A, B, row, y, *g.sizes(), *g.conv(), r, float(scale),
                                             int(bias is not None), int(kind == ROW), **consts)
         else:
             raise ValueError(f"unknown mask kind {kind}")
@@ -538,11 +544,11 @@ def _dx(dy, x, weight, A, B, mask, kind, block_o, block_i, scale, g: _Geom, dz=N
         m = _mask_u8(mask)
         ptrs = (dy, weight, A, B, m, dx)
         tail = (r, m.stride(0), *U.mask_geometry(kind, block_o, block_i), int(kind == BLOCK), float(scale))
-        kernel = _conv_dx_masked_kernel
+        kernel = _dx_masked_conv_kernel
     else:
         ptrs = (dy, dz, weight, A, dx)
         tail = (r,)
-        kernel = _conv_dx_factored_kernel
+        kernel = _dx_factored_conv_kernel
     for ph in _dx_phases(g):
         MR = g.N * ph[2] * ph[3]
 
@@ -590,7 +596,7 @@ def _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, ne
     pa = torch.empty(E, R_PAD, T, dtype=torch.float32, device=dev)
     A32 = lora_A.reshape(r, g.K).to(torch.float32).contiguous()
     B32 = lora_B.to(torch.float32).contiguous()
-    _conv_wgrad_masked_kernel[(E,)](x, dy, A32, B32, m, tiles, pa, pb, *g.sizes(), *g.conv(), r, m.stride(0),
+    _wgrad_masked_conv_kernel[(E,)](x, dy, A32, B32, m, tiles, pa, pb, *g.sizes(), *g.conv(), r, m.stride(0),
                                     *U.mask_geometry(kind, block_o, block_i), triton.cdiv(g.K, T), n_listed, tok,
                                     R_PAD=R_PAD, EMUL_BF16=U.bf16_emulated(x.dtype), DOT_PREC=prec, T=T, BT=BT,
                                     num_warps=warps, num_stages=stages)
@@ -671,16 +677,16 @@ def aot_specs():
 
     def gemm_types(p):
         return {
-            "fwd_masked": (_conv_fwd_masked_kernel, dict(
+            "fwd_masked": (_fwd_masked_conv_kernel, dict(
                 x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, y_ptr=p, **ints(_SIZES + _CONV), r=i32,
                 **geo, skip_empty=i32, scale=f32, has_bias=i32)),
-            "fwd_factored": (_conv_fwd_factored_kernel, dict(
+            "fwd_factored": (_fwd_factored_conv_kernel, dict(
                 x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, row_ptr=u8, y_ptr=p, **ints(_SIZES + _CONV), r=i32,
                 scale=f32, has_bias=i32, has_row=i32)),
-            "dx_masked": (_conv_dx_masked_kernel, dict(
+            "dx_masked": (_dx_masked_conv_kernel, dict(
                 dy_ptr=p, w_ptr=p, a_ptr=p, b_ptr=p, mask_ptr=u8, dx_ptr=p, **ints(_SIZES + ("sh", "sw") + _PHASE),
                 r=i32, **geo, skip_empty=i32, scale=f32)),
-            "dx_factored": (_conv_dx_factored_kernel, dict(
+            "dx_factored": (_dx_factored_conv_kernel, dict(
                 dy_ptr=p, dz_ptr=p, w_ptr=p, a_ptr=p, dx_ptr=p, **ints(_SIZES + ("sh", "sw") + _PHASE), r=i32)),
         }
 
@@ -693,11 +699,12 @@ def aot_specs():
                 base = dict(R_PAD=R, EMUL_BF16=False, DOT_PREC=prec)
                 for kernel, (fn, types) in gemm_types(p).items():
                     for cfg in U.conv_gemm_configs(kernel, cls, R):
+                        lab = f"{name} {prec} R{R} {U.config_label(cfg)}"
                         specs.append(U.make_spec(fn, types, dict(base, ACT=U.tl_dtype(dt), **cfg.kwargs),
-                                                 cfg.num_warps, cfg.num_stages, f"{name} {prec} R{R} {U.config_label(cfg)}"))
+                                                 cfg.num_warps, cfg.num_stages, lab))
                 for T in U.WGRAD_TILES:
                     BT, warps, stages = U.conv_wgrad_params(cls, T)
-                    specs.append(U.make_spec(_conv_wgrad_masked_kernel, dict(
+                    specs.append(U.make_spec(_wgrad_masked_conv_kernel, dict(
                         x_ptr=p, dy_ptr=p, a_ptr="*fp32", b_ptr="*fp32", mask_ptr=u8, tiles_ptr="*i32",
                         pa_ptr="*fp32", pb_ptr="*fp32", **ints(_SIZES + _CONV), r=i32, **geo,
                         n_q=i32, n_listed=i32, tok_per_split=i32),
