@@ -252,7 +252,8 @@ def wgrad_tile(kind: int, block_o: int, block_i: int) -> int:
 # kernels near 128 registers and spills a few bytes to gain occupancy, so the picks are not monotone
 # in tile size). The first entry of each list is for many pixels (SD-1.5 at a 64×64 latent: N·4096),
 # the second for few (the 8×8 blocks: N·64 pixels, 1280 channels); 4-warp 64×64 16-bit tiles, linear's
-# few-token choice, spill here at rank 64 (240-850 B) or sit at 250-255 registers, so 8 warps throughout.
+# few-token choice, spill here at rank 64 (fwd_factored 240 B, dx_masked 56 B on sm_80) or sit at 236-255
+# registers, so 8 warps throughout.
 def _cc(BM, BN, BK, w, st):
     return triton.Config({"BM": BM, "BN": BN, "BK": BK}, num_warps=w, num_stages=st)
 
