@@ -29,10 +29,11 @@ import sys
 import tempfile
 import time
 
-# The kernel modules that declare ``aot_specs()`` (conv adds its module here).
+# The kernel modules that declare ``aot_specs()``.
 MODULES = (
     "spare_kernels.backends.triton.linear",
     "spare_kernels.backends.triton.saliency",
+    "spare_kernels.backends.triton.conv",
 )
 
 # Integer arguments compiled as multiples of 16 (see the module docstring).

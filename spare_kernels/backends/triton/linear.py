@@ -238,6 +238,28 @@ def _dx_factored_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, row_ptr, dx_ptr,
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
 
 
+@triton.jit
+def _wgrad_partials(g, pid, ro64, ri, o_ok, i_ok, r, IN, a_ptr, b_ptr, pa_ptr, pb_ptr, DOT_PREC: tl.constexpr,
+                    R_PAD: tl.constexpr, T: tl.constexpr):
+    """Epilogue of the weight-gradient kernels (linear and conv): program ``pid``'s ``(T, R)`` / ``(R, T)``
+    partials of ``M⊙G`` (``g``, already masked) for rows ``ro64`` and cols ``ri`` of the ``(out, IN)`` weight
+    matrix; ``a_ptr`` / ``b_ptr`` are fp32 ``(r, IN)`` / ``(out, r)``."""
+    # Epilogue contractions in fp32 (adapters passed as fp32), 16 ranks at a time (one chunk of A and B
+    # live beside G, not all R; a runtime loop: unrolled, the chunks' split operands spill on sm_80):
+    # (M⊙G)·Aᵀ -> (T, R) and Bᵀ·(M⊙G) -> (R, T) partials of this program.
+    e = pid.to(tl.int64) * (T * R_PAD)
+    rt_ = tl.arange(0, T)
+    for c in range(0, R_PAD, 16):
+        rc = c + tl.arange(0, 16)
+        rc_ok = rc < r
+        a = tl.load(a_ptr + rc[:, None] * IN + ri[None, :], mask=rc_ok[:, None] & i_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + ro64[:, None] * r + rc[None, :], mask=o_ok[:, None] & rc_ok[None, :], other=0.0)
+        pb = small_dot(g, tl.trans(a), DOT_PREC)                          # (T, 16)
+        pa = small_dot(tl.trans(b), g, DOT_PREC)                          # (16, T)
+        tl.store(pb_ptr + e + rt_[:, None] * R_PAD + rc[None, :], pb)
+        tl.store(pa_ptr + e + rc[:, None] * T + rt_[None, :], pa)
+
+
 @triton.jit(do_not_specialize=["N", "n_listed", "tok_per_split"])
 def _wgrad_masked_kernel(x_ptr, dy_ptr, a_ptr, b_ptr, mask_ptr, tiles_ptr, pa_ptr, pb_ptr,
                          N, OUT, IN, r, mask_stride, row_div, col_div, bit_mask, n_q, n_listed, tok_per_split,
@@ -270,20 +292,7 @@ def _wgrad_masked_kernel(x_ptr, dy_ptr, a_ptr, b_ptr, mask_ptr, tiles_ptr, pa_pt
             dy_ptrs += BT * OUT
             x_ptrs += BT * IN
         g = tl.where(on, g, 0.0)                                          # M⊙G, never written
-    # Epilogue contractions in fp32 (adapters passed as fp32), 16 ranks at a time (one chunk of A and B
-    # live beside G, not all R; a runtime loop: unrolled, the chunks' split operands spill on sm_80):
-    # (M⊙G)·Aᵀ -> (T, R) and Bᵀ·(M⊙G) -> (R, T) partials of this program.
-    e = pid.to(tl.int64) * (T * R_PAD)
-    rt_ = tl.arange(0, T)
-    for c in range(0, R_PAD, 16):
-        rc = c + tl.arange(0, 16)
-        rc_ok = rc < r
-        a = tl.load(a_ptr + rc[:, None] * IN + ri[None, :], mask=rc_ok[:, None] & i_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + ro64[:, None] * r + rc[None, :], mask=o_ok[:, None] & rc_ok[None, :], other=0.0)
-        pb = small_dot(g, tl.trans(a), DOT_PREC)                          # (T, 16)
-        pa = small_dot(tl.trans(b), g, DOT_PREC)                          # (16, T)
-        tl.store(pb_ptr + e + rt_[:, None] * R_PAD + rc[None, :], pb)
-        tl.store(pa_ptr + e + rc[:, None] * T + rt_[None, :], pa)
+    _wgrad_partials(g, pid, ro64, ri, o_ok, i_ok, r, IN, a_ptr, b_ptr, pa_ptr, pb_ptr, DOT_PREC, R_PAD, T)
 
 
 @triton.jit(do_not_specialize=["n_listed", "n_split"])

@@ -1,4 +1,4 @@
-"""Triton kernel for linear saliency (DESIGN §1): ``acc (out, in) fp32 += stat`` over a batch of samples,
+"""Triton kernels for linear and conv2d saliency (DESIGN §1): ``acc (out, in) fp32 += stat`` over a batch of samples,
 ``x (S, T, in)``, ``dy (S, T, out)``, per-sample gradient ``g_i = Σ_t dy_tᵀ·x_t``:
 
 - ``grad_abs``: ``|Σ_i g_i|``; ``signed``: ``Σ_i g_i`` (one pass over all tokens of the G tile);
@@ -9,6 +9,13 @@ over its tokens in registers, then ``|g_i|`` or ``g_i²`` is added to the tile's
 read-modify-write of ``acc`` at the end. No per-sample gradient is ever in memory. With one token per
 sample (``T == 1``) ``g_i = dy_iᵀ·x_i`` is rank one, so ``|g_i| = |dy_i|ᵀ·|x_i|`` and ``g_i² =
 (dy_i²)ᵀ·(x_i²)``: the sample statistics become one GEMM over the samples.
+
+Conv2d (``saliency_conv2d``): ``acc`` has the weight's shape ``(out, C/g, kh, kw)``, seen as the ``(out, K)``
+matrix; ``g_i = Σ_{pixels of sample i} dy_pᵀ·unfold(x)_p``. Same scheme: one program per ``BO×BI`` tile of
+that matrix loops over the samples, each ``g_i`` tile accumulated over the sample's output pixels with the
+unfolded input gathered on the fly (``conv._g_tile``, the implicit im2col of the conv weight-gradient
+kernel); ``grad_abs`` / ``signed`` in one pass over all pixels. No rank-one shortcut (a conv sample has
+``H'·W'`` pixels; with one pixel the per-sample loop is still exact).
 
 Precision: as the reference (fp32 accumulation): 16-bit inputs go to 16-bit tensor-core dots with fp32
 accumulation (exact products); abs / square and the rank-one GEMM in fp32.
@@ -21,6 +28,7 @@ import triton.language as tl
 
 from .. import reference as _ref
 from . import utils as U
+from .conv import _Geom, _g_tile, _not_for_kernels
 from .utils import load_act
 
 STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
@@ -130,9 +138,77 @@ def saliency_linear(acc, x, dy, stat):
         acc.copy_(work)
 
 
+@triton.autotune(configs=U.conv_saliency_configs(),
+                 key=["C", "H", "W", "OUT", "KH", "KW", "sh", "sw", "VARIANT", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": U.pruner(U.conv_saliency_configs, "x_ptr")},
+                 restore_value=["acc_ptr"])   # benchmarking runs must not add to acc several times
+@triton.jit(do_not_specialize=["S"])
+def _saliency_conv_kernel(acc_ptr, x_ptr, dy_ptr, S, C, H, W, OUT, OH, OW, CG, OUTG, KH, KW,
+                          sh, sw, ph, pw, dh, dw, square,
+                          VARIANT: tl.constexpr, EMUL_BF16: tl.constexpr, DOT_PREC: tl.constexpr,
+                          BO: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr):
+    # square as in _saliency_linear_kernel; VARIANT ONE_PASS or PER_SAMPLE (pixels of a sample = OH·OW).
+    K = CG * KH * KW
+    OHW = OH * OW
+    pid = tl.program_id(0)
+    n_i = tl.cdiv(K, BI)
+    o_first = (pid // n_i) * BO
+    ro = o_first + tl.arange(0, BO)
+    ri = (pid % n_i) * BI + tl.arange(0, BI)
+    o_ok = ro < OUT
+    i_ok = ri < K
+    tot = tl.zeros((BO, BI), dtype=tl.float32)
+    if VARIANT == 0:
+        tot = _g_tile(tot, x_ptr, dy_ptr, 0, S * OHW, o_first, ro, o_ok, ri, i_ok, C, H, W, OUT, OH, OW, CG, OUTG,
+                      KH, KW, sh, sw, ph, pw, dh, dw, EMUL_BF16, DOT_PREC, BO, BT)
+        if square == 0:
+            tot = tl.abs(tot)
+    else:
+        for s in range(0, S):
+            g = tl.zeros((BO, BI), dtype=tl.float32)           # g_i tile, registers only
+            g = _g_tile(g, x_ptr, dy_ptr, s * OHW, (s + 1) * OHW, o_first, ro, o_ok, ri, i_ok, C, H, W, OUT, OH, OW,
+                        CG, OUTG, KH, KW, sh, sw, ph, pw, dh, dw, EMUL_BF16, DOT_PREC, BO, BT)
+            if square != 0:
+                tot += g * g
+            else:
+                tot += tl.abs(g)
+    ptrs = acc_ptr + ro[:, None] * K + ri[None, :]
+    ok = o_ok[:, None] & i_ok[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + tot, mask=ok)
+
+
+def saliency_conv2d(acc, x, dy, stat, stride, padding, dilation, groups):
+    """``acc`` (weight shape, fp32) ``+= stat``; ``x (S, C, H, W)``, ``dy (S, out, H', W')`` (the reference's
+    contract)."""
+    if stat not in STATS:
+        raise ValueError(f"stat: unknown {stat!r}")
+    if (acc.dtype != torch.float32 or x.dtype not in U.ACT_DTYPES or dy.dtype != x.dtype or x.dim() != 4
+            or x.numel() == 0 or dy.numel() == 0 or acc.numel() == 0
+            or (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))):
+        # fp64 accumulators, mixed input dtypes, empty batches, channels_last: the reference (same contract).
+        return _ref.saliency_conv2d(acc, x, dy, stat, stride, padding, dilation, groups)
+    g = _Geom(x, acc, stride, padding, dilation, groups)
+    if _not_for_kernels(g):   # no output pixels, or int32 offsets would overflow
+        return _ref.saliency_conv2d(acc, x, dy, stat, stride, padding, dilation, groups)
+    x, dy = x.contiguous(), dy.contiguous()
+    work = acc if acc.is_contiguous() else acc.contiguous()
+    prec = U.dot_precision() if x.dtype == torch.float32 else "ieee"
+    variant = PER_SAMPLE if stat.startswith("sample_") else ONE_PASS
+
+    def grid(meta):
+        return (triton.cdiv(g.OUT, meta["BO"]) * triton.cdiv(g.K, meta["BI"]),)
+
+    with U.device_guard(x):
+        _saliency_conv_kernel[grid](work, x, dy, *g.sizes(), *g.conv(), int(stat in ("signed", "sample_sq")),
+                                    VARIANT=variant, EMUL_BF16=U.bf16_emulated(x.dtype), DOT_PREC=prec)
+    if work is not acc:
+        acc.copy_(work)
+
+
 def aot_specs():
-    """Every specialisation ``saliency_linear`` launches on a GPU (compiled by ``aot.py``): activation
-    dtypes × variants × fp32 dot precisions where fp32 dots occur × the autotune set of the dot class."""
+    """Every specialisation ``saliency_linear`` and ``saliency_conv2d`` launch on a GPU (compiled by
+    ``aot.py``): activation dtypes × variants × fp32 dot precisions where fp32 dots occur × the autotune set
+    of the dot class."""
     specs = []
     names = {ONE_PASS: "one-pass", PER_SAMPLE: "per-sample", RANK_ONE: "rank-one"}
     for dt in U.ACT_DTYPES:
@@ -145,6 +221,17 @@ def aot_specs():
                         acc_ptr="*fp32", x_ptr=U.ptr(dt), dy_ptr=U.ptr(dt), S="i32", T="i32", OUT="i32", IN="i32",
                         square="i32"),
                         dict(VARIANT=variant, FP32_DOTS=fp32_dots, EMUL_BF16=False, DOT_PREC=prec, **cfg.kwargs),
+                        cfg.num_warps, cfg.num_stages,
+                        f"{names[variant]} {U.SIG_DTYPES[dt]} {prec} {U.config_label(cfg)}"))
+    conv_ints = {n: "i32" for n in ("S", "C", "H", "W", "OUT", "OH", "OW", "CG", "OUTG", "KH", "KW",
+                                    "sh", "sw", "ph", "pw", "dh", "dw", "square")}
+    for dt in U.ACT_DTYPES:
+        for variant in (ONE_PASS, PER_SAMPLE):
+            for prec in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
+                for cfg in U.conv_saliency_configs(U.dot_class(dt, prec)):
+                    specs.append(U.make_spec(_saliency_conv_kernel, dict(
+                        acc_ptr="*fp32", x_ptr=U.ptr(dt), dy_ptr=U.ptr(dt), **conv_ints),
+                        dict(VARIANT=variant, EMUL_BF16=False, DOT_PREC=prec, **cfg.kwargs),
                         cfg.num_warps, cfg.num_stages,
                         f"{names[variant]} {U.SIG_DTYPES[dt]} {prec} {U.config_label(cfg)}"))
     return specs

@@ -242,6 +242,98 @@ def wgrad_tile(kind: int, block_o: int, block_i: int) -> int:
     return WGRAD_TILES[0]
 
 
+# ------------------------------------------------------------------------ conv autotune sets
+# conv.py's implicit-GEMM kernels: BM output (or, in dx, input) pixels × BN output (dx: input) channels,
+# K step BK channels of one tap. Their register use is not linear's: every K step gathers its x / dy
+# tile through per-pixel offsets and padding masks, the masked kernels read W, the mask and A at columns
+# c·kh·kw + tap, and dx_factored adds a rank-r step per tap. So each kernel has its own lists, per dot
+# class and padded rank: every entry was compiled for sm_80 and sm_90 (``aot.py``, ptxas -v) from
+# candidates around linear's sets, and these are the ones without spills (ptxas often caps 8-warp
+# kernels near 128 registers and spills a few bytes to gain occupancy, so the picks are not monotone
+# in tile size). The first entry of each list is for many pixels (SD-1.5 at a 64×64 latent: N·4096),
+# the second for few (the 8×8 blocks: N·64 pixels, 1280 channels); 4-warp 64×64 16-bit tiles, linear's
+# few-token choice, spill here at rank 64 (fwd_factored 240 B, dx_masked 56 B on sm_80) or sit at 236-255
+# registers, so 8 warps throughout.
+def _cc(BM, BN, BK, w, st):
+    return triton.Config({"BM": BM, "BN": BN, "BK": BK}, num_warps=w, num_stages=st)
+
+
+_C128x64 = _cc(128, 64, 32, 8, 3)       # the 16-bit / tf32 "many pixels" tile (128×128 reaches 255 registers)
+_C64x128 = _cc(64, 128, 32, 8, 3)       # dx_masked rank 16: 128×64 spills 8 B on sm_80 there
+_C64x64 = _cc(64, 64, 32, 8, 3)         # few pixels (16-bit, tf32)
+_C128x64k16 = _cc(128, 64, 16, 8, 3)    # tf32 factored kernels where the BK 32 tile spills (16-64 B on sm_80)
+_C64x64k16 = _cc(64, 64, 16, 8, 3)      # tf32 fwd_factored rank 64 few pixels (BK 32: 255 registers)
+_C64x64s2 = _cc(64, 64, 32, 8, 2)       # tf32 dx_factored few pixels (3 stages: 221-255 registers)
+_F64x64 = _GEMM["fma"][0]               # fp32 "ieee": linear's 64×64×16, 8 warps, 2 stages
+_F32x64 = _GEMM["fma"][1]               # and its 32×64×16, 3 stages
+_F64x32 = _cc(64, 32, 16, 8, 2)         # fma where 64×64 spills (rank 32/64: 24-316 B)
+_F32x64s2 = _cc(32, 64, 16, 8, 2)       # fma fwd_masked rank 64 (3 stages spill 316 B on sm_90)
+_CONV_GEMM = {
+    "fwd_masked": {"mma16": {16: [_C128x64, _C64x64]},
+                   "tf32": {16: [_C128x64, _C64x64]},
+                   "fma": {16: [_F64x64, _F32x64], 32: [_F64x32, _F32x64], 64: [_F64x64, _F32x64s2]}},
+    "fwd_factored": {"mma16": {16: [_C128x64, _C64x64]},
+                     "tf32": {16: [_C128x64k16, _C64x64], 32: [_C128x64, _C64x64], 64: [_C128x64k16, _C64x64k16]},
+                     "fma": {16: [_F64x64, _F32x64], 64: [_F64x32]}},
+    "dx_masked": {"mma16": {16: [_C64x128, _C64x64], 32: [_C128x64, _C64x64]},
+                  "tf32": {16: [_C128x64, _C64x64]},
+                  "fma": {16: [_F64x64, _F32x64]}},
+    "dx_factored": {"mma16": {16: [_C128x64, _C64x64]},
+                    "tf32": {16: [_C128x64k16, _C64x64s2]},
+                    "fma": {16: [_F64x64, _F32x64], 32: [_F64x32, _F32x64]}},
+}
+CONV_KERNELS = tuple(_CONV_GEMM)
+
+
+def _by_rank(table, r_pad):
+    """``table[r]`` for the largest listed ``r <= r_pad`` (a list holds from its rank up to the next)."""
+    return table[max(r for r in table if r <= (r_pad or 16))]
+
+
+def conv_gemm_configs(kernel: str, cls: str | None = None, r_pad: int | None = None):
+    """Autotune set of conv kernel ``kernel`` (``CONV_KERNELS``) for dot class ``cls`` and padded rank
+    ``r_pad`` (everything, for the ``triton.autotune`` decorator, when ``cls`` is None)."""
+    if INTERPRET:
+        return [_INTERP_GEMM]
+    t = _CONV_GEMM[kernel]
+    if cls is None:
+        return _unique([c for per in t.values() for v in per.values() for c in v])
+    return list(_by_rank(t[cls], r_pad))
+
+
+def conv_table(kernel: str):
+    """``conv_gemm_configs`` of one kernel as a ``(cls, r_pad)`` table function (for :func:`pruner`)."""
+    return lambda cls=None, r_pad=None: conv_gemm_configs(kernel, cls, r_pad)
+
+
+# Conv weight-gradient kernel: (pixels per K step, warps, stages) per dot class and tile T (the launcher
+# picks T as linear's, ``wgrad_tile``). Each step gathers a (T, BT) x tile with per-(column, pixel) padding
+# masks, so the steps are shorter than linear's: 16-bit BT 64 at T 64 sits at 240-255 registers, and at T
+# 32 8 warps get capped to 128 registers with 32-56 B of spills; tf32 T 64 spills 40 B on sm_80 with 3
+# stages; fma T 64 spills 32-40 B with 3 stages.
+_CONV_WGRAD = {("mma16", 64): (32, 8, 3), ("mma16", 32): (32, 4, 3),
+               ("tf32", 64): (32, 8, 2), ("tf32", 32): (16, 8, 3),
+               ("fma", 64): (16, 8, 2), ("fma", 32): (16, 8, 3)}
+
+
+def conv_wgrad_params(cls: str, T: int):
+    """``(BT, num_warps, num_stages)`` of the conv weight-gradient kernel for tile ``T``."""
+    return (32, 4, 1) if INTERPRET else _CONV_WGRAD[(cls, T)]
+
+
+# Conv saliency: linear's sets, except fp32 "ieee" few-pixel tile: 32×64 with 2 stages gets capped to 128
+# registers and spills 60 B on sm_80 in the per-sample variant; 3 stages do not.
+_SALIENCY_CONV_F32x64 = triton.Config({"BO": 32, "BI": 64, "BT": 16}, num_warps=8, num_stages=3)
+_SALIENCY_CONV = dict(_SALIENCY, fma=[_SALIENCY["fma"][0], _SALIENCY_CONV_F32x64])
+
+
+def conv_saliency_configs(cls: str | None = None, r_pad: int | None = None):
+    """The conv saliency kernel's autotune set for dot class ``cls`` (as :func:`saliency_configs`)."""
+    if INTERPRET:
+        return [_INTERP_SALIENCY]
+    return list(_SALIENCY_CONV[cls]) if cls else _unique([c for v in _SALIENCY_CONV.values() for c in v])
+
+
 # ------------------------------------------------------------------------------- jit helpers
 @triton.jit
 def load_act(ptrs, mask, EMUL_BF16: tl.constexpr):
