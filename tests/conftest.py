@@ -1,9 +1,15 @@
+import importlib.util
 import os
 
 import pytest
 import torch
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "inductor"))
+# Without a GPU the triton backend runs through Triton's interpreter, so it joins the `backend` and
+# `backend_device` fixtures (forced on CPU tensors) like every other backend. It must be set before
+# spare_kernels loads its backends; TRITON_INTERPRET=0 in the environment opts out.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from spare_kernels.backends import registry  # noqa: E402
 
