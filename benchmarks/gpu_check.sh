@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The project's GPU check, for a fresh GPU machine (torch with CUDA, triton, nvcc, pytest; no network;
-# diffusers may be missing: wheels in .whl/ beside the repository root are installed first).
+# diffusers and peft may be missing: wheels in .whl/ at the repository root are installed first).
 #   benchmarks/gpu_check.sh OUTDIR
-# Builds the package in place, then: the self-check (every op on every backend against the reference),
-# the GPU tests (pytest -m gpu) and the quick GPU benchmark. Writes env.txt, build.log, selfcheck.txt,
-# pytest_gpu.txt, bench.txt, gpu_quick.json and table.md to OUTDIR. Each step has its own time limit so
-# the whole script ends within 8 minutes; a failing step is recorded and the next one still runs.
+# Builds the package in place, then: the AOT register/spill table for this GPU's arch, the self-check
+# (every op on every backend against the reference), the GPU tests (pytest -m gpu) and the quick GPU
+# benchmark. Writes env.txt, build.log, aot.txt, selfcheck.txt, pytest_gpu.txt, bench.txt,
+# gpu_quick.json and table.md to OUTDIR. Each step has its own time limit so the whole script ends
+# within 8 minutes; a failing step is recorded and the next one still runs.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -28,9 +29,13 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="$PYTHONPATH:/tmp/spare_site"
 fi
 # The native CPU extension, built in place against this torch (the GPU kernels are Triton: JIT).
-step build 90 build.log env SPARE_KERNELS_BUILD_CUDA=0 MAX_JOBS=16 "$py" setup.py build_ext --inplace
+step build 75 build.log env SPARE_KERNELS_BUILD_CUDA=0 MAX_JOBS=16 "$py" setup.py build_ext --inplace
+# Registers and spills of every Triton specialisation under this machine's triton, for its own arch
+# (CI compiles with triton 3.8; the two versions allocate registers differently).
+cc=$("$py" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null || echo 90)
+step aot 45 aot.txt "$py" -m spare_kernels.backends.triton.aot --arch "$cc" --jobs 16
 step selfcheck 120 selfcheck.txt "$py" -m spare_kernels.selfcheck
-step pytest_gpu 90 pytest_gpu.txt "$py" -m pytest -q -m gpu -p no:cacheprovider tests
-step bench 180 bench.txt "$py" -m benchmarks.gpu --quick --out "$out/gpu_quick.json"
+step pytest_gpu 75 pytest_gpu.txt "$py" -m pytest -q -m gpu -p no:cacheprovider tests
+step bench 165 bench.txt "$py" -m benchmarks.gpu --quick --out "$out/gpu_quick.json"
 [ -f "$out/gpu_quick.json" ] && "$py" -m benchmarks.gpu --report "$out/gpu_quick.json" >"$out/table.md" 2>&1
 exit $status

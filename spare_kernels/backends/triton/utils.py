@@ -248,9 +248,11 @@ def wgrad_tile(kind: int, block_o: int, block_i: int) -> int:
 # tile through per-pixel offsets and padding masks, the masked kernels read W, the mask and A at columns
 # c·kh·kw + tap, and dx_factored adds a rank-r step per tap. So each kernel has its own lists, per dot
 # class and padded rank: every entry was compiled for sm_80 and sm_90 (``aot.py``, ptxas -v) from
-# candidates around linear's sets, and these are the ones without spills (ptxas often caps 8-warp
-# kernels near 128 registers and spills a few bytes to gain occupancy, so the picks are not monotone
-# in tile size). The first entry of each list is for many pixels (SD-1.5 at a 64×64 latent: N·4096),
+# candidates around linear's sets, and these are the ones without spills with triton 3.6 (what the GPU
+# machines run) and 3.8 (CI) alike (the two allocate differently: 18 compiles of picks made against 3.8
+# alone spilled 8-228 B under 3.6, mostly on sm_80, hence BK 16 or 2 stages where noted). ptxas often caps
+# 8-warp kernels near 128 registers and spills a few bytes to gain occupancy, so the picks are not
+# monotone in tile size. The first entry of each list is for many pixels (SD-1.5 at a 64×64 latent: N·4096),
 # the second for few (the 8×8 blocks: N·64 pixels, 1280 channels); 4-warp 64×64 16-bit tiles, linear's
 # few-token choice, spill here at rank 64 (fwd_factored 240 B, dx_masked 56 B on sm_80) or sit at 236-255
 # registers, so 8 warps throughout.
@@ -263,24 +265,26 @@ _C64x128 = _cc(64, 128, 32, 8, 3)       # dx_masked rank 16: 128×64 spills 8 B 
 _C64x64 = _cc(64, 64, 32, 8, 3)         # few pixels (16-bit, tf32)
 _C128x64k16 = _cc(128, 64, 16, 8, 3)    # tf32 factored kernels where the BK 32 tile spills (16-64 B on sm_80)
 _C64x64k16 = _cc(64, 64, 16, 8, 3)      # tf32 fwd_factored rank 64 few pixels (BK 32: 255 registers)
-_C64x64s2 = _cc(64, 64, 32, 8, 2)       # tf32 dx_factored few pixels (3 stages: 221-255 registers)
+_C128x64s2 = _cc(128, 64, 32, 8, 2)    # tf32 fwd_masked rank 64 (3 stages: 8 B of spills on sm_80, 3.6)
+_C128x64k16s2 = _cc(128, 64, 16, 8, 2)  # tf32 dx_factored (3 stages: 20 B at rank 64, sm_80, 3.6)
 _F64x64 = _GEMM["fma"][0]               # fp32 "ieee": linear's 64×64×16, 8 warps, 2 stages
 _F32x64 = _GEMM["fma"][1]               # and its 32×64×16, 3 stages
 _F64x32 = _cc(64, 32, 16, 8, 2)         # fma where 64×64 spills (rank 32/64: 24-316 B)
+_F64x32s3 = _cc(64, 32, 16, 8, 3)       # fma dx_factored rank 32 (2 stages: 20 B, 3.6)
 _F32x64s2 = _cc(32, 64, 16, 8, 2)       # fma fwd_masked rank 64 (3 stages spill 316 B on sm_90)
 _CONV_GEMM = {
     "fwd_masked": {"mma16": {16: [_C128x64, _C64x64]},
-                   "tf32": {16: [_C128x64, _C64x64]},
+                   "tf32": {16: [_C128x64, _C64x64], 64: [_C128x64s2, _C64x64]},
                    "fma": {16: [_F64x64, _F32x64], 32: [_F64x32, _F32x64], 64: [_F64x64, _F32x64s2]}},
     "fwd_factored": {"mma16": {16: [_C128x64, _C64x64]},
-                     "tf32": {16: [_C128x64k16, _C64x64], 32: [_C128x64, _C64x64], 64: [_C128x64k16, _C64x64k16]},
+                     "tf32": {16: [_C128x64k16, _C64x64k16]},   # BK 32: 16-72 B on sm_80 under 3.6
                      "fma": {16: [_F64x64, _F32x64], 64: [_F64x32]}},
     "dx_masked": {"mma16": {16: [_C64x128, _C64x64], 32: [_C128x64, _C64x64]},
-                  "tf32": {16: [_C128x64, _C64x64]},
+                  "tf32": {16: [_C128x64k16, _C64x64]},   # BK 32: 76-124 B on sm_80 under 3.6
                   "fma": {16: [_F64x64, _F32x64]}},
-    "dx_factored": {"mma16": {16: [_C128x64, _C64x64]},
-                    "tf32": {16: [_C128x64k16, _C64x64s2]},
-                    "fma": {16: [_F64x64, _F32x64], 32: [_F64x32, _F32x64]}},
+    "dx_factored": {"mma16": {16: [_C128x64k16, _C64x64]},   # BK 32: 20-228 B on sm_80 under 3.6
+                    "tf32": {16: [_C128x64k16s2, _C64x64k16]},
+                    "fma": {16: [_F64x64, _F32x64], 32: [_F64x32s3, _F32x64]}},
 }
 CONV_KERNELS = tuple(_CONV_GEMM)
 
@@ -308,10 +312,10 @@ def conv_table(kernel: str):
 
 # Conv weight-gradient kernel: (pixels per K step, warps, stages) per dot class and tile T (the launcher
 # picks T as linear's, ``wgrad_tile``). Each step gathers a (T, BT) x tile with per-(column, pixel) padding
-# masks, so the steps are shorter than linear's: 16-bit BT 64 at T 64 sits at 240-255 registers, and at T
-# 32 8 warps get capped to 128 registers with 32-56 B of spills; tf32 T 64 spills 40 B on sm_80 with 3
-# stages; fma T 64 spills 32-40 B with 3 stages.
-_CONV_WGRAD = {("mma16", 64): (32, 8, 3), ("mma16", 32): (32, 4, 3),
+# masks, so the steps are shorter than linear's: 16-bit BT 64 at T 64 sits at 240-255 registers; 16-bit
+# T 32 with 4 warps spills 8 B on sm_90 under triton 3.6 (8 warps: 64-127 registers, none); tf32 T 64
+# spills 40 B on sm_80 with 3 stages; fma T 64 spills 32-40 B with 3 stages.
+_CONV_WGRAD = {("mma16", 64): (32, 8, 3), ("mma16", 32): (32, 8, 3),
                ("tf32", 64): (32, 8, 2), ("tf32", 32): (16, 8, 3),
                ("fma", 64): (16, 8, 2), ("fma", 32): (16, 8, 3)}
 
@@ -321,10 +325,11 @@ def conv_wgrad_params(cls: str, T: int):
     return (32, 4, 1) if INTERPRET else _CONV_WGRAD[(cls, T)]
 
 
-# Conv saliency: linear's sets, except fp32 "ieee" few-pixel tile: 32×64 with 2 stages gets capped to 128
-# registers and spills 60 B on sm_80 in the per-sample variant; 3 stages do not.
-_SALIENCY_CONV_F32x64 = triton.Config({"BO": 32, "BI": 64, "BT": 16}, num_warps=8, num_stages=3)
-_SALIENCY_CONV = dict(_SALIENCY, fma=[_SALIENCY["fma"][0], _SALIENCY_CONV_F32x64])
+# Conv saliency: linear's sets, except fp32 "ieee" few-pixel tile: 32×64×16 spills in the per-sample
+# variant on sm_80 with every stage / warp count tried under one of triton 3.6 and 3.8 (60-168 B);
+# 32×32 with 4 warps and 3 stages spills under neither (157-193 registers).
+_SALIENCY_CONV_F32x32 = triton.Config({"BO": 32, "BI": 32, "BT": 16}, num_warps=4, num_stages=3)
+_SALIENCY_CONV = dict(_SALIENCY, fma=[_SALIENCY["fma"][0], _SALIENCY_CONV_F32x32])
 
 
 def conv_saliency_configs(cls: str | None = None, r_pad: int | None = None):
