@@ -46,7 +46,7 @@ from spare_kernels.bench import time_side_by_side
 from spare_kernels.utils.io import write_json
 
 from .baselines import layer_schemes, make_layer_case
-from .shapes import CONFIGS, build_unet, layer_shapes
+from .shapes import CONFIGS, build_unet, describe, layer_shapes
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SECTIONS = ("layers", "saliency", "step", "run")
@@ -80,15 +80,6 @@ def _sync(dev):
 
 
 # --------------------------------------------------------------------------------------------- layers
-def describe(spec) -> str:
-    if spec["kind"] == "linear":
-        return f"linear {spec['n']}x{spec['in']}->{spec['out']}"
-    n, c, h, w = spec["x"]
-    o, _, kh, kw = spec["weight"]
-    s = spec["stride"][0]
-    return f"conv {n}x{c}x{h}x{w} {kh}x{kw}->{o}" + (f" s{s}" if s != 1 else "")
-
-
 def layers(dev, dtype, config, latent, batches, ranks, reps, limit=None, log=print):
     rows = []
     for batch in batches:

@@ -16,7 +16,7 @@ from spare_kernels.bench import time_side_by_side
 from spare_kernels.utils.io import write_json
 
 from .baselines import layer_schemes, make_layer_case
-from .shapes import layer_shapes
+from .shapes import describe, layer_shapes
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # (column, numerator, denominator, target): the targets, checked per row
@@ -27,15 +27,6 @@ RATIOS = [
     ("dense/peft", "ours_dense", "peft", None),
     ("peft/floor", "peft", "floor", None),
 ]
-
-
-def describe(spec):
-    if spec["kind"] == "linear":
-        return f"linear {spec['n']}x{spec['in']}->{spec['out']}"
-    n, c, h, w = spec["x"]
-    o, _, kh, kw = spec["weight"]
-    s = spec["stride"][0]
-    return f"conv {n}x{c}x{h}x{w} {kh}x{kw}->{o}" + (f" s{s}" if s != 1 else "")
 
 
 # What `make demo` times: the SD-1.5 attention, cross-attention and feed-forward shapes, batch 1.

@@ -64,3 +64,13 @@ def layer_shapes(config: str = "sd15", batch: int = 1, latent: int = 32) -> list
 if __name__ == "__main__":
     for r in layer_shapes():
         print({k: v for k, v in r.items() if k != "names"})
+
+
+def describe(spec) -> str:
+    """A layer spec (``layer_shapes``) as a table label."""
+    if spec["kind"] == "linear":
+        return f"linear {spec['n']}x{spec['in']}->{spec['out']}"
+    n, c, h, w = spec["x"]
+    o, _, kh, kw = spec["weight"]
+    s = spec["stride"][0]
+    return f"conv {n}x{c}x{h}x{w} {kh}x{kw}->{o}" + (f" s{s}" if s != 1 else "")
