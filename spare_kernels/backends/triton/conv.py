@@ -71,7 +71,7 @@ from ... import maskfmt as fmt
 from .. import reference as _ref
 from . import utils as U
 from .linear import (_ba_tile, _dummy_u8, _fallback, _gemm_consts, _kernel_adapters, _mask_u8, _reduce_da_kernel,
-                     _reduce_db_kernel, _tile_plan, _token_split, _wgrad_partials)
+                     _reduce_db_kernel, _row_factor, _tile_plan, _token_split, _wgrad_partials)
 from .utils import any_on, grouped_tile, load_act, mask_tile, mm_operand, small_dot
 
 NONE, ELEMENT, BLOCK, ROW = fmt.NONE, fmt.ELEMENT, fmt.BLOCK, fmt.ROW
@@ -559,13 +559,6 @@ def _dx(dy, x, weight, A, B, mask, kind, block_o, block_i, scale, g: _Geom, dz=N
     return dx
 
 
-def _row_factor(mask, kind, scale, out, device):
-    """``s·m`` per output channel (fp32), the factor of the factored paths."""
-    if kind == NONE:
-        return torch.full((out,), float(scale), dtype=torch.float32, device=device)
-    return mask.reshape(-1).to(torch.float32) * scale
-
-
 def _dz(dy, lora_B, rs, g: _Geom):
     """``dz = (s·diag(m)·B)ᵀ·dy`` per output pixel, ``(N, groups·r, H', W')`` in the activation dtype (as the
     reference's ``dz``): a 1×1 transposed conv (torch), ``r/out`` of ``dy``'s size; shared by dx and dA."""
@@ -617,8 +610,7 @@ def _wgrad_factored(dy, x, lora_A, lora_B, rs, dz, need_dA, need_dB, g: _Geom):
     sum in fp32)."""
     dt = x.dtype
     r = lora_A.shape[0]
-    A = lora_A.to(dt)
-    Af = A.repeat(g.groups, 1, 1, 1) if g.groups > 1 else A
+    Af = _ref._conv_A_factored(lora_A, g.groups, dt)
     conv = dict(stride=(g.sh, g.sw), padding=(g.ph, g.pw), dilation=(g.dh, g.dw), groups=g.groups)
     dA = dB = None
     if need_dB:
@@ -645,11 +637,12 @@ def masked_lora_conv2d_backward(dy, x, weight, lora_A, lora_B, mask, kind, block
     dx = dA = dB = None
     factored = kind in (NONE, ROW)
     with U.device_guard(x):
-        rs = _row_factor(mask, kind, scale, g.OUT, x.device) if factored else None
+        rs = _row_factor(mask, kind, scale, g.OUT, x.device, torch.float32) if factored else None
         dz = _dz(dy, lora_B, rs, g) if factored and (need_dx or need_dA) else None
         if need_dx:
             r = lora_A.shape[0]
-            A, B = _kernel_adapters(lora_A.reshape(r, g.K), lora_B, x.dtype)
+            # The factored kernel reads dz, B folded into it: no copy of B for it.
+            A, B = _kernel_adapters(lora_A.reshape(r, g.K), None if factored else lora_B, x.dtype)
             dx = _dx(dy, x, weight.contiguous(), A, B, mask, kind, block_o, block_i, scale, g, dz)
         if need_dA or need_dB:
             if factored:

@@ -347,8 +347,8 @@ def _fallback(x, lora_A) -> bool:
 
 def _kernel_adapters(lora_A, lora_B, dt):
     """A, B as the GEMM kernels read them: in the activation dtype (a copy of r·(in+out) entries only
-    for fp32 adapters under 16-bit activations; the kernels round them so anyway)."""
-    return lora_A.to(dt).contiguous(), lora_B.to(dt).contiguous()
+    for fp32 adapters under 16-bit activations; the kernels round them so anyway). ``lora_B`` None: None."""
+    return lora_A.to(dt).contiguous(), None if lora_B is None else lora_B.to(dt).contiguous()
 
 
 def _mask_u8(mask):
@@ -535,14 +535,21 @@ def _wgrad_masked(dy, x, lora_A, lora_B, mask, kind, block_o, block_i, scale, ne
     return (dA.to(lora_A.dtype) if need_dA else None), (dB.to(lora_B.dtype) if need_dB else None)
 
 
+def _row_factor(mask, kind, scale, out, device, dtype):
+    """``s·m`` per output channel in ``dtype``, the factor of the factored paths (``m`` all ones for
+    ``NONE``)."""
+    if kind == NONE:
+        return torch.full((out,), float(scale), dtype=dtype, device=device)
+    return mask.reshape(-1).to(dtype) * scale
+
+
 def _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB):
     """Row / no mask: ``dB = s·diag(m)·dyᵀ·(x·Aᵀ)``, ``dA = (dy·(s·diag(m)·B))ᵀ·x``, small torch GEMMs in
     the activation dtype (as the reference), no ``(N, out)`` temporary."""
     dt = x.dtype
     A = lora_A.to(dt)
     B = lora_B.to(dt)
-    rs = torch.full((B.shape[0],), float(scale), dtype=dt, device=x.device) if kind == NONE \
-        else mask.reshape(-1).to(dt) * scale
+    rs = _row_factor(mask, kind, scale, B.shape[0], x.device, dt)
     dA = dB = None
     if need_dB:
         dB = ((dy.t() @ (x @ A.t())) * rs[:, None]).to(lora_B.dtype)

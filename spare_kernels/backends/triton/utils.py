@@ -15,9 +15,10 @@ import triton
 import triton.language as tl
 
 from ... import maskfmt as fmt
+from . import interpreting
 
-# Same parsing as triton's own knob (``knobs.env_bool``), read once, like ``@triton.jit`` does.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+# Read once, like ``@triton.jit`` does (it decides at decoration time).
+INTERPRET = interpreting()
 
 # Largest adapter rank the kernels take: the factored kernels hold (BM, R) accumulators and the
 # weight-gradient partials are (T, R) per tile; ranks up to 64 are compiled ahead of time and checked
