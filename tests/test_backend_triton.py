@@ -1,8 +1,9 @@
 """The Triton backend (spare_kernels/backends/triton) against the reference oracle, on the CPU through
 Triton's interpreter, plus one ahead-of-time compile for sm_80 / sm_90.
 
-``TRITON_INTERPRET=1`` is set here, before any Triton kernel module is imported (``@triton.jit`` picks
-interpreted or compiled at decoration time). Every output and gradient is bounded flash-attention style
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` when there is no GPU, before any Triton kernel module
+is imported (``@triton.jit`` picks interpreted or compiled at decoration time); without the interpreter
+(a GPU machine, or ``TRITON_INTERPRET=0``) these tests skip. Every output and gradient is bounded flash-attention style
 (``conftest.tol_check``): its error against the reference run in float64 is at most 4x the error of the
 straightforward formula run in the test's own dtype, plus a floor of 8 eps of the dtype. bf16 runs through
 the kernels' interpreter emulation (``utils.bf16_emulated``: bf16 tiles carried as fp32 after rounding,
@@ -10,16 +11,13 @@ since numpy holds bf16 as raw uint16), against the same bf16-scaled bound.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules below are imported
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -30,9 +28,9 @@ from spare_kernels.backends.triton import linear as TL  # noqa: E402
 from spare_kernels.backends.triton import saliency as TS  # noqa: E402
 from spare_kernels.backends.triton import utils as TU  # noqa: E402
 
-if not TU.INTERPRET:   # a kernel module was imported earlier in this process without the interpreter
-    pytest.skip("spare_kernels.backends.triton was imported before TRITON_INTERPRET=1 was set",
-                allow_module_level=True)
+if not TU.INTERPRET:
+    pytest.skip("Triton's interpreter is off (a GPU machine, or TRITON_INTERPRET=0): these tests run the "
+                "kernels through it", allow_module_level=True)
 
 NONE, ELEMENT, BLOCK, ROW = fmt.NONE, fmt.ELEMENT, fmt.BLOCK, fmt.ROW
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -1,8 +1,9 @@
 """The Triton backend's conv2d kernels (spare_kernels/backends/triton/conv.py, saliency_conv2d) against the
 reference oracle, on the CPU through Triton's interpreter.
 
-``TRITON_INTERPRET=1`` is set here, before any Triton kernel module is imported (``@triton.jit`` picks
-interpreted or compiled at decoration time). Bounds as tests/test_backend_triton.py (``conftest.tol_check``):
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` when there is no GPU, before any Triton kernel module
+is imported (``@triton.jit`` picks interpreted or compiled at decoration time); without the interpreter
+(a GPU machine, or ``TRITON_INTERPRET=0``) these tests skip. Bounds as tests/test_backend_triton.py (``conftest.tol_check``):
 every output and gradient is within 4x the error of the straightforward formula in the test's own dtype
 (dense effective weight, torch convs; for row / no mask the factored formula, i.e. the reference run in
 that dtype) of the float64 reference, plus 8 eps of the dtype; bf16 through the kernels' interpreter
@@ -11,18 +12,15 @@ the four conv GEMM kernels for sm_80 / sm_90 checks what the interpreter cannot 
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules below are imported
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.grad import conv2d_input, conv2d_weight  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 pytest.importorskip("triton")
 
@@ -34,9 +32,9 @@ from spare_kernels.backends.triton import saliency as TS  # noqa: E402
 from spare_kernels.backends.triton import utils as TU  # noqa: E402
 from test_backend_triton import DTYPES, _d, make_mask  # noqa: E402
 
-if not TU.INTERPRET:   # a kernel module was imported earlier in this process without the interpreter
-    pytest.skip("spare_kernels.backends.triton was imported before TRITON_INTERPRET=1 was set",
-                allow_module_level=True)
+if not TU.INTERPRET:
+    pytest.skip("Triton's interpreter is off (a GPU machine, or TRITON_INTERPRET=0): these tests run the "
+                "kernels through it", allow_module_level=True)
 
 NONE, ELEMENT, BLOCK, ROW = fmt.NONE, fmt.ELEMENT, fmt.BLOCK, fmt.ROW
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
