@@ -8,13 +8,14 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench cuda-ext clean
 
 install: $(STAMP)
 
 # torch==2.13.0 first and explicitly (the CPU wheel on local disk); any looser spec would pull a
 # CUDA build. Then the package without build isolation so it builds against that torch.
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+# (csrc/cuda is not a dependency: the CPU torch never builds spare_kernels._C_cuda; see cuda-ext.)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/common/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel ninja
@@ -32,6 +33,23 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# Builds and links the whole CUDA extension spare_kernels._C_cuda against the CUDA build of torch in its
+# own venv (never .venv), into build/cuda-ext, then checks it loads and defines every op (no GPU
+# needed). The venv is created on first use: torch==2.14.1 (CUDA 13.0 wheel, ~5.5 GB).
+CUDA_VENV ?= .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_TORCH ?= 2.14.1
+CUDA_ARCHS ?= 80;90
+CUDA_BUILD := build/cuda-ext
+
+cuda-ext:
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -c "import torch, setuptools, wheel, ninja, numpy; assert torch.__version__.split('+')[0] == '$(CUDA_TORCH)' and torch.version.cuda" 2>/dev/null \
+	  || $(CUDA_PY) -m pip install -q --disable-pip-version-check torch==$(CUDA_TORCH) setuptools wheel ninja numpy
+	SPARE_KERNELS_BUILD_CPU=0 SPARE_KERNELS_BUILD_CUDA=1 SPARE_KERNELS_CUDA_ARCHS='$(CUDA_ARCHS)' \
+	  $(CUDA_PY) setup.py -q build_ext --build-lib $(CUDA_BUILD) --build-temp $(CUDA_BUILD)/tmp
+	$(CUDA_PY) tools/check_cuda_ext.py $(CUDA_BUILD)
 
 clean:
 	rm -rf build *.egg-info spare_kernels/_C*.so .cache

@@ -13,7 +13,6 @@
 namespace spare {
 
 namespace {
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int64_t kColsBudget = 2 * 1024 * 1024;  // floats of unfolded input per chunk (8 MiB)
 

@@ -2,6 +2,7 @@
 #include "spare_cpu.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -18,14 +19,34 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace spare {
 
 namespace {
-// Tile-shape tuning knobs (read once; defaults chosen on the dev machine): SPARE_QF / SPARE_BF are the
-// forward tile width / size in floats, SPARE_QB / SPARE_BB the backward ones.
-int64_t knob(const char* name, int64_t dflt) {
+// Tuning knobs (README "CPU tuning variables"), read once per process from the environment; defaults
+// chosen on the dev machine. SPARE_KERNELS_QF / _BF are the forward tile width (columns) / size (floats),
+// _QFL / _BFL the same from 512 tokens on, SPARE_KERNELS_QB / _BB the backward ones,
+// SPARE_KERNELS_TOKEN_SPLIT the token count from which threads split tokens (0: never). An unset or empty
+// variable takes the default; a value that is not an integer in [lo, hi] and a multiple of `mult` is an
+// error naming the variable (never a silent tile width of 0).
+// Knob ranges. Tile widths are multiples of 16: a forward tile starts its mask bits at column i0 (a
+// multiple of the width), read a byte and an AVX-512 lane mask (16 columns) at a time; the backward
+// rounds its width to 16 anyway. Tile sizes (floats) from one 16 x 16 tile to 256 MiB of scratch per
+// thread (the backward allocates its size whole).
+constexpr int64_t kMaxTileWidth = int64_t(1) << 20, kMinTileSize = 256, kMaxTileSize = int64_t(1) << 26;
+constexpr const char* kWidthRange = "a multiple of 16 in [16, 1048576] (columns)";
+constexpr const char* kSizeRange = "an integer in [256, 67108864] (floats)";
+int64_t knob(const char* name, int64_t dflt, int64_t lo, int64_t hi, int64_t mult, const char* expected) {
+  const std::string old = std::string("SPARE_") + (name + std::strlen("SPARE_KERNELS_"));
+  if (std::getenv(old.c_str()) != nullptr)
+    TORCH_WARN("spare_kernels_cpu: ", old, " is no longer read: it was renamed ", name);
   const char* v = std::getenv(name);
-  return v ? std::atoll(v) : dflt;
+  if (v == nullptr || *v == '\0') return dflt;
+  errno = 0;
+  char* end = nullptr;
+  const long long x = std::strtoll(v, &end, 10);
+  while (end != nullptr && (*end == ' ' || *end == '\t' || *end == '\n')) ++end;
+  const bool ok = end != v && *end == '\0' && errno == 0 && x >= lo && x <= hi && x % mult == 0;
+  TORCH_CHECK(ok, "spare_kernels_cpu: environment variable ", name, "='", v, "' is invalid: expected ", expected,
+              " (default ", dflt, "; unset it for the default)");
+  return x;
 }
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t rup(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
 // Column-major BLAS description of a Mat: trans flag and leading dimension.
 inline void blas_desc(const Mat& A, char& tr, int64_t& ld) {
@@ -133,14 +154,8 @@ void build_tile(const EngineArgs& e, int64_t o0, int64_t pr, int64_t i0, int64_t
     }
 #else
     for (int64_t j = 0; j < qc; ++j) {
-      const int64_t c = i0 + j;
-      float v = tof(wrow[j]);
-      if (mask_bit(mrow, c)) {
-        float acc = 0.f;
-        for (int64_t k = 0; k < r; ++k) acc += sbv[k] * e.A[k * e.lda + c];
-        v += acc;
-      }
-      dst[j] = v;
+      const int64_t c = i0 + j;  // sbv is s * B[o]: the shared entry arithmetic with scale 1
+      dst[j] = effective_weight(tof(wrow[j]), mask_bit(mrow, c), 1.f, sbv, e.A + c, e.lda, r);
     }
 #endif
   }
@@ -274,7 +289,8 @@ namespace {
 // X_b / Y_b and runs all tiles itself (the weight-side tile work is duplicated, which is cheap
 // when T is large), so every GEMM keeps the full tile width; no output is shared.
 bool token_split(int64_t T, int64_t nth) {
-  static const int64_t kMinT = knob("SPARE_TOKEN_SPLIT", 1024);
+  static const int64_t kMinT = knob("SPARE_KERNELS_TOKEN_SPLIT", 1024, 0, INT64_MAX, 1,
+                                    "a non-negative integer (tokens; 0: never split)");
   return nth > 1 && kMinT > 0 && T >= kMinT;
 }
 std::vector<Mat> rows_share(const std::vector<Mat>& M, int64_t t, int64_t nth) {
@@ -467,14 +483,16 @@ void engine_forward(const EngineArgs& e, const std::vector<Mat>& X, const std::v
   for (auto& x : X) T += x.r;
   const bool tsplit = token_split(T, nth);
   // Many tokens: the GEMMs dominate, bigger tiles (fewer K splits of the output) win.
-  static const int64_t kQf = knob("SPARE_QF", 512), kBf = knob("SPARE_BF", kTileBudget);
-  static const int64_t kQfL = knob("SPARE_QFL", 1024), kBfL = knob("SPARE_BFL", 8 * kTileBudget);
+  static const int64_t kQf = knob("SPARE_KERNELS_QF", 512, 16, kMaxTileWidth, 16, kWidthRange);
+  static const int64_t kBf = knob("SPARE_KERNELS_BF", kTileBudget, kMinTileSize, kMaxTileSize, 1, kSizeRange);
+  static const int64_t kQfL = knob("SPARE_KERNELS_QFL", 1024, 16, kMaxTileWidth, 16, kWidthRange);
+  static const int64_t kBfL = knob("SPARE_KERNELS_BFL", 8 * kTileBudget, kMinTileSize, kMaxTileSize, 1, kSizeRange);
   const bool large = T >= 512;
-  const int64_t Q = std::min<int64_t>(rup(cols, 16), large ? kQfL : kQf);
+  const int64_t Q = std::min<int64_t>(round_up(cols, 16), large ? kQfL : kQf);
   // Row panels: a multiple of the thread count (balanced), each of at most kBf / Q rows.
   const int64_t P0 = std::max<int64_t>(8, (large ? kBfL : kBf) / Q);
   // (One thread: no balancing needed, so no extra panels that would shrink the GEMMs.)
-  const int64_t npan0 = tsplit || nth == 1 ? cdiv(out, P0) : rup(std::max<int64_t>(cdiv(out, P0), 2 * nth), nth);
+  const int64_t npan0 = tsplit || nth == 1 ? cdiv(out, P0) : round_up(std::max<int64_t>(cdiv(out, P0), 2 * nth), nth);
   const int64_t P = std::max<int64_t>(1, cdiv(out, npan0));
   const int64_t npan = cdiv(out, P);
   auto body = [&](const std::vector<Mat>& Xs, const std::vector<Mat>& Ys, int64_t b0, int64_t b1) {
@@ -522,11 +540,12 @@ void engine_backward(const EngineArgs& e, const std::vector<Mat>& dY, const std:
   int64_t T = 0;
   for (auto& x : dY) T += x.r;
   const bool tsplit = token_split(T, nth);
-  static const int64_t kQb = knob("SPARE_QB", 256), kBb = knob("SPARE_BB", kTileBudget);
+  static const int64_t kQb = knob("SPARE_KERNELS_QB", 256, 16, kMaxTileWidth, 16, kWidthRange);
+  static const int64_t kBb = knob("SPARE_KERNELS_BB", kTileBudget, kMinTileSize, kMaxTileSize, 1, kSizeRange);
   // Column panels (16-aligned, so mask bytes are addressed directly): a multiple of the thread count.
   const int64_t npq = tsplit || nth == 1 ? cdiv(cols, kQb)
-                             : rup(std::max<int64_t>(cdiv(cols, kQb), std::min<int64_t>(2 * nth, cdiv(cols, 16))), nth);
-  const int64_t Q = std::max<int64_t>(16, rup(cdiv(cols, npq), 16));
+                             : round_up(std::max<int64_t>(cdiv(cols, kQb), std::min<int64_t>(2 * nth, cdiv(cols, 16))), nth);
+  const int64_t Q = std::max<int64_t>(16, round_up(cdiv(cols, npq), 16));
   const int64_t P = std::max<int64_t>(16, (kBb / Q) / 16 * 16);
   const int64_t npan = cdiv(cols, Q);
   // Per-thread dB (and, with the token split, dA) partial sums.

@@ -11,7 +11,6 @@
 namespace spare {
 
 namespace {
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
                   const at::Tensor& B) {

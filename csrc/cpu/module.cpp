@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "../common/schemas.h"
 #include "spare_cpu.h"
 
 #define SPARE_CONCAT_(a, b) a##b
@@ -19,28 +20,7 @@ static struct PyModuleDef spare_module = {PyModuleDef_HEAD_INIT, SPARE_STR(TORCH
 
 PyMODINIT_FUNC SPARE_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&spare_module); }
 
-TORCH_LIBRARY(spare_kernels_cpu, m) {
-  m.def("masked_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-        "Tensor? mask, int kind, int block_o, int block_i, float scale) -> Tensor");
-  m.def("masked_lora_linear_backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, "
-        "Tensor lora_B, Tensor? mask, int kind, int block_o, int block_i, float scale, "
-        "bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
-  m.def("masked_lora_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-        "Tensor? mask, int kind, int block_o, int block_i, float scale, int[] stride, "
-        "int[] padding, int[] dilation, int groups) -> Tensor");
-  m.def("masked_lora_conv2d_backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, "
-        "Tensor lora_B, Tensor? mask, int kind, int block_o, int block_i, float scale, "
-        "int[] stride, int[] padding, int[] dilation, int groups, bool need_dx, bool need_dA, "
-        "bool need_dB) -> (Tensor, Tensor, Tensor)");
-  m.def("saliency_linear(Tensor(a!) acc, Tensor x, Tensor dy, str stat) -> ()");
-  m.def("saliency_conv2d(Tensor(a!) acc, Tensor x, Tensor dy, str stat, int[] stride, "
-        "int[] padding, int[] dilation, int groups) -> ()");
-  // The compiled wire-format constants (csrc/common/maskfmt.h), for the test that holds them to
-  // spare_kernels/maskfmt.py: [kNone, kElement, kBlock, kRow, kBitsPerByte, kLsbFirst].
-  m.def("wire_format() -> int[]", []() -> std::vector<int64_t> {
-    return {spare::kNone, spare::kElement, spare::kBlock, spare::kRow, spare::kBitsPerByte, spare::kLsbFirst};
-  });
-}
+TORCH_LIBRARY(spare_kernels_cpu, m) { SPARE_DEFINE_BACKEND_OPS(m); }
 
 TORCH_LIBRARY_IMPL(spare_kernels_cpu, CPU, m) {
   m.impl("masked_lora_linear", &spare::masked_lora_linear);

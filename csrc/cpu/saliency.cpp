@@ -11,7 +11,6 @@
 namespace spare {
 
 namespace {
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 enum Stat { kGradAbs, kSigned, kSampleAbs, kSampleSq };
 

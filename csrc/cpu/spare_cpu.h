@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/lora_tile.h"
 #include "../common/maskfmt.h"
 
 namespace spare {
