@@ -84,3 +84,45 @@ def test_compile_fullgraph_on_cuda():
     compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(A.grad, ga)
+
+
+def test_the_cuda_extension_is_built_and_serves_cuda():
+    """The GPU check builds spare_kernels._C_cuda against the torch it finds: a failed build must show."""
+    import os
+    if os.environ.get("SPARE_KERNELS_BUILD_CUDA", "1") == "0":
+        pytest.skip("SPARE_KERNELS_BUILD_CUDA=0")
+    info = registry.backend_info()
+    assert "cuda" in CUDA_BACKENDS, info["unavailable"].get("cuda")
+
+
+@pytest.mark.parametrize("backend", [b for b in CUDA_BACKENDS if b != "reference"])
+def test_weight_sized_temporaries_are_chunked_exactly(backend):
+    """Weights above the cuda backend's scratch bound (2^24 entries) take its chunked paths (G by rows,
+    saliency by rows and samples): same results as the reference."""
+    out, cols, r, n = 4099, 4103, 3, 40
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, cols, device="cuda", generator=g)
+    W = torch.randn(out, cols, device="cuda", generator=g) / cols ** 0.5
+    A = torch.randn(r, cols, device="cuda", generator=g).requires_grad_()
+    B = torch.randn(out, r, device="cuda", generator=g).requires_grad_()
+    m = sk.Mask.from_dense(torch.rand(out, cols, device="cuda", generator=g) > 0.5)
+
+    def run(b):
+        with sk.use_backend(b):
+            y = sk.masked_lora_linear(x, W, None, A, B, m, 0.5)
+            y.square().mean().backward()
+            grads = (A.grad.clone(), B.grad.clone())
+            A.grad = B.grad = None
+            xs, dys = x.view(4, 10, cols), torch.randn(4, 10, out, device="cuda", generator=g)
+            sal = {s: sk.saliency_linear(xs, dys, s) for s in ("grad_abs", "sample_abs")}
+        return y.detach(), grads, sal
+
+    g.manual_seed(1)
+    y, (dA, dB), sal = run(backend)
+    g.manual_seed(1)
+    y0, (dA0, dB0), sal0 = run("reference")
+    torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dA, dA0, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(dB, dB0, rtol=1e-3, atol=1e-6)
+    for s in sal:
+        torch.testing.assert_close(sal[s], sal0[s], rtol=1e-3, atol=1e-4)

@@ -1,0 +1,296 @@
+// Masked LoRA linear / conv2d on CUDA: base GEMMs and convolutions through ATen (cuBLAS, cuDNN); the
+// effective weight and the masked weight-gradient contraction through the kernels of lora_kernels.h.
+// Element and block masks: W_eff = W + s·M⊙(B·A) built in one pass in the activation dtype (no fp32
+// delta), used by one GEMM / convolution forward and for dx; dA / dB from chunks of G (fp32, at most
+// kScratchEntries) through the fused mask-and-contract kernel. Row masks and no mask: factored (x·Aᵀ,
+// then B), never an out×in tensor.
+#include "spare_cuda.h"
+
+#include "lora_kernels.h"
+
+namespace spare_cuda {
+
+using spare::Thread;
+
+namespace {
+
+template <typename TW, typename TA, typename TB, typename TO>
+__global__ void weff_kernel(spare::WeffParams<TW, TA, TB, TO> p) {
+  spare::weff_body(spare::this_thread(), p);
+}
+
+template <typename TA, typename TB>
+__global__ void __launch_bounds__(spare::kContractThreads) contract_kernel(spare::ContractParams<TA, TB> p) {
+  __shared__ float smem[spare::kContractSmem];
+  const Thread t = spare::this_thread();
+  spare::contract_phase1(t, p, smem);
+  __syncthreads();
+  spare::contract_phase2(t, p, smem);
+}
+
+}  // namespace
+
+void check_inputs(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  const at::Tensor* first = nullptr;
+  for (const auto& [name, t] : ts) {
+    TORCH_CHECK(t->is_cuda(), "spare_kernels_cuda.", op, ": ", name, " must be a CUDA tensor, got ", t->device());
+    if (first == nullptr) first = t;
+    TORCH_CHECK(t->device() == first->device(), "spare_kernels_cuda.", op, ": ", name, " is on ", t->device(),
+                " but the other inputs are on ", first->device());
+  }
+}
+
+void check_mask(const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o, int64_t block_i,
+                int64_t out, int64_t cols, const at::Device& dev) {
+  TORCH_CHECK(kind >= spare::kNone && kind <= spare::kRow, "spare_kernels_cuda: unknown mask kind ", kind);
+  if (kind == spare::kNone) return;
+  TORCH_CHECK(mask.has_value(), "spare_kernels_cuda: mask kind ", kind, " needs mask data");
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.device() == dev, "spare_kernels_cuda: mask is on ", m.device(), ", inputs on ", dev);
+  if (kind == spare::kElement) {
+    TORCH_CHECK(m.scalar_type() == at::kByte && m.dim() == 2 && m.size(0) == out &&
+                    m.size(1) == spare::mask_row_bytes(cols),
+                "spare_kernels_cuda: element mask must be uint8 (", out, ", ", spare::mask_row_bytes(cols),
+                "), got ", m.scalar_type(), " ", m.sizes());
+  } else if (kind == spare::kBlock) {
+    TORCH_CHECK(block_o > 0 && block_i > 0, "spare_kernels_cuda: block sizes must be positive, got ", block_o,
+                "x", block_i);
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == spare::cdiv(out, block_o) &&
+                    m.size(1) == spare::cdiv(cols, block_i),
+                "spare_kernels_cuda: block mask must be bool (", spare::cdiv(out, block_o), ", ",
+                spare::cdiv(cols, block_i), "), got ", m.scalar_type(), " ", m.sizes());
+  } else {
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.numel() == out, "spare_kernels_cuda: row mask must be bool with ",
+                out, " entries, got ", m.scalar_type(), " ", m.sizes());
+  }
+}
+
+at::Tensor effective_weight(const at::Tensor& w2, const at::Tensor& A2, const at::Tensor& B, const at::Tensor& mask,
+                            int64_t kind, int64_t block_o, int64_t block_i, double scale, at::ScalarType dtype) {
+  const int64_t rows = w2.size(0), cols = w2.size(1), rank = A2.size(0);
+  // W in the output dtype first (a no-op in the usual case, weight dtype == activation dtype): one
+  // storage type per instantiation instead of nine.
+  at::Tensor w = w2.to(dtype);
+  if (w.stride(1) != 1) w = w.contiguous();
+  const at::Tensor Af = A2.to(at::kFloat).contiguous(), Bf = B.to(at::kFloat).contiguous();
+  const at::Tensor m = mask.contiguous();
+  at::Tensor out = at::empty({rows, cols}, w.options());
+  if (out.numel() == 0) return out;
+  const dim3 grid(static_cast<unsigned>(spare::cdiv(cols, spare::kWeffThreads)),
+                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  SPARE_DISPATCH_ACTIVATION(dtype, "spare_kernels_cuda.effective_weight", [&] {
+    spare::WeffParams<scalar_t, float, float, scalar_t> p{w.const_data_ptr<scalar_t>(), Af.const_data_ptr<float>(),
+                                                          Bf.const_data_ptr<float>(), m.const_data_ptr(),
+                                                          out.mutable_data_ptr<scalar_t>(), rows, cols, rank,
+                                                          w.stride(0), kind, block_o, block_i,
+                                                          static_cast<float>(scale)};
+    weff_kernel<<<grid, spare::kWeffThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+void contract_chunk(const at::Tensor& g, int64_t row0, const at::Tensor& Af, const at::Tensor& Bf,
+                    const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i, double scale,
+                    at::Tensor& dA, at::Tensor& dB) {
+  const int64_t rows = g.size(0), cols = g.size(1), rank = Af.size(0);
+  if (rows == 0 || cols == 0 || rank == 0) return;
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.stride(1) == 1, "spare_kernels_cuda: internal error, G chunk layout");
+  const at::Tensor m = mask.contiguous();
+  spare::ContractParams<float, float> p{g.const_data_ptr<float>(), m.const_data_ptr(), Af.const_data_ptr<float>(),
+                                        Bf.const_data_ptr<float>(),
+                                        dA.defined() ? dA.mutable_data_ptr<float>() : nullptr,
+                                        dB.defined() ? dB.mutable_data_ptr<float>() : nullptr,
+                                        row0, rows, cols, rank, g.stride(0), kind, block_o, block_i,
+                                        static_cast<float>(scale)};
+  const dim3 grid(static_cast<unsigned>(spare::cdiv(rows, spare::kContractRows)),
+                  static_cast<unsigned>(spare::cdiv(rank, spare::kContractRanks)));
+  contract_kernel<<<grid, spare::kContractThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+namespace {
+
+bool masked(int64_t kind) { return kind == spare::kElement || kind == spare::kBlock; }
+
+// Per-output-channel factor of the factored paths (row mask), times scale, as (out,) in dtype.
+at::Tensor row_factor(const std::optional<at::Tensor>& mask, int64_t kind, int64_t out, double scale,
+                      at::ScalarType dtype, const at::Device& dev) {
+  if (kind == spare::kNone) return at::full({out}, scale, at::TensorOptions().dtype(dtype).device(dev));
+  return mask->reshape({out}).to(dtype).mul_(scale);
+}
+
+at::Tensor empty_like_none(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& x, at::Tensor dx, at::Tensor dA,
+                                                      at::Tensor dB, const at::Tensor& lora_A,
+                                                      const at::Tensor& lora_B) {
+  return {dx.defined() ? dx : empty_like_none(x), dA.defined() ? dA.to(lora_A.scalar_type()) : empty_like_none(x),
+          dB.defined() ? dB.to(lora_B.scalar_type()) : empty_like_none(x)};
+}
+
+// A conv's LoRA A applied to every group (ΔW[o] only sees the inputs of o's group: DESIGN §1).
+at::Tensor conv_A_factored(const at::Tensor& A, int64_t groups, at::ScalarType dtype) {
+  at::Tensor a = A.to(dtype);
+  return groups > 1 ? a.repeat({groups, 1, 1, 1}) : a;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------- linear
+at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& lora_A, const at::Tensor& lora_B,
+                              const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
+                              int64_t block_i, double scale) {
+  check_inputs("masked_lora_linear", {{"x", &x}, {"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NoAutocast no_autocast;
+  const int64_t out = weight.size(0), cols = weight.size(1);
+  check_mask(mask, kind, block_o, block_i, out, cols, x.device());
+  const auto dt = x.scalar_type();
+  const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->to(dt)) : std::nullopt;
+  if (masked(kind)) {
+    const at::Tensor w = effective_weight(weight, lora_A, lora_B, *mask, kind, block_o, block_i, scale, dt);
+    return at::linear(x, w, b);
+  }
+  at::Tensor y = at::linear(x, weight.to(dt), b);
+  const at::Tensor h = at::mm(x, lora_A.to(dt).t());                                    // (N, r)
+  const at::Tensor Bs = lora_B.to(dt) * row_factor(mask, kind, out, scale, dt, x.device()).unsqueeze(1);
+  return y.addmm_(h, Bs.t());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
+    int64_t block_i, double scale, bool need_dx, bool need_dA, bool need_dB) {
+  check_inputs("masked_lora_linear_backward",
+               {{"dy", &dy}, {"x", &x}, {"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NoAutocast no_autocast;
+  const int64_t out = weight.size(0), cols = weight.size(1), r = lora_A.size(0);
+  check_mask(mask, kind, block_o, block_i, out, cols, x.device());
+  const auto dt = x.scalar_type();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dx, dA, dB;
+  if (masked(kind)) {
+    if (need_dA || need_dB) {
+      if (need_dA) dA = at::zeros({r, cols}, f32);
+      if (need_dB) dB = at::empty({out, r}, f32);
+      const at::Tensor dyt = dy.t();
+      masked_contract([&](int64_t o0, int64_t o1) { return mm_f32(dyt.slice(0, o0, o1), x); }, out, cols, lora_A,
+                      lora_B, *mask, kind, block_o, block_i, scale, dA, dB);
+    }
+    if (need_dx)
+      dx = at::mm(dy, effective_weight(weight, lora_A, lora_B, *mask, kind, block_o, block_i, scale, dt));
+    return finish(x, dx, dA, dB, lora_A, lora_B);
+  }
+  const at::Tensor A = lora_A.to(dt), B = lora_B.to(dt);
+  const at::Tensor dys = dy * row_factor(mask, kind, out, scale, dt, x.device());      // (N, out)
+  const at::Tensor dh = at::mm(dys, B);                                                 // (N, r)
+  if (need_dB) dB = at::mm(dys.t(), at::mm(x, A.t()));
+  if (need_dA) dA = at::mm(dh.t(), x);
+  if (need_dx) dx = at::mm(dy, weight.to(dt)).addmm_(dh, A);
+  return finish(x, dx, dA, dB, lora_A, lora_B);
+}
+
+// ---------------------------------------------------------------------------------------- conv2d
+at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& lora_A, const at::Tensor& lora_B,
+                              const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
+                              int64_t block_i, double scale, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups) {
+  check_inputs("masked_lora_conv2d", {{"x", &x}, {"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NoAutocast no_autocast;
+  const int64_t out = weight.size(0), cols = weight[0].numel(), r = lora_A.size(0);
+  check_mask(mask, kind, block_o, block_i, out, cols, x.device());
+  const auto dt = x.scalar_type();
+  const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->to(dt)) : std::nullopt;
+  if (masked(kind)) {
+    const at::Tensor w = effective_weight(weight.reshape({out, cols}), lora_A.reshape({r, cols}), lora_B, *mask,
+                                          kind, block_o, block_i, scale, dt);
+    return at::conv2d(x, w.view(weight.sizes()), b, stride, padding, dilation, groups);
+  }
+  at::Tensor y = at::conv2d(x, weight.to(dt), b, stride, padding, dilation, groups);
+  const at::Tensor z = at::conv2d(x, conv_A_factored(lora_A, groups, dt), std::nullopt, stride, padding, dilation,
+                                  groups);
+  const at::Tensor Bs = lora_B.reshape({out, r}).to(dt) * row_factor(mask, kind, out, scale, dt, x.device()).unsqueeze(1);
+  const std::vector<int64_t> one(2, 1), zero(2, 0);
+  return y.add_(at::conv2d(z, Bs.unsqueeze(-1).unsqueeze(-1), std::nullopt, one, zero, one, groups));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
+    int64_t block_i, double scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, bool need_dx, bool need_dA, bool need_dB) {
+  check_inputs("masked_lora_conv2d_backward",
+               {{"dy", &dy}, {"x", &x}, {"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NoAutocast no_autocast;
+  const int64_t out = weight.size(0), cols = weight[0].numel(), r = lora_A.size(0);
+  check_mask(mask, kind, block_o, block_i, out, cols, x.device());
+  const auto dt = x.scalar_type();
+  const auto f32 = x.options().dtype(at::kFloat);
+  const std::vector<int64_t> no_pad(2, 0);
+  at::Tensor dx, dA, dB;
+  if (masked(kind)) {
+    if (need_dA || need_dB) {
+      if (need_dA) dA = at::zeros({r, cols}, f32);
+      if (need_dB) dB = at::empty({out, r}, f32);
+      // cuDNN's weight gradient for the output channels [o0, o1) (whole groups: a slice of channels
+      // of a grouped conv is not a conv; SD-1.5's convs have one group).
+      const at::Tensor wd = weight.to(dt);
+      auto gchunk = [&](int64_t o0, int64_t o1) {
+        const bool whole = o0 == 0 && o1 == out;
+        const at::Tensor dyc = whole ? dy : dy.slice(1, o0, o1).contiguous();
+        const at::Tensor wc = whole ? wd : wd.slice(0, o0, o1);
+        const auto grads = at::convolution_backward(dyc, x, wc, std::nullopt, stride, padding, dilation, false,
+                                                    no_pad, groups, {false, true, false});
+        return std::get<1>(grads).reshape({o1 - o0, cols}).to(at::kFloat);
+      };
+      if (groups == 1) {
+        masked_contract(gchunk, out, cols, lora_A.reshape({r, cols}), lora_B, *mask, kind, block_o, block_i,
+                        scale, dA, dB);
+      } else {
+        contract_chunk(gchunk(0, out), 0, lora_A.reshape({r, cols}).to(at::kFloat).contiguous(),
+                       lora_B.to(at::kFloat).contiguous(), *mask, kind, block_o, block_i, scale, dA, dB);
+      }
+      if (need_dA) dA = dA.view(lora_A.sizes());
+    }
+    if (need_dx) {
+      const at::Tensor w = effective_weight(weight.reshape({out, cols}), lora_A.reshape({r, cols}), lora_B, *mask,
+                                            kind, block_o, block_i, scale, dt);
+      dx = std::get<0>(at::convolution_backward(dy, x, w.view(weight.sizes()), std::nullopt, stride, padding,
+                                                dilation, false, no_pad, groups, {true, false, false}));
+    }
+    return finish(x, dx, dA, dB, lora_A, lora_B);
+  }
+  const at::Tensor Af = conv_A_factored(lora_A, groups, dt);
+  const at::Tensor B4 = lora_B.reshape({out, r}).to(dt).unsqueeze(-1).unsqueeze(-1);
+  const at::Tensor dys = dy * row_factor(mask, kind, out, scale, dt, x.device()).view({1, out, 1, 1});
+  const std::vector<int64_t> one(2, 1);
+  // dz = conv_transpose(dys, B): the gradient of the rank-r intermediate z = conv(x, A).
+  const at::Tensor dz = at::conv_transpose2d(dys, B4, std::nullopt, one, no_pad, no_pad, groups, one);
+  if (need_dB) {
+    const at::Tensor z = at::conv2d(x, Af, std::nullopt, stride, padding, dilation, groups);
+    dB = std::get<1>(at::convolution_backward(dys, z, B4, std::nullopt, one, no_pad, one, false, no_pad, groups,
+                                              {false, true, false}))
+             .reshape({out, r});
+  }
+  if (need_dA) {
+    const at::Tensor dAf = std::get<1>(at::convolution_backward(dz, x, Af, std::nullopt, stride, padding, dilation,
+                                                                false, no_pad, groups, {false, true, false}));
+    dA = dAf.view({groups, r, -1}).sum(0).view(lora_A.sizes());
+  }
+  if (need_dx) {
+    dx = std::get<0>(at::convolution_backward(dy, x, weight.to(dt), std::nullopt, stride, padding, dilation, false,
+                                              no_pad, groups, {true, false, false}))
+             .add_(std::get<0>(at::convolution_backward(dz, x, Af, std::nullopt, stride, padding, dilation, false,
+                                                        no_pad, groups, {true, false, false})));
+  }
+  return finish(x, dx, dA, dB, lora_A, lora_B);
+}
+
+}  // namespace spare_cuda

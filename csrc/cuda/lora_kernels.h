@@ -1,0 +1,155 @@
+// Per-thread bodies of the CUDA backend's mask-dependent kernels (masked LoRA and saliency), written
+// as SPARE_HD functions of a Thread (csrc/common/launch.h) so the host harness (csrc/harness/lora.cpp)
+// runs exactly this code in the CPU tests; lora.cu / saliency.cu wrap each in a __global__ kernel.
+// Storage types are template parameters (float, c10::Half, c10::BFloat16); arithmetic is fp32.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/launch.h"
+#include "../common/lora_tile.h"
+#include "../common/maskfmt.h"
+
+namespace spare {
+
+// ---------------------------------------------------------------------------- effective weight
+// out[o, c] = W[o, c] + s · M[o, c] · Σ_r B[o, r] A[r, c], written once in the GEMM's dtype: no fp32
+// delta, no second pass. Element and block masks (the delta's rank-r dot runs only where the mask is
+// on, so off tiles cost one copy of W). Grid (cdiv(cols, kWeffThreads), min(rows, 65535)), rows
+// grid-strided over y.
+constexpr int64_t kWeffThreads = 256;  // one warp-contiguous row segment per block: coalesced W/A/out
+
+template <typename TW, typename TA, typename TB, typename TO>
+struct WeffParams {
+  const TW* w;          // (rows, cols), row stride ldw
+  const TA* a;          // (rank, cols) contiguous
+  const TB* b;          // (rows, rank) contiguous
+  const void* mask;     // wire mask data (element: packed rows; block: (nbo, nbi) bool)
+  TO* out;              // (rows, cols) contiguous
+  int64_t rows, cols, rank, ldw, kind, block_o, block_i;
+  float scale;
+};
+
+template <typename TW, typename TA, typename TB, typename TO>
+SPARE_HD inline void weff_body(const Thread& t, const WeffParams<TW, TA, TB, TO>& p) {
+  const int64_t c = t.block.x * t.block_dim.x + t.thread.x;
+  if (c >= p.cols) return;
+  for (int64_t o = t.block.y; o < p.rows; o += t.grid.y) {
+    const bool on = mask_on(p.kind, p.mask, p.cols, p.block_o, p.block_i, o, c);
+    const float v = effective_weight(static_cast<float>(p.w[o * p.ldw + c]), on, p.scale, p.b + o * p.rank,
+                                     p.a + c, p.cols, p.rank);
+    p.out[o * p.cols + c] = static_cast<TO>(v);
+  }
+}
+
+// ------------------------------------------------------------------ fused mask-and-contract
+// One chunk of rows [row0, row0 + rows) of G = dyᵀ·x (fp32, row stride ldg), masked on the fly and
+// contracted against the adapter:  dB[row0 + o, k] = s · Σ_c M⊙G[o, c] · A[k, c]  (written: a chunk's
+// rows are owned by one block row) and  dA[k, c] += s · Σ_o B[row0 + o, k] · M⊙G[o, c]  (atomics: the
+// row tiles of the chunk add into the same dA). Block (kContractThreads) = kContractRows rows x
+// kContractRanks ranks; grid (cdiv(rows, kContractRows), cdiv(rank, kContractRanks)); each thread
+// strides over the columns keeping kContractRows x kContractRanks dB partials in registers, then the
+// block reduces them through shared memory (phase 2).
+//
+// kContractRows 16: dA atomics fall with it (weight·rank/16 per backward) while the 16 masked G values
+// a thread holds stay in registers; kContractRanks 4: 64 dB partials per thread (registers, no spill
+// at 128 threads), G re-read rank/4 times from L2; kContractThreads 128: the phase-2 smem is
+// 16·4·128·4 B = 32 KiB (static limit 48 KiB). Not yet tuned on a GPU.
+constexpr int64_t kContractThreads = 128;
+constexpr int64_t kContractRows = 16;
+constexpr int64_t kContractRanks = 4;
+constexpr int64_t kContractSmem = kContractRows * kContractRanks * kContractThreads;  // floats
+
+template <typename TA, typename TB>
+struct ContractParams {
+  const float* g;       // (rows, cols) chunk of G, row stride ldg
+  const void* mask;     // wire mask of the whole weight (rows indexed from row0)
+  const TA* a;          // (rank, cols) contiguous
+  const TB* b;          // (out, rank) contiguous
+  float* dA;            // (rank, cols) fp32 accumulator, or nullptr
+  float* dB;            // (out, rank) fp32, or nullptr
+  int64_t row0, rows, cols, rank, ldg, kind, block_o, block_i;
+  float scale;
+};
+
+template <typename TA, typename TB>
+SPARE_HD inline void contract_phase1(const Thread& t, const ContractParams<TA, TB>& p, float* smem) {
+  const int64_t o0 = t.block.x * kContractRows, k0 = t.block.y * kContractRanks;
+  const int64_t no = o0 + kContractRows <= p.rows ? kContractRows : p.rows - o0;
+  const int64_t nk = k0 + kContractRanks <= p.rank ? kContractRanks : p.rank - k0;
+  float part[kContractRows][kContractRanks];
+  SPARE_UNROLL
+  for (int64_t i = 0; i < kContractRows; ++i)
+    SPARE_UNROLL
+    for (int64_t j = 0; j < kContractRanks; ++j) part[i][j] = 0.f;
+  for (int64_t c = t.thread.x; c < p.cols; c += t.block_dim.x) {
+    float gm[kContractRows];
+    SPARE_UNROLL
+    for (int64_t i = 0; i < kContractRows; ++i) {
+      const int64_t o = p.row0 + o0 + i;
+      gm[i] = (i < no && mask_on(p.kind, p.mask, p.cols, p.block_o, p.block_i, o, c))
+                  ? p.g[(o0 + i) * p.ldg + c] : 0.f;
+    }
+    SPARE_UNROLL
+    for (int64_t j = 0; j < kContractRanks; ++j) {
+      if (j >= nk) break;
+      const int64_t k = k0 + j;
+      const float ak = static_cast<float>(p.a[k * p.cols + c]);
+      float da = 0.f;
+      SPARE_UNROLL
+      for (int64_t i = 0; i < kContractRows; ++i) {
+        part[i][j] += gm[i] * ak;
+        if (i < no) da += static_cast<float>(p.b[(p.row0 + o0 + i) * p.rank + k]) * gm[i];
+      }
+      if (p.dA != nullptr && da != 0.f) atomic_add(p.dA + k * p.cols + c, p.scale * da);
+    }
+  }
+  SPARE_UNROLL
+  for (int64_t i = 0; i < kContractRows; ++i)
+    SPARE_UNROLL
+    for (int64_t j = 0; j < kContractRanks; ++j)
+      smem[(i * kContractRanks + j) * t.block_dim.x + t.thread.x] = part[i][j];
+}
+
+template <typename TA, typename TB>
+SPARE_HD inline void contract_phase2(const Thread& t, const ContractParams<TA, TB>& p, const float* smem) {
+  const int64_t i = t.thread.x / kContractRanks, j = t.thread.x % kContractRanks;
+  if (p.dB == nullptr || i >= kContractRows) return;
+  const int64_t o = t.block.x * kContractRows + i, k = t.block.y * kContractRanks + j;
+  if (o >= p.rows || k >= p.rank) return;
+  float s = 0.f;
+  const float* col = smem + (i * kContractRanks + j) * t.block_dim.x;
+  for (int64_t x = 0; x < t.block_dim.x; ++x) s += col[x];
+  p.dB[(p.row0 + o) * p.rank + k] = p.scale * s;
+}
+
+// ------------------------------------------------------------------------ saliency accumulate
+// acc[e] += Σ_{s < n} f(g[s · stride + e]) for every entry e of one weight, f = |·| (grad_abs,
+// sample_abs), identity (signed) or square (sample_sq): the per-sample gradients of a chunk of samples
+// (a fixed-size scratch from one batched GEMM or convolution) folded into the fp32 statistic in one
+// read. Grid-strided over entries (kAccThreads per block).
+constexpr int64_t kAccThreads = 256;
+enum SaliencyStat : int64_t { kGradAbs = 0, kSigned = 1, kSampleAbs = 2, kSampleSq = 3 };
+
+template <typename TG>
+struct AccumulateParams {
+  const TG* g;          // (n, numel) with row stride `stride`
+  float* acc;           // (numel,) fp32
+  int64_t n, numel, stride, stat;
+};
+
+template <typename TG>
+SPARE_HD inline void accumulate_body(const Thread& t, const AccumulateParams<TG>& p) {
+  const int64_t step = t.grid.x * t.block_dim.x;
+  for (int64_t e = t.block.x * t.block_dim.x + t.thread.x; e < p.numel; e += step) {
+    float s = 0.f;
+    for (int64_t i = 0; i < p.n; ++i) {
+      const float v = static_cast<float>(p.g[i * p.stride + e]);
+      s += p.stat == kSampleSq ? v * v : (p.stat == kSigned ? v : (v < 0.f ? -v : v));
+    }
+    // grad_abs: |Σ_i g_i| of the whole batch, which the host passes as one "sample" (n = 1).
+    p.acc[e] += s;
+  }
+}
+
+}  // namespace spare
