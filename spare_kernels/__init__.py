@@ -2,7 +2,8 @@
 __version__ = "0.1.0"
 
 from .backends import backend_info, set_backend, use_backend
-from .masks import Mask, topk_masks
+from .masks import Mask
+from .topk import topk_masks
 from .ops import STATS, masked_lora_conv2d, masked_lora_linear, saliency_conv2d, saliency_linear
 from . import nn  # noqa: E402  (spare_kernels.nn: the modules)
 from .patch import patch_unet, unpatch_unet

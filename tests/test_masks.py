@@ -1,10 +1,11 @@
-"""Mask formats and the exact top-k selection (spare_kernels/masks.py)."""
+"""Mask formats and the exact top-k selection (spare_kernels/masks.py, spare_kernels/topk.py)."""
 import math
 
 import pytest
 import torch
 
 import spare_kernels.masks as masks_mod
+import spare_kernels.topk as topk_mod
 from spare_kernels.masks import Mask, topk_masks
 from spare_kernels.utils.memory import measure_peak
 
@@ -89,8 +90,8 @@ def _check_against_reference(scores, density, granularity="element", scope="glob
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force many chunks (and the uncached unit path) on small tensors."""
-    monkeypatch.setattr(masks_mod, "_CHUNK", 64)
-    monkeypatch.setattr(masks_mod, "_CACHE_UNITS", 0)
+    monkeypatch.setattr(topk_mod, "_CHUNK", 64)
+    monkeypatch.setattr(topk_mod, "_CACHE_UNITS", 0)
 
 
 # ----------------------------------------------------------------------------------- Mask
@@ -437,5 +438,5 @@ def test_peak_memory_bounded_by_largest_tensor():
         assert peak >= out  # the figure sees at least the result
         assert peak <= largest, (g, peak, largest)
         assert peak < total / 20
-        assert peak - out <= 12 * masks_mod._CHUNK  # temporaries: a few chunk-sized buffers
+        assert peak - out <= 12 * topk_mod._CHUNK  # temporaries: a few chunk-sized buffers
     assert sum(m.count for m in got.values()) > 0

@@ -1,0 +1,177 @@
+// Exact top-k of element masks on the GPU (issue 17): the topk_* ops of torch.ops.spare_kernels_cuda.
+// The kernels are thin wrappers over the SPARE_HD phase bodies of topk_kernels.h (run on the host by
+// csrc/harness/topk.cpp in the CPU tests); the driver is spare_kernels/topk.py (_device_topk), which
+// documents the algorithm. Every op runs on the current stream of its tables' device and returns
+// without synchronising; the driver reads the histograms back (one D2H copy per pass).
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "topk_kernels.h"
+
+namespace spare {
+namespace topk {
+namespace {
+
+// Block size of the three kernels. 256 threads = 8 warps: the pack kernel takes one output byte per
+// thread, so its chunk is 256 bytes = 2048 scores (8 KB of fp32), enough to amortise a block's
+// start-up (descriptor binary search, shared zeroing) and small enough that the tie scan is 16
+// segments of 16; 8 blocks of 256 fill an SM's 2048 threads on sm_80/sm_90 when a thread stays
+// under 32 registers (kMinBlocks below), and the shared arrays (1.1 KB hist, 1.7 KB pack)
+// never limit occupancy. It must be a multiple of 32 (warp-aggregated histogram atomics).
+constexpr int64_t kThreads = 256;
+static_assert(kThreads <= kMaxThreads && kThreads % 32 == 0, "block size");
+// Blocks per SM asked of ptxas (__launch_bounds__): 8 x 256 = 2048 threads, the whole SM on sm_80 and
+// sm_90, i.e. at most 32 registers per thread. The kernels are bound by memory latency (one pass
+// over the scores each, little arithmetic), so resident warps matter more than registers; ptxas
+// fits every kernel in 32 without spilling (ptxas -v, README).
+constexpr int kMinBlocks = 8;
+
+// Output bytes (8 scores each) per histogram block: 2048 bytes = 16384 scores = 64 per thread in 16
+// rounds of kUnroll=4 independent loads. Large enough that flushing up to 257 shared bins into the
+// global (n_tensors, 257) table is rare next to the counting (and the per-block binary search is
+// negligible), small enough that SD-1.5's ~860M scores still give ~52K blocks (~50 waves of 132 SMs
+// x 8 blocks: a short tail) and a small tensor (a 320-channel bias) is one block.
+constexpr int64_t kHistChunkBytes = 2048;
+
+void check_table(const at::Tensor& t, int64_t cols, const char* op, const char* what) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", what, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", what, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
+  if (cols > 0) {
+    TORCH_CHECK(t.dim() == 2 && t.size(1) == cols, op, ": ", what, " must be (n, ", cols, "), got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.dim() == 1, op, ": ", what, " must be 1-D, got ", t.sizes());
+  }
+}
+
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  TORCH_CHECK(a.device() == b.device(), op, ": tables on different devices (", a.device(), ", ", b.device(), ")");
+}
+
+void check_launch(int64_t threads, int64_t nblocks, const char* op) {
+  TORCH_CHECK(threads == kThreads, op, ": threads must be ", kThreads, " (topk_config()), got ", threads);
+  TORCH_CHECK(nblocks >= 0 && nblocks <= std::numeric_limits<int32_t>::max(), op, ": bad block count ", nblocks);
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocks) histogram_kernel(HistParams p) {
+  __shared__ HistShared sh;
+  const Thread t = this_thread();
+  hist_start(t, p, &sh);
+  __syncthreads();
+  hist_count(t, p, &sh);
+  __syncthreads();
+  hist_flush(t, p, &sh);
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocks) equal_counts_kernel(EqParams p) {
+  __shared__ EqShared sh;
+  const Thread t = this_thread();
+  eq_start(t, p, &sh);
+  __syncthreads();
+  eq_count(t, p, &sh);
+  __syncthreads();
+  eq_write(t, p, &sh);
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocks) pack_kernel(PackParams p) {
+  __shared__ PackShared sh;
+  const Thread t = this_thread();
+  pack_start(t, p, &sh);
+  __syncthreads();
+  pack_bits_phase(t, p, &sh);
+  __syncthreads();
+  pack_scan_segments(t, p, &sh);
+  __syncthreads();
+  pack_scan_totals(t, p, &sh);
+  __syncthreads();
+  pack_ties_phase(t, p, &sh);
+}
+
+void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist, int64_t level,
+                    int64_t threads, int64_t chunk_bytes, int64_t nblocks) {
+  const char* op = "topk_histogram";
+  check_table(desc, kDescCols, op, "desc");
+  check_table(prefix, 0, op, "prefix");
+  check_table(hist, kHistCols, op, "hist");
+  check_same_device(desc, prefix, op);
+  check_same_device(desc, hist, op);
+  const int64_t n = desc.size(0);
+  TORCH_CHECK(prefix.size(0) == n && hist.size(0) == n, op, ": prefix and hist must have ", n, " rows");
+  TORCH_CHECK(level >= 0 && level < 4, op, ": level must be in [0, 4), got ", level);
+  TORCH_CHECK(chunk_bytes > 0, op, ": chunk_bytes must be positive");
+  check_launch(threads, nblocks, op);
+  if (nblocks == 0 || n == 0) return;
+  c10::cuda::CUDAGuard guard(desc.device());
+  HistParams p{desc.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
+               reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()), level, chunk_bytes};
+  histogram_kernel<<<static_cast<unsigned>(nblocks), static_cast<unsigned>(threads), 0,
+                     c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts, int64_t threads,
+                       int64_t chunk_bytes) {
+  const char* op = "topk_equal_counts";
+  check_table(desc, kDescCols, op, "desc");
+  check_table(thr, 0, op, "thr");
+  check_table(counts, 0, op, "counts");
+  check_same_device(desc, thr, op);
+  check_same_device(desc, counts, op);
+  const int64_t n = desc.size(0), nblocks = counts.size(0);
+  TORCH_CHECK(thr.size(0) == n, op, ": thr must have ", n, " entries");
+  TORCH_CHECK(chunk_bytes == threads, op, ": chunk_bytes must equal threads (the pack's chunk)");
+  check_launch(threads, nblocks, op);
+  if (nblocks == 0 || n == 0) return;
+  c10::cuda::CUDAGuard guard(desc.device());
+  EqParams p{desc.data_ptr<int64_t>(), n, thr.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), chunk_bytes};
+  equal_counts_kernel<<<static_cast<unsigned>(nblocks), static_cast<unsigned>(threads), 0,
+                        c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan, int64_t threads,
+               int64_t nblocks) {
+  const char* op = "topk_pack";
+  check_table(desc, kDescCols, op, "desc");
+  check_table(sel, kSelCols, op, "sel");
+  check_table(scan, 0, op, "scan");
+  check_same_device(desc, sel, op);
+  check_same_device(desc, scan, op);
+  const int64_t n = desc.size(0);
+  TORCH_CHECK(sel.size(0) == n, op, ": sel must have ", n, " rows");
+  check_launch(threads, nblocks, op);
+  if (nblocks == 0 || n == 0) return;
+  c10::cuda::CUDAGuard guard(desc.device());
+  PackParams p{desc.data_ptr<int64_t>(), n, sel.data_ptr<int64_t>(), scan.data_ptr<int64_t>()};
+  pack_kernel<<<static_cast<unsigned>(nblocks), static_cast<unsigned>(threads), 0,
+                c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace topk
+}  // namespace spare
+
+// Schemas (the same in torch.ops.spare_harness, csrc/harness/topk.cpp). The tables are described in
+// topk_kernels.h. topk_pack writes the masks through the output pointers of desc (column kOut): the
+// driver allocates them and keeps them alive; the schema cannot name them.
+TORCH_LIBRARY_FRAGMENT(spare_kernels_cuda, m) {
+  m.def("topk_config() -> int[]",
+        []() -> std::vector<int64_t> { return {spare::topk::kThreads, spare::topk::kHistChunkBytes}; });
+  m.def("topk_histogram(Tensor desc, Tensor prefix, Tensor(a!) hist, int level, int threads, int chunk_bytes, "
+        "int nblocks) -> ()");
+  m.def("topk_equal_counts(Tensor desc, Tensor thr, Tensor(a!) counts, int threads, int chunk_bytes) -> ()");
+  m.def("topk_pack(Tensor desc, Tensor sel, Tensor scan, int threads, int nblocks) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(spare_kernels_cuda, CUDA, m) {
+  m.impl("topk_histogram", &spare::topk::topk_histogram);
+  m.impl("topk_equal_counts", &spare::topk::topk_equal_counts);
+  m.impl("topk_pack", &spare::topk::topk_pack);
+}

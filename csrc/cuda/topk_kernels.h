@@ -1,0 +1,393 @@
+// Exact top-k of element masks on the GPU (issue 17): the per-thread bodies of the three kernels of
+// csrc/cuda/topk.cu, written as SPARE_HD code (csrc/common/launch.h) so that the host harness
+// (csrc/harness/topk.cpp) runs the very same bodies on CPU tensors in the tests.
+//
+// The driver is spare_kernels/topk.py (_device_topk). Over a group of score tensors (fp32, fp16 or
+// bf16, contiguous, on one device) it runs a radix select of the k-th largest 32-bit key with 8-bit
+// digits, one launch per pass over ALL tensors (a device table of descriptors, never a concatenation):
+//
+//   pass L = 0..3   histogram   per tensor, the 256-bin histogram of digit L of the keys whose digits
+//                               0..L-1 equal the tensor's prefix so far (pass 0: every key, and the
+//                               NaNs in bin 256); the host reads it and picks the digit.
+//   ties            equal_counts  only for the tensors where the threshold's ties are cut: the number
+//                               of keys equal to the threshold per chunk (the host scans that array).
+//   last            pack        scores + threshold (+ tie cut) -> packed uint8 mask rows, LSB first.
+//
+// Keys are those of spare_kernels.topk._Keys(torch.float32) (order-preserving, -0.0 == +0.0), made
+// unsigned (sign bit flipped) so that digits are plain bit fields: ukey = key ^ 0x80000000.
+//
+// Tables (all int64, row-major, one row per tensor; see spare_kernels/topk.py):
+//   desc  (n, kDescCols): kPtr, kBytes (rows * row_bytes), kCols, kRowBytes, kDtype, kHBlock0,
+//                         kPBlock0, kOut. kBytes and kRowBytes are below 2^32 (checked by the driver):
+//                         byte -> (row, col) takes 32-bit divisions, not 64-bit ones (which cost
+//                         registers and spills in every kernel).
+//   sel   (n, kSelCols):  kThr, kMode, kTake, kEq0  (the pack's per-tensor selection rule)
+//   hist  (n, kHistCols): 256 digit bins + the NaN count (uint64 counts in an int64 tensor)
+// A tensor is cut into chunks of whole output bytes (8 entries of a mask row, or fewer at the row's
+// end): consecutive bytes of the (rows, row_bytes) mask are consecutive ranges of the tensor's flat
+// entries, so a chunk is one contiguous range of entries and chunks follow flat (tie) order.
+// Block b of a launch works on chunk b - block0[t] of the tensor t whose first block block0[t] is
+// the last one <= b (binary search over the table: no per-chunk table).
+#pragma once
+
+#include <cstdint>
+
+#include "../common/launch.h"
+
+namespace spare {
+namespace topk {
+
+// ------------------------------------------------------------------------------------- layout
+enum DescField : int64_t { kPtr = 0, kBytes, kCols, kRowBytes, kDtype, kHBlock0, kPBlock0, kOut, kDescCols };
+enum SelField : int64_t { kThr = 0, kMode, kTake, kEq0, kSelCols };
+enum Dtype : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// Pack rule of a tensor: key > thr is on; key == thr is off (kNoneEqual), on (kAllEqual), or on for
+// the first `take` of them in flat order (kPartial: ranks from equal_counts' scan + a block scan).
+enum Mode : int64_t { kNoneEqual = 0, kAllEqual = 1, kPartial = 2 };
+
+constexpr int64_t kBins = 256;           // 8-bit digits
+constexpr int64_t kNanBin = kBins;       // the histogram's extra column: NaN count (pass 0)
+constexpr int64_t kHistCols = kBins + 1;
+constexpr uint32_t kNoBin = 0xFFFFFFFFu; // a thread with nothing to count this round
+constexpr int64_t kMaxThreads = 256;     // shared arrays are sized for at most this block size
+// Pack's block scan of per-byte tie counts: kMaxThreads/kSeg = 16 segments of kSeg = 16, so both of
+// its serial stages (16 threads x 16 adds, then 1 thread x 16 adds) are equally short.
+constexpr int64_t kSeg = 16;
+// Histogram: independent loads in flight per thread per round. 4 x 4 bytes x 2048 resident threads
+// = 32 KB per SM in flight, above what an SM needs to cover DRAM latency at full bandwidth
+// (~3.35 TB/s x ~0.6 us / 132 SMs ~ 15 KB on an H100); more would only cost registers.
+constexpr int32_t kUnroll = 4;
+
+// ------------------------------------------------------------------------------------- keys
+SPARE_HD inline uint32_t clz32(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__clz(v));
+#else
+  return v ? static_cast<uint32_t>(__builtin_clz(v)) : 32u;
+#endif
+}
+
+SPARE_HD inline uint32_t popc32(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__popc(v));
+#else
+  return static_cast<uint32_t>(__builtin_popcount(v));
+#endif
+}
+
+// The float32 bit pattern of an IEEE half (exact: every half is a float32; NaN stays NaN).
+SPARE_HD inline uint32_t half_to_float_bits(uint32_t h) {
+  const uint32_t s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0x1Fu) return s | 0x7F800000u | (m << 13);        // inf, NaN
+  if (e != 0) return s | ((e + 112u) << 23) | (m << 13);     // normal: rebias 15 -> 127
+  if (m == 0) return s;                                      // ±0
+  const uint32_t sh = clz32(m) - 21u;                        // subnormal: shift the leading 1 to bit 10
+  return s | ((113u - sh) << 23) | (((m << sh) & 0x3FFu) << 13);
+}
+
+// Entry i of a score tensor as float32 bits.
+template <typename I>
+SPARE_HD inline uint32_t load_bits(const void* x, int64_t dtype, I i) {
+  if (dtype == kF32) return static_cast<const uint32_t*>(x)[i];
+  const uint32_t h = static_cast<const uint16_t*>(x)[i];
+  return dtype == kBF16 ? h << 16 : half_to_float_bits(h);
+}
+
+// x + i entries of a score tensor of `dtype` (chunk-local 32-bit indices from there: fewer registers).
+SPARE_HD inline const void* entry_ptr(const void* x, int64_t dtype, int64_t i) {
+  return static_cast<const char*>(x) + i * (dtype == kF32 ? 4 : 2);
+}
+
+SPARE_HD inline bool is_nan_bits(uint32_t u) { return (u & 0x7FFFFFFFu) > 0x7F800000u; }
+
+// Unsigned order-preserving key of a non-NaN float32: _Keys' signed key with its sign bit flipped.
+// x >= +0: bits | 2^31.  x < 0 with magnitude bits m > 0: 2^31 - 1 - m.  -0.0: +0.0's key 2^31.
+// (2^31 - 1, signed key -1, is unused, as in _Keys.)
+SPARE_HD inline uint32_t ukey(uint32_t u) {
+  const uint32_t m = u & 0x7FFFFFFFu;
+  if (!(u >> 31)) return u | 0x80000000u;
+  return m ? 0x7FFFFFFFu - m : 0x80000000u;
+}
+
+// ------------------------------------------------------------------------------------- chunks
+// A block's chunk, located once per block (first phase, one thread) and kept in shared memory.
+struct Chunk {
+  const void* x;     // the tensor's scores
+  uint8_t* out;      // its packed mask rows
+  int64_t t, lc;     // tensor index, chunk index within the tensor
+  int64_t q0, q1;    // output bytes [q0, q1) of the (rows, row_bytes) mask
+  int64_t e0, e1;    // entries [e0, e1) of the flat tensor (the same range)
+  int64_t cols, rb, dtype;
+};
+
+// First flat entry of output byte q (q == rows*row_bytes gives numel); q, row_bytes < 2^32.
+SPARE_HD inline int64_t entry_of_byte(int64_t q, int64_t cols, int64_t row_bytes) {
+  const uint32_t q32 = static_cast<uint32_t>(q), rb32 = static_cast<uint32_t>(row_bytes);
+  const uint32_t r = q32 / rb32;
+  return static_cast<int64_t>(r) * cols + static_cast<int64_t>(q32 - r * rb32) * kBitsPerByte;
+}
+
+// The chunk of block b: chunk_bytes output bytes of tensor t, t the last row with block0 <= b
+// (a tensor with no chunks has its successor's block0 and is never chosen: the search takes the last
+// such row).
+SPARE_HD inline Chunk chunk_of(const int64_t* desc, int64_t n, int64_t field, int64_t chunk_bytes, int64_t b) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (desc[mid * kDescCols + field] <= b) lo = mid; else hi = mid - 1;
+  }
+  const int64_t* d = desc + lo * kDescCols;
+  Chunk c;
+  c.x = reinterpret_cast<const void*>(d[kPtr]);
+  c.out = reinterpret_cast<uint8_t*>(d[kOut]);
+  c.t = lo;
+  c.lc = b - d[field];
+  c.cols = d[kCols];
+  c.rb = d[kRowBytes];
+  c.dtype = d[kDtype];
+  const int64_t total = d[kBytes];
+  c.q0 = c.lc * chunk_bytes;
+  c.q1 = c.q0 + chunk_bytes < total ? c.q0 + chunk_bytes : total;
+  c.e0 = entry_of_byte(c.q0, c.cols, c.rb);
+  c.e1 = entry_of_byte(c.q1, c.cols, c.rb);
+  return c;
+}
+
+SPARE_HD inline void shared_add(uint32_t* p, uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  atomicAdd(p, v);
+#else
+  *p += v;
+#endif
+}
+
+// bins[bin] += 1 for every thread of the warp whose bin is not kNoBin. On the GPU the lanes with the
+// same bin are merged first (one shared atomic per distinct bin and warp: scores of a chunk crowd
+// into a few top digits in pass 0, where plain atomics would serialise up to 32-way). Every lane of
+// the warp must call it (the histogram's rounds are block-uniform). Host: a plain add, same counts.
+SPARE_HD inline void warp_hist_add(Thread t, uint32_t* bins, uint32_t bin) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+  if (bin != kNoBin) atomicAdd(&bins[bin], 1u);  // no __match_any_sync before sm_70
+#elif defined(__CUDA_ARCH__)
+  if (!__any_sync(0xFFFFFFFFu, bin != kNoBin)) return;
+  const uint32_t peers = __match_any_sync(0xFFFFFFFFu, bin);
+  const uint32_t lane = static_cast<uint32_t>(t.tid()) & 31u;
+  if (bin != kNoBin && lane == static_cast<uint32_t>(__ffs(peers) - 1)) atomicAdd(&bins[bin], __popc(peers));
+#else
+  (void)t;
+  if (bin != kNoBin) bins[bin] += 1;
+#endif
+}
+
+// ------------------------------------------------------------------------------------- histogram
+// hist[t, digit L of ukey] += 1 for every key of tensor t whose digits 0..L-1 equal prefix[t]
+// (prefix[t] < 0: tensor skipped); NaN entries counted in hist[t, kNanBin] instead.
+struct HistParams {
+  const int64_t* desc;
+  int64_t n;
+  const int64_t* prefix;
+  unsigned long long* hist;
+  int64_t level;        // 0..3
+  int64_t chunk_bytes;  // output bytes per block (8 entries each)
+};
+
+struct HistShared {
+  Chunk c;
+  int64_t prefix;
+  uint32_t bins[kHistCols];
+};
+
+// phase 1: locate the chunk, zero the bins
+SPARE_HD inline void hist_start(Thread t, const HistParams& p, HistShared* sh) {
+  if (t.tid() == 0) {
+    sh->c = chunk_of(p.desc, p.n, kHBlock0, p.chunk_bytes, t.block.x);
+    sh->prefix = p.prefix[sh->c.t];
+  }
+  for (int64_t i = t.tid(); i < kHistCols; i += t.nthreads()) sh->bins[i] = 0;
+}
+
+// phase 2: count into shared bins
+SPARE_HD inline void hist_count(Thread t, const HistParams& p, HistShared* sh) {
+  const int64_t pre = sh->prefix;
+  if (pre < 0) return;  // block-uniform
+  const int64_t dtype = sh->c.dtype;
+  const void* x = entry_ptr(sh->c.x, dtype, sh->c.e0);
+  const int32_t T = static_cast<int32_t>(t.nthreads()), tid = static_cast<int32_t>(t.tid());
+  const int32_t ne = static_cast<int32_t>(sh->c.e1 - sh->c.e0);  // <= 8 * chunk_bytes
+  const int level = static_cast<int>(p.level);
+  const int shift_digit = 24 - 8 * level, shift_prefix = shift_digit + 8;  // 32 at level 0: unused
+  const uint32_t pre32 = static_cast<uint32_t>(pre);
+  for (int32_t base = 0; base < ne; base += T * kUnroll) {  // the same trip count for every thread
+    uint32_t u[kUnroll];
+    for (int32_t j = 0; j < kUnroll; ++j) {
+      const int32_t e = base + j * T + tid;
+      u[j] = e < ne ? load_bits(x, dtype, e) : 0u;
+    }
+    for (int32_t j = 0; j < kUnroll; ++j) {
+      uint32_t bin = kNoBin;
+      if (base + j * T + tid < ne) {
+        if (is_nan_bits(u[j])) {
+          bin = static_cast<uint32_t>(kNanBin);
+        } else {
+          const uint32_t k = ukey(u[j]);
+          if (level == 0 || (k >> shift_prefix) == pre32) bin = (k >> shift_digit) & 0xFFu;
+        }
+      }
+      warp_hist_add(t, sh->bins, bin);
+    }
+  }
+}
+
+// phase 3: only the bins in use go to global memory (in later passes most chunks have none).
+SPARE_HD inline void hist_flush(Thread t, const HistParams& p, HistShared* sh) {
+  if (sh->prefix < 0) return;
+  unsigned long long* row = p.hist + sh->c.t * kHistCols;
+  for (int64_t i = t.tid(); i < kHistCols; i += t.nthreads())
+    if (sh->bins[i]) atomic_add(row + i, static_cast<unsigned long long>(sh->bins[i]));
+}
+
+// ------------------------------------------------------------------------------------- equal counts
+// counts[b] = number of keys equal to thr[t] in chunk b. The table holds only the tensors whose ties
+// are cut (their kPBlock0 = offsets of their chunks in counts), chunks of the pack's size.
+struct EqParams {
+  const int64_t* desc;
+  int64_t n;
+  const int64_t* thr;
+  int64_t* counts;
+  int64_t chunk_bytes;
+};
+
+struct EqShared {
+  Chunk c;
+  uint32_t thr, count;
+};
+
+// phase 1
+SPARE_HD inline void eq_start(Thread t, const EqParams& p, EqShared* sh) {
+  if (t.tid() != 0) return;
+  sh->c = chunk_of(p.desc, p.n, kPBlock0, p.chunk_bytes, t.block.x);
+  sh->thr = static_cast<uint32_t>(p.thr[sh->c.t]);
+  sh->count = 0;
+}
+
+// phase 2
+SPARE_HD inline void eq_count(Thread t, const EqParams&, EqShared* sh) {
+  const int64_t dtype = sh->c.dtype;
+  const void* x = entry_ptr(sh->c.x, dtype, sh->c.e0);
+  const uint32_t thr = sh->thr;
+  const int32_t ne = static_cast<int32_t>(sh->c.e1 - sh->c.e0), T = static_cast<int32_t>(t.nthreads());
+  uint32_t n = 0;
+  for (int32_t e = static_cast<int32_t>(t.tid()); e < ne; e += T) {
+    const uint32_t u = load_bits(x, dtype, e);
+    n += (!is_nan_bits(u) && ukey(u) == thr) ? 1u : 0u;
+  }
+  if (n) shared_add(&sh->count, n);
+}
+
+// phase 3
+SPARE_HD inline void eq_write(Thread t, const EqParams& p, EqShared* sh) {
+  if (t.tid() == 0) p.counts[t.block.x] = static_cast<int64_t>(sh->count);
+}
+
+// ------------------------------------------------------------------------------------- pack
+// One thread per output byte; a block is a chunk of nthreads bytes. Byte = bits of key > thr, plus
+// the bits of key == thr per the tensor's mode. kPartial: the rank of a tied entry among its
+// tensor's ties = scan[eq0 + chunk] - scan[eq0] (ties in earlier chunks; scan is the exclusive scan
+// of equal_counts) + ties in earlier bytes of the chunk (block scan below) + earlier bits of the byte.
+struct PackParams {
+  const int64_t* desc;
+  int64_t n;
+  const int64_t* sel;
+  const int64_t* scan;
+};
+
+struct PackShared {
+  Chunk c;
+  int64_t mode, take, base;          // base: ties of the tensor before this chunk (kPartial)
+  uint32_t thr;
+  uint32_t cnt[kMaxThreads];         // per byte: number of tied bits, then its exclusive scan
+  uint32_t seg[kMaxThreads / kSeg];  // per segment of kSeg bytes: total, then its exclusive scan
+  uint8_t gt[kMaxThreads], eq[kMaxThreads];
+};
+
+// phase 1: locate the chunk and the tensor's rule
+SPARE_HD inline void pack_start(Thread t, const PackParams& p, PackShared* sh) {
+  if (t.tid() != 0) return;
+  sh->c = chunk_of(p.desc, p.n, kPBlock0, t.nthreads(), t.block.x);
+  const int64_t* s = p.sel + sh->c.t * kSelCols;
+  sh->thr = static_cast<uint32_t>(s[kThr]);
+  sh->mode = s[kMode];
+  sh->take = s[kTake];
+  sh->base = sh->mode == kPartial ? p.scan[s[kEq0] + sh->c.lc] - p.scan[s[kEq0]] : 0;
+}
+
+// phase 2: the bits of this thread's byte; written out unless the tensor's ties are cut (kPartial:
+// kept in shared memory with their tie count).
+SPARE_HD inline void pack_bits_phase(Thread t, const PackParams&, PackShared* sh) {
+  const int64_t tid = t.tid(), q = sh->c.q0 + tid;
+  const uint32_t thr = sh->thr;
+  uint32_t gt = 0, eq = 0;
+  if (q < sh->c.q1) {
+    const int64_t cols = sh->c.cols, dtype = sh->c.dtype;
+    const uint32_t q32 = static_cast<uint32_t>(q), rb32 = static_cast<uint32_t>(sh->c.rb), r = q32 / rb32;
+    const int64_t j = static_cast<int64_t>(q32 - r * rb32) * kBitsPerByte;  // first column of the byte
+    const int32_t ne = static_cast<int32_t>(cols - j < kBitsPerByte ? cols - j : kBitsPerByte);
+    const void* x = entry_ptr(sh->c.x, dtype, static_cast<int64_t>(r) * cols + j);
+    for (int32_t i = 0; i < ne; ++i) {
+      const uint32_t k = ukey(load_bits(x, dtype, i));  // no NaN here: pass 0 refused them
+      gt |= static_cast<uint32_t>(k > thr) << i;
+      eq |= static_cast<uint32_t>(k == thr) << i;
+    }
+  }
+  if (sh->mode != kPartial) {
+    if (q < sh->c.q1) sh->c.out[q] = static_cast<uint8_t>(gt | (sh->mode == kAllEqual ? eq : 0u));
+    return;
+  }
+  sh->gt[tid] = static_cast<uint8_t>(gt);
+  sh->eq[tid] = static_cast<uint8_t>(eq);
+  sh->cnt[tid] = popc32(eq);
+}
+
+// phase 3: segment-wise exclusive scan of the counts (nthreads/kSeg threads, kSeg adds each).
+SPARE_HD inline void pack_scan_segments(Thread t, const PackParams&, PackShared* sh) {
+  const int64_t T = t.nthreads(), s0 = t.tid() * kSeg;
+  if (sh->mode != kPartial || s0 >= T) return;
+  uint32_t acc = 0;
+  for (int64_t i = s0; i < s0 + kSeg && i < T; ++i) {
+    const uint32_t v = sh->cnt[i];
+    sh->cnt[i] = acc;
+    acc += v;
+  }
+  sh->seg[t.tid()] = acc;
+}
+
+// phase 4: exclusive scan of the segment totals (one thread, at most kMaxThreads/kSeg adds).
+SPARE_HD inline void pack_scan_totals(Thread t, const PackParams&, PackShared* sh) {
+  if (t.tid() != 0 || sh->mode != kPartial) return;
+  uint32_t acc = 0;
+  for (int64_t i = 0; i * kSeg < t.nthreads(); ++i) {
+    const uint32_t v = sh->seg[i];
+    sh->seg[i] = acc;
+    acc += v;
+  }
+}
+
+// phase 5: the bytes of a kPartial tensor, the first `take` ties on.
+SPARE_HD inline void pack_ties_phase(Thread t, const PackParams&, PackShared* sh) {
+  const int64_t tid = t.tid(), q = sh->c.q0 + tid;
+  if (sh->mode != kPartial || q >= sh->c.q1) return;
+  const int64_t take = sh->take;
+  int64_t rank = sh->base + sh->cnt[tid] + sh->seg[tid / kSeg];
+  uint32_t byte = sh->gt[tid];
+  const uint32_t eq = sh->eq[tid];
+  for (uint32_t i = 0; i < kBitsPerByte; ++i) {
+    if ((eq >> i) & 1u) {
+      if (rank < take) byte |= 1u << i;
+      ++rank;
+    }
+  }
+  sh->c.out[q] = static_cast<uint8_t>(byte);
+}
+
+}  // namespace topk
+}  // namespace spare

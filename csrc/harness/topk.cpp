@@ -1,0 +1,129 @@
+// Host harness of the GPU top-k (csrc/cuda/topk.cu): the same phase bodies (csrc/cuda/topk_kernels.h)
+// driven over the same grids on CPU tensors, as torch.ops.spare_harness.topk_*, with the schemas of
+// torch.ops.spare_kernels_cuda.topk_*. spare_kernels/topk.py's driver (_device_topk) runs unchanged
+// on either namespace. Everything of the kernels runs here except the GPU-only instructions inside
+// warp_hist_add (__any_sync/__match_any_sync/__ffs warp aggregation, replaced by a plain add giving
+// the same counts) and the atomics (atomic_add/shared_add: plain adds, blocks and threads in order).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../cuda/topk_kernels.h"
+
+namespace {
+
+using namespace spare;
+using namespace spare::topk;
+
+// The harness' defaults (the driver may pass others: any block size up to kMaxThreads runs here):
+// tiny chunks, so that the tests' small tensors span many blocks.
+constexpr int64_t kHarnessThreads = 32;
+constexpr int64_t kHarnessHistChunkBytes = 16;
+
+void check_table(const at::Tensor& t, int64_t cols, const char* op, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", what, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
+  if (cols > 0) {
+    TORCH_CHECK(t.dim() == 2 && t.size(1) == cols, op, ": ", what, " must be (n, ", cols, "), got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.dim() == 1, op, ": ", what, " must be 1-D, got ", t.sizes());
+  }
+}
+
+void check_threads(int64_t threads, const char* op) {
+  TORCH_CHECK(threads > 0 && threads <= kMaxThreads, op, ": threads must be in [1, ", kMaxThreads, "], got ",
+              threads);
+}
+
+void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist, int64_t level,
+                    int64_t threads, int64_t chunk_bytes, int64_t nblocks) {
+  const char* op = "topk_histogram";
+  check_table(desc, kDescCols, op, "desc");
+  check_table(prefix, 0, op, "prefix");
+  check_table(hist, kHistCols, op, "hist");
+  const int64_t n = desc.size(0);
+  TORCH_CHECK(prefix.size(0) == n && hist.size(0) == n, op, ": prefix and hist must have ", n, " rows");
+  TORCH_CHECK(level >= 0 && level < 4, op, ": level must be in [0, 4), got ", level);
+  TORCH_CHECK(chunk_bytes > 0, op, ": chunk_bytes must be positive");
+  check_threads(threads, op);
+  if (nblocks == 0 || n == 0) return;
+  HistParams p{desc.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
+               reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()), level, chunk_bytes};
+  HistShared sh;
+  for_each_block_phased(
+      Dim3{nblocks}, Dim3{threads}, [&](Thread t) { hist_start(t, p, &sh); },
+      [&](Thread t) { hist_count(t, p, &sh); }, [&](Thread t) { hist_flush(t, p, &sh); });
+}
+
+void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts, int64_t threads,
+                       int64_t chunk_bytes) {
+  const char* op = "topk_equal_counts";
+  check_table(desc, kDescCols, op, "desc");
+  check_table(thr, 0, op, "thr");
+  check_table(counts, 0, op, "counts");
+  const int64_t n = desc.size(0), nblocks = counts.size(0);
+  TORCH_CHECK(thr.size(0) == n, op, ": thr must have ", n, " entries");
+  TORCH_CHECK(chunk_bytes == threads, op, ": chunk_bytes must equal threads (the pack's chunk)");
+  check_threads(threads, op);
+  if (nblocks == 0 || n == 0) return;
+  EqParams p{desc.data_ptr<int64_t>(), n, thr.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), chunk_bytes};
+  EqShared sh;
+  for_each_block_phased(
+      Dim3{nblocks}, Dim3{threads}, [&](Thread t) { eq_start(t, p, &sh); }, [&](Thread t) { eq_count(t, p, &sh); },
+      [&](Thread t) { eq_write(t, p, &sh); });
+}
+
+void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan, int64_t threads,
+               int64_t nblocks) {
+  const char* op = "topk_pack";
+  check_table(desc, kDescCols, op, "desc");
+  check_table(sel, kSelCols, op, "sel");
+  check_table(scan, 0, op, "scan");
+  const int64_t n = desc.size(0);
+  TORCH_CHECK(sel.size(0) == n, op, ": sel must have ", n, " rows");
+  check_threads(threads, op);
+  if (nblocks == 0 || n == 0) return;
+  PackParams p{desc.data_ptr<int64_t>(), n, sel.data_ptr<int64_t>(), scan.data_ptr<int64_t>()};
+  PackShared sh;
+  for_each_block_phased(
+      Dim3{nblocks}, Dim3{threads}, [&](Thread t) { pack_start(t, p, &sh); },
+      [&](Thread t) { pack_bits_phase(t, p, &sh); }, [&](Thread t) { pack_scan_segments(t, p, &sh); },
+      [&](Thread t) { pack_scan_totals(t, p, &sh); }, [&](Thread t) { pack_ties_phase(t, p, &sh); });
+}
+
+// The host twins of the device helpers, for a direct test of the key map and the half conversion.
+at::Tensor topk_keys(const at::Tensor& bits, int64_t dtype) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == at::kLong && bits.dim() == 1,
+              "topk_keys: bits must be a 1-D int64 CPU tensor");
+  auto in = bits.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const int64_t* b = in.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.numel(); ++i) {
+    const uint32_t raw = static_cast<uint32_t>(b[i]);
+    const uint32_t f = dtype == kF32 ? raw : dtype == kBF16 ? raw << 16 : half_to_float_bits(raw & 0xFFFFu);
+    o[i] = is_nan_bits(f) ? -1 : static_cast<int64_t>(ukey(f));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spare_harness, m) {
+  m.def("topk_config() -> int[]", []() -> std::vector<int64_t> { return {kHarnessThreads, kHarnessHistChunkBytes}; });
+  m.def("topk_histogram(Tensor desc, Tensor prefix, Tensor(a!) hist, int level, int threads, int chunk_bytes, "
+        "int nblocks) -> ()");
+  m.def("topk_equal_counts(Tensor desc, Tensor thr, Tensor(a!) counts, int threads, int chunk_bytes) -> ()");
+  m.def("topk_pack(Tensor desc, Tensor sel, Tensor scan, int threads, int nblocks) -> ()");
+  m.def("topk_keys(Tensor bits, int dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(spare_harness, CPU, m) {
+  m.impl("topk_histogram", &topk_histogram);
+  m.impl("topk_equal_counts", &topk_equal_counts);
+  m.impl("topk_pack", &topk_pack);
+  m.impl("topk_keys", &topk_keys);
+}

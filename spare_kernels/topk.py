@@ -1,0 +1,569 @@
+"""Exact top-k selection of saliency masks: :func:`topk_masks` (also importable from
+:mod:`spare_kernels.masks`).
+
+Two engines compute the same masks bit for bit:
+
+- the generic engine (any device, every granularity and float dtype): a radix select with 16-bit
+  digits over chunks of at most ``2**20`` units, in torch ops;
+- the GPU engine (:func:`_device_topk`), for element masks when every score tensor is a contiguous
+  fp32/fp16/bf16 CUDA tensor on one device and ``torch.ops.spare_kernels_cuda`` has the ``topk_*``
+  ops (``csrc/cuda/topk.cu``; bodies in ``csrc/cuda/topk_kernels.h``).
+
+The GPU engine. Keys are ``_Keys(torch.float32)``'s (order-preserving, ``-0.0 == +0.0``), made
+unsigned. Radix select with 8-bit digits, at most 4 passes, each ONE launch of ``topk_histogram`` over
+all tensors through a device table of descriptors (pointer, bytes, cols, row bytes, dtype, first
+block, output pointer), never a concatenation: per tensor a 256-bin histogram of the digit of the keys
+that match the tensor's prefix so far (pass 0 also counts NaNs, refused with the generic engine's
+error). The host reads the ``(n, 257)`` table once per pass and picks the digit (``global``: summed
+over tensors; ``per_module``: per tensor); a group stops early when the chosen bin holds exactly the
+keys still needed. After the last pass the per-tensor count of keys equal to the threshold is known:
+ties go, in dict order, to the tensors before the one where they run out (all of theirs), none after
+it; for a tensor where they are cut (at most one per group), ``topk_equal_counts`` counts ties per
+chunk, ``cumsum`` scans that small array, and the pack kernel ranks ties within its chunk by a block
+scan. ``topk_pack`` writes the packed uint8 mask rows directly (one thread per output byte).
+
+Launches: 1 (k = 0 or k = n) to 4 histograms, at most 1 equal-count, 1 pack, plus a few tiny torch
+ops (table uploads, a zeroing per pass, the scan). Extra device memory:
+``n·(64 + 257·8 + 8 + 32)`` bytes of tables (``n`` tensors) ``+ 16·ceil(B_cut / 256)`` bytes of tie
+counts and their scan (``B_cut``: mask bytes of the tensors whose ties are cut) ``+`` the output masks.
+"""
+from __future__ import annotations
+
+import numbers
+import struct
+from collections.abc import Mapping
+
+import torch
+
+from . import maskfmt as fmt
+from .masks import SCOPES, Mask, _check_block, _check_granularity, _matrix_shape, _tile_sizes
+
+# ===================================================================================== CPU / generic engine
+_CHUNK = 1 << 20          # entries per processing chunk: bounds the extra memory of every pass
+_CACHE_UNITS = 1 << 20    # tile/row/module scores are kept between passes when there are at most this many
+_DIGIT = 16               # radix digit width: histograms of 65536 bins
+_NBINS = 1 << _DIGIT
+
+
+class _Keys:
+    """Order-preserving map float -> signed int for one float width (32 or 64 bits).
+
+    ``key(x) = bits(x)`` for ``x >= +0.0`` and ``-bits(|x|) - 1`` for negative ``x`` (one's
+    complement: strictly monotone on non-NaN floats), except that ``-0.0`` gets ``+0.0``'s key 0
+    (they compare equal, so they tie); key ``-1`` is then unused."""
+
+    def __init__(self, ftype):
+        self.ftype = ftype
+        if ftype == torch.float64:
+            self.itype, self.bits, self.inf = torch.int64, 64, 0x7FF0000000000000
+            self._pack, self._unpack = "<q", "<d"
+        else:
+            self.itype, self.bits, self.inf = torch.int32, 32, 0x7F800000
+            self._pack, self._unpack = "<i", "<f"
+        self.mag = (1 << (self.bits - 1)) - 1
+        self.levels = self.bits // _DIGIT
+        self.min_key, self.max_key = -self.inf - 1, self.inf      # keys of -inf and +inf
+        shift0 = self.bits - _DIGIT
+        # NaN keys lie beyond them: bins up to -inf's and from +inf's on may hold NaNs
+        self.nan_lo = (self.min_key >> shift0) + _NBINS // 2 + 1
+        self.nan_hi = (self.max_key >> shift0) + _NBINS // 2
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys of a 1-D float tensor of ``ftype`` (one int buffer of its size, one bool temp)."""
+        xi = x.contiguous().view(self.itype)
+        k = xi >> (self.bits - 1)                     # 0 or -1 (all ones)
+        k.bitwise_and_(self.mag).bitwise_xor_(xi)     # negative: flip the magnitude bits
+        k.masked_fill_(k == -1, 0)                    # -0.0 -> +0.0's key
+        return k
+
+    def digit(self, k: torch.Tensor, level: int) -> torch.Tensor:
+        """Radix digit ``level`` (0 = most significant) of keys ``k``, in ``[0, 65536)``; in place."""
+        shift = self.bits - _DIGIT * (level + 1)
+        if shift:
+            k.bitwise_right_shift_(shift)
+        if level == 0:
+            return k.add_(_NBINS // 2)                # signed top digit -> [0, 65536)
+        return k.bitwise_and_(_NBINS - 1)
+
+    def _float(self, key: int) -> float:
+        b = key if key >= 0 else key ^ self.mag
+        return struct.unpack(self._unpack, struct.pack(self._pack, b))[0]
+
+    def to_float(self, key: int) -> float:
+        """The float of a key in use (a threshold)."""
+        return self._float(key)
+
+    def bounds(self, lo: int, hi: int):
+        """``(lo_f, hi_f)``: the floats ``x`` with ``lo_f <= x <= hi_f`` are exactly those whose key
+        is in ``[lo, hi]`` (clamped to the keys of ±inf; the unused key -1 maps to the side's
+        neighbour)."""
+        lo, hi = max(lo, self.min_key), min(hi, self.max_key)
+        lo_f = self._float(0 if lo == -1 else lo)
+        hi_f = self._float(-2 if hi == -1 else hi)
+        return lo_f, hi_f
+
+
+def _rect(x: torch.Tensor, cols: int, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """Rows ``r0:r1``, cols ``c0:c1`` of ``x`` viewed as ``(rows, cols)``; a view when ``x`` is
+    contiguous, else a copy of only those rows."""
+    m = x[r0:r1].reshape(r1 - r0, cols)
+    return m if (c0 == 0 and c1 == cols) else m[:, c0:c1]
+
+
+class _Source:
+    """One score tensor seen as a sequence of unit scores (row-major unit order), in chunks.
+
+    ``chunks()`` yields ``(scores, slot)``: a 1-D float tensor of unit scores and where they go in the
+    mask data: ``(r0, r1, c0, c1)`` for element masks (``c0`` a multiple of 8), ``(u0, u1)`` (a flat
+    range of the unit grid) for the others. Every call yields the same values in the same order."""
+
+    def __init__(self, name, x, granularity, block, chunk, cache_units):
+        self.name, self.x, self.g, self.block, self.chunk = name, x, granularity, block, chunk
+        self.rows, self.cols = _matrix_shape(x.shape)
+        self.device = x.device
+        if granularity == "element":
+            self.units = self.rows * self.cols
+        elif granularity == "block":
+            self.grid = (-(-self.rows // block[0]), -(-self.cols // block[1]))
+            self.units = self.grid[0] * self.grid[1]
+        elif granularity == "row":
+            self.units = self.rows if self.cols else 0          # rows of an empty tensor: no units
+        else:
+            self.units = 1 if x.numel() else 0
+        self.cache = None
+        self.cacheable = granularity != "element" and self.units <= cache_units
+
+    def fill_cache(self):
+        parts = [s for s, _ in self._unit_chunks()]
+        self.cache = torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64, device=self.device)
+
+    def chunks(self):
+        if self.g == "element":
+            yield from self._element_chunks()
+        elif self.cache is not None:
+            for u0 in range(0, self.units, self.chunk):
+                u1 = min(self.units, u0 + self.chunk)
+                yield self.cache[u0:u1], (u0, u1)
+        else:
+            yield from self._coalesce(self._unit_chunks())
+
+    # -- element: rectangles of whole rows, or byte-aligned pieces of one long row
+    def _element_chunks(self):
+        rows, cols, chunk, x = self.rows, self.cols, self.chunk, self.x
+        if rows * cols == 0:
+            return
+        if cols <= chunk:
+            step = max(1, chunk // cols)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                yield _rect(x, cols, r0, r1, 0, cols).reshape(-1), (r0, r1, 0, cols)
+        else:
+            cstep = max(8, chunk // 8 * 8)
+            for r in range(rows):
+                for c0 in range(0, cols, cstep):
+                    c1 = min(cols, c0 + cstep)
+                    yield _rect(x, cols, r, r + 1, c0, c1).reshape(-1), (r, r + 1, c0, c1)
+
+    # -- block / row / module: means in float64, computed chunk by chunk
+    def _unit_chunks(self):
+        # the float64 sums upcast their input: read a quarter chunk at a time (2 MB of float64)
+        rows, cols, chunk, x = self.rows, self.cols, max(1, self.chunk // 4), self.x
+        f64 = torch.float64
+        if self.units == 0:
+            return
+        if self.g == "block":
+            bo, bi = self.block
+            pr, pc = self.grid
+            if bo * cols <= chunk:
+                band = max(1, chunk // (bo * cols))
+                for p0 in range(0, pr, band):
+                    p1 = min(pr, p0 + band)
+                    r = _rect(x, cols, p0 * bo, min(rows, p1 * bo), 0, cols)
+                    yield _tile_means(r, bo, bi).reshape(-1), (p0 * pc, p1 * pc)
+            else:
+                group = max(1, chunk // (bo * bi))
+                for p in range(pr):
+                    for q0 in range(0, pc, group):
+                        q1 = min(pc, q0 + group)
+                        r = _rect(x, cols, p * bo, min(rows, (p + 1) * bo), q0 * bi, min(cols, q1 * bi))
+                        yield _tile_means(r, bo, bi).reshape(-1), (p * pc + q0, p * pc + q1)
+        elif self.g == "row":
+            if cols <= chunk:
+                step = max(1, chunk // cols)
+                for r0 in range(0, rows, step):
+                    r1 = min(rows, r0 + step)
+                    yield _rect(x, cols, r0, r1, 0, cols).sum(1, dtype=f64) / cols, (r0, r1)
+            else:
+                for r in range(rows):
+                    s = sum(_rect(x, cols, r, r + 1, c0, min(cols, c0 + chunk)).sum(dtype=f64)
+                            for c0 in range(0, cols, chunk))
+                    yield (s / cols).reshape(1), (r, r + 1)
+        else:  # module
+            s = torch.zeros((), dtype=f64, device=self.device)
+            step = max(1, chunk // cols) if cols <= chunk else 1
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                for c0 in range(0, cols, chunk):
+                    s = s + _rect(x, cols, r0, r1, c0, min(cols, c0 + chunk)).sum(dtype=f64)
+            yield (s / (rows * cols)).reshape(1), (0, 1)
+
+    def _coalesce(self, it):
+        """Merge consecutive small unit chunks (e.g. one per long row) up to ``chunk`` units."""
+        buf, u_start, n = [], None, 0
+        for s, (u0, u1) in it:
+            if buf and n + s.numel() > self.chunk:
+                yield (torch.cat(buf) if len(buf) > 1 else buf[0]), (u_start, u_start + n)
+                buf, n = [], 0
+            if not buf:
+                u_start = u0
+            buf.append(s)
+            n += s.numel()
+        if buf:
+            yield (torch.cat(buf) if len(buf) > 1 else buf[0]), (u_start, u_start + n)
+
+
+def _tile_means(r: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
+    """float64 mean of each ``bo×bi`` tile of a 2-D block of rows (edge tiles: their actual entries).
+
+    Sums along a row of a tile first (contiguous), then down the tile, both in float64."""
+    f64 = torch.float64
+    nr, nc = r.shape
+    fc, fr = nc // bi, nr // bo
+    parts = []
+    if fc:
+        parts.append(r[:, :fc * bi].reshape(nr, fc, bi).sum(-1, dtype=f64))
+    if nc > fc * bi:
+        parts.append(r[:, fc * bi:].sum(-1, dtype=f64, keepdim=True))
+    cs = torch.cat(parts, 1) if len(parts) > 1 else parts[0]          # (nr, pc) row-of-tile sums
+    parts = []
+    if fr:
+        parts.append(cs[:fr * bo].reshape(fr, bo, -1).sum(1))
+    if nr > fr * bo:
+        parts.append(cs[fr * bo:].sum(0, keepdim=True))
+    sums = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    return sums / _tile_sizes(nr, nc, bo, bi, r.device)
+
+
+def _validate(scores, density, granularity, scope, block):
+    if not isinstance(scores, Mapping):
+        raise TypeError("scores: expected a non-empty dict mapping str to floating-point tensors, "
+                        f"got {type(scores).__name__}")
+    if len(scores) == 0:
+        raise ValueError("scores: expected a non-empty dict mapping str to floating-point tensors, "
+                         "got an empty dict")
+    for name, t in scores.items():
+        if not isinstance(name, str):
+            raise TypeError(f"scores: expected str keys, got {type(name).__name__} key {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"scores[{name!r}]: expected a floating-point tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"scores[{name!r}]: expected a floating-point dtype, got {t.dtype}")
+        if t.dim() == 0:
+            raise ValueError(f"scores[{name!r}]: expected a tensor with at least one dim (a weight's "
+                             f"shape), got a 0-dim tensor")
+    if (isinstance(density, bool) or not isinstance(density, numbers.Real)
+            or not (0.0 < float(density) <= 1.0)):
+        raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
+    _check_granularity(granularity)
+    if not isinstance(scope, str) or scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    return _check_block(block)
+
+
+def topk_masks(scores: dict, density: float, granularity: str = "element", scope: str = "global",
+               block=(32, 32)) -> dict:
+    """Masks that keep the ``k`` highest-scoring units, exactly (no threshold approximation).
+
+    Args:
+        scores: ``{name: tensor}``, one floating-point tensor of a weight's shape per weight
+            (any float dtype; the order of the dict matters for ties, see below).
+        density: fraction of units to keep, a real number in ``(0, 1]``.
+        granularity: the unit. ``"element"``: one entry (its score). ``"block"``: a ``bo×bi`` tile
+            of the tensor viewed as ``(out, cols)`` (``cols = prod(shape[1:])``, a 1-D tensor is
+            ``(out, 1)``), scored by the mean of its entries (an edge tile by the mean of the entries
+            it has). ``"row"``: an output row, scored by its mean. ``"module"``: the whole tensor,
+            scored by its mean. Means are accumulated in float64.
+        scope: ``"global"``: ``k = round(density·N)`` units over all tensors together, ``N`` the total
+            number of units; ``"per_module"``: ``k_t = round(density·N_t)`` units of each tensor.
+            ``round`` is Python's (half to even); ``k`` may be 0 for tiny densities (all off).
+        block: ``(bo, bi)`` tile shape (checked whatever the granularity).
+
+    Returns:
+        ``{name: Mask}`` of the given granularity (element masks bit-packed), in the order of
+        ``scores``, each on the device of its score tensor.
+
+    Exactness: scores are compared exactly in their own precision. float16/bfloat16/float32 scores
+    are ranked through order-preserving 32-bit integer keys of their (exact) float32 values; if any
+    tensor is float64 (and always for block/row/module means, which are float64), 64-bit keys of the
+    float64 values are used, so float64 scores are ranked exactly too. ``-0.0`` and ``+0.0`` are equal.
+    The threshold is found by a radix select (16-bit digits: 2 histogram passes for 32-bit keys, 4
+    for 64-bit), each pass streaming the tensors in chunks of at most ``2**20`` entries, so the
+    extra memory is a few chunk-sized temporaries plus the output masks (never a concatenation);
+    a non-contiguous tensor is read through copies of at most one chunk of its rows. Block, row and
+    module means are computed once and kept between passes when the group has at most ``2**20``
+    units (8 MB), else recomputed chunk by chunk in every pass (same values each time).
+
+    Ties: exactly ``k`` units are selected. Every unit whose score is above the threshold (the
+    ``k``-th largest score) is on; among the units whose score equals the threshold, the ones that
+    come first are on, in the order: tensors in the dict's iteration order, then units in row-major
+    order within a tensor (entries in flat order; tiles in ``(tile_row, tile_col)`` order; rows in
+    order).
+
+    Empty tensors (a dim of size 0) are allowed: they have no units and get an all-off mask.
+
+    On a GPU: element masks of contiguous fp32/fp16/bf16 CUDA score tensors (all on one device) are
+    selected by the CUDA kernels of ``spare_kernels_cuda`` when that extension is loaded (4 histogram
+    passes of 8-bit digits over all tensors in one launch each, then one kernel writing the packed
+    masks; module docstring), with the same result bit for bit; anything else takes the engine
+    described above, on the tensors' device.
+
+    Raises:
+        TypeError: ``scores`` not a dict, a key not a str, a value not a floating-point tensor.
+        ValueError: empty ``scores``, a 0-dim tensor, NaN scores (naming the tensor), ``density``
+            not in ``(0, 1]``, unknown ``granularity``/``scope``, a bad ``block``.
+    """
+    bo_bi = _validate(scores, density, granularity, scope, block)
+    density = float(density)
+    if granularity == "element":
+        ops = _device_ops(scores)
+        if ops is not None:
+            return _device_topk(scores, density, scope, ops)
+    srcs = [_Source(n, t.detach(), granularity, bo_bi, _CHUNK, _CACHE_UNITS) for n, t in scores.items()]
+    wide = granularity != "element" or any(s.x.dtype == torch.float64 for s in srcs)
+    keys = _Keys(torch.float64 if wide else torch.float32)
+    groups = [srcs] if scope == "global" else [[s] for s in srcs]
+    out = {}
+    for group in groups:
+        n_units = sum(s.units for s in group)
+        k = round(density * n_units)
+        if sum(s.units for s in group if s.cacheable) <= _CACHE_UNITS:
+            for s in group:
+                if s.cacheable:
+                    s.fill_cache()
+        out.update(_select(group, k, n_units, keys))
+        for s in group:
+            s.cache = None
+    return out
+
+
+def _select(group, k, n_units, keys):
+    """Exact top-k over the units of ``group``: radix select of the threshold, then the masks."""
+    ft = keys.ftype
+    # level 0: NaN check and histogram of the top digit
+    hist = _histogram(group, keys, 0, None, check_nan=True)
+    if k == 0 or k == n_units:
+        return _build(group, keys, "none" if k == 0 else "all", None, 0, k)
+    need, prefix = k, None
+    for level in range(keys.levels):
+        if level:
+            lo_key = prefix << (keys.bits - _DIGIT * level)
+            hi_key = lo_key + (1 << (keys.bits - _DIGIT * level)) - 1
+            hist = _histogram(group, keys, level, keys.bounds(lo_key, hi_key))
+        at_or_above = hist.flip(0).cumsum(0).flip(0)          # [d] = units with digit >= d
+        d = int((at_or_above >= need).sum()) - 1
+        need -= int(at_or_above[d]) - int(hist[d])             # minus the units strictly above
+        prefix = d - _NBINS // 2 if level == 0 else (prefix << _DIGIT) | d
+    threshold = torch.tensor(keys.to_float(prefix), dtype=ft)
+    return _build(group, keys, "threshold", threshold, need, k)
+
+
+def _histogram(group, keys, level, bounds, check_nan=False):
+    hist = torch.zeros(_NBINS, dtype=torch.int64)
+    for s in group:
+        for c, _ in s.chunks():
+            c = c.to(keys.ftype)
+            if bounds is not None:
+                c = c[(c >= bounds[0]) & (c <= bounds[1])]
+                if c.numel() == 0:
+                    continue
+            h = torch.bincount(keys.digit(keys.keys(c), level), minlength=_NBINS).cpu()
+            # NaN keys lie beyond ±inf's: only the bins outside [-inf's, +inf's] (pure NaN) and
+            # +inf's own bin (shared with some NaNs) can hold them; check exactly only then.
+            if check_nan and (bool(h[:keys.nan_lo].any()) or bool(h[keys.nan_hi:].any())) \
+                    and bool(torch.isnan(c).any()):
+                raise ValueError(f"scores[{s.name!r}]: contains NaN scores"
+                                 + ("" if s.g == "element" else f" (a {s.g} mean is NaN)"))
+            del c
+            hist += h
+    return hist
+
+
+def _build(group, keys, mode, threshold, ties, k):
+    """Masks of ``group``: all off, all on, or ``score > threshold`` plus the first ``ties`` units
+    equal to it."""
+    out, total = {}, 0
+    for s in group:
+        rows, cols, dev = s.rows, s.cols, s.device
+        if s.g == "element":
+            data = torch.zeros(rows, (cols + 7) // 8, dtype=torch.uint8, device=dev)
+        elif s.g == "block":
+            data = torch.zeros(s.grid, dtype=torch.bool, device=dev)
+        elif s.g == "row":
+            data = torch.zeros(rows, dtype=torch.bool, device=dev)
+        else:
+            data = torch.zeros((), dtype=torch.bool, device=dev)
+        if mode != "none" and s.units:
+            flat = data.view(-1) if s.g != "element" else None
+            for c, slot in s.chunks():
+                if mode == "all":
+                    sel = torch.ones(c.numel(), dtype=torch.bool, device=dev)
+                else:
+                    c = c.to(keys.ftype)
+                    thr = threshold.to(dev)
+                    sel = c > thr
+                    if ties:
+                        eq = c == thr
+                        n_eq = int(torch.count_nonzero(eq))
+                        if n_eq <= ties:
+                            sel |= eq
+                            ties -= n_eq
+                        elif n_eq:
+                            sel[eq.nonzero().view(-1)[:ties]] = True
+                            ties = 0
+                        del eq
+                    del c
+                total += int(torch.count_nonzero(sel))
+                if s.g == "element":
+                    r0, r1, c0, c1 = slot
+                    data[r0:r1, c0 // 8:(c1 + 7) // 8] = fmt.pack_bits(sel.view(r1 - r0, c1 - c0))
+                else:
+                    flat[slot[0]:slot[1]] = sel
+                del sel
+        kw = {"block": s.block} if s.g == "block" else {}
+        out[s.name] = Mask(s.g, s.x.shape, data, **kw)
+    if total != k:  # cannot happen unless a score tensor changed between passes
+        raise RuntimeError(f"topk_masks: selected {total} units, expected {k} (scores modified during "
+                           f"selection?)")
+    return out
+
+
+# ===================================================================================== GPU engine
+_DEVICE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # topk_kernels.h Dtype
+_DESC_COLS, _BYTES, _PBLOCK0 = 8, 1, 6                                     # topk_kernels.h DescField
+_HIST_COLS, _NAN_BIN = 257, 256
+_NONE_EQUAL, _ALL_EQUAL, _PARTIAL = 0, 1, 2                                # topk_kernels.h Mode
+_U32 = 1 << 32
+
+
+def _device_ok(t: torch.Tensor) -> bool:
+    """Whether the GPU kernels take this score tensor (its mask's byte offsets fit their 32-bit math)."""
+    if t.dtype not in _DEVICE_DTYPES or not t.is_contiguous() or t.is_neg():
+        return False
+    rows, cols = _matrix_shape(t.shape)
+    return rows * ((cols + 7) // 8) < _U32
+
+
+def _device_ops(scores):
+    """``torch.ops.spare_kernels_cuda`` when the GPU engine applies to ``scores``, else None."""
+    ts = list(scores.values())
+    dev = ts[0].device
+    if dev.type != "cuda" or not all(t.device == dev and _device_ok(t) for t in ts):
+        return None
+    from .backends import cuda as _cuda
+    lib = _cuda.library()
+    if lib is None or not hasattr(lib, "topk_pack"):
+        return None
+    return lib
+
+
+def _device_topk(scores: dict, density: float, scope: str, ops, config=None) -> dict:
+    """Element masks of ``scores`` (contiguous fp32/fp16/bf16 tensors on one device) by the ``topk_*``
+    ops of ``ops``: ``torch.ops.spare_kernels_cuda`` on CUDA tensors, or ``torch.ops.spare_harness``
+    (the same kernel bodies run on the host, tests/harness.py) on CPU tensors. ``config``:
+    ``(threads, histogram chunk bytes)``, by default ``ops.topk_config()`` (the CUDA kernels take
+    only their own). Arguments are not validated here (:func:`topk_masks` does)."""
+    names = list(scores)
+    xs = [scores[nm].detach().contiguous() for nm in names]
+    dev = xs[0].device
+    threads, hchunk = (int(v) for v in (config or ops.topk_config()))
+    pchunk = threads                       # the pack takes one output byte per thread
+    n = len(xs)
+    rows_cols = [_matrix_shape(x.shape) for x in xs]
+    outs, desc_rows, hblocks, pblocks = [], [], 0, 0
+    for x, (rows, cols) in zip(xs, rows_cols):
+        rb = (cols + 7) // 8
+        nbytes = rows * rb
+        out = torch.empty((rows, rb), dtype=torch.uint8, device=dev)
+        outs.append(out)
+        desc_rows.append((x.data_ptr(), nbytes, cols, rb, _DEVICE_DTYPES[x.dtype], hblocks, pblocks,
+                          out.data_ptr()))
+        hblocks += -(-nbytes // hchunk)
+        pblocks += -(-nbytes // pchunk)
+    desc_host = torch.tensor(desc_rows, dtype=torch.int64).reshape(n, _DESC_COLS)
+    desc = desc_host.to(dev)
+    numels = [r * c for r, c in rows_cols]
+
+    # groups of tensors selected together: contiguous index ranges
+    per_module = scope == "per_module"
+    starts = list(range(n)) if per_module else [0]
+    gid = torch.arange(n) if per_module else torch.zeros(n, dtype=torch.int64)
+    sizes = numels if per_module else [sum(numels)]
+    need = torch.tensor([round(density * s) for s in sizes], dtype=torch.int64)
+    size = torch.tensor(sizes, dtype=torch.int64)
+    active = (need > 0) & (need < size)
+    # the rule of a group that is done: k = 0 -> nothing (no key exceeds 2^32-1), k = n -> all
+    thr_g = torch.where(need == 0, _U32 - 1, 0)
+    mode_g = torch.where(need == 0, _NONE_EQUAL, _ALL_EQUAL)
+    prefix = torch.zeros_like(need)
+    final = torch.zeros_like(active)       # groups whose threshold is a whole key: ties to distribute
+    hist = torch.zeros((n, _HIST_COLS), dtype=torch.int64, device=dev)
+    h = d = None
+    for level in range(4):
+        if level:
+            if not bool(active.any()):
+                break
+            hist.zero_()
+        # pass 0 counts every tensor (NaN check); later passes the tensors of unfinished groups
+        tprefix = torch.zeros(n, dtype=torch.int64) if level == 0 else torch.where(active[gid], prefix[gid], -1)
+        ops.topk_histogram(desc, tprefix.to(dev), hist, level, threads, hchunk, hblocks)
+        h = hist.to("cpu", copy=True)
+        if level == 0:
+            bad = h[:, _NAN_BIN].nonzero()
+            if bad.numel():
+                raise ValueError(f"scores[{names[int(bad[0, 0])]!r}]: contains NaN scores")
+        hg = h[:, :256] if per_module else h[:, :256].sum(0, keepdim=True)
+        at_or_above = hg.flip(1).cumsum(1).flip(1)                   # [g, d]: keys with digit >= d
+        d = ((at_or_above >= need[:, None]).sum(1) - 1).clamp(min=0)
+        in_bin = hg.gather(1, d[:, None])[:, 0]
+        above = at_or_above.gather(1, d[:, None])[:, 0] - in_bin
+        need = torch.where(active, need - above, need)
+        prefix = torch.where(active, (prefix << 8) | d, prefix)
+        if level < 3:
+            # the bin holds exactly the keys still needed: on iff key >= the bin's lowest key
+            early = active & (in_bin == need)
+            low = prefix << (24 - 8 * level)
+            thr_g = torch.where(early, (low - 1).clamp(min=0), thr_g)
+            mode_g = torch.where(early, torch.where(low > 0, _NONE_EQUAL, _ALL_EQUAL), mode_g)
+            active = active & ~early
+        else:
+            final = active
+            thr_g = torch.where(final, prefix, thr_g)
+
+    thr_t, mode_t = thr_g[gid], mode_g[gid]
+    take = torch.zeros(n, dtype=torch.int64)
+    if bool(final.any()):
+        # ties: the tensors of a group take the tied keys still needed in dict order
+        eq = torch.where(final[gid], h[torch.arange(n), d[gid]], 0)
+        cum = eq.cumsum(0) - eq
+        before = cum - cum[torch.tensor(starts, dtype=torch.int64)[gid]]
+        take = torch.minimum((need[gid] - before).clamp(min=0), eq)
+        rule = torch.where(take == eq, _ALL_EQUAL, torch.where(take == 0, _NONE_EQUAL, _PARTIAL))
+        mode_t = torch.where(final[gid], rule, mode_t)
+        take = torch.where(mode_t == _PARTIAL, take, 0)
+
+    eq0 = torch.zeros(n, dtype=torch.int64)
+    cut = (mode_t == _PARTIAL).nonzero()[:, 0]
+    if cut.numel():
+        sub = desc_host[cut].clone()
+        chunks = -(-sub[:, _BYTES] // pchunk)
+        offs = chunks.cumsum(0) - chunks
+        sub[:, _PBLOCK0] = offs
+        eq0[cut] = offs
+        counts = torch.zeros(int(chunks.sum()), dtype=torch.int64, device=dev)
+        ops.topk_equal_counts(sub.to(dev), thr_t[cut].to(dev), counts, threads, pchunk)
+        scan = counts.cumsum(0) - counts
+    else:
+        scan = torch.zeros(1, dtype=torch.int64, device=dev)
+    sel = torch.stack([thr_t, mode_t, take, eq0], 1).to(dev)
+    ops.topk_pack(desc, sel, scan, threads, pblocks)
+    return {nm: Mask._trusted("element", x.shape, out) for nm, x, out in zip(names, xs, outs)}
