@@ -15,6 +15,13 @@ is in every table. Sections:
 - ``saliency``: ``sample_abs`` of batch 8 on each SD-1.5 layer shape against the naive per-sample loop
   (one weight-gradient GEMM per sample, ``|g_i|`` accumulated), ``torch.func`` vmap per-sample
   gradients (``vmap(grad)``, then ``|·|.sum(0)``), and one plain weight-gradient GEMM of the batch.
+  Each ``ours_*`` scheme also runs under every GPU backend (``triton``, ``cuda`` and ``reference``,
+  the plain ATen composition of the same math), side by side: ``<kind>/best`` is the default's time
+  over the fastest of them (target ≤ 1.05) and ``choice`` names the fastest, which ``--write-table``
+  turns into the registry's per-shape table (``spare_kernels/backends/gpu_table.json``).
+- ``topk``: exact top-k masks (density 0.05) over scores of every SD-1.5 parameter's shape (≈ 860 M
+  fp32) against ``torch.cat`` + ``kthvalue`` (the authors' code): time and extra peak memory (beyond
+  the scores; the packed output masks, 1/32 of the scores, reported apart).
 - ``step``: a whole-UNet SPARE training step (the recipe's ``Trainer.step``: one teacher and one student
   forward, backward, Adam; bf16 autocast, batch 4 forget + 4 retain) against ``lora`` (peft) and
   ``spare-reference`` (SPARE's code path: four forwards, dense adapters), on the attention projections
@@ -25,12 +32,16 @@ is in every table. Sections:
 Targets (issue 16, H100, bf16, batch 1): element layer fwd+bwd ≤ 0.5× spare_ref and ≤ 1.6× floor; block
 (density 0.1) ≤ 1.15× floor; no mask ≤ 1.0× peft (conv: peft ≥ 1.3× ours); sample_abs ≤ 1.5× one
 weight-gradient GEMM and ≥ 5× faster than vmap; whole-UNet step (every layer, element) ≤ 0.5×
-spare-reference; the whole run ≤ 60 s. ``--report PATH`` prints the README's markdown of a result file.
+spare-reference; the whole run ≤ 60 s. Issue 17: what runs by default within 1.05× of the fastest of
+triton, cuda and the ATen composition on every op and shape; sample_abs batch 8 ≤ 2× one GEMM; top-k
+over 860 M scores ≤ 10 ms with extra memory ≤ 1% of the scores.
+``--write-table PATH`` (with ``--from RESULT`` to reuse a result file) writes the per-shape choice. ``--report PATH`` prints the README's markdown of a result file.
 ``--device cpu --smoke`` runs every section on tiny shapes (the CPU test of this script).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -42,6 +53,8 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
 import spare_kernels as sk
+from spare_kernels import maskfmt as fmt
+from spare_kernels.backends import registry
 from spare_kernels.bench import time_side_by_side
 from spare_kernels.utils.io import write_json
 
@@ -49,8 +62,16 @@ from .baselines import layer_schemes, make_layer_case
 from .shapes import CONFIGS, build_unet, describe, layer_shapes
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-SECTIONS = ("layers", "saliency", "step", "run")
-LAYER_SCHEMES = ("floor", "peft", "spare_ref", "merged", "ours_element", "ours_block", "ours_row", "ours_dense")
+SECTIONS = ("layers", "saliency", "topk", "step", "run")
+OURS = ("ours_element", "ours_block", "ours_row", "ours_dense")
+LAYER_SCHEMES = ("floor", "peft", "spare_ref", "merged") + OURS
+KIND_OF = {"ours_element": fmt.ELEMENT, "ours_block": fmt.BLOCK, "ours_row": fmt.ROW, "ours_dense": fmt.NONE}
+# The candidates of the per-shape choice on a GPU: both GPU backends and the reference (the plain ATen
+# composition of the same math). On the CPU (the smoke run) the compiled and the reference backend.
+GPU_CANDIDATES = ("triton", "cuda", "reference")
+CPU_CANDIDATES = ("cpu", "reference")
+DEFAULT_TARGET = 1.05
+HAVE_PEFT = importlib.util.find_spec("peft") is not None   # a GPU machine may lack it: no peft anchor then
 # 64×64 blocks: a multiple of the Triton kernels' 64-wide weight tiles (BN/BI 64, dA/dB tile 64), so an
 # off block is an off tile.
 BLOCK = (64, 64)
@@ -80,23 +101,66 @@ def _sync(dev):
 
 
 # --------------------------------------------------------------------------------------------- layers
+def candidates(dev) -> list[str]:
+    """The backends compared per shape on ``dev`` (those of the candidate list that run there)."""
+    runnable = registry.runnable(dev.type)
+    return [b for b in (GPU_CANDIDATES if dev.type == "cuda" else CPU_CANDIDATES) if b in runnable]
+
+
+def _forced(fn, backend):
+    def go():
+        with registry.use_backend(backend):
+            return fn()
+    return go
+
+
+def _pick(row, t, schemes, cands, default_backend):
+    """Per scheme: the fastest candidate backend, and the default's time over its time."""
+    row["choice"], row["default_backend"] = {}, {}
+    for name in schemes:
+        best = min(cands, key=lambda b: t[f"{name}@{b}"])
+        row["choice"][name] = best
+        row["default_backend"][name] = default_backend(name)
+        row[f"{name}/best"] = t[name] / t[f"{name}@{best}"]
+
+
+def layer_key(spec, kind, rank):
+    """The registry's shape key of one layer call (as spare_kernels.ops builds it)."""
+    if spec["kind"] == "linear":
+        out, cols, tokens = spec["out"], spec["in"], spec["n"]
+    else:
+        out, cols = spec["weight"][0], spec["weight"][1] * spec["weight"][2] * spec["weight"][3]
+        tokens = spec["x"][0] * spec["x"][2] * spec["x"][3]
+    return registry.shape_key(kind, out, cols, rank, registry.tokens_bucket(tokens))
+
+
 def layers(dev, dtype, config, latent, batches, ranks, reps, limit=None, log=print):
     rows = []
+    cands = candidates(dev)
     for batch in batches:
         specs = layer_shapes(config, batch=batch, latent=latent)[:limit]
         for spec in specs:
             for rank in ranks:
                 case = make_layer_case(spec, rank=rank, block=BLOCK, dtype=dtype, device=dev,
                                        adapter_dtype=torch.float32)
-                t = time_side_by_side(layer_schemes(case, LAYER_SCHEMES), reps=reps, warmup=2, device=dev)
+                fns = layer_schemes(case, [n for n in LAYER_SCHEMES if n != "peft" or HAVE_PEFT])
+                for b in cands:
+                    for name, f in layer_schemes(case, OURS).items():
+                        fns[f"{name}@{b}"] = _forced(f, b)
+                t = time_side_by_side(fns, reps=reps, warmup=2, device=dev)
                 row = {"layer": describe(spec), "kind": spec["kind"], "batch": batch, "rank": rank,
-                       "count": spec.get("count", 1), "ms": {k: 1e3 * v for k, v in t.items()}}
+                       "count": spec.get("count", 1), "ms": {k: 1e3 * v for k, v in t.items()},
+                       "keys": {n: layer_key(spec, KIND_OF[n], rank) for n in OURS}}
                 for col, a, b, _, _ in LAYER_RATIOS:
-                    row[col] = t[a] / t[b]
+                    row[col] = t[a] / t[b] if a in t and b in t else None   # no peft installed: None
+                op = f"masked_lora_{spec['kind']}"
+                _pick(row, t, OURS, cands, lambda n: registry.lookup(
+                    op, dev.type, dtype, torch.float32, row["keys"][n] if dev.type == "cuda" else None).backend)
                 rows.append(row)
                 log(f"{row['layer']:<36} b{batch} r{rank:<3} floor {row['ms']['floor']:8.3f} ms  "
-                    + "  ".join(f"{c} {row[c]:.2f}" for c, *_ in LAYER_RATIOS if c != "dense/peft")
-                    + f"  dense/peft {row['dense/peft']:.2f}")
+                    + "  ".join(f"{c} {_num(row[c])}" for c, *_ in LAYER_RATIOS if c != "dense/peft")
+                    + f"  dense/peft {_num(row['dense/peft'])}  fastest "
+                    + " ".join(f"{n[5:]}={row['choice'][n]}({row[n + '/best']:.2f})" for n in OURS))
     return rows
 
 
@@ -152,20 +216,101 @@ def _saliency_fns(spec, batch, dev, dtype):
     def vmap():
         return grads(W, x, dy).float().abs().sum(0)
 
-    return {"sample_abs": op, "gemm": gemm, "naive": naive, "vmap": vmap}
+    key_shape = (spec["out"], spec["in"]) if spec["kind"] == "linear" else (W.shape[0], W[0].numel())
+    per_sample = x.shape[1] if spec["kind"] == "linear" else x.shape[2] * x.shape[3]
+    key = registry.shape_key("sample_abs", *key_shape, batch, registry.tokens_bucket(per_sample))
+    return {"sample_abs": op, "gemm": gemm, "naive": naive, "vmap": vmap}, key
 
 
 def saliency(dev, dtype, config, latent, batch, reps, limit=None, log=print):
     rows = []
+    cands = candidates(dev)
     for spec in layer_shapes(config, batch=1, latent=latent)[:limit]:
-        t = time_side_by_side(_saliency_fns(spec, batch, dev, dtype), reps=reps, warmup=1, device=dev)
-        row = {"layer": describe(spec), "kind": spec["kind"], "batch": batch, "ms": {k: 1e3 * v for k, v in t.items()}}
+        fns, key = _saliency_fns(spec, batch, dev, dtype)
+        for b in cands:
+            fns[f"sample_abs@{b}"] = _forced(fns["sample_abs"], b)
+        t = time_side_by_side(fns, reps=reps, warmup=1, device=dev)
+        row = {"layer": describe(spec), "kind": spec["kind"], "batch": batch, "ms": {k: 1e3 * v for k, v in t.items()},
+               "keys": {"sample_abs": key}}
         for col, a, b, _ in SAL_RATIOS:
             row[col] = t[a] / t[b]
+        op = f"saliency_{spec['kind']}"
+        _pick(row, t, ("sample_abs",), cands,
+              lambda n: registry.lookup(op, dev.type, dtype, None, key if dev.type == "cuda" else None).backend)
         rows.append(row)
         log(f"{row['layer']:<36} S{batch}  gemm {row['ms']['gemm']:8.3f} ms  "
-            + "  ".join(f"{c} {row[c]:.2f}" for c, *_ in SAL_RATIOS))
+            + "  ".join(f"{c} {row[c]:.2f}" for c, *_ in SAL_RATIOS)
+            + f"  fastest {row['choice']['sample_abs']} ({row['sample_abs/best']:.2f})")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------- topk
+def topk(dev, config, density=0.05, reps=5, log=print):
+    """Exact top-k masks over scores shaped like every parameter of the UNet, against the authors'
+    ``torch.cat`` + ``kthvalue`` threshold: ms (side by side) and extra peak memory over the scores."""
+    unet = build_unet(config, device="meta")
+    g = torch.Generator(device=dev).manual_seed(0)
+    scores = {n: torch.rand(p.shape, generator=g, device=dev) for n, p in unet.named_parameters()}
+    del unet
+    n = sum(s.numel() for s in scores.values())
+    k = round(density * n)
+    score_bytes = 4 * n
+    mask_bytes = sum(p.shape[0] * -(-(p.numel() // max(1, p.shape[0])) // 8) if p.dim() else 1 for p in scores.values())
+
+    def ours():
+        return sk.topk_masks(scores, density)
+
+    def cat_kth():
+        flat = torch.cat([s.reshape(-1) for s in scores.values()])
+        thr = torch.kthvalue(flat, n - k + 1).values
+        return {name: s >= thr for name, s in scores.items()}
+
+    def peak(fn):
+        _sync(dev)
+        if dev.type != "cuda":
+            return None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = fn()
+        _sync(dev)
+        extra = torch.cuda.max_memory_allocated(dev) - base
+        del out
+        return extra
+
+    # the peak-memory runs double as warm-up (the anchor's kthvalue over ~10^9 entries is slow)
+    mem = {"ours": peak(ours), "cat_kthvalue": peak(cat_kth)}
+    t = time_side_by_side({"ours": ours, "cat_kthvalue": cat_kth}, reps=reps, warmup=0, device=dev)
+    out = {"scores": n, "k": k, "density": density, "ms": {a: 1e3 * v for a, v in t.items()},
+           "ours/cat_kthvalue": t["ours"] / t["cat_kthvalue"], "mask_mb": mask_bytes / 2**20,
+           "extra_mb": {a: None if v is None else v / 2**20 for a, v in mem.items()}}
+    if mem["ours"] is not None:
+        out["ours_extra_beyond_masks_frac"] = max(0, mem["ours"] - mask_bytes) / score_bytes
+    log(f"topk over {n / 1e6:.0f} M scores: ours {out['ms']['ours']:.2f} ms, cat+kthvalue "
+        f"{out['ms']['cat_kthvalue']:.2f} ms"
+        + ("" if mem["ours"] is None else f"; extra peak ours {out['extra_mb']['ours']:.0f} MB (masks "
+           f"{out['mask_mb']:.0f} MB), cat+kthvalue {out['extra_mb']['cat_kthvalue']:.0f} MB"))
+    return out
+
+
+# ---------------------------------------------------------------------------------- per-shape table
+def choice_table(doc) -> dict:
+    """``{op: {shape_key: backend}}`` from a result's layer and saliency rows: each shape's fastest
+    candidate, for the forward and the backward op alike (they are timed together)."""
+    table: dict[str, dict[str, str]] = {}
+    for r in doc.get("layers", []):
+        for name, b in r["choice"].items():
+            for op in (f"masked_lora_{r['kind']}", f"masked_lora_{r['kind']}_backward"):
+                table.setdefault(op, {})[r["keys"][name]] = b
+    for r in doc.get("saliency", []):
+        for name, b in r["choice"].items():
+            table.setdefault(f"saliency_{r['kind']}", {})[r["keys"][name]] = b
+    return table
+
+
+def write_table(doc, path, command):
+    write_json(path, {"device": doc["device"], "torch": doc["torch"], "triton": doc.get("triton"),
+                      "dtype": doc["dtype"], "command": command, "choices": choice_table(doc)})
 
 
 # ------------------------------------------------------------------------------------ step and run
@@ -241,7 +386,13 @@ def whole_run(dev, config, latent, batch, steps, precision, saliency_batch, targ
 
 
 # -------------------------------------------------------------------------------------------- report
+def _num(v):
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def _fmt(v, target=None, above_is_bad=True):
+    if v is None:
+        return "n/a"
     miss = target is not None and ((v > target) if above_is_bad else (v < target))
     return f"{v:.2f}" + (" ✗" if miss else "")
 
@@ -258,7 +409,18 @@ def report(doc) -> str:
             dense_t = 1.0 if r["kind"] == "linear" else 1 / 1.3
             lines.append(f"| {r['layer']} | {r['batch']} | {r['rank']} | {r['ms']['floor']:.3f} | "
                          f"{_fmt(r['elem/spare_ref'], 0.5)} | {_fmt(r['elem/floor'], 1.6)} | "
-                         f"{_fmt(r['block/floor'], 1.15)} | {_fmt(r['dense/peft'], dense_t)} | {r['row/peft']:.2f} |")
+                         f"{_fmt(r['block/floor'], 1.15)} | {_fmt(r['dense/peft'], dense_t)} | {_num(r['row/peft'])} |")
+        lines.append("")
+        cands = sorted({k.split("@")[1] for k in doc["layers"][0]["ms"] if "@" in k})
+        lines += [f"Per backend ({', '.join(cands)}; ms of forward + backward), the default's choice and "
+                  f"default/fastest (≤ {DEFAULT_TARGET}):", "",
+                  "| layer | b | r | mask | " + " | ".join(f"{c} ms" for c in cands) + " | default | default/fastest |",
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in cands) + " | --- | --- |"]
+        for r in doc["layers"]:
+            for name in OURS:
+                lines.append(f"| {r['layer']} | {r['batch']} | {r['rank']} | {name[5:]} | "
+                             + " | ".join(f"{r['ms'][f'{name}@{c}']:.3f}" for c in cands)
+                             + f" | {r['default_backend'][name]} | {_fmt(r[name + '/best'], DEFAULT_TARGET)} |")
         lines.append("")
     if doc.get("saliency"):
         lines += [f"| layer (saliency, batch {doc['saliency'][0]['batch']}) | gemm ms | sample_abs/gemm (≤1.5) | vmap/sample_abs (≥5) | "
@@ -267,6 +429,24 @@ def report(doc) -> str:
             lines.append(f"| {r['layer']} | {r['ms']['gemm']:.3f} | {_fmt(r['sample_abs/gemm'], 1.5)} | "
                          f"{_fmt(r['vmap/sample_abs'], 5.0, above_is_bad=False)} | {r['naive/sample_abs']:.2f} |")
         lines.append("")
+        cands = sorted({k.split("@")[1] for k in doc["saliency"][0]["ms"] if "@" in k})
+        lines += ["| layer (saliency sample_abs) | " + " | ".join(f"{c}/gemm (≤2)" for c in cands)
+                  + " | default | default/fastest |", "| --- | " + " | ".join("---" for _ in cands) + " | --- | --- |"]
+        for r in doc["saliency"]:
+            lines.append(f"| {r['layer']} | " + " | ".join(
+                _fmt(r["ms"][f"sample_abs@{c}"] / r["ms"]["gemm"], 2.0) for c in cands)
+                + f" | {r['default_backend']['sample_abs']} | {_fmt(r['sample_abs/best'], DEFAULT_TARGET)} |")
+        lines.append("")
+    if doc.get("topk"):
+        r = doc["topk"]
+        ex = r["extra_mb"]
+        mem = ("" if ex["ours"] is None else
+               f"; extra peak memory: ours {ex['ours']:.0f} MB of which {r['mask_mb']:.0f} MB are the output masks "
+               f"(beyond them {100 * r['ours_extra_beyond_masks_frac']:.2f}% of the scores, target ≤ 1%), "
+               f"cat+kthvalue {ex['cat_kthvalue']:.0f} MB")
+        lines += [f"Top-k over {r['scores'] / 1e6:.0f} M fp32 scores (density {r['density']}): ours "
+                  f"{_fmt(r['ms']['ours'], 10.0)} ms (target ≤ 10), torch.cat + kthvalue "
+                  f"{r['ms']['cat_kthvalue']:.2f} ms{mem}.", ""]
     if doc.get("step"):
         lines += ["| whole-UNet step | spare ms | lora ms | spare-reference ms | spare/spare-reference | spare/lora |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -293,10 +473,21 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--report", metavar="PATH", help="print the markdown of a result file and exit")
+    p.add_argument("--write-table", metavar="PATH",
+                   help="write the per-shape backend choice of this run (or of --from) for the registry")
+    p.add_argument("--from", dest="from_", metavar="RESULT", help="with --write-table: take a result file")
     a = p.parse_args(argv)
     if a.report:
         with open(a.report) as f:
             print(report(json.load(f)))
+        return 0
+    if a.from_:
+        if not a.write_table:
+            p.error("--from: only with --write-table")
+        with open(a.from_) as f:
+            doc = json.load(f)
+        write_table(doc, a.write_table, f"python -m benchmarks.gpu --write-table {a.write_table} --from {a.from_}")
+        print(f"wrote {a.write_table} from {a.from_}")
         return 0
     dev = torch.device(a.device or "cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -329,6 +520,8 @@ def main(argv=None):
                                reps, limit, log)
     if "saliency" in a.sections:
         doc["saliency"] = saliency(dev, dtype, config, latent, 8 if not a.smoke else 2, reps, limit, log)
+    if "topk" in a.sections:
+        doc["topk"] = topk(dev, config, reps=1 if quick else 5, log=log)
     if "step" in a.sections:
         doc["step"] = step(dev, config, latent, 4 if not a.smoke else 1, max(3, reps // 3), precision, sal_batch, log)
     if "run" in a.sections:
@@ -337,6 +530,9 @@ def main(argv=None):
     name = doc["device"].split(" (")[0].replace(" ", "_").lower()
     out = a.out or os.path.join(RESULTS, f"gpu_{name}{'_quick' if quick else ''}.json")
     write_json(out, doc)
+    if a.write_table:
+        write_table(doc, a.write_table, "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]))
+        print(f"wrote {a.write_table}")
     print(report(doc))
     print(f"wrote {out} ({doc['seconds']:.0f} s)")
     return 0

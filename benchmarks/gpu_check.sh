@@ -5,7 +5,7 @@
 # Builds the package in place, then: the AOT register/spill table for this GPU's arch, the self-check
 # (every op on every backend against the reference), the GPU tests (pytest -m gpu) and the quick GPU
 # benchmark. Writes env.txt, build.log, aot.txt, selfcheck.txt, pytest_gpu.txt, bench.txt,
-# gpu_quick.json and table.md to OUTDIR. Each step has its own time limit so the whole script ends
+# gpu_quick.json, gpu_table.json (the per-shape backend choice it measured) and table.md to OUTDIR. Each step has its own time limit so the whole script ends
 # within 8 minutes; a failing step is recorded and the next one still runs.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -28,14 +28,19 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/spare_site .whl/*.whl >>"$out/env.txt" 2>&1
   export PYTHONPATH="$PYTHONPATH:/tmp/spare_site"
 fi
-# The native CPU extension, built in place against this torch (the GPU kernels are Triton: JIT).
-step build 75 build.log env SPARE_KERNELS_BUILD_CUDA=0 MAX_JOBS=16 "$py" setup.py build_ext --inplace
+cc=$("$py" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null || echo 90)
+# Both native extensions, built in place against this torch: _C (CPU) and _C_cuda (the cuda backend,
+# for this GPU's arch only: one nvcc pass per file instead of two).
+step build 150 build.log env SPARE_KERNELS_BUILD_CUDA=1 SPARE_KERNELS_CUDA_ARCHS="$cc" MAX_JOBS=16 "$py" setup.py build_ext --inplace
 # Registers and spills of every Triton specialisation under this machine's triton, for its own arch
 # (CI compiles with triton 3.8; the two versions allocate registers differently).
-cc=$("$py" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null || echo 90)
 step aot 45 aot.txt "$py" -m spare_kernels.backends.triton.aot --arch "$cc" --jobs 16
-step selfcheck 120 selfcheck.txt "$py" -m spare_kernels.selfcheck
-step pytest_gpu 75 pytest_gpu.txt "$py" -m pytest -q -m gpu -p no:cacheprovider tests
-step bench 165 bench.txt "$py" -m benchmarks.gpu --quick --out "$out/gpu_quick.json"
+step selfcheck 100 selfcheck.txt "$py" -m spare_kernels.selfcheck
+step pytest_gpu 60 pytest_gpu.txt "$py" -m pytest -q -m gpu -p no:cacheprovider tests
+# step and run need diffusers (and the lora anchor peft): only when they import
+sections="layers saliency topk"
+"$py" -c "import diffusers, peft" 2>/dev/null && sections="$sections step run"
+step bench 125 bench.txt "$py" -m benchmarks.gpu --quick --sections $sections --out "$out/gpu_quick.json" \
+  --write-table "$out/gpu_table.json"
 [ -f "$out/gpu_quick.json" ] && "$py" -m benchmarks.gpu --report "$out/gpu_quick.json" >"$out/table.md" 2>&1
 exit $status

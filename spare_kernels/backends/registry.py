@@ -169,15 +169,88 @@ def _choose(op: str, device: str, dtype, adapter_dtype, forced) -> Entry:
     raise RuntimeError(f"spare_kernels: no backend implements {op} on {device!r} for {dtype}")
 
 
+# ------------------------------------------------------------------- per-shape GPU choice
+# Where two GPU backends (and the reference, the plain ATen composition) serve an op, the faster one per
+# shape is data: the table that `python -m benchmarks.gpu --write-table PATH` writes from its measured
+# layer and saliency sections (README, "Choosing between triton and cuda"), read from
+# ``SPARE_KERNELS_GPU_TABLE`` or, if unset, the package's ``backends/gpu_table.json``. A shape it does
+# not list (or no table) takes the priority order of BACKENDS.
+_TABLE_FILE = os.path.join(os.path.dirname(__file__), "gpu_table.json")
+_table: Optional[dict] = None
+
+
+def shape_key(*parts) -> str:
+    """The table's key of one call: the op's shape description (mask kind, out, cols, rank, tokens
+    bucketed to the next power of two...), as the ops layer builds it."""
+    return ":".join(str(p) for p in parts)
+
+
+def tokens_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two: calls of similar size share a table entry."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def gpu_table() -> dict:
+    """``{op: {shape_key: backend}}`` of the measured GPU table in use ({} when there is none)."""
+    global _table
+    if _table is None:
+        path = os.environ.get("SPARE_KERNELS_GPU_TABLE") or _TABLE_FILE
+        t = {}
+        if os.path.exists(path):
+            import json
+            try:
+                with open(path) as f:
+                    doc = json.load(f)
+                t = doc["choices"]
+                if not isinstance(t, dict) or not all(isinstance(v, dict) for v in t.values()):
+                    raise ValueError("'choices' must map op -> {shape key: backend}")
+                for op, m in t.items():
+                    for k, b in m.items():
+                        _check_backend(b, f"{path}: choices[{op!r}][{k!r}]")
+            except (OSError, ValueError, KeyError) as e:
+                raise RuntimeError(f"SPARE_KERNELS_GPU_TABLE: {path} is not a table written by "
+                                   f"`python -m benchmarks.gpu --write-table` ({e})") from e
+        elif os.environ.get("SPARE_KERNELS_GPU_TABLE"):
+            raise RuntimeError(f"SPARE_KERNELS_GPU_TABLE: no such file {path!r}")
+        _table = t
+    return _table
+
+
+def set_gpu_table(table: Optional[dict]) -> None:
+    """Use ``table`` (``{op: {shape_key: backend}}``; ``None``: reload from the file) for the per-shape
+    choice on CUDA."""
+    global _table
+    if table is not None:
+        for op, m in table.items():
+            if op not in OPS:
+                raise ValueError(f"table: expected ops from {OPS}, got {op!r}")
+            for b in m.values():
+                _check_backend(b, f"table[{op!r}]")
+    with _LOCK:
+        _table = None if table is None else {op: dict(m) for op, m in table.items()}
+        _CHOICE.clear()
+
+
 def lookup(op: str, device: str, dtype: Optional[torch.dtype] = None,
-           adapter_dtype: Optional[torch.dtype] = None) -> Entry:
+           adapter_dtype: Optional[torch.dtype] = None, shape: Optional[str] = None) -> Entry:
     """The :class:`Entry` that runs ``op`` on ``device`` for activations of ``dtype`` (and adapters of
-    ``adapter_dtype``) now."""
+    ``adapter_dtype``) now; on CUDA with no backend forced, ``shape`` (a :func:`shape_key`) picks the
+    measured fastest backend from the GPU table when it lists that shape."""
     forced = get_forced_backend()
-    key = (op, device, dtype, adapter_dtype, forced)
+    if shape is not None and (forced is not None or device != "cuda"):
+        shape = None
+    key = (op, device, dtype, adapter_dtype, forced, shape)
     e = _CHOICE.get(key)
     if e is None:
-        e = _CHOICE[key] = _choose(op, device, dtype, adapter_dtype, forced)
+        e = None
+        if shape is not None:
+            b = gpu_table().get(op, {}).get(shape)
+            cand = _IMPLS.get((op, b)) if b is not None else None
+            if cand is not None and cand.serves(device, dtype, False, adapter_dtype):
+                e = cand
+        if e is None:
+            e = _choose(op, device, dtype, adapter_dtype, forced)
+        _CHOICE[key] = e
     return e
 
 

@@ -35,8 +35,13 @@ def _maybe(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 else t
 
 
-def _impl(op: str, x: Tensor, lora_A: Tensor) -> Entry:
-    return lookup(op, x.device.type, x.dtype, lora_A.dtype)
+def _impl(op: str, x: Tensor, lora_A: Tensor, weight: Optional[Tensor] = None, kind: int = 0) -> Entry:
+    shape = None
+    if weight is not None and x.device.type == "cuda":   # the per-shape GPU table (registry.lookup)
+        tokens = x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[1])
+        shape = registry.shape_key(kind, weight.shape[0], weight[0].numel(), lora_A.shape[0],
+                                   registry.tokens_bucket(tokens))
+    return lookup(op, x.device.type, x.dtype, lora_A.dtype, shape)
 
 
 def _eager(x: Tensor, *others: Optional[Tensor]) -> bool:
@@ -90,10 +95,11 @@ def _autograd(name: str, op: str, setup, grads, custom_bwd):
 
     def forward(ctx, *inputs):
         x, lora_A = inputs[0], inputs[3]
-        y = _impl(op, x, lora_A).fn(*inputs)
+        weight, kind = inputs[1], inputs[6]
+        y = _impl(op, x, lora_A, weight, kind).fn(*inputs)
         # Chosen now, in the caller's context: the backward may run in autograd's device thread,
         # which does not see a use_backend scope.
-        ctx.bwd = _impl(bwd_op, x, lora_A)
+        ctx.bwd = _impl(bwd_op, x, lora_A, weight, kind)
         setup(ctx, inputs, y)
         return y
 
@@ -110,7 +116,7 @@ def _autograd(name: str, op: str, setup, grads, custom_bwd):
 @torch.library.custom_op(f"{LIB}::masked_lora_linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float) -> Tensor:
-    return _impl("masked_lora_linear", x, lora_A).fn(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i,
+    return _impl("masked_lora_linear", x, lora_A, weight, kind).fn(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i,
                                                      scale)
 
 
@@ -123,7 +129,7 @@ def _(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale):
 def _linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                 mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float,
                 need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("masked_lora_linear_backward", x, lora_A).fn(
+    return _impl("masked_lora_linear_backward", x, lora_A, weight, kind).fn(
         dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dx, need_dA, need_dB)
 
 
@@ -208,7 +214,7 @@ def linear_checked(x, weight, bias, lora_A, lora_B, wire, scale: float) -> Tenso
 def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
           mask: Optional[Tensor], kind: int, block_o: int, block_i: int, scale: float,
           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    return _impl("masked_lora_conv2d", x, lora_A).fn(
+    return _impl("masked_lora_conv2d", x, lora_A, weight, kind).fn(
         x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups)
 
 
@@ -227,7 +233,7 @@ def _conv_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
               kind: int, block_o: int, block_i: int, scale: float, stride: Sequence[int],
               padding: Sequence[int], dilation: Sequence[int], groups: int,
               need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("masked_lora_conv2d_backward", x, lora_A).fn(
+    return _impl("masked_lora_conv2d_backward", x, lora_A, weight, kind).fn(
         dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, stride, padding, dilation, groups,
         need_dx, need_dA, need_dB)
 

@@ -13,16 +13,24 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..backends import select
+from ..backends import registry
 from . import _checks as chk
 from .masked_lora import _conv_out_hw, conv_args
 
 STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
 
 
+def _impl(op: str, acc: Tensor, x: Tensor, stat: str):
+    shape = None
+    if x.device.type == "cuda":   # the per-shape GPU table (registry.lookup)
+        per_sample = x.shape[1] if x.dim() == 3 else x.shape[2] * x.shape[3]   # tokens / pixels of a sample
+        shape = registry.shape_key(stat, acc.shape[0], acc[0].numel(), x.shape[0], registry.tokens_bucket(per_sample))
+    return registry.lookup(op, x.device.type, x.dtype, None, shape).fn
+
+
 @torch.library.custom_op("spare_kernels::saliency_linear", mutates_args=("acc",))
 def _sal_linear(acc: Tensor, x: Tensor, dy: Tensor, stat: str) -> None:
-    select("saliency_linear", x.device.type, x.dtype)(acc, x, dy, stat)
+    _impl("saliency_linear", acc, x, stat)(acc, x, dy, stat)
 
 
 @_sal_linear.register_fake
@@ -33,7 +41,7 @@ def _(acc, x, dy, stat):
 @torch.library.custom_op("spare_kernels::saliency_conv2d", mutates_args=("acc",))
 def _sal_conv(acc: Tensor, x: Tensor, dy: Tensor, stat: str, stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int], groups: int) -> None:
-    select("saliency_conv2d", x.device.type, x.dtype)(acc, x, dy, stat, stride, padding, dilation, groups)
+    _impl("saliency_conv2d", acc, x, stat)(acc, x, dy, stat, stride, padding, dilation, groups)
 
 
 @_sal_conv.register_fake
