@@ -19,6 +19,16 @@ def same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
 
 
+def assert_unchanged(y, y0, backend):
+    """The README's promise for a zero delta: bit for bit where the base GEMM is torch's own (reference,
+    cpu), to float rounding on the fused Triton kernels (they sum x·W_eff in their own order; under the
+    interpreter numpy's matmul, whose order differs from torch's by CPU)."""
+    if backend == "triton":
+        torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(y, y0)
+
+
 def test_default_targets_zero_init_exact_and_unpatch_bit_identical(backend):
     unet = tiny_unet()
     before = state(unet)
@@ -31,7 +41,7 @@ def test_default_targets_zero_init_exact_and_unpatch_bit_identical(backend):
     assert set(patched) == set(originals) and len(patched) > 0
     assert all(isinstance(m, MaskedLoRALinear) for m in patched.values())
     with torch.no_grad():
-        assert torch.equal(run(unet, inp), y0)              # B = 0: exactly the base model
+        assert_unchanged(run(unet, inp), y0, backend)      # B = 0: the base model
     sk.unpatch_unet(unet)
     assert not list(iter_patched(unet))
     assert all(unet.get_submodule(n) is m for n, m in originals.items())
@@ -98,7 +108,7 @@ def test_masks_by_parameter_name_and_dense_default(backend):
                 if n.endswith(ATTN)}
     sk.patch_unet(u2, masks=all_zero, init="random")
     with torch.no_grad():
-        assert torch.equal(run(u2, inp), y0)                  # all-zero masks: exactly the base model
+        assert_unchanged(run(u2, inp), y0, backend)           # all-zero masks: the base model
 
 
 def test_patched_forward_matches_merged_weights(backend):
