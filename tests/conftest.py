@@ -52,6 +52,16 @@ def override_entry(monkeypatch, op, backend, **changes):
     return new
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add OpenMP hand-offs (on a loaded 2-core machine they made
+    such files ~10x slower). For a module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

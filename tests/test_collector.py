@@ -132,12 +132,8 @@ def collect(model, inputs, target, stat="grad_abs", **kw):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only spin; on a loaded 2-core box they made this file ~10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny tensors (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,9 @@ SHAPES = {"lin.weight": (7, 13), "bias": (9,), "conv.weight": (5, 3, 3, 3), "wid
           "narrow": (40, 1)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP hand-offs (seconds per test on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Tiny tensors (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "topk_kernels.h"
+#include "topk_tables.h"
 
 namespace spare {
 namespace topk {
@@ -40,14 +41,7 @@ constexpr int kMinBlocks = 8;
 constexpr int64_t kHistChunkBytes = 2048;
 
 void check_table(const at::Tensor& t, int64_t cols, const char* op, const char* what) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", what, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", what, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
-  if (cols > 0) {
-    TORCH_CHECK(t.dim() == 2 && t.size(1) == cols, op, ": ", what, " must be (n, ", cols, "), got ", t.sizes());
-  } else {
-    TORCH_CHECK(t.dim() == 1, op, ": ", what, " must be 1-D, got ", t.sizes());
-  }
+  spare::topk::check_table(t, cols, op, what, c10::DeviceType::CUDA);
 }
 
 void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../cuda/topk_kernels.h"
+#include "../cuda/topk_tables.h"
 
 namespace {
 
@@ -23,14 +24,7 @@ constexpr int64_t kHarnessThreads = 32;
 constexpr int64_t kHarnessHistChunkBytes = 16;
 
 void check_table(const at::Tensor& t, int64_t cols, const char* op, const char* what) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", what, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
-  if (cols > 0) {
-    TORCH_CHECK(t.dim() == 2 && t.size(1) == cols, op, ": ", what, " must be (n, ", cols, "), got ", t.sizes());
-  } else {
-    TORCH_CHECK(t.dim() == 1, op, ": ", what, " must be 1-D, got ", t.sizes());
-  }
+  spare::topk::check_table(t, cols, op, what, c10::DeviceType::CPU);
 }
 
 void check_threads(int64_t threads, const char* op) {
