@@ -114,11 +114,21 @@ namespace {
 
 bool masked(int64_t kind) { return kind == spare::kElement || kind == spare::kBlock; }
 
-// Per-output-channel factor of the factored paths (row mask), times scale, as (out,) in dtype.
-at::Tensor row_factor(const std::optional<at::Tensor>& mask, int64_t kind, int64_t out, double scale,
-                      at::ScalarType dtype, const at::Device& dev) {
-  if (kind == spare::kNone) return at::full({out}, scale, at::TensorOptions().dtype(dtype).device(dev));
-  return mask->reshape({out}).to(dtype).mul_(scale);
+// lora_B of the factored paths with a row mask's rows zeroed (exact: the factor is 0 or 1), in dtype;
+// the scale stays an fp32 scalar (GEMM alpha, scalar multiply), never rounded to dtype.
+at::Tensor masked_B(const at::Tensor& B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t out,
+                    at::ScalarType dtype) {
+  at::Tensor b = B.reshape({out, -1}).to(dtype);
+  return kind == spare::kRow ? b * mask->reshape({out, 1}).to(dtype) : b;
+}
+
+// Shapes the kernels index by raw pointer: refused by name rather than read out of bounds.
+void check_adapter(const char* op, const at::Tensor& A, const at::Tensor& B, int64_t out, int64_t cols) {
+  const int64_t r = A.size(0);
+  TORCH_CHECK(A.numel() == r * cols, "spare_kernels_cuda.", op, ": lora_A must have ", cols,
+              " entries per rank (the weight's columns), got ", A.sizes());
+  TORCH_CHECK(B.numel() == out * r, "spare_kernels_cuda.", op, ": lora_B must be (", out, ", ", r, "), got ",
+              B.sizes());
 }
 
 at::Tensor empty_like_none(const at::Tensor& x) { return at::empty({0}, x.options()); }
@@ -136,6 +146,16 @@ at::Tensor conv_A_factored(const at::Tensor& A, int64_t groups, at::ScalarType d
   return groups > 1 ? a.repeat({groups, 1, 1, 1}) : a;
 }
 
+void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && groups > 0 && x.size(1) == weight.size(1) * groups &&
+                  weight.size(0) % groups == 0,
+              "spare_kernels_cuda.", op, ": x (N, C, H, W) and weight (out, C/groups, kh, kw) expected, got ",
+              x.sizes(), " and ", weight.sizes(), " with groups ", groups);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "spare_kernels_cuda.", op,
+              ": stride, padding and dilation must have 2 entries each");
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------- linear
@@ -147,6 +167,9 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight, con
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocast no_autocast;
   const int64_t out = weight.size(0), cols = weight.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "spare_kernels_cuda.masked_lora_linear: x must be (N, ", cols,
+              "), got ", x.sizes());
+  check_adapter("masked_lora_linear", lora_A, lora_B, out, cols);
   check_mask(mask, kind, block_o, block_i, out, cols, x.device());
   const auto dt = x.scalar_type();
   const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->to(dt)) : std::nullopt;
@@ -156,27 +179,32 @@ at::Tensor masked_lora_linear(const at::Tensor& x, const at::Tensor& weight, con
   }
   at::Tensor y = at::linear(x, weight.to(dt), b);
   const at::Tensor h = at::mm(x, lora_A.to(dt).t());                                    // (N, r)
-  const at::Tensor Bs = lora_B.to(dt) * row_factor(mask, kind, out, scale, dt, x.device()).unsqueeze(1);
-  return y.addmm_(h, Bs.t());
+  return y.addmm_(h, masked_B(lora_B, mask, kind, out, dt).t(), 1, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
     int64_t block_i, double scale, bool need_dx, bool need_dA, bool need_dB) {
   check_inputs("masked_lora_linear_backward",
-               {{"dy", &dy}, {"x", &x}, {"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B}});
+               {{"dy", &dy_in}, {"x", &x}, {"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B}});
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocast no_autocast;
   const int64_t out = weight.size(0), cols = weight.size(1), r = lora_A.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && dy_in.dim() == 2 && dy_in.size(0) == x.size(0) &&
+                  dy_in.size(1) == out,
+              "spare_kernels_cuda.masked_lora_linear_backward: x (N, ", cols, ") and dy (N, ", out, ") expected, got ",
+              x.sizes(), " and ", dy_in.sizes());
+  check_adapter("masked_lora_linear_backward", lora_A, lora_B, out, cols);
   check_mask(mask, kind, block_o, block_i, out, cols, x.device());
   const auto dt = x.scalar_type();
+  const at::Tensor dy = dy_in.to(dt);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dx, dA, dB;
   if (masked(kind)) {
     if (need_dA || need_dB) {
       if (need_dA) dA = at::zeros({r, cols}, f32);
-      if (need_dB) dB = at::empty({out, r}, f32);
+      if (need_dB) dB = at::zeros({out, r}, f32);   // zeros: a weight without columns writes none
       const at::Tensor dyt = dy.t();
       masked_contract([&](int64_t o0, int64_t o1) { return mm_f32(dyt.slice(0, o0, o1), x); }, out, cols, lora_A,
                       lora_B, *mask, kind, block_o, block_i, scale, dA, dB);
@@ -186,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
     return finish(x, dx, dA, dB, lora_A, lora_B);
   }
   const at::Tensor A = lora_A.to(dt), B = lora_B.to(dt);
-  const at::Tensor dys = dy * row_factor(mask, kind, out, scale, dt, x.device());      // (N, out)
+  at::Tensor dys = dy * scale;                                                          // (N, out)
+  if (kind == spare::kRow) dys.mul_(mask->reshape({1, out}).to(dt));
   const at::Tensor dh = at::mm(dys, B);                                                 // (N, r)
   if (need_dB) dB = at::mm(dys.t(), at::mm(x, A.t()));
   if (need_dA) dA = at::mm(dh.t(), x);
@@ -204,6 +233,8 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocast no_autocast;
   const int64_t out = weight.size(0), cols = weight[0].numel(), r = lora_A.size(0);
+  check_conv("masked_lora_conv2d", x, weight, stride, padding, dilation, groups);
+  check_adapter("masked_lora_conv2d", lora_A, lora_B, out, cols);
   check_mask(mask, kind, block_o, block_i, out, cols, x.device());
   const auto dt = x.scalar_type();
   const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->to(dt)) : std::nullopt;
@@ -215,40 +246,48 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
   at::Tensor y = at::conv2d(x, weight.to(dt), b, stride, padding, dilation, groups);
   const at::Tensor z = at::conv2d(x, conv_A_factored(lora_A, groups, dt), std::nullopt, stride, padding, dilation,
                                   groups);
-  const at::Tensor Bs = lora_B.reshape({out, r}).to(dt) * row_factor(mask, kind, out, scale, dt, x.device()).unsqueeze(1);
+  const at::Tensor Bs = masked_B(lora_B, mask, kind, out, dt);
   const std::vector<int64_t> one(2, 1), zero(2, 0);
-  return y.add_(at::conv2d(z, Bs.unsqueeze(-1).unsqueeze(-1), std::nullopt, one, zero, one, groups));
+  return y.add_(at::conv2d(z, Bs.unsqueeze(-1).unsqueeze(-1), std::nullopt, one, zero, one, groups), scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& mask, int64_t kind, int64_t block_o,
     int64_t block_i, double scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, bool need_dx, bool need_dA, bool need_dB) {
   check_inputs("masked_lora_conv2d_backward",
-               {{"dy", &dy}, {"x", &x}, {"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B}});
+               {{"dy", &dy_in}, {"x", &x}, {"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B}});
   const c10::cuda::CUDAGuard guard(x.device());
   const NoAutocast no_autocast;
   const int64_t out = weight.size(0), cols = weight[0].numel(), r = lora_A.size(0);
+  check_conv("masked_lora_conv2d_backward", x, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(dy_in.dim() == 4 && dy_in.size(0) == x.size(0) && dy_in.size(1) == out,
+              "spare_kernels_cuda.masked_lora_conv2d_backward: dy must be (", x.size(0), ", ", out, ", H', W'), got ",
+              dy_in.sizes());
+  check_adapter("masked_lora_conv2d_backward", lora_A, lora_B, out, cols);
   check_mask(mask, kind, block_o, block_i, out, cols, x.device());
   const auto dt = x.scalar_type();
+  const at::Tensor dy = dy_in.to(dt);
   const auto f32 = x.options().dtype(at::kFloat);
   const std::vector<int64_t> no_pad(2, 0);
   at::Tensor dx, dA, dB;
   if (masked(kind)) {
     if (need_dA || need_dB) {
       if (need_dA) dA = at::zeros({r, cols}, f32);
-      if (need_dB) dB = at::empty({out, r}, f32);
+      if (need_dB) dB = at::zeros({out, r}, f32);   // zeros: a weight without columns writes none
       // cuDNN's weight gradient for the output channels [o0, o1) (whole groups: a slice of channels
-      // of a grouped conv is not a conv; SD-1.5's convs have one group).
-      const at::Tensor wd = weight.to(dt);
+      // of a grouped conv is not a conv; SD-1.5's convs have one group), in fp32 like the reference's:
+      // from fp32 copies of x and of the chunk's dy (16-bit values are exact in fp32 and in TF32), so G
+      // is never rounded to 16 bits; the weight argument only gives the chunk's shape.
+      const at::Tensor x32 = x.to(at::kFloat);
+      std::vector<int64_t> wsz(weight.sizes().begin(), weight.sizes().end());
       auto gchunk = [&](int64_t o0, int64_t o1) {
-        const bool whole = o0 == 0 && o1 == out;
-        const at::Tensor dyc = whole ? dy : dy.slice(1, o0, o1).contiguous();
-        const at::Tensor wc = whole ? wd : wd.slice(0, o0, o1);
-        const auto grads = at::convolution_backward(dyc, x, wc, std::nullopt, stride, padding, dilation, false,
-                                                    no_pad, groups, {false, true, false});
-        return std::get<1>(grads).reshape({o1 - o0, cols}).to(at::kFloat);
+        const at::Tensor dyc = (o0 == 0 && o1 == out ? dy : dy.slice(1, o0, o1)).to(at::kFloat).contiguous();
+        wsz[0] = o1 - o0;
+        const auto grads = at::convolution_backward(dyc, x32, at::empty(wsz, f32), std::nullopt, stride, padding,
+                                                    dilation, false, no_pad, groups, {false, true, false});
+        return std::get<1>(grads).reshape({o1 - o0, cols});
       };
       if (groups == 1) {
         masked_contract(gchunk, out, cols, lora_A.reshape({r, cols}), lora_B, *mask, kind, block_o, block_i,
@@ -269,10 +308,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
   }
   const at::Tensor Af = conv_A_factored(lora_A, groups, dt);
   const at::Tensor B4 = lora_B.reshape({out, r}).to(dt).unsqueeze(-1).unsqueeze(-1);
-  const at::Tensor dys = dy * row_factor(mask, kind, out, scale, dt, x.device()).view({1, out, 1, 1});
+  at::Tensor dys = dy * scale;
+  if (kind == spare::kRow) dys.mul_(mask->reshape({1, out, 1, 1}).to(dt));
   const std::vector<int64_t> one(2, 1);
   // dz = conv_transpose(dys, B): the gradient of the rank-r intermediate z = conv(x, A).
-  const at::Tensor dz = at::conv_transpose2d(dys, B4, std::nullopt, one, no_pad, no_pad, groups, one);
+  at::Tensor dz;
+  if (need_dA || need_dx) dz = at::conv_transpose2d(dys, B4, std::nullopt, one, no_pad, no_pad, groups, one);
   if (need_dB) {
     const at::Tensor z = at::conv2d(x, Af, std::nullopt, stride, padding, dilation, groups);
     dB = std::get<1>(at::convolution_backward(dys, z, B4, std::nullopt, one, no_pad, one, false, no_pad, groups,
@@ -282,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
   if (need_dA) {
     const at::Tensor dAf = std::get<1>(at::convolution_backward(dz, x, Af, std::nullopt, stride, padding, dilation,
                                                                 false, no_pad, groups, {false, true, false}));
-    dA = dAf.view({groups, r, -1}).sum(0).view(lora_A.sizes());
+    dA = dAf.reshape({groups, r, -1}).sum(0).view(lora_A.sizes());
   }
   if (need_dx) {
     dx = std::get<0>(at::convolution_backward(dy, x, weight.to(dt), std::nullopt, stride, padding, dilation, false,

@@ -35,6 +35,7 @@ int64_t stat_code(std::string_view stat) {
   if (stat == "sample_sq") return spare::kSampleSq;
   TORCH_CHECK(false, "spare_kernels_cuda: stat must be one of grad_abs, signed, sample_abs, sample_sq; got '",
               std::string(stat), "'");
+  return -1;
 }
 
 void accumulate(at::Tensor& acc, const at::Tensor& g, int64_t stat) {
@@ -115,14 +116,19 @@ void saliency_conv2d(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy,
               "spare_kernels_cuda.saliency_conv2d: x (S, C, H, W), dy (S, out, H', W') and acc (weight shape) "
               "expected, got ", x.sizes(), ", ", dy.sizes(), ", ", acc.sizes());
   const int64_t S = x.size(0), out = acc.size(0);
+  TORCH_CHECK(dy.size(1) == out && x.size(1) == acc.size(1) * groups && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "spare_kernels_cuda.saliency_conv2d: acc (out, C/groups, kh, kw), x (S, C, H, W), dy (S, out, H', W') "
+              "and 2-entry stride/padding/dilation expected, got ", acc.sizes(), ", ", x.sizes(), ", ", dy.sizes());
   if (S == 0) return;
-  const auto dt = x.scalar_type();
-  const at::Tensor dyd = dy.to(dt);
+  // The weight gradients in fp32 like the reference's: cuDNN on fp32 copies of x and dy (16-bit values
+  // are exact in fp32 and TF32), never rounded to 16 bits before |·| or ².
   const std::vector<int64_t> no_pad(2, 0);
-  const at::Tensor wshape = at::empty(acc.sizes(), x.options());   // cuDNN wants a weight for its shape
   if (!per_sample(stat)) {
-    const at::Tensor g = std::get<1>(at::convolution_backward(dyd, x, wshape, std::nullopt, stride, padding, dilation,
-                                                              false, no_pad, groups, {false, true, false}));
+    // acc has the weight's shape and dtype: the weight argument, which only gives the shape
+    const at::Tensor g = std::get<1>(at::convolution_backward(dy.to(at::kFloat), x.to(at::kFloat), acc, std::nullopt,
+                                                              stride, padding, dilation, false, no_pad, groups,
+                                                              {false, true, false}));
     if (stat == spare::kSigned)
       acc.add_(g);
     else
@@ -138,12 +144,12 @@ void saliency_conv2d(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy,
   for (int64_t s0 = 0; s0 < S; s0 += sc) {
     const int64_t s1 = std::min(S, s0 + sc), n = s1 - s0;
     wsz[0] = out * n;
-    const at::Tensor xs = x.slice(0, s0, s1).reshape({1, n * C, H, W});
-    const at::Tensor ds = dyd.slice(0, s0, s1).reshape({1, n * out, Ho, Wo});
-    const at::Tensor w = at::empty(wsz, x.options());
+    const at::Tensor xs = x.slice(0, s0, s1).to(at::kFloat).reshape({1, n * C, H, W});
+    const at::Tensor ds = dy.slice(0, s0, s1).to(at::kFloat).reshape({1, n * out, Ho, Wo});
+    const at::Tensor w = at::empty(wsz, acc.options());
     const at::Tensor g = std::get<1>(at::convolution_backward(ds, xs, w, std::nullopt, stride, padding, dilation,
                                                               false, no_pad, groups * n, {false, true, false}));
-    accumulate(acc, g.view({n, numel}), stat);
+    accumulate(acc, g.reshape({n, numel}), stat);
   }
 }
 

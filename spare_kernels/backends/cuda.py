@@ -60,7 +60,9 @@ def _register() -> None:
             warnings.warn(f"spare_kernels: the cuda backend is {_WHY}", RuntimeWarning, stacklevel=2)
         return
     for op in OPS:
-        register(op, "cuda", getattr(lib, op), devices=("cuda",), dtypes=DTYPES)
+        # adapters of another dtype (fp64) go to the reference, which accumulates in their precision
+        register(op, "cuda", getattr(lib, op), devices=("cuda",), dtypes=DTYPES,
+                 adapter_dtypes=None if op.startswith("saliency") else DTYPES)
 
 
 _register()
