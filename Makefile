@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 
-.PHONY: install test test-slow demo bench cuda-ext clean
+.PHONY: install test test-slow test-interp demo bench cuda-ext clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The shared backend suites (ops, patch, collector, adapters, compile, opcheck, properties) re-run with
+# the triton backend forced on CPU tensors through Triton's interpreter (~4 min).
+test-interp: $(STAMP)
+	$(PY) -m pytest -q -m interp
 
 demo: $(STAMP)
 	$(PY) -m spare_kernels demo

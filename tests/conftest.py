@@ -25,14 +25,22 @@ def backend_pairs():
     return [(b, d) for d in devices for b in available_backends(d)]
 
 
-@pytest.fixture(params=available_backends(), ids=lambda b: f"backend={b}")
+def _param(value, backend, device):
+    # The Triton kernels on CPU tensors run through Triton's interpreter: the whole shared suite again,
+    # minutes of CI. Their own suites (test_backend_triton*.py, test_triton_api.py) stay in `make test`;
+    # this re-run is marked `interp` (make test-interp).
+    marks = [pytest.mark.interp] if backend == "triton" and device == "cpu" else []
+    return pytest.param(value, marks=marks)
+
+
+@pytest.fixture(params=[_param(b, b, "cpu") for b in available_backends()], ids=lambda b: f"backend={b}")
 def backend(request):
     """Runs a test once per backend available on CPU, forcing it."""
     with registry.use_backend(request.param):
         yield request.param
 
 
-@pytest.fixture(params=backend_pairs(), ids=lambda p: f"{p[0]}@{p[1]}")
+@pytest.fixture(params=[_param(p, *p) for p in backend_pairs()], ids=lambda p: f"{p[0]}@{p[1]}")
 def backend_device(request):
     """Runs a test once per (backend, device) pair the registry runs here, forcing the backend;
     yields ``(backend, torch.device)``."""
