@@ -29,7 +29,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # The shared backend suites (ops, patch, collector, adapters, compile, opcheck, properties) re-run with
-# the triton backend forced on CPU tensors through Triton's interpreter (~4 min).
+# the triton backend forced on CPU tensors through Triton's interpreter (~6 min).
 test-interp: $(STAMP)
 	$(PY) -m pytest -q -m interp
 
