@@ -31,12 +31,12 @@ fi
 cc=$("$py" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null || echo 90)
 # Both native extensions, built in place against this torch: _C (CPU) and _C_cuda (the cuda backend,
 # for this GPU's arch only: one nvcc pass per file instead of two).
-step build 150 build.log env SPARE_KERNELS_BUILD_CUDA=1 SPARE_KERNELS_CUDA_ARCHS="$cc" MAX_JOBS=16 "$py" setup.py build_ext --inplace
+step build 120 build.log env SPARE_KERNELS_BUILD_CUDA=1 SPARE_KERNELS_CUDA_ARCHS="$cc" MAX_JOBS=16 "$py" setup.py build_ext --inplace
 # Registers and spills of every Triton specialisation under this machine's triton, for its own arch
 # (CI compiles with triton 3.8; the two versions allocate registers differently).
 step aot 45 aot.txt "$py" -m spare_kernels.backends.triton.aot --arch "$cc" --jobs 16
 step selfcheck 100 selfcheck.txt "$py" -m spare_kernels.selfcheck
-step pytest_gpu 60 pytest_gpu.txt "$py" -m pytest -q -m gpu -p no:cacheprovider tests
+step pytest_gpu 90 pytest_gpu.txt "$py" -m pytest -q -m gpu -p no:cacheprovider tests
 # step and run need diffusers (and the lora anchor peft): only when they import
 sections="layers saliency topk"
 "$py" -c "import diffusers, peft" 2>/dev/null && sections="$sections step run"
