@@ -104,8 +104,9 @@ void contract_chunk(const at::Tensor& g, int64_t row0, const at::Tensor& Af, con
                                         dB.defined() ? dB.mutable_data_ptr<float>() : nullptr,
                                         row0, rows, cols, rank, g.stride(0), kind, block_o, block_i,
                                         static_cast<float>(scale)};
-  const dim3 grid(static_cast<unsigned>(spare::cdiv(rows, spare::kContractRows)),
-                  static_cast<unsigned>(spare::cdiv(rank, spare::kContractRanks)));
+  TORCH_CHECK(rows <= spare::kContractMaxRows, "spare_kernels_cuda: internal error, G chunk of ", rows, " rows");
+  const dim3 grid(static_cast<unsigned>(spare::cdiv(rank, spare::kContractRanks)),
+                  static_cast<unsigned>(spare::cdiv(rows, spare::kContractRows)));
   contract_kernel<<<grid, spare::kContractThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -47,7 +47,9 @@ SPARE_HD inline void weff_body(const Thread& t, const WeffParams<TW, TA, TB, TO>
 // contracted against the adapter:  dB[row0 + o, k] = s · Σ_c M⊙G[o, c] · A[k, c]  (written: a chunk's
 // rows are owned by one block row) and  dA[k, c] += s · Σ_o B[row0 + o, k] · M⊙G[o, c]  (atomics: the
 // row tiles of the chunk add into the same dA). Block (kContractThreads) = kContractRows rows x
-// kContractRanks ranks; grid (cdiv(rows, kContractRows), cdiv(rank, kContractRanks)); each thread
+// kContractRanks ranks; grid (cdiv(rank, kContractRanks), cdiv(rows, kContractRows)): the rank tiles
+// of one row tile are consecutive blocks, scheduled together, so a row tile of G is read from memory
+// once and shared through L2 rather than once per rank tile (a G chunk can exceed L2); each thread
 // strides over the columns keeping kContractRows x kContractRanks dB partials in registers, then the
 // block reduces them through shared memory (phase 2).
 //
@@ -58,6 +60,8 @@ SPARE_HD inline void weff_body(const Thread& t, const WeffParams<TW, TA, TB, TO>
 constexpr int64_t kContractThreads = 128;
 constexpr int64_t kContractRows = 16;
 constexpr int64_t kContractRanks = 4;
+// Row tiles go on grid.y (at most 65535): a chunk has at most this many rows.
+constexpr int64_t kContractMaxRows = 65535 * kContractRows;
 constexpr int64_t kContractSmem = kContractRows * kContractRanks * kContractThreads;  // floats
 
 template <typename TA, typename TB>
@@ -74,7 +78,7 @@ struct ContractParams {
 
 template <typename TA, typename TB>
 SPARE_HD inline void contract_phase1(const Thread& t, const ContractParams<TA, TB>& p, float* smem) {
-  const int64_t o0 = t.block.x * kContractRows, k0 = t.block.y * kContractRanks;
+  const int64_t o0 = t.block.y * kContractRows, k0 = t.block.x * kContractRanks;
   const int64_t no = o0 + kContractRows <= p.rows ? kContractRows : p.rows - o0;
   const int64_t nk = k0 + kContractRanks <= p.rank ? kContractRanks : p.rank - k0;
   float part[kContractRows][kContractRanks];
@@ -115,7 +119,7 @@ template <typename TA, typename TB>
 SPARE_HD inline void contract_phase2(const Thread& t, const ContractParams<TA, TB>& p, const float* smem) {
   const int64_t i = t.thread.x / kContractRanks, j = t.thread.x % kContractRanks;
   if (p.dB == nullptr || i >= kContractRows) return;
-  const int64_t o = t.block.x * kContractRows + i, k = t.block.y * kContractRanks + j;
+  const int64_t o = t.block.y * kContractRows + i, k = t.block.x * kContractRanks + j;
   if (o >= p.rows || k >= p.rank) return;
   float s = 0.f;
   const float* col = smem + (i * kContractRanks + j) * t.block_dim.x;

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "../common/maskfmt.h"
+#include "lora_kernels.h"
 
 // The activation dtypes the backend serves (the registry sends fp64 to the reference): one
 // instantiation each, no fp64 code compiled for nothing.
@@ -79,7 +80,7 @@ void masked_contract(F&& gchunk, int64_t out, int64_t cols, const at::Tensor& A2
                      const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i, double scale,
                      at::Tensor& dA, at::Tensor& dB) {
   const at::Tensor Af = A2.to(at::kFloat).contiguous(), Bf = B.to(at::kFloat).contiguous();
-  const int64_t step = chunk_rows(out, cols);
+  const int64_t step = std::min(chunk_rows(out, cols), spare::kContractMaxRows);
   for (int64_t o0 = 0; o0 < out; o0 += step) {
     const int64_t o1 = std::min(out, o0 + step);
     contract_chunk(gchunk(o0, o1), o0, Af, Bf, mask, kind, block_o, block_i, scale, dA, dB);

@@ -61,7 +61,7 @@ void contract(const at::Tensor& g, int64_t row0, const at::Tensor& A, const at::
   TORCH_CHECK(threads >= spare::kContractRows * spare::kContractRanks,
               "spare_harness.contract: phase 2 needs at least ", spare::kContractRows * spare::kContractRanks, " threads");
   std::vector<float> smem(spare::kContractRows * spare::kContractRanks * threads);
-  const Dim3 grid{spare::cdiv(rows, spare::kContractRows), spare::cdiv(rank, spare::kContractRanks), 1};
+  const Dim3 grid{spare::cdiv(rank, spare::kContractRanks), spare::cdiv(rows, spare::kContractRows), 1};
   spare::for_each_block_phased(grid, Dim3{threads, 1, 1},
                                [&](const Thread& t) { spare::contract_phase1(t, p, smem.data()); },
                                [&](const Thread& t) { spare::contract_phase2(t, p, smem.data()); });
