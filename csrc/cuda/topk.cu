@@ -40,14 +40,6 @@ constexpr int kMinBlocks = 8;
 // x 8 blocks: a short tail) and a small tensor (a 320-channel bias) is one block.
 constexpr int64_t kHistChunkBytes = 2048;
 
-void check_table(const at::Tensor& t, int64_t cols, const char* op, const char* what) {
-  spare::topk::check_table(t, cols, op, what, c10::DeviceType::CUDA);
-}
-
-void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op) {
-  TORCH_CHECK(a.device() == b.device(), op, ": tables on different devices (", a.device(), ", ", b.device(), ")");
-}
-
 void check_launch(int64_t threads, int64_t nblocks, const char* op) {
   TORCH_CHECK(threads == kThreads, op, ": threads must be ", kThreads, " (topk_config()), got ", threads);
   TORCH_CHECK(nblocks >= 0 && nblocks <= std::numeric_limits<int32_t>::max(), op, ": bad block count ", nblocks);
@@ -89,17 +81,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) pack_kernel(PackParams p
 
 void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist, int64_t level,
                     int64_t threads, int64_t chunk_bytes, int64_t nblocks) {
-  const char* op = "topk_histogram";
-  check_table(desc, kDescCols, op, "desc");
-  check_table(prefix, 0, op, "prefix");
-  check_table(hist, kHistCols, op, "hist");
-  check_same_device(desc, prefix, op);
-  check_same_device(desc, hist, op);
-  const int64_t n = desc.size(0);
-  TORCH_CHECK(prefix.size(0) == n && hist.size(0) == n, op, ": prefix and hist must have ", n, " rows");
-  TORCH_CHECK(level >= 0 && level < 4, op, ": level must be in [0, 4), got ", level);
-  TORCH_CHECK(chunk_bytes > 0, op, ": chunk_bytes must be positive");
-  check_launch(threads, nblocks, op);
+  const int64_t n = check_histogram(desc, prefix, hist, level, chunk_bytes, c10::DeviceType::CUDA);
+  check_launch(threads, nblocks, "topk_histogram");
   if (nblocks == 0 || n == 0) return;
   c10::cuda::CUDAGuard guard(desc.device());
   HistParams p{desc.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
@@ -111,16 +94,9 @@ void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::
 
 void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts, int64_t threads,
                        int64_t chunk_bytes) {
-  const char* op = "topk_equal_counts";
-  check_table(desc, kDescCols, op, "desc");
-  check_table(thr, 0, op, "thr");
-  check_table(counts, 0, op, "counts");
-  check_same_device(desc, thr, op);
-  check_same_device(desc, counts, op);
-  const int64_t n = desc.size(0), nblocks = counts.size(0);
-  TORCH_CHECK(thr.size(0) == n, op, ": thr must have ", n, " entries");
-  TORCH_CHECK(chunk_bytes == threads, op, ": chunk_bytes must equal threads (the pack's chunk)");
-  check_launch(threads, nblocks, op);
+  const int64_t n = check_equal_counts(desc, thr, counts, threads, chunk_bytes, c10::DeviceType::CUDA);
+  const int64_t nblocks = counts.size(0);
+  check_launch(threads, nblocks, "topk_equal_counts");
   if (nblocks == 0 || n == 0) return;
   c10::cuda::CUDAGuard guard(desc.device());
   EqParams p{desc.data_ptr<int64_t>(), n, thr.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), chunk_bytes};
@@ -131,15 +107,8 @@ void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::
 
 void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan, int64_t threads,
                int64_t nblocks) {
-  const char* op = "topk_pack";
-  check_table(desc, kDescCols, op, "desc");
-  check_table(sel, kSelCols, op, "sel");
-  check_table(scan, 0, op, "scan");
-  check_same_device(desc, sel, op);
-  check_same_device(desc, scan, op);
-  const int64_t n = desc.size(0);
-  TORCH_CHECK(sel.size(0) == n, op, ": sel must have ", n, " rows");
-  check_launch(threads, nblocks, op);
+  const int64_t n = check_pack(desc, sel, scan, c10::DeviceType::CUDA);
+  check_launch(threads, nblocks, "topk_pack");
   if (nblocks == 0 || n == 0) return;
   c10::cuda::CUDAGuard guard(desc.device());
   PackParams p{desc.data_ptr<int64_t>(), n, sel.data_ptr<int64_t>(), scan.data_ptr<int64_t>()};
@@ -152,16 +121,11 @@ void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& 
 }  // namespace topk
 }  // namespace spare
 
-// Schemas (the same in torch.ops.spare_harness, csrc/harness/topk.cpp). The tables are described in
-// topk_kernels.h. topk_pack writes the masks through the output pointers of desc (column kOut): the
-// driver allocates them and keeps them alive; the schema cannot name them.
+// Schemas in topk_tables.h (shared with torch.ops.spare_harness); the tables in topk_kernels.h.
 TORCH_LIBRARY_FRAGMENT(spare_kernels_cuda, m) {
   m.def("topk_config() -> int[]",
         []() -> std::vector<int64_t> { return {spare::topk::kThreads, spare::topk::kHistChunkBytes}; });
-  m.def("topk_histogram(Tensor desc, Tensor prefix, Tensor(a!) hist, int level, int threads, int chunk_bytes, "
-        "int nblocks) -> ()");
-  m.def("topk_equal_counts(Tensor desc, Tensor thr, Tensor(a!) counts, int threads, int chunk_bytes) -> ()");
-  m.def("topk_pack(Tensor desc, Tensor sel, Tensor scan, int threads, int nblocks) -> ()");
+  SPARE_DEFINE_TOPK_OPS(m);
 }
 
 TORCH_LIBRARY_IMPL(spare_kernels_cuda, CUDA, m) {

@@ -1,17 +1,37 @@
-// Host-side checks of the top-k ops' int64 tables, shared by the CUDA ops (csrc/cuda/topk.cu) and their
-// host harness (csrc/harness/topk.cpp), which differ only in the device the tables live on.
+// Host side of the top-k ops shared by the CUDA ops (csrc/cuda/topk.cu) and their host harness
+// (csrc/harness/topk.cpp): the schemas and the checks of the ops' int64 tables, which differ between
+// the two only in the device the tables live on. The block size check stays with each (the CUDA
+// kernels take only kThreads; the harness any size up to kMaxThreads).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
+#include "topk_kernels.h"
+
+// The topk_* schemas (topk_config is defined by each library: its own threads and chunk). topk_pack
+// writes the masks through the output pointers of desc (column kOut): the driver allocates them and
+// keeps them alive; the schema cannot name them.
+#define SPARE_DEFINE_TOPK_OPS(m)                                                                      \
+  do {                                                                                                \
+    (m).def("topk_histogram(Tensor desc, Tensor prefix, Tensor(a!) hist, int level, int threads, "    \
+            "int chunk_bytes, int nblocks) -> ()");                                                   \
+    (m).def("topk_equal_counts(Tensor desc, Tensor thr, Tensor(a!) counts, int threads, "             \
+            "int chunk_bytes) -> ()");                                                                \
+    (m).def("topk_pack(Tensor desc, Tensor sel, Tensor scan, int threads, int nblocks) -> ()");       \
+  } while (0)
+
 namespace spare::topk {
 
-// `t` is a contiguous int64 table on a `device` tensor: (n, cols) when cols > 0, else 1-D.
-inline void check_table(const at::Tensor& t, int64_t cols, const char* op, const char* what, c10::DeviceType device) {
+// `t` is a contiguous int64 table on a `device` tensor, on desc's device: (n, cols) when cols > 0,
+// else 1-D.
+inline void check_table(const at::Tensor& t, int64_t cols, const char* op, const char* what, c10::DeviceType device,
+                        const at::Tensor* desc = nullptr) {
   TORCH_CHECK(t.device().type() == device, op, ": ", what, " must be a ", c10::DeviceTypeName(device),
               " tensor, got ", t.device());
+  TORCH_CHECK(desc == nullptr || t.device() == desc->device(), op, ": tables on different devices (",
+              desc->device(), ", ", t.device(), ")");
   TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", what, " must be int64, got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
   if (cols > 0) {
@@ -19,6 +39,43 @@ inline void check_table(const at::Tensor& t, int64_t cols, const char* op, const
   } else {
     TORCH_CHECK(t.dim() == 1, op, ": ", what, " must be 1-D, got ", t.sizes());
   }
+}
+
+// The arguments of each op on `device` tensors (block size aside); each returns n, desc's rows.
+inline int64_t check_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist,
+                               int64_t level, int64_t chunk_bytes, c10::DeviceType device) {
+  const char* op = "topk_histogram";
+  check_table(desc, kDescCols, op, "desc", device);
+  check_table(prefix, 0, op, "prefix", device, &desc);
+  check_table(hist, kHistCols, op, "hist", device, &desc);
+  const int64_t n = desc.size(0);
+  TORCH_CHECK(prefix.size(0) == n && hist.size(0) == n, op, ": prefix and hist must have ", n, " rows");
+  TORCH_CHECK(level >= 0 && level < 4, op, ": level must be in [0, 4), got ", level);
+  TORCH_CHECK(chunk_bytes > 0, op, ": chunk_bytes must be positive");
+  return n;
+}
+
+inline int64_t check_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts,
+                                  int64_t threads, int64_t chunk_bytes, c10::DeviceType device) {
+  const char* op = "topk_equal_counts";
+  check_table(desc, kDescCols, op, "desc", device);
+  check_table(thr, 0, op, "thr", device, &desc);
+  check_table(counts, 0, op, "counts", device, &desc);
+  const int64_t n = desc.size(0);
+  TORCH_CHECK(thr.size(0) == n, op, ": thr must have ", n, " entries");
+  TORCH_CHECK(chunk_bytes == threads, op, ": chunk_bytes must equal threads (the pack's chunk)");
+  return n;
+}
+
+inline int64_t check_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan,
+                          c10::DeviceType device) {
+  const char* op = "topk_pack";
+  check_table(desc, kDescCols, op, "desc", device);
+  check_table(sel, kSelCols, op, "sel", device, &desc);
+  check_table(scan, 0, op, "scan", device, &desc);
+  const int64_t n = desc.size(0);
+  TORCH_CHECK(sel.size(0) == n, op, ": sel must have ", n, " rows");
+  return n;
 }
 
 }  // namespace spare::topk

@@ -23,10 +23,6 @@ using namespace spare::topk;
 constexpr int64_t kHarnessThreads = 32;
 constexpr int64_t kHarnessHistChunkBytes = 16;
 
-void check_table(const at::Tensor& t, int64_t cols, const char* op, const char* what) {
-  spare::topk::check_table(t, cols, op, what, c10::DeviceType::CPU);
-}
-
 void check_threads(int64_t threads, const char* op) {
   TORCH_CHECK(threads > 0 && threads <= kMaxThreads, op, ": threads must be in [1, ", kMaxThreads, "], got ",
               threads);
@@ -34,15 +30,8 @@ void check_threads(int64_t threads, const char* op) {
 
 void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist, int64_t level,
                     int64_t threads, int64_t chunk_bytes, int64_t nblocks) {
-  const char* op = "topk_histogram";
-  check_table(desc, kDescCols, op, "desc");
-  check_table(prefix, 0, op, "prefix");
-  check_table(hist, kHistCols, op, "hist");
-  const int64_t n = desc.size(0);
-  TORCH_CHECK(prefix.size(0) == n && hist.size(0) == n, op, ": prefix and hist must have ", n, " rows");
-  TORCH_CHECK(level >= 0 && level < 4, op, ": level must be in [0, 4), got ", level);
-  TORCH_CHECK(chunk_bytes > 0, op, ": chunk_bytes must be positive");
-  check_threads(threads, op);
+  const int64_t n = check_histogram(desc, prefix, hist, level, chunk_bytes, c10::DeviceType::CPU);
+  check_threads(threads, "topk_histogram");
   if (nblocks == 0 || n == 0) return;
   HistParams p{desc.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
                reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()), level, chunk_bytes};
@@ -54,14 +43,9 @@ void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::
 
 void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts, int64_t threads,
                        int64_t chunk_bytes) {
-  const char* op = "topk_equal_counts";
-  check_table(desc, kDescCols, op, "desc");
-  check_table(thr, 0, op, "thr");
-  check_table(counts, 0, op, "counts");
-  const int64_t n = desc.size(0), nblocks = counts.size(0);
-  TORCH_CHECK(thr.size(0) == n, op, ": thr must have ", n, " entries");
-  TORCH_CHECK(chunk_bytes == threads, op, ": chunk_bytes must equal threads (the pack's chunk)");
-  check_threads(threads, op);
+  const int64_t n = check_equal_counts(desc, thr, counts, threads, chunk_bytes, c10::DeviceType::CPU);
+  const int64_t nblocks = counts.size(0);
+  check_threads(threads, "topk_equal_counts");
   if (nblocks == 0 || n == 0) return;
   EqParams p{desc.data_ptr<int64_t>(), n, thr.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), chunk_bytes};
   EqShared sh;
@@ -72,13 +56,8 @@ void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::
 
 void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan, int64_t threads,
                int64_t nblocks) {
-  const char* op = "topk_pack";
-  check_table(desc, kDescCols, op, "desc");
-  check_table(sel, kSelCols, op, "sel");
-  check_table(scan, 0, op, "scan");
-  const int64_t n = desc.size(0);
-  TORCH_CHECK(sel.size(0) == n, op, ": sel must have ", n, " rows");
-  check_threads(threads, op);
+  const int64_t n = check_pack(desc, sel, scan, c10::DeviceType::CPU);
+  check_threads(threads, "topk_pack");
   if (nblocks == 0 || n == 0) return;
   PackParams p{desc.data_ptr<int64_t>(), n, sel.data_ptr<int64_t>(), scan.data_ptr<int64_t>()};
   PackShared sh;
@@ -108,10 +87,7 @@ at::Tensor topk_keys(const at::Tensor& bits, int64_t dtype) {
 
 TORCH_LIBRARY_FRAGMENT(spare_harness, m) {
   m.def("topk_config() -> int[]", []() -> std::vector<int64_t> { return {kHarnessThreads, kHarnessHistChunkBytes}; });
-  m.def("topk_histogram(Tensor desc, Tensor prefix, Tensor(a!) hist, int level, int threads, int chunk_bytes, "
-        "int nblocks) -> ()");
-  m.def("topk_equal_counts(Tensor desc, Tensor thr, Tensor(a!) counts, int threads, int chunk_bytes) -> ()");
-  m.def("topk_pack(Tensor desc, Tensor sel, Tensor scan, int threads, int nblocks) -> ()");
+  SPARE_DEFINE_TOPK_OPS(m);
   m.def("topk_keys(Tensor bits, int dtype) -> Tensor");
 }
 
