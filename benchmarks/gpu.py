@@ -56,6 +56,8 @@ import spare_kernels as sk
 from spare_kernels import maskfmt as fmt
 from spare_kernels.backends import registry
 from spare_kernels.bench import time_side_by_side
+from spare_kernels.ops.masked_lora import table_key as lora_key
+from spare_kernels.ops.saliency import table_key as saliency_key
 from spare_kernels.utils.io import write_json
 
 from .baselines import layer_schemes, make_layer_case
@@ -124,16 +126,6 @@ def _pick(row, t, schemes, cands, default_backend):
         row[f"{name}/best"] = t[name] / t[f"{name}@{best}"]
 
 
-def layer_key(spec, kind, rank):
-    """The registry's shape key of one layer call (as spare_kernels.ops builds it)."""
-    if spec["kind"] == "linear":
-        out, cols, tokens = spec["out"], spec["in"], spec["n"]
-    else:
-        out, cols = spec["weight"][0], spec["weight"][1] * spec["weight"][2] * spec["weight"][3]
-        tokens = spec["x"][0] * spec["x"][2] * spec["x"][3]
-    return registry.shape_key(kind, out, cols, rank, registry.tokens_bucket(tokens))
-
-
 def layers(dev, dtype, config, latent, batches, ranks, reps, limit=None, log=print):
     rows = []
     cands = candidates(dev)
@@ -150,7 +142,7 @@ def layers(dev, dtype, config, latent, batches, ranks, reps, limit=None, log=pri
                 t = time_side_by_side(fns, reps=reps, warmup=2, device=dev)
                 row = {"layer": describe(spec), "kind": spec["kind"], "batch": batch, "rank": rank,
                        "count": spec.get("count", 1), "ms": {k: 1e3 * v for k, v in t.items()},
-                       "keys": {n: layer_key(spec, KIND_OF[n], rank) for n in OURS}}
+                       "keys": {n: lora_key(case["x"], case["base"].weight, case["A"], KIND_OF[n]) for n in OURS}}
                 for col, a, b, _, _ in LAYER_RATIOS:
                     row[col] = t[a] / t[b] if a in t and b in t else None   # no peft installed: None
                 op = f"masked_lora_{spec['kind']}"
@@ -216,9 +208,7 @@ def _saliency_fns(spec, batch, dev, dtype):
     def vmap():
         return grads(W, x, dy).float().abs().sum(0)
 
-    key_shape = (spec["out"], spec["in"]) if spec["kind"] == "linear" else (W.shape[0], W[0].numel())
-    per_sample = x.shape[1] if spec["kind"] == "linear" else x.shape[2] * x.shape[3]
-    key = registry.shape_key("sample_abs", *key_shape, batch, registry.tokens_bucket(per_sample))
+    key = saliency_key("sample_abs", W.shape, x)
     return {"sample_abs": op, "gemm": gemm, "naive": naive, "vmap": vmap}, key
 
 

@@ -35,12 +35,18 @@ def _maybe(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 else t
 
 
+def table_key(x: Tensor, weight: Tensor, lora_A: Tensor, kind: int) -> str:
+    """The GPU table's key of a call (registry.lookup): mask kind, out, cols, rank, tokens (x's rows, or
+    N·H·W of a conv input) rounded up to a power of two."""
+    tokens = x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[1])
+    return registry.shape_key(kind, weight.shape[0], weight[0].numel(), lora_A.shape[0],
+                              registry.tokens_bucket(tokens))
+
+
 def _impl(op: str, x: Tensor, lora_A: Tensor, weight: Optional[Tensor] = None, kind: int = 0) -> Entry:
-    shape = None
-    if weight is not None and x.device.type == "cuda":   # the per-shape GPU table (registry.lookup)
-        tokens = x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[1])
-        shape = registry.shape_key(kind, weight.shape[0], weight[0].numel(), lora_A.shape[0],
-                                   registry.tokens_bucket(tokens))
+    # the key only where a measured GPU table lists this op: no per-call work otherwise
+    shape = (table_key(x, weight, lora_A, kind)
+             if weight is not None and x.device.type == "cuda" and op in registry.gpu_table() else None)
     return lookup(op, x.device.type, x.dtype, lora_A.dtype, shape)
 
 

@@ -20,11 +20,17 @@ from .masked_lora import _conv_out_hw, conv_args
 STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
 
 
+def table_key(stat: str, weight_shape: Sequence[int], x: Tensor) -> str:
+    """The GPU table's key of a call (registry.lookup): stat, out, cols, samples, tokens (or pixels) per
+    sample rounded up to a power of two."""
+    per_sample = x.shape[1] if x.dim() == 3 else x.shape[2] * x.shape[3]
+    return registry.shape_key(stat, weight_shape[0], math.prod(weight_shape[1:]), x.shape[0],
+                              registry.tokens_bucket(per_sample))
+
+
 def _impl(op: str, acc: Tensor, x: Tensor, stat: str):
-    shape = None
-    if x.device.type == "cuda":   # the per-shape GPU table (registry.lookup)
-        per_sample = x.shape[1] if x.dim() == 3 else x.shape[2] * x.shape[3]   # tokens / pixels of a sample
-        shape = registry.shape_key(stat, acc.shape[0], acc[0].numel(), x.shape[0], registry.tokens_bucket(per_sample))
+    # the key only where a measured GPU table lists this op: no per-call work otherwise
+    shape = table_key(stat, acc.shape, x) if x.device.type == "cuda" and op in registry.gpu_table() else None
     return registry.lookup(op, x.device.type, x.dtype, None, shape).fn
 
 
