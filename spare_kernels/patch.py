@@ -3,19 +3,16 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .masks import Mask, as_mask
 from .nn.lora import INITS, _MaskedLoRALayer, check_base, iter_patched, wrap
+from .targets import ATTENTION_TARGETS, PRESETS, Targets, target_predicate  # noqa: F401 (re-exported)
 
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-PRESETS = ("attention", "all")
 _FLAGS = "_spare_kernels_requires_grad"
-Targets = Union[None, str, list, tuple, Callable[[str, nn.Module], bool]]
 
 
 def _is_peft_lora(m: nn.Module) -> bool:
@@ -29,29 +26,6 @@ def check_unet(unet) -> nn.Module:
         raise TypeError(f"unet: expected a torch.nn.Module such as diffusers' UNet2DConditionModel, "
                         f"got {type(unet).__name__}{hint}")
     return unet
-
-
-def target_predicate(target_modules: Targets) -> Callable[[str, nn.Module], bool]:
-    """peft semantics: a list matches a qualified name equal to an entry or ending in ``.entry``; a
-    string other than a preset is a regex matched in full; presets ``attention`` (the default:
-    to_q/to_k/to_v/to_out.0, as SPARE targets) and ``all`` (every Linear and Conv2d)."""
-    if target_modules is None or target_modules == "attention":
-        target_modules = list(ATTENTION_TARGETS)
-    if target_modules == "all":
-        return lambda name, m: True
-    if callable(target_modules):
-        return target_modules
-    if isinstance(target_modules, str):
-        try:
-            rx = re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules: invalid regex {target_modules!r}: {e}") from None
-        return lambda name, m: rx.fullmatch(name) is not None
-    if isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in target_modules):
-        names = tuple(target_modules)
-        return lambda name, m: any(name == t or name.endswith("." + t) for t in names)
-    raise TypeError(f"target_modules: expected None, a preset {PRESETS}, a regex string, a list of names or a "
-                    f"callable(name, module), got {target_modules!r}")
 
 
 def _candidates(unet: nn.Module) -> dict[str, nn.Module]:

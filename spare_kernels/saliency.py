@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .backends import get_forced_backend, use_backend
 from .ops import STATS, saliency_conv2d, saliency_linear
 from .ops.masked_lora import conv_padding
+from .targets import target_predicate, unmatched_entries
 
 PATCHED_ATTR = "_spare_kernels_patched"
 
@@ -122,8 +123,9 @@ class SaliencyCollector:
     * **Targets.** ``None``: every ``nn.Linear`` / ``nn.Conv2d`` except the adapter layers of peft
       wrappers (``lora_A``/``lora_B``... are not UNet weights); a peft-wrapped layer is scored through
       its ``base_layer`` (key ``"...to_q.base_layer.weight"``). A list of names matches a module whose
-      qualified name equals an entry or ends with ``"." + entry``; a string is a regex that must
-      ``re.fullmatch`` the qualified name (peft semantics); a callable gets ``(name, layer)`` with
+      qualified name equals an entry or ends with ``"." + entry``; the presets ``"all"`` and
+      ``"attention"`` are ``patch_unet``'s; any other string is a regex that must ``re.fullmatch`` the
+      qualified name (peft semantics; one rule for both, :mod:`spare_kernels.targets`); a callable gets ``(name, layer)`` with
       ``layer`` the ``nn.Linear``/``nn.Conv2d`` owning the weight. A wrapped layer is matched by the
       wrapper's name (``"...to_q"``) or its own (``"...to_q.base_layer"``). No match: ValueError with
       the closest names; list entries that match nothing (while others do) only warn.
@@ -366,36 +368,25 @@ def _no_match(spec, cands, entries):
 
 def _select(root: nn.Module, spec: TargetSpec) -> List[_Target]:
     cands = _candidates(root)
-    if spec is None:
-        chosen = cands
-    elif isinstance(spec, str):
-        try:
-            rx = re.compile(spec)
-        except re.error as e:
-            raise ValueError(f"SaliencyCollector: target_modules: invalid regex {spec!r}: {e}") from None
-        chosen = [c for c in cands if rx.fullmatch(c[0]) or rx.fullmatch(c[1])]
-        if not chosen:
-            raise _no_match(spec, cands, [spec])
-    elif callable(spec):
-        chosen = [c for c in cands if spec(c[0], c[3])]
-        if not chosen:
-            raise _no_match(spec, cands, [])
-    elif isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(e, str) for e in spec):
-        entries = list(spec)
-
-        def hit(n, e):
-            return n == e or n.endswith("." + e)
-
-        chosen = [c for c in cands if any(hit(c[0], e) or hit(c[1], e) for e in entries)]
-        if not chosen:
-            raise _no_match(spec, cands, entries)
-        unused = [e for e in entries if not any(hit(c[0], e) or hit(c[1], e) for c in cands)]
+    if spec is not None and not (isinstance(spec, str) or callable(spec)
+                                 or (isinstance(spec, (list, tuple, set, frozenset))
+                                     and all(isinstance(e, str) for e in spec))):
+        raise TypeError(f"SaliencyCollector: target_modules: expected None, a list of names, a regex string or a "
+                        f"callable (name, module) -> bool, got {type(spec).__name__}")
+    # The shared rule (targets.py), with "all" for None; a name matches as the logical (wrapper) name
+    # or the weight layer's own, except for a callable, which sees the logical name.
+    pred = target_predicate(spec, default="all", where="SaliencyCollector: target_modules")
+    if callable(spec):
+        chosen = [c for c in cands if pred(c[0], c[3])]
+    else:
+        chosen = [c for c in cands if pred(c[0], c[3]) or pred(c[1], c[3])]
+    if not chosen:
+        raise _no_match(spec, cands, [] if callable(spec) else [spec] if isinstance(spec, str) else list(spec))
+    if isinstance(spec, (list, tuple, set, frozenset)):
+        unused = unmatched_entries(spec, [c[0] for c in cands] + [c[1] for c in cands])
         if unused:
             warnings.warn(f"SaliencyCollector: target_modules entries {unused} matched no nn.Linear/nn.Conv2d",
                           stacklevel=3)
-    else:
-        raise TypeError(f"SaliencyCollector: target_modules: expected None, a list of names, a regex string or a "
-                        f"callable (name, module) -> bool, got {type(spec).__name__}")
     pnames = {}
     for n, p in root.named_parameters():  # first name of each (possibly tied) parameter
         pnames.setdefault(id(p), n)
