@@ -19,7 +19,7 @@ import torch
 
 from spare_kernels import canvas
 from spare_kernels.unlearn import METHODS, Config, canvas_task, run
-from spare_kernels.unlearn.recipe import TARGETS
+from spare_kernels.unlearn.config import TARGETS
 from spare_kernels.utils.io import write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")

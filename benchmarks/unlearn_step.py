@@ -23,7 +23,7 @@ import torch
 from spare_kernels import canvas
 from spare_kernels.masks import GRANULARITIES
 from spare_kernels.unlearn import METHODS, Config, Trainer, canvas_task
-from spare_kernels.unlearn.recipe import TARGETS
+from spare_kernels.unlearn.config import TARGETS
 from spare_kernels.utils.io import write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")

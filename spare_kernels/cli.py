@@ -80,7 +80,7 @@ def _recipe_args(p):
 
     from .masks import GRANULARITIES, SCOPES
     from .ops.saliency import STATS
-    from .unlearn.recipe import TARGETS, TIMESTEPS, Config
+    from .unlearn.config import TARGETS, TIMESTEPS, Config
     d = {f.name: f.default for f in dataclasses.fields(Config)}
     p.add_argument("--steps", type=int, default=d["steps"], help=f"training steps (default {d['steps']})")
     p.add_argument("--rank", type=int, default=d["rank"], help=f"adapter rank (default {d['rank']})")
@@ -338,7 +338,7 @@ def _cmd_info(args):
 
 
 def main(argv=None) -> int:
-    from .unlearn.recipe import METHODS, PRECISIONS
+    from .unlearn.config import METHODS, PRECISIONS
 
     p = argparse.ArgumentParser(prog="spare-kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,7 +8,6 @@ one fp32 accumulator per weight.
 from __future__ import annotations
 
 import difflib
-import re
 import threading
 import warnings
 import weakref

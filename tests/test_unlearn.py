@@ -39,7 +39,7 @@ def test_every_method_runs_and_reports(method, task):
 
 
 def test_adam_is_fused_on_cpu_and_steps_like_the_loop_version():
-    from spare_kernels.unlearn.recipe import _adam
+    from spare_kernels.unlearn.trainer import _adam
     ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     opt, opt_ref = _adam(ps, 1e-2), torch.optim.Adam(ref, lr=1e-2, foreach=False)
@@ -84,7 +84,7 @@ def test_overlapped_teacher_gives_the_same_steps(method, task):
     gain); it is forced here to check the mechanism with a frozen-copy teacher."""
     import threading
 
-    from spare_kernels.unlearn.recipe import _Overlap
+    from spare_kernels.unlearn.trainer import _Overlap
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -119,7 +119,7 @@ def test_overlapped_teacher_gives_the_same_steps(method, task):
 
 
 def test_overlap_propagates_errors_and_restores_threads():
-    from spare_kernels.unlearn.recipe import _Overlap
+    from spare_kernels.unlearn.trainer import _Overlap
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     ov = _Overlap()
@@ -142,7 +142,7 @@ def test_overlap_runs_the_teacher_in_the_callers_context():
     the teacher sees the value set in the calling thread at each call, and cannot change the caller's."""
     import contextvars
 
-    from spare_kernels.unlearn.recipe import _Overlap
+    from spare_kernels.unlearn.trainer import _Overlap
     var = contextvars.ContextVar("spare_kernels_test_var", default="unset")
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -266,7 +266,8 @@ def test_resume_gives_the_uninterrupted_adapter(task, tmp_path):
 def test_resume_keeps_this_runs_adam_implementation(task, tmp_path):
     """A checkpoint whose optimizer was the per-tensor Adam (before fused Adam) resumes with the fused
     one, and ends where the uninterrupted run does (to the two implementations' rounding)."""
-    from spare_kernels.unlearn.recipe import Trainer, _load_checkpoint
+    from spare_kernels.unlearn.checkpoints import _load_checkpoint
+    from spare_kernels.unlearn.trainer import Trainer
     cfg = dict(SMALL, steps=4, checkpoint_every=2)
     a = canvas.load_model()
     run(a, task, Config(method="spare", **cfg), out_dir=str(tmp_path / "a"), progress=False)
@@ -606,7 +607,7 @@ def test_bf16_precision_runs_forwards_in_bf16_and_keeps_fp32_state(task):
         assert torch.isfinite(lf) and torch.isfinite(lr_)
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in tr.params)
     # a checkpoint from before Config.precision existed resumes (missing settings take their defaults)
-    from spare_kernels.unlearn.recipe import _load_checkpoint, _save_checkpoint
+    from spare_kernels.unlearn.checkpoints import _load_checkpoint, _save_checkpoint
     import dataclasses
     with Trainer(canvas.load_model(), task, Config(method="spare", **SMALL)) as tr:
         tr.step()

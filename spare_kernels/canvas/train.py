@@ -16,7 +16,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..utils.io import atomic_path
 from .data import dataset

@@ -8,7 +8,6 @@ decides at decoration time whether it returns a compiled or an interpreted funct
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton

@@ -1,0 +1,274 @@
+"""The methods of the recipe: each one's setup (stage 1 and its adapters or trainable weights) and
+per-step losses. The methods:
+
+- ``spare``: saliency by :class:`~spare_kernels.SaliencyCollector` (no ``.grad`` for UNet weights) on
+  noised forget samples at timesteps drawn as in training, exact ``topk_masks``, fused sparse adapters
+  from :func:`~spare_kernels.patch_unet`, self-distillation with forget + retain through **one** student
+  and **one** teacher forward per step (teacher = the same UNet with adapters off, no copy), timesteps
+  from the concept-critical curve mixed with uniform.
+- ``spare-reference``: SPARE's code path: full-``.grad`` saliency, ``cat``+``kthvalue`` threshold, dense
+  adapter + second GEMM (:class:`~spare_kernels.unlearn.reference.SpareRefLayer`), four forwards per
+  step, uniform timesteps.
+- ``lora``: dense peft LoRA on the same layers, the same distillation (two forwards), uniform timesteps.
+- ``salun``: saliency-masked full fine-tune (SalUn): full-``.grad`` saliency, weight gradients masked,
+  the same distillation objective against a frozen copy, uniform timesteps.
+- ``esd``: ESD-x: cross-attention weights fine-tuned towards negative guidance,
+  ``ε*(x_t, c_f) = ε₀(x_t, ∅) − η (ε₀(x_t, c_f) − ε₀(x_t, ∅))``, on noised forget samples, uniform timesteps.
+
+``Config.targets`` picks the layers the methods may change: ``"all"`` (every Linear and Conv2d, the
+default) or ``"attention"`` (the attention projections ``to_q``/``to_k``/``to_v``/``to_out.0``, where
+SPARE's own code puts its adapters). It restricts the saliency scores and the threshold (one density
+over those weights only), the masks and the adapters of ``spare`` and ``spare-reference``, ``lora``'s
+adapters and ``salun``'s trainable masked weights. ``esd`` ignores it: ESD-x is defined by its
+parameter set (every cross-attention parameter), which is neither target set.
+"""
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import disable_adapters
+from ..masks import topk_masks
+from ..patch import patch_unet
+from ..saliency import SaliencyCollector
+from ..targets import target_predicate
+from . import reference as ref
+from .timesteps import TimestepSampler, probe
+
+# ------------------------------------------------------------------------------------------ helpers
+def _eps(unet, x, t, c):
+    return unet(x, t.to(x.device), encoder_hidden_states=c).sample   # t is drawn on the CPU
+
+
+def _forget_batches(task, sampler, cfg, gen):
+    """The saliency stage's batches: noised forget samples, timesteps as in training."""
+    for _ in range(cfg.saliency_batches):
+        idx = torch.randint(task.x_forget.shape[0], (cfg.saliency_batch,), generator=gen)
+        t = sampler.sample(cfg.saliency_batch, gen)
+        xt, noise = task.noised(task.x_forget[idx], t, gen)
+        yield xt, t, task.c_forget[idx], noise
+
+
+def _diffusion_loss(unet, batch):
+    xt, t, c, noise = batch
+    return F.mse_loss(_eps(unet, xt, t, c), noise)
+
+
+@contextlib.contextmanager
+def _seeded(seed):
+    """Adapter initialisers draw from torch's global CPU RNG (also for adapters on a GPU): seed it for
+    the run, restore it after; other devices' generators are not touched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _linear_conv_names(unet, targets: str = "all"):
+    """The Linear / Conv2d modules of ``targets`` (``Config.targets``), in ``named_modules`` order."""
+    names = [n for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    if targets == "attention":
+        pred = target_predicate("attention")
+        names = [n for n in names if pred(n, None)]
+        if not names:
+            raise ValueError("targets: 'attention' matched no to_q/to_k/to_v/to_out.0 layer of the UNet")
+    return names
+
+
+def _layer_weights(scores: dict, unet, targets: str = "all") -> dict:
+    """The entries of ``scores`` (keyed by parameter name) that are weights of the ``targets`` layers."""
+    keys = {f"{n}.weight" for n in _linear_conv_names(unet, targets)}
+    return {k: v for k, v in scores.items() if k in keys}
+
+
+
+class _Method:
+    """Setup (stage 1 + adapters) and the per-step losses of one method."""
+
+    overlap = False   # the teacher may run in another thread while the student runs (thread-safe teacher)
+
+    def __init__(self, unet, task, cfg):
+        self.unet, self.task, self.cfg = unet, task, cfg
+        self.curve = None
+        self.masks = {}
+        self.teacher_model = None
+        self.runner = None   # an _Overlap, set by Trainer for methods with overlap = True
+
+    def sampler(self):
+        return TimestepSampler(self.task.num_train_timesteps)
+
+    def student_teacher(self, xt, t, c_student, c_teacher):
+        """(student prediction, teacher prediction) with one forward each."""
+        def teacher():
+            with torch.no_grad(), self.teacher():
+                return _eps(self.teacher_model or self.unet, xt, t, c_teacher)
+
+        def student():
+            return _eps(self.unet, xt, t, c_student)
+        # Autocast is thread-local: a worker would run the teacher without it.
+        if self.runner is not None and not torch.is_autocast_enabled("cpu"):
+            return self.runner(teacher, student)
+        target = teacher()
+        return student(), target
+
+    def losses(self, gen, sampler):
+        task, cfg = self.task, self.cfg
+        i_f = torch.randint(task.x_forget.shape[0], (cfg.batch_forget,), generator=gen)
+        i_r = torch.randint(task.x_retain.shape[0], (cfg.batch_retain,), generator=gen)
+        t_f = sampler.sample(cfg.batch_forget, gen)
+        t_r = torch.randint(0, task.num_train_timesteps, (cfg.batch_retain,), generator=gen)
+        x_f, _ = task.noised(task.x_forget[i_f], t_f, gen)
+        x_r, _ = task.noised(task.x_retain[i_r], t_r, gen)
+        return self.distill(x_f, t_f, i_f, x_r, t_r, i_r)
+
+    def distill(self, x_f, t_f, i_f, x_r, t_r, i_r):
+        task, nf = self.task, x_f.shape[0]
+        pred, target = self.student_teacher(
+            torch.cat([x_f, x_r]), torch.cat([t_f, t_r]),
+            torch.cat([task.c_forget[i_f], task.c_retain[i_r]]), torch.cat([task.c_surrogate[i_f], task.c_retain[i_r]]))
+        return F.mse_loss(pred[:nf], target[:nf]), F.mse_loss(pred[nf:], target[nf:])
+
+    def teacher(self):
+        return contextlib.nullcontext()
+
+    def mask_density(self):
+        """Per-weight fraction of entries on (dense bool masks; none for unmasked methods)."""
+        return {k: v.float().mean().item() for k, v in self.masks.items()}
+
+
+class _Spare(_Method):
+    def setup(self, gen):
+        cfg, task, unet = self.cfg, self.task, self.unet
+        if cfg.timesteps == "critical":
+            self.curve = probe(unet, task, cfg.probe_bins, cfg.probe_per_bin, seed=cfg.seed)
+        self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix)
+        # "all": every Linear / Conv2d the collector finds (None), as before the setting existed.
+        layers = None if cfg.targets == "all" else _linear_conv_names(unet, cfg.targets)
+        with SaliencyCollector(unet, stat=cfg.saliency_stat, target_modules=layers) as col:
+            for batch in _forget_batches(task, self._sampler, cfg, gen):
+                _diffusion_loss(unet, batch).backward()
+        scores = col.scores()
+        self.masks = topk_masks(scores, cfg.density, cfg.granularity, cfg.scope, cfg.block)
+        with _seeded(cfg.seed):
+            patch_unet(unet, masks=self.masks, rank=cfg.rank, alpha=cfg.alpha, init=cfg.init,
+                       target_modules=[k[: -len(".weight")] for k in self.masks])
+        return [p for p in unet.parameters() if p.requires_grad]
+
+    overlap = True
+
+    def sampler(self):
+        return self._sampler
+
+    def teacher(self):
+        # This thread only: the student may be running the same modules in another thread.
+        return disable_adapters(self.unet, this_thread=True)
+
+    def mask_density(self):
+        return {k: m.density for k, m in self.masks.items()}
+
+
+class _SpareReference(_Method):
+    def setup(self, gen):
+        cfg, task, unet = self.cfg, self.task, self.unet
+        scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
+        if cfg.targets == "all":   # thresholded over every parameter, as SPARE's code
+            self.masks = _layer_weights(ref.kth_threshold_masks(scores, cfg.density), unet)
+        else:                      # over the targeted weights only, as spare: the same density over the same weights
+            self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet, cfg.targets), cfg.density)
+        ref.patch_spare_ref(unet, self.masks, rank=cfg.rank, scale=(cfg.alpha or cfg.rank) / cfg.rank, seed=cfg.seed)
+        return [p for p in unet.parameters() if p.requires_grad]
+
+    def teacher(self):
+        return ref.spare_ref_disabled(self.unet)
+
+    def distill(self, x_f, t_f, i_f, x_r, t_r, i_r):
+        task, unet = self.task, self.unet      # SPARE's code: four separate forwards
+        with torch.no_grad(), self.teacher():
+            tgt_f = _eps(unet, x_f, t_f, task.c_surrogate[i_f])
+            tgt_r = _eps(unet, x_r, t_r, task.c_retain[i_r])
+        pf = _eps(unet, x_f, t_f, task.c_forget[i_f])
+        pr = _eps(unet, x_r, t_r, task.c_retain[i_r])
+        return F.mse_loss(pf, tgt_f), F.mse_loss(pr, tgt_r)
+
+
+
+class _Lora(_Method):
+    def setup(self, gen):
+        from peft import LoraConfig, inject_adapter_in_model
+        cfg = self.cfg
+        lc = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank,
+                        target_modules=_linear_conv_names(self.unet, cfg.targets), init_lora_weights=True)
+        self.unet.requires_grad_(False)
+        with _seeded(cfg.seed):
+            inject_adapter_in_model(lc, self.unet)
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n and p.requires_grad]
+
+    def teacher(self):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        @contextlib.contextmanager
+        def off():
+            layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+            for m in layers:
+                m.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for m in layers:
+                    m.enable_adapters(True)
+        return off()
+
+
+class _Salun(_Method):
+    # Its teacher (a frozen copy) could overlap, but measured side by side at 2 threads it gains
+    # nothing (150 vs 147 ms a step), while spare's gains 4%: SalUn runs in its faster setting.
+    overlap = False
+
+    def setup(self, gen):
+        cfg, task, unet = self.cfg, self.task, self.unet
+        self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
+        scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
+        self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet, cfg.targets), cfg.density)
+        unet.requires_grad_(False)
+        params = []
+        for k, m in self.masks.items():
+            p = unet.get_parameter(k)
+            p.requires_grad_(True)
+            mf = m.to(p.dtype)
+            p.register_hook(lambda g, mf=mf: g * mf)
+            params.append(p)
+        return params
+
+
+
+class _Esd(_Method):
+    # Config.targets does not apply: ESD-x is every cross-attention parameter by definition.
+    def setup(self, gen):
+        unet = self.unet
+        self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
+        unet.requires_grad_(False)
+        params = [p for n, p in unet.named_parameters() if ".attn2." in n]
+        if not params:
+            raise ValueError("esd: the UNet has no cross-attention (attn2) parameters to fine-tune")
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def losses(self, gen, sampler):
+        task, cfg = self.task, self.cfg
+        i_f = torch.randint(task.x_forget.shape[0], (cfg.batch_forget,), generator=gen)
+        t = sampler.sample(cfg.batch_forget, gen)
+        xt, _ = task.noised(task.x_forget[i_f], t, gen)
+        c_f = task.c_forget[i_f]
+        with torch.no_grad():
+            e = _eps(self.teacher_model, torch.cat([xt, xt]), torch.cat([t, t]),
+                     torch.cat([task.c_null.expand_as(c_f), c_f]))
+            e0, ef = e.chunk(2)
+            target = e0 - cfg.esd_eta * (ef - e0)
+        loss = F.mse_loss(_eps(self.unet, xt, t, c_f), target)
+        return loss, torch.zeros(())
+
+
+_IMPL = {"spare": _Spare, "spare-reference": _SpareReference, "lora": _Lora, "salun": _Salun, "esd": _Esd}
