@@ -348,23 +348,31 @@ def topk_masks(scores: dict, density: float, granularity: str = "element", scope
 
 def _select(group, k, n_units, keys):
     """Exact top-k over the units of ``group``: radix select of the threshold, then the masks."""
-    ft = keys.ftype
     # level 0: NaN check and histogram of the top digit
     hist = _histogram(group, keys, 0, None, check_nan=True)
     if k == 0 or k == n_units:
         return _build(group, keys, "none" if k == 0 else "all", None, 0, k)
+    threshold, need = _radix(group, keys, hist, k)
+    return _build(group, keys, "threshold", threshold, need, k)
+
+
+def _radix(group, keys, hist, k, reduce=None):
+    """``(threshold, ties)``: the ``k``-th largest unit score of ``group`` and how many units equal to it
+    are on, from the level-0 histogram ``hist``. ``reduce(hist) -> hist`` sums each later level's
+    histogram over the groups of other processes (the distributed top-k); none by default."""
     need, prefix = k, None
     for level in range(keys.levels):
         if level:
             lo_key = prefix << (keys.bits - _DIGIT * level)
             hi_key = lo_key + (1 << (keys.bits - _DIGIT * level)) - 1
             hist = _histogram(group, keys, level, keys.bounds(lo_key, hi_key))
+            if reduce is not None:
+                hist = reduce(hist)
         at_or_above = hist.flip(0).cumsum(0).flip(0)          # [d] = units with digit >= d
         d = int((at_or_above >= need).sum()) - 1
         need -= int(at_or_above[d]) - int(hist[d])             # minus the units strictly above
         prefix = d - _NBINS // 2 if level == 0 else (prefix << _DIGIT) | d
-    threshold = torch.tensor(keys.to_float(prefix), dtype=ft)
-    return _build(group, keys, "threshold", threshold, need, k)
+    return torch.tensor(keys.to_float(prefix), dtype=keys.ftype), need
 
 
 def _histogram(group, keys, level, bounds, check_nan=False):

@@ -25,14 +25,19 @@ def _own_adam_implementation(opt):
 
 
 
-def _save_checkpoint(path, step, params, opt, gen, history, cfg):
+def _save_checkpoint(path, step, params, opt, gen, history, cfg, extra=None):
+    """``extra``: more entries (the method's setup state: timestep curve and masks, so a resume skips
+    the localise stage; the world size it was written on)."""
     state = {"step": step, "params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
              "rng": gen.get_state(), "history": history, "config": dataclasses.asdict(cfg)}
+    state.update(extra or {})
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path, params, opt, gen, cfg):
+def read_checkpoint(path, cfg) -> dict:
+    """The checkpoint at ``path``, refused (``ValueError`` naming each setting) when it was made with
+    other settings than ``cfg`` (``steps`` and ``checkpoint_every`` may change)."""
     state = torch.load(path, weights_only=False, map_location="cpu")   # copy_/load_state_dict place it
     want, default = dataclasses.asdict(cfg), dataclasses.asdict(Config(method=cfg.method))
     saved = {k: state["config"].get(k, default[k]) for k in want}   # settings added since: their defaults
@@ -41,6 +46,14 @@ def _load_checkpoint(path, params, opt, gen, cfg):
     if diff:
         raise ValueError(f"resume: the checkpoint {path} was made with other settings: "
                          + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
+    state["path"] = path
+    return state
+
+
+def apply_checkpoint(state, params, opt, gen):
+    """Load a :func:`read_checkpoint` state into the trainable parameters, optimizer and generator;
+    -> ``(step, history)``."""
+    path = state.get("path", "the checkpoint")
     if len(state["params"]) != len(params) or any(a.shape != b.shape for a, b in zip(state["params"], params)):
         raise ValueError(f"resume: the checkpoint {path} does not match this model's trainable parameters")
     with torch.no_grad():
@@ -50,3 +63,7 @@ def _load_checkpoint(path, params, opt, gen, cfg):
     _own_adam_implementation(opt)
     gen.set_state(state["rng"])
     return state["step"], state["history"]
+
+
+def _load_checkpoint(path, params, opt, gen, cfg):
+    return apply_checkpoint(read_checkpoint(path, cfg), params, opt, gen)

@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import disable_adapters
-from ..masks import topk_masks
+from ..distributed import World, broadcast_object, sharded_saliency, sharded_topk_masks
+from ..masks import Mask, topk_masks
 from ..patch import patch_unet
 from ..saliency import SaliencyCollector
 from ..targets import target_predicate
 from . import reference as ref
+from .distributed import shard
 from .timesteps import TimestepSampler, probe
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -43,18 +45,33 @@ def _eps(unet, x, t, c):
     return unet(x, t.to(x.device), encoder_hidden_states=c).sample   # t is drawn on the CPU
 
 
-def _forget_batches(task, sampler, cfg, gen):
-    """The saliency stage's batches: noised forget samples, timesteps as in training."""
+def _forget_batches(task, sampler, cfg, gen, world: World = World()):
+    """The saliency stage's batches: noised forget samples, timesteps as in training. Across ranks,
+    every rank draws the whole batch and yields its share, with the share's weight in the batch."""
+    n = cfg.saliency_batch
     for _ in range(cfg.saliency_batches):
-        idx = torch.randint(task.x_forget.shape[0], (cfg.saliency_batch,), generator=gen)
-        t = sampler.sample(cfg.saliency_batch, gen)
+        idx = torch.randint(task.x_forget.shape[0], (n,), generator=gen)
+        t = sampler.sample(n, gen)
         xt, noise = task.noised(task.x_forget[idx], t, gen)
-        yield xt, t, task.c_forget[idx], noise
+        if not world.distributed:
+            yield xt, t, task.c_forget[idx], noise
+            continue
+        s = shard(n, world)
+        yield xt[s], t[s], task.c_forget[idx[s]], noise[s], (s.stop - s.start) / n
 
 
 def _diffusion_loss(unet, batch):
-    xt, t, c, noise = batch
-    return F.mse_loss(_eps(unet, xt, t, c), noise)
+    xt, t, c, noise = batch[:4]
+    loss = F.mse_loss(_eps(unet, xt, t, c), noise)
+    return loss * batch[4] if len(batch) > 4 else loss   # a rank's share of the batch mean
+
+
+def _mse(a, b, n):
+    """The mean squared error of a global batch of ``n`` samples, of which ``a``/``b`` are this rank's:
+    the share of the sum that the rank's rows contribute (summed over ranks: the batch's mean)."""
+    if a.shape[0] == n:
+        return F.mse_loss(a, b)
+    return F.mse_loss(a, b, reduction="sum") / (n * a[0].numel())
 
 
 @contextlib.contextmanager
@@ -89,8 +106,8 @@ class _Method:
 
     overlap = False   # the teacher may run in another thread while the student runs (thread-safe teacher)
 
-    def __init__(self, unet, task, cfg):
-        self.unet, self.task, self.cfg = unet, task, cfg
+    def __init__(self, unet, task, cfg, world: World = World()):
+        self.unet, self.task, self.cfg, self.world = unet, task, cfg, world
         self.curve = None
         self.masks = {}
         self.teacher_model = None
@@ -121,14 +138,22 @@ class _Method:
         t_r = torch.randint(0, task.num_train_timesteps, (cfg.batch_retain,), generator=gen)
         x_f, _ = task.noised(task.x_forget[i_f], t_f, gen)
         x_r, _ = task.noised(task.x_retain[i_r], t_r, gen)
-        return self.distill(x_f, t_f, i_f, x_r, t_r, i_r)
+        # Across ranks: the same global batch on every rank, each computing its share.
+        sf, sr = shard(cfg.batch_forget, self.world), shard(cfg.batch_retain, self.world)
+        return self.distill(x_f[sf], t_f[sf], i_f[sf], x_r[sr], t_r[sr], i_r[sr])
 
     def distill(self, x_f, t_f, i_f, x_r, t_r, i_r):
-        task, nf = self.task, x_f.shape[0]
+        task, cfg, nf = self.task, self.cfg, x_f.shape[0]
         pred, target = self.student_teacher(
             torch.cat([x_f, x_r]), torch.cat([t_f, t_r]),
             torch.cat([task.c_forget[i_f], task.c_retain[i_r]]), torch.cat([task.c_surrogate[i_f], task.c_retain[i_r]]))
-        return F.mse_loss(pred[:nf], target[:nf]), F.mse_loss(pred[nf:], target[nf:])
+        return _mse(pred[:nf], target[:nf], cfg.batch_forget), _mse(pred[nf:], target[nf:], cfg.batch_retain)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the setup, so a resume skips it: the timestep curve and the masks
+        (packed)."""
+        return {"curve": self.curve,
+                "masks": {k: m if isinstance(m, Mask) else Mask.from_dense(m) for k, m in self.masks.items()}}
 
     def teacher(self):
         return contextlib.nullcontext()
@@ -137,24 +162,52 @@ class _Method:
         """Per-weight fraction of entries on (dense bool masks; none for unmasked methods)."""
         return {k: v.float().mean().item() for k, v in self.masks.items()}
 
+    def _full_grad_scores(self, gen):
+        """SPARE's full-``.grad`` saliency (the baselines'); across ranks each rank's gradients are
+        all-reduced after every backward, as DDP would, so every rank thresholds the same scores."""
+        from ..distributed import all_reduce
+        world = self.world
+
+        def sync(grads):
+            for g in grads:
+                all_reduce(g, world, "saliency gradient all-reduce")
+        return ref.full_grad_saliency(self.unet, _forget_batches(self.task, self.sampler(), self.cfg, gen, world),
+                                      _diffusion_loss, sync=sync if world.distributed else None)
+
 
 class _Spare(_Method):
-    def setup(self, gen):
-        cfg, task, unet = self.cfg, self.task, self.unet
-        if cfg.timesteps == "critical":
-            self.curve = probe(unet, task, cfg.probe_bins, cfg.probe_per_bin, seed=cfg.seed)
-        self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix)
-        # "all": every Linear / Conv2d the collector finds (None), as before the setting existed.
-        layers = None if cfg.targets == "all" else _linear_conv_names(unet, cfg.targets)
-        with SaliencyCollector(unet, stat=cfg.saliency_stat, target_modules=layers) as col:
-            for batch in _forget_batches(task, self._sampler, cfg, gen):
-                _diffusion_loss(unet, batch).backward()
-        scores = col.scores()
-        self.masks = topk_masks(scores, cfg.density, cfg.granularity, cfg.scope, cfg.block)
+    def setup(self, gen, restored=None):
+        cfg, task, unet, world = self.cfg, self.task, self.unet, self.world
+        if restored is not None:   # a resumed run: the checkpoint's curve and masks
+            self.curve, self.masks = restored["curve"], restored["masks"]
+            self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix)
+        else:
+            if cfg.timesteps == "critical":   # one rank probes, every rank gets its curve
+                curve = probe(unet, task, cfg.probe_bins, cfg.probe_per_bin, seed=cfg.seed) if world.is_main else None
+                self.curve = broadcast_object(curve, world, "timestep probe")
+            self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix)
+            self.masks = self._localise(gen)
         with _seeded(cfg.seed):
             patch_unet(unet, masks=self.masks, rank=cfg.rank, alpha=cfg.alpha, init=cfg.init,
                        target_modules=[k[: -len(".weight")] for k in self.masks])
         return [p for p in unet.parameters() if p.requires_grad]
+
+    def _localise(self, gen):
+        """Saliency over the forget batches and the exact top-k. Across ranks: each rank collects its
+        share of every batch, the sums are reduce-scattered (each rank keeps the tensors it owns) and
+        the top-k runs on those shards (spare_kernels.distributed). ``grad_abs`` is ``|Σ g|`` of the
+        global batch: ranks collect ``signed`` sums, reduced and made absolute batch by batch."""
+        cfg, task, unet, world = self.cfg, self.task, self.unet, self.world
+        # "all": every Linear / Conv2d the collector finds (None), as before the setting existed.
+        layers = None if cfg.targets == "all" else _linear_conv_names(unet, cfg.targets)
+        if not world.distributed:
+            with SaliencyCollector(unet, stat=cfg.saliency_stat, target_modules=layers) as col:
+                for batch in _forget_batches(task, self._sampler, cfg, gen):
+                    _diffusion_loss(unet, batch).backward()
+            return topk_masks(col.scores(), cfg.density, cfg.granularity, cfg.scope, cfg.block)
+        owned, plan = sharded_saliency(unet, _forget_batches(task, self._sampler, cfg, gen, world), _diffusion_loss,
+                                       cfg.saliency_stat, layers, world)
+        return sharded_topk_masks(owned, plan, cfg.density, world, cfg.granularity, cfg.scope, cfg.block)
 
     overlap = True
 
@@ -170,13 +223,16 @@ class _Spare(_Method):
 
 
 class _SpareReference(_Method):
-    def setup(self, gen):
-        cfg, task, unet = self.cfg, self.task, self.unet
-        scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
-        if cfg.targets == "all":   # thresholded over every parameter, as SPARE's code
-            self.masks = _layer_weights(ref.kth_threshold_masks(scores, cfg.density), unet)
-        else:                      # over the targeted weights only, as spare: the same density over the same weights
-            self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet, cfg.targets), cfg.density)
+    def setup(self, gen, restored=None):
+        cfg, unet = self.cfg, self.unet
+        if restored is not None:
+            self.masks = {k: m.to_dense() for k, m in restored["masks"].items()}
+        else:
+            scores = self._full_grad_scores(gen)
+            if cfg.targets == "all":   # thresholded over every parameter, as SPARE's code
+                self.masks = _layer_weights(ref.kth_threshold_masks(scores, cfg.density), unet)
+            else:                      # over the targeted weights only, as spare: the same density over the same weights
+                self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet, cfg.targets), cfg.density)
         ref.patch_spare_ref(unet, self.masks, rank=cfg.rank, scale=(cfg.alpha or cfg.rank) / cfg.rank, seed=cfg.seed)
         return [p for p in unet.parameters() if p.requires_grad]
 
@@ -184,18 +240,18 @@ class _SpareReference(_Method):
         return ref.spare_ref_disabled(self.unet)
 
     def distill(self, x_f, t_f, i_f, x_r, t_r, i_r):
-        task, unet = self.task, self.unet      # SPARE's code: four separate forwards
+        task, unet, cfg = self.task, self.unet, self.cfg      # SPARE's code: four separate forwards
         with torch.no_grad(), self.teacher():
             tgt_f = _eps(unet, x_f, t_f, task.c_surrogate[i_f])
             tgt_r = _eps(unet, x_r, t_r, task.c_retain[i_r])
         pf = _eps(unet, x_f, t_f, task.c_forget[i_f])
         pr = _eps(unet, x_r, t_r, task.c_retain[i_r])
-        return F.mse_loss(pf, tgt_f), F.mse_loss(pr, tgt_r)
+        return _mse(pf, tgt_f, cfg.batch_forget), _mse(pr, tgt_r, cfg.batch_retain)
 
 
 
 class _Lora(_Method):
-    def setup(self, gen):
+    def setup(self, gen, restored=None):
         from peft import LoraConfig, inject_adapter_in_model
         cfg = self.cfg
         lc = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank,
@@ -226,11 +282,14 @@ class _Salun(_Method):
     # nothing (150 vs 147 ms a step), while spare's gains 4%: SalUn runs in its faster setting.
     overlap = False
 
-    def setup(self, gen):
-        cfg, task, unet = self.cfg, self.task, self.unet
+    def setup(self, gen, restored=None):
+        cfg, unet = self.cfg, self.unet
         self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
-        scores = ref.full_grad_saliency(unet, _forget_batches(task, self.sampler(), cfg, gen), _diffusion_loss)
-        self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet, cfg.targets), cfg.density)
+        if restored is not None:
+            self.masks = {k: m.to_dense() for k, m in restored["masks"].items()}
+        else:
+            scores = self._full_grad_scores(gen)
+            self.masks = ref.kth_threshold_masks(_layer_weights(scores, unet, cfg.targets), cfg.density)
         unet.requires_grad_(False)
         params = []
         for k, m in self.masks.items():
@@ -245,7 +304,7 @@ class _Salun(_Method):
 
 class _Esd(_Method):
     # Config.targets does not apply: ESD-x is every cross-attention parameter by definition.
-    def setup(self, gen):
+    def setup(self, gen, restored=None):
         unet = self.unet
         self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
         unet.requires_grad_(False)
@@ -261,13 +320,14 @@ class _Esd(_Method):
         i_f = torch.randint(task.x_forget.shape[0], (cfg.batch_forget,), generator=gen)
         t = sampler.sample(cfg.batch_forget, gen)
         xt, _ = task.noised(task.x_forget[i_f], t, gen)
-        c_f = task.c_forget[i_f]
+        s = shard(cfg.batch_forget, self.world)
+        xt, t, c_f = xt[s], t[s], task.c_forget[i_f[s]]
         with torch.no_grad():
             e = _eps(self.teacher_model, torch.cat([xt, xt]), torch.cat([t, t]),
                      torch.cat([task.c_null.expand_as(c_f), c_f]))
             e0, ef = e.chunk(2)
             target = e0 - cfg.esd_eta * (ef - e0)
-        loss = F.mse_loss(_eps(self.unet, xt, t, c_f), target)
+        loss = _mse(_eps(self.unet, xt, t, c_f), target, cfg.batch_forget)
         return loss, torch.zeros(())
 
 

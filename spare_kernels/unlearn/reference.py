@@ -90,9 +90,10 @@ def spare_ref_disabled(unet: nn.Module):
             m.enabled = True
 
 
-def full_grad_saliency(unet: nn.Module, batches, loss_fn, progress=None) -> dict:
+def full_grad_saliency(unet: nn.Module, batches, loss_fn, progress=None, sync=None) -> dict:
     """SPARE's saliency loop over ``batches`` (``loss_fn(unet, batch) -> loss``): every parameter gets a
-    ``.grad``; ``{name: Σ_batches |grad|}`` for every parameter."""
+    ``.grad``; ``{name: Σ_batches |grad|}`` for every parameter. ``sync(grads)``, if given, sums each
+    batch's gradients over the ranks in place before the ``|·|``."""
     flags = {n: p.requires_grad for n, p in unet.named_parameters()}
     unet.requires_grad_(True)
     sal = {n: torch.zeros_like(p) for n, p in unet.named_parameters()}
@@ -101,6 +102,11 @@ def full_grad_saliency(unet: nn.Module, batches, loss_fn, progress=None) -> dict
             loss = loss_fn(unet, batch)
             unet.zero_grad()
             loss.backward()
+            if sync is not None:
+                for p in unet.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                sync([p.grad for p in unet.parameters()])
             with torch.no_grad():
                 for n, p in unet.named_parameters():
                     if p.grad is not None:

@@ -13,8 +13,11 @@ from typing import Optional
 import torch
 
 from ..adapters import save_adapter
-from .checkpoints import _load_checkpoint, _save_checkpoint
+from ..distributed import World, broadcast_object, check_same, current_world, init_from_env
+from .checkpoints import _save_checkpoint, apply_checkpoint, read_checkpoint
 from .config import Config
+from .distributed import (GradSync, check_batches, check_consistent, masks_digest, params_digest, reduce_losses,
+                          shard_sizes)
 from .methods import _IMPL
 
 def _state_bytes(tensors) -> int:
@@ -88,20 +91,35 @@ class Trainer:
 
     ``overlap`` (``spare``, whose teacher is the student with adapters off in its own thread): with 2+
     torch threads the teacher's forward runs in a worker thread beside the student's. :meth:`close`
-    (or ``with``) ends the worker; the results change only in float rounding."""
+    (or ``with``) ends the worker; the results change only in float rounding.
 
-    def __init__(self, unet, task, cfg: Config, gen: Optional[torch.Generator] = None, overlap: bool = True):
+    Across ranks (``world``, default: torch.distributed's default group when it is initialised, see
+    :mod:`.distributed`): the ranks' settings, model and task are compared first; each rank computes
+    its share of every batch, gradients are summed over the ranks during the backward, and every
+    rank's optimizer steps on the same sums. ``restored``: a checkpoint's method state (curve and
+    masks), which replaces the localise stage."""
+
+    def __init__(self, unet, task, cfg: Config, gen: Optional[torch.Generator] = None, overlap: bool = True,
+                 world: Optional[World] = None, restored: Optional[dict] = None):
         self.cfg = cfg
+        self.world = world if world is not None else current_world()
         self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)   # draws stay on the CPU
         self.device = next(unet.parameters()).device
+        self.sync = None
+        check_batches(cfg, self.world)
+        check_consistent(self.world, unet, task, cfg)
         task = task.to(self.device)   # references only, where the tensors are there already
-        self.method = _IMPL[cfg.method](unet, task, cfg)
+        self.method = _IMPL[cfg.method](unet, task, cfg, self.world)
         with self.precision():
-            self.params = self.method.setup(self.gen)
+            self.params = self.method.setup(self.gen, restored)
         self.sampler = self.method.sampler()
         self.teacher_model = self.method.teacher_model   # a frozen copy, or None (teacher = adapters off)
         unet.train(False)
         self.opt = _adam(self.params, cfg.learning_rate)
+        if self.world.distributed:
+            check_same(self.world, {"masks": masks_digest(self.method.masks),
+                                    "parameters": params_digest(self.params)}, "distributed setup")
+            self.sync = GradSync(self.params, self.world)
         # CPU only: small convolutions scale poorly over cores, GPUs gain nothing from it.
         if overlap and self.method.overlap and self.device.type == "cpu" and _Overlap.available():
             self.method.runner = _Overlap()
@@ -110,6 +128,9 @@ class Trainer:
         if self.method.runner is not None:
             self.method.runner.close()
             self.method.runner = None
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
 
     def __enter__(self):
         return self
@@ -127,7 +148,7 @@ class Trainer:
 
     def loss(self, gen: Optional[torch.Generator] = None):
         """-> (weighted total, forget loss, retain loss) of one batch drawn from ``gen`` (default: the
-        run's generator)."""
+        run's generator); across ranks, this rank's share of them (they sum to the batch's)."""
         with self.precision():
             lf, lr_ = self.method.losses(self.gen if gen is None else gen, self.sampler)
         return self.cfg.w_forget * lf + self.cfg.w_retain * lr_, lf, lr_
@@ -140,10 +161,20 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         tick("loss")
         loss.backward()
+        if self.sync is not None:   # the last buckets' all-reduce, and the sums into .grad
+            self.sync.finish()
+            lf, lr_ = reduce_losses(lf, lr_, self.world)
         tick("backward")
         self.opt.step()
         tick("optimizer")
         return lf, lr_
+
+    def backward_probe(self, gen: torch.Generator) -> None:
+        """One more (unapplied) forward and backward, gradients summed as in :meth:`step`: what the
+        memory measurement of :func:`run` runs."""
+        self.loss(gen)[0].backward()
+        if self.sync is not None:
+            self.sync.finish()
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -164,36 +195,53 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
     """Run ``cfg.method`` on ``unet`` (modified in place: adapters patched, or weights trained).
 
     Returns ``{"method", "seconds", "stage_seconds": {"localise", "train"}, "steps", "history":
-    [[forget, retain], ...], "curve", "mask_density", "peak_mem_mb", "state_mb", ...}``. With
-    ``out_dir`` and ``cfg.checkpoint_every``, ``out_dir/checkpoint.pt`` is written atomically every
-    K steps; ``resume=True`` continues from it (the final adapter equals an uninterrupted run's).
+    [[forget, retain], ...], "curve", "mask_density", "peak_mem_mb", "state_mb", "world_size",
+    "per_rank_batch", ...}``. With ``out_dir`` and ``cfg.checkpoint_every``, ``out_dir/checkpoint.pt``
+    is written atomically every K steps; ``resume=True`` continues from it (the final adapter equals
+    an uninterrupted run's). The checkpoint keeps the timestep curve and masks, so a resume skips the
+    localise stage.
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the default process group is made
+    when none exists (:func:`spare_kernels.distributed.init_from_env`) and the run is data parallel
+    across the ranks (:class:`Trainer`); rank 0 alone writes ``out_dir`` and shows progress, and reads
+    the checkpoint on resume for every rank (no shared filesystem needed), whatever the number of
+    ranks that wrote it. Every rank returns the same result, checked: the ranks' adapters are compared
+    by digest at the end.
     """
     from tqdm import tqdm
 
+    world = init_from_env(next(unet.parameters()).device.type)
+    main = world.is_main
     if resume and not out_dir:
         raise ValueError("resume: needs out_dir (where checkpoint.pt is)")
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    if resume and not os.path.exists(ckpt):
+    if resume and main and not os.path.exists(ckpt):
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
-    if out_dir:
+    if out_dir and main:
         os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    tr = Trainer(unet, task, cfg)
+    state = None
+    if resume:   # rank 0 reads, every rank gets it
+        state = broadcast_object(read_checkpoint(ckpt, cfg) if main else None, world, "checkpoint broadcast")
+    tr = Trainer(unet, task, cfg, world=world, restored=(state or {}).get("method_state"))
     t1 = time.perf_counter()
     m, params, opt, sampler = tr.method, tr.params, tr.opt, tr.sampler
     start, history = 0, []
     overlapped = tr.method.runner is not None
+    extra = {"method_state": m.state(), "world_size": world.size}
     with tr:
-        if resume:
-            start, history = _load_checkpoint(ckpt, params, opt, tr.gen, cfg)
-        bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"{cfg.method}", dynamic_ncols=True)
+        if state is not None:
+            start, history = apply_checkpoint(state, params, opt, tr.gen)
+            del state
+        bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main), desc=f"{cfg.method}",
+                   dynamic_ncols=True)
         for step in range(start, cfg.steps):
             lf, lr_ = tr.step()
             history.append([lf.item(), lr_.item()])
             bar.set_postfix(forget=f"{history[-1][0]:.4f}", retain=f"{history[-1][1]:.4f}", refresh=False)
             bar.update(1)
-            if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt, step + 1, params, opt, tr.gen, history, cfg)
+            if ckpt and main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt, step + 1, params, opt, tr.gen, history, cfg, extra)
         bar.close()
     t2 = time.perf_counter()
     # Memory: persistent training state + the c10 peak of one more (unapplied) step, in this thread
@@ -207,17 +255,27 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
                          + [s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)]
                          + [p.grad for p in params])
     probe_gen = torch.Generator().manual_seed(cfg.seed + 99)
-    step_peak = _peak_bytes(lambda: tr.loss(probe_gen)[0].backward(), tr.device)
+    if world.distributed:   # the run's hooks were removed on leaving the Trainer: this step's own
+        tr.sync = GradSync(params, world)
+    step_peak = _peak_bytes(lambda: tr.backward_probe(probe_gen), tr.device)
+    if tr.sync is not None:
+        tr.sync.close()
+        tr.sync = None
     m.runner = None
     opt.zero_grad(set_to_none=True)
+    if world.distributed:   # the replicas stayed identical (same sums, same optimizer steps)
+        check_same(world, {"adapter": params_digest(params)}, "distributed run: end")
     res = {
         "method": cfg.method, "seconds": t2 - t0, "stage_seconds": {"localise": t1 - t0, "train": t2 - t1},
         "steps": cfg.steps, "history": history, "curve": m.curve,
         "timestep_density": sampler.density() if m.curve else [],
         "mask_density": m.mask_density(),
         "state_mb": state / 2**20, "step_peak_mb": step_peak / 2**20, "peak_mem_mb": (state + step_peak) / 2**20,
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(cfg), "world_size": world.size,
+        "per_rank_batch": {k: shard_sizes(getattr(cfg, k), world.size)
+                           for k in ("batch_forget", "batch_retain", "saliency_batch")},
     }
     if out_dir and cfg.method == "spare":
-        res["adapter"] = save_adapter(unet, os.path.join(out_dir, "adapter.safetensors"))
+        path = os.path.join(out_dir, "adapter.safetensors")
+        res["adapter"] = save_adapter(unet, path) if main else path
     return res

@@ -1,0 +1,535 @@
+"""The library on ``torch.distributed``: saliency reduced across ranks into sharded scores, an exact
+top-k over those shards, and the masks every rank ends with, checked by a digest.
+
+Everything here runs on whatever process group torch.distributed already has (NCCL on GPUs, gloo on
+CPUs; ``torchrun`` and ``accelerate launch`` make it); nothing is home-made below the collectives.
+With no process group, or inside :func:`local`, the world is one rank and nothing communicates.
+
+**Sharding.** Score tensors are owned whole, one rank each (:func:`shard_plan`): consecutive tensors
+form buckets of at most ``BUCKET_ELEMS`` entries, and within a bucket the tensors go to the least
+loaded rank, largest first. Whole tensors keep every unit (a block, row or module mean) on one
+rank, computed by the same code in the same order as on one process, so the masks match
+:func:`~spare_kernels.topk.topk_masks` on the full scores bit for bit.
+
+**Reduction.** :func:`reduce_scatter_scores` sums each bucket over the ranks with one reduce-scatter
+(each rank receives only what it owns; a bucket of one tensor is a reduce to its owner): a rank
+holds ``1/N`` of the reduced scores instead of all of them, and sends ``(N-1)/N`` of the score bytes
+instead of an all-reduce's ``2(N-1)/N``.
+
+**Top-k** (:func:`sharded_topk_masks`): ``scope="global"`` runs the generic engine's radix select on
+each rank's own tensors, with each level's histogram (65536 int64 bins, 512 KiB) all-reduced, so every
+rank finds the same threshold; the units equal to it are counted per tensor and all-reduced, which
+gives each tensor its share of the ties in dict order, exactly as on one process.
+``scope="per_module"`` needs no exchange at all. Each rank then packs its masks and one all-gather
+gives every rank all of them (element masks: 1 bit per weight entry).
+
+**Faults.** A collective that fails (a rank died, or stopped with an error) raises
+:class:`DistributedError` naming this rank and the step, instead of hanging; a rank that is alive but
+stuck is caught by the process group's timeout (:func:`init_from_env`: ``SPARE_KERNELS_DIST_TIMEOUT``
+seconds, default 600). An error that one rank finds in its own data (NaN scores in its shard) is
+agreed on first, so every rank raises it, naming the tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .masks import Mask, _check_block, _matrix_shape
+from .topk import _CACHE_UNITS, _CHUNK, _build, _histogram, _Keys, _radix, _Source, _validate
+
+TIMEOUT_ENV = "SPARE_KERNELS_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+# Entries per reduce-scatter bucket: the transient of one bucket is its fp32 pieces plus this rank's
+# received share; 2**25 entries (128 MiB) keeps it far below SD-1.5's 3.4 GB of scores while the
+# bucket count stays small (28 for SD-1.5's 860M entries).
+BUCKET_ELEMS = 1 << 25
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or disagreed: another rank died, raised, timed out, or holds other data."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the process group: ``rank`` of ``size``; ``device`` is where collective
+    tensors must live (the current CUDA device under NCCL, else the CPU)."""
+    rank: int = 0
+    size: int = 1
+    group: object = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = ""
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def __str__(self):
+        return f"rank {self.rank} of {self.size}"
+
+
+_LOCAL = contextvars.ContextVar("spare_kernels_dist_local", default=False)
+
+
+def current_world(group=None) -> World:
+    """The default process group (or ``group``) as a :class:`World`; one rank when torch.distributed
+    is not initialised or inside :func:`local`."""
+    if _LOCAL.get() or not (dist.is_available() and dist.is_initialized()):
+        return World()
+    g = group if group is not None else dist.group.WORLD
+    backend = str(dist.get_backend(g))
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return World(dist.get_rank(g), dist.get_world_size(g), g, dev, backend)
+
+
+@contextlib.contextmanager
+def local():
+    """Run as one rank even under a process group (each rank's own whole jobs, no communication)."""
+    tok = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(tok)
+
+
+def _env_int(name) -> Optional[int]:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer (set by torchrun / accelerate launch), got {v!r}") from None
+
+
+def launched() -> bool:
+    """Whether this process was started as one of several ranks (``WORLD_SIZE`` > 1 in the environment,
+    as ``torchrun``, ``accelerate launch`` and other torch.distributed launchers set it)."""
+    n = _env_int("WORLD_SIZE")
+    return n is not None and n > 1
+
+
+def timeout_seconds() -> float:
+    """The collective timeout: ``SPARE_KERNELS_DIST_TIMEOUT`` seconds (default 600)."""
+    v = os.environ.get(TIMEOUT_ENV)
+    if v is None or v == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        t = float(v)
+    except ValueError:
+        t = -1.0
+    if not (t > 0 and t != float("inf")):
+        raise ValueError(f"{TIMEOUT_ENV}: expected a positive number of seconds, got {v!r}")
+    return t
+
+
+def local_device(device_type: str) -> torch.device:
+    """This rank's device of ``device_type``: ``cuda:LOCAL_RANK`` for CUDA under a launcher, else the
+    CPU (or the current CUDA device)."""
+    if device_type != "cuda":
+        return torch.device(device_type)
+    lr = _env_int("LOCAL_RANK")
+    return torch.device("cuda", lr if lr is not None else torch.cuda.current_device())
+
+
+def init_from_env(device_type: Optional[str] = None) -> World:
+    """Initialise the default process group from the launcher's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) when this process is one of several ranks and none exists yet:
+    NCCL when ``device_type`` is ``"cuda"`` (the rank's GPU is ``LOCAL_RANK``), else gloo; collective
+    timeout :func:`timeout_seconds`. A group made by the caller (or by accelerate) is used as it is.
+    Returns the :class:`World`."""
+    if launched() and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_seconds())
+        if device_type == "cuda":
+            torch.cuda.set_device(local_device("cuda"))
+            dist.init_process_group("nccl", timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return current_world()
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+def _run(world: World, what: str, fn: Callable, *args, **kwargs):
+    """One collective; a failure becomes a :class:`DistributedError` naming the rank and the step."""
+    try:
+        return fn(*args, group=world.group, **kwargs)
+    except DistributedError:
+        raise
+    except (RuntimeError, ValueError, ConnectionError, TimeoutError) as e:
+        raise DistributedError(f"{world}: {what}: a collective failed; another rank stopped (died or raised), "
+                               f"timed out or cannot be reached ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _on(world, t):
+    return t if t.device == world.device else t.to(world.device)
+
+
+def all_reduce(t: torch.Tensor, world: World, what: str, op=None) -> torch.Tensor:
+    """Sum (or ``op``) of ``t`` over the ranks; returns a tensor on ``t``'s device (``t`` itself when it
+    already lives where the backend needs it)."""
+    if not world.distributed:
+        return t
+    x = _on(world, t)
+    _run(world, what, dist.all_reduce, x, op=op if op is not None else dist.ReduceOp.SUM)
+    return x if x.device == t.device else x.to(t.device)
+
+
+def all_gather_object(obj, world: World, what: str) -> list:
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    _run(world, what, dist.all_gather_object, out, obj)
+    return out
+
+
+def broadcast_object(obj, world: World, what: str, src: int = 0):
+    """``obj`` of rank ``src`` on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj if world.rank == src else None]
+    _run(world, what, dist.broadcast_object_list, box, src=src)
+    return box[0]
+
+
+def barrier(world: World, what: str) -> None:
+    if world.distributed:
+        _run(world, what, dist.barrier)
+
+
+def agree(world: World, error: Optional[str], what: str) -> None:
+    """Every rank says whether it failed (``error``: its message, or None); if any did, every rank
+    raises ``ValueError`` with each failing rank's message, so none waits in a later collective."""
+    errs = all_gather_object(error, world, what)
+    bad = [(r, e) for r, e in enumerate(errs) if e is not None]
+    if bad:
+        raise ValueError("; ".join(f"rank {r}: {e}" for r, e in bad) if world.distributed else bad[0][1])
+
+
+def check_same(world: World, fields: dict, what: str) -> None:
+    """Refuse to go on unless every rank holds the same ``fields`` (a dict of comparable values):
+    ``ValueError`` on every rank naming each field that differs and the ranks' values."""
+    every = all_gather_object(fields, world, what)
+    diff = []
+    for k in fields:
+        vals = [f.get(k) for f in every]
+        if any(v != vals[0] for v in vals[1:]):
+            shown = ", ".join(f"rank {r}: {str(v)[:120]}" for r, v in enumerate(vals))
+            diff.append(f"{k} ({shown})")
+    if diff:
+        raise ValueError(f"{what}: the ranks differ in " + "; ".join(diff))
+
+
+# ============================================================================================ sharding
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which rank owns each score tensor (whole), and the reduce-scatter buckets (tensor indices)."""
+    names: tuple
+    shapes: tuple
+    owner: tuple
+    buckets: tuple
+    size: int
+
+    def owned(self, rank: int) -> List[str]:
+        return [n for n, o in zip(self.names, self.owner) if o == rank]
+
+    def numel(self, i: int) -> int:
+        n = 1
+        for d in self.shapes[i]:
+            n *= d
+        return n
+
+    def owned_numel(self, rank: int) -> int:
+        return sum(self.numel(i) for i, o in enumerate(self.owner) if o == rank)
+
+
+def shard_plan(shapes: Dict[str, tuple], world_size: int, bucket_elems: int = BUCKET_ELEMS) -> ShardPlan:
+    """Deterministic ownership of whole tensors (the same on every rank for the same ``shapes``, in
+    their order): consecutive tensors form buckets of at most ``bucket_elems`` entries (a larger tensor
+    is a bucket of its own); within a bucket, largest first, each tensor goes to the least loaded rank
+    (load counted over the whole plan; ties to the lower rank)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
+    names = tuple(shapes)
+    shp = tuple(tuple(int(d) for d in shapes[n]) for n in names)
+    sizes = []
+    for s in shp:
+        n = 1
+        for d in s:
+            n *= d
+        sizes.append(n)
+    buckets, cur, cur_n = [], [], 0
+    for i, n in enumerate(sizes):
+        if cur and cur_n + n > bucket_elems:
+            buckets.append(tuple(cur))
+            cur, cur_n = [], 0
+        cur.append(i)
+        cur_n += n
+    if cur:
+        buckets.append(tuple(cur))
+    owner, load = [0] * len(names), [0] * world_size
+    for b in buckets:
+        for i in sorted(b, key=lambda i: (-sizes[i], i)):
+            r = min(range(world_size), key=lambda r: (load[r], r))
+            owner[i] = r
+            load[r] += sizes[i]
+    return ShardPlan(names, shp, tuple(owner), tuple(buckets), world_size)
+
+
+def _reduce_scatter(world, out, inp, what):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    _run(world, what, fn, out, inp)
+
+
+def _all_gather(world, out, inp, what):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    _run(world, what, fn, out, inp)
+
+
+def reduce_scatter_scores(scores: Dict[str, torch.Tensor], world: World, plan: ShardPlan,
+                          into: Optional[Dict[str, torch.Tensor]] = None,
+                          transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                          what: str = "saliency reduce-scatter") -> Dict[str, torch.Tensor]:
+    """The sum over ranks of every tensor of ``scores`` (the plan's names, each rank its local part),
+    delivered to its owner only: ``{name: fp32 tensor}`` for this rank's tensors. ``transform`` is
+    applied to each reduced tensor (e.g. ``abs`` per batch); with ``into`` (a previous result), the
+    results are added to it in place. ``scores`` is consumed (a reduce may use it as scratch)."""
+    out = {} if into is None else into
+    if not world.distributed:
+        for n in plan.names:
+            v = scores[n].float()
+            v = transform(v) if transform is not None else v
+            if n in out:
+                out[n] += v
+            else:
+                out[n] = v if v is not scores[n] else v.clone()
+        return out
+
+    def deliver(name, v):
+        v = v.view(plan.shapes[plan.names.index(name)])
+        v = transform(v) if transform is not None else v
+        if name in out:
+            out[name] += v
+        else:
+            out[name] = v.clone()
+
+    for b in plan.buckets:
+        if len(b) == 1:   # one tensor: a reduce to its owner (no padded pieces for the others)
+            i = b[0]
+            n, r = plan.names[i], plan.owner[i]
+            x = _on(world, scores[n].detach().float().contiguous().view(-1))
+            _run(world, f"{what} ({n})", dist.reduce, x, dst=r)
+            if world.rank == r:
+                deliver(n, x)
+            continue
+        mine = {r: [i for i in b if plan.owner[i] == r] for r in range(world.size)}
+        length = max(sum(plan.numel(i) for i in ix) for ix in mine.values())
+        dev = world.device
+        inp = torch.zeros(world.size, length, dtype=torch.float32, device=dev)
+        for r, ix in mine.items():
+            o = 0
+            for i in ix:
+                k = plan.numel(i)
+                inp[r, o:o + k].copy_(scores[plan.names[i]].detach().reshape(-1))
+                o += k
+        got = torch.empty(length, dtype=torch.float32, device=dev)
+        _reduce_scatter(world, got, inp.view(-1), what)
+        del inp
+        o = 0
+        for i in mine[world.rank]:
+            k = plan.numel(i)
+            deliver(plan.names[i], got[o:o + k])
+            o += k
+    return out
+
+
+def sharded_saliency(module, batches, loss_fn, stat: str, target_modules, world: World):
+    """Saliency of ``module`` over ``batches`` (this rank's share of each global batch; every rank
+    the same number of batches), summed over the ranks into this rank's shard of the scores:
+    ``(owned scores, plan)``. ``loss_fn(module, batch)`` must weight the rank's loss by its share of
+    the batch, so the sums are one process's on the whole batches. ``grad_abs`` is ``|Σ g|`` of each
+    global batch: the ranks collect ``signed`` sums, reduce-scattered and made absolute batch by
+    batch; the other statistics are reduce-scattered once at the end."""
+    from .saliency import SaliencyCollector
+    per_batch = stat == "grad_abs"
+    owned = None
+    with SaliencyCollector(module, stat="signed" if per_batch else stat, target_modules=target_modules) as col:
+        plan = shard_plan({k: v.shape for k, v in col.scores(all_targets=True).items()}, world.size)
+        for batch in batches:
+            loss_fn(module, batch).backward()
+            if per_batch:
+                owned = reduce_scatter_scores(col.scores(all_targets=True), world, plan, into=owned,
+                                              transform=torch.abs)
+                col.reset()
+        if not per_batch or owned is None:
+            owned = reduce_scatter_scores(col.scores(all_targets=True), world, plan)
+    return owned, plan
+
+
+# ============================================================================================ top-k
+def _mask_bytes(shape, granularity, block) -> int:
+    rows, cols = _matrix_shape(tuple(shape))
+    if granularity == "element":
+        return rows * ((cols + 7) // 8)
+    if granularity == "block":
+        return (-(-rows // block[0])) * (-(-cols // block[1]))
+    if granularity == "row":
+        return rows
+    return 1
+
+
+def _mask_payload(m: Mask) -> torch.Tensor:
+    d = m.data
+    return (d.view(torch.uint8) if d.dtype == torch.bool else d).reshape(-1)
+
+
+def _mask_from_payload(flat: torch.Tensor, shape, granularity, block) -> Mask:
+    rows, cols = _matrix_shape(tuple(shape))
+    if granularity == "element":
+        return Mask._trusted("element", torch.Size(shape), flat.view(rows, (cols + 7) // 8).clone())
+    if granularity == "block":
+        grid = (-(-rows // block[0]), -(-cols // block[1]))
+        return Mask("block", torch.Size(shape), flat.view(grid).clone().bool(), block=block)
+    if granularity == "row":
+        return Mask("row", torch.Size(shape), flat.clone().bool())
+    return Mask("module", torch.Size(shape), flat.view(()).clone().bool())
+
+
+def masks_digest(masks: Dict[str, Mask]) -> str:
+    """SHA-256 over every mask's name, granularity, shape and bits, in order (equal digests: equal masks)."""
+    h = hashlib.sha256()
+    for n, m in masks.items():
+        h.update(f"{n}|{m.granularity}|{tuple(m.shape)}|".encode())
+        h.update(_mask_payload(m).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_masks(owned: Dict[str, Mask], plan: ShardPlan, granularity: str, block, world: World,
+                 device=None) -> Dict[str, Mask]:
+    """Every rank's masks on every rank (one all-gather of the packed bits), in the plan's order."""
+    if not world.distributed:
+        return {n: owned[n] for n in plan.names}
+    sizes = [_mask_bytes(s, granularity, block) for s in plan.shapes]
+    per = [sum(sizes[i] for i, o in enumerate(plan.owner) if o == r) for r in range(world.size)]
+    length = max(max(per), 1)
+    dev = world.device
+    mine = torch.zeros(length, dtype=torch.uint8, device=dev)
+    o = 0
+    for i, n in enumerate(plan.names):
+        if plan.owner[i] == world.rank:
+            mine[o:o + sizes[i]].copy_(_mask_payload(owned[n]))
+            o += sizes[i]
+    every = torch.empty(world.size * length, dtype=torch.uint8, device=dev)
+    _all_gather(world, every, mine, "mask all-gather")
+    every = every.view(world.size, length)
+    if device is not None:
+        every = every.to(device)
+    offs = [0] * world.size
+    out = {}
+    for i, n in enumerate(plan.names):
+        r = plan.owner[i]
+        out[n] = _mask_from_payload(every[r, offs[r]:offs[r] + sizes[i]], plan.shapes[i], granularity, block)
+        offs[r] += sizes[i]
+    return out
+
+
+def sharded_topk_masks(owned: Dict[str, torch.Tensor], plan: ShardPlan, density: float, world: World,
+                       granularity: str = "element", scope: str = "global", block=(32, 32),
+                       device=None) -> Dict[str, Mask]:
+    """:func:`~spare_kernels.topk.topk_masks` of the full scores when each rank holds only the tensors
+    ``plan`` gives it (``owned``, e.g. from :func:`reduce_scatter_scores`); every rank gets every mask,
+    bit for bit those of ``topk_masks`` on all scores in the plan's order, and the ranks' digests are
+    compared (a mismatch raises :class:`DistributedError`). ``device``: where the gathered masks go
+    (default: the owned scores' device, or the CPU for a rank that owns none)."""
+    block = _check_block(block)
+    _validate({"_": torch.zeros(1)}, density, granularity, scope, block)   # the arguments, not the scores
+    density = float(density)
+    missing = [n for n in plan.owned(world.rank) if n not in owned]
+    if missing:
+        raise ValueError(f"owned: {world}: the plan gives this rank {missing[:3]} but they are not in owned")
+    if device is None:
+        device = next(iter(owned.values())).device if owned else torch.device("cpu")
+    names = plan.owned(world.rank)
+    if scope == "per_module":
+        from .topk import topk_masks
+        err, mine = None, {}
+        try:
+            mine = topk_masks({n: owned[n] for n in names}, density, granularity, scope, block) if names else {}
+        except (ValueError, TypeError) as e:
+            err = str(e)
+        agree(world, err, "top-k (per module)")
+    else:
+        mine = _global_select({n: owned[n] for n in names}, plan, density, granularity, block, world)
+    masks = gather_masks(mine, plan, granularity, block, world, device=device)
+    digests = all_gather_object(masks_digest(masks), world, "mask digest")
+    if any(d != digests[0] for d in digests):
+        raise DistributedError(f"{world}: the masks differ across ranks (digests {sorted(set(digests))})")
+    return masks
+
+
+def _global_select(mine: Dict[str, torch.Tensor], plan, density, granularity, block, world) -> Dict[str, Mask]:
+    srcs = [_Source(n, t.detach(), granularity, block, _CHUNK, _CACHE_UNITS) for n, t in mine.items()]
+    flags = torch.tensor([sum(s.units for s in srcs), sum(s.units for s in srcs if s.cacheable),
+                          int(any(s.x.dtype == torch.float64 for s in srcs))], dtype=torch.int64)
+    flags = all_reduce(flags, world, "top-k setup")
+    n_units, cache_units, any64 = (int(v) for v in flags)
+    keys = _Keys(torch.float64 if granularity != "element" or any64 else torch.float32)
+    k = round(density * n_units)
+    if cache_units <= _CACHE_UNITS:   # the one-process rule, over every rank's units
+        for s in srcs:
+            if s.cacheable:
+                s.fill_cache()
+    err = None
+    try:
+        hist = _histogram(srcs, keys, 0, None, check_nan=True)
+    except ValueError as e:
+        err, hist = str(e), torch.zeros(1 << 16, dtype=torch.int64)
+    agree(world, err, "top-k (NaN check)")
+    hist = all_reduce(hist, world, "top-k histogram (level 0)")
+    if k == 0 or k == n_units:
+        return _build(srcs, keys, "none" if k == 0 else "all", None, 0,
+                      0 if k == 0 else sum(s.units for s in srcs))
+    threshold, ties = _radix(srcs, keys, hist, k, reduce=lambda h: all_reduce(h, world, "top-k histogram"))
+    # Units above and equal to the threshold, per tensor in the plan's (dict) order: each tensor's
+    # share of the ties is what is left of them after the tensors before it, as on one process.
+    index = {n: i for i, n in enumerate(plan.names)}
+    counts = torch.zeros(2, len(plan.names), dtype=torch.int64)
+    for s in srcs:
+        gt = eq = 0
+        for c, _ in s.chunks():
+            c = c.to(keys.ftype)
+            thr = threshold.to(c.device)
+            gt += int(torch.count_nonzero(c > thr))
+            eq += int(torch.count_nonzero(c == thr))
+        counts[0, index[s.name]], counts[1, index[s.name]] = gt, eq
+    counts = all_reduce(counts, world, "top-k tie counts")
+    eq = counts[1]
+    before = eq.cumsum(0) - eq
+    take = torch.minimum((ties - before).clamp(min=0), eq)
+    out = {}
+    for s in srcs:
+        i = index[s.name]
+        t = int(take[i])
+        out.update(_build([s], keys, "threshold", threshold, t, int(counts[0, i]) + t))
+        s.cache = None
+    return out
+
+
+__all__ = ["BUCKET_ELEMS", "DEFAULT_TIMEOUT_S", "DistributedError", "ShardPlan", "TIMEOUT_ENV", "World",
+           "agree", "all_gather_object", "all_reduce", "barrier", "broadcast_object", "check_same",
+           "current_world", "gather_masks", "init_from_env", "launched", "local", "local_device",
+           "masks_digest", "reduce_scatter_scores", "shard_plan", "sharded_saliency", "sharded_topk_masks", "timeout_seconds"]

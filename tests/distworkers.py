@@ -1,0 +1,109 @@
+"""Process-group helpers for the distributed tests: :func:`spawn` starts ``n`` ranks on gloo (localhost,
+one thread each) running a module-level worker of this file, each writing its result under ``out``."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn_name, rank, n, port, out, args, timeout_s):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        res = globals()[fn_name](rank, n, *args)
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    except BaseException as e:   # the test reads what each rank raised
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn_name, n, out, *args, timeout=120, collective_timeout=60):
+    """Run worker ``fn_name(rank, n, *args)`` on ``n`` ranks; -> (exit codes, results, errors) per rank.
+    Ranks still running after ``timeout`` seconds are killed (exit code None: they hung)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn_name, r, n, port, out, args, collective_timeout))
+             for r in range(n)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    codes = []
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    res, errs = [], []
+    for r in range(n):
+        f = os.path.join(out, f"rank{r}.pt")
+        res.append(torch.load(f, weights_only=False) if os.path.exists(f) else None)
+        e = os.path.join(out, f"rank{r}.err")
+        errs.append(open(e).read() if os.path.exists(e) else None)
+    return codes, res, errs
+
+
+# ============================================================================================ workers
+def scores_fixture(seed=0, dtype=torch.float32):
+    """Score tensors with odd shapes, ties, zeros and a 1-D tensor, identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (33, 17, 3, 3), (1,), (64, 40), (5, 9, 1, 1), (130, 3), (2, 70)]
+    out = {}
+    for i, s in enumerate(shapes):
+        t = torch.randint(0, 40, s, generator=g).to(dtype) / 8   # many ties
+        out[f"layer{i}.weight"] = t
+    return out
+
+
+def topk_worker(rank, n, cases):
+    from spare_kernels.distributed import current_world, reduce_scatter_scores, shard_plan, sharded_topk_masks
+    world = current_world()
+    full = scores_fixture()
+    # each rank holds a part: the full scores split into n addends
+    part = {k: (v * (rank + 1)) / sum(range(1, n + 1)) for k, v in full.items()}
+    plan = shard_plan({k: v.shape for k, v in full.items()}, n, bucket_elems=2000)
+    owned = reduce_scatter_scores(part, world, plan)
+    results = {}
+    for gran, scope, dens in cases:
+        m = sharded_topk_masks(owned, plan, dens, world, gran, scope, block=(4, 3))
+        results[(gran, scope, dens)] = {k: v.data.clone() for k, v in m.items()}
+    return {"owned": {k: v.clone() for k, v in owned.items()}, "masks": results}
+
+
+def small_task():
+    from spare_kernels.unlearn import canvas_task
+    from spare_kernels import canvas
+    return canvas_task("style:" + canvas.STYLES[0], n_forget=8, n_retain=16)
+
+
+def run_worker(rank, n, cfg_kw, out_dir=None, resume=False):
+    """``run`` of MiniCanvas on the small task; -> the adapter parameters, masks and the result."""
+    from spare_kernels import canvas
+    from spare_kernels.unlearn import Config, run
+    torch.manual_seed(1234 + rank)   # the run must not depend on the global RNG's state per rank
+    unet = canvas.load_model()
+    res = run(unet, small_task(), Config(**cfg_kw), out_dir=out_dir, resume=resume, progress=False)
+    params = {k: v.detach().clone() for k, v in unet.named_parameters() if v.requires_grad}
+    return {"params": params, "history": res["history"], "world_size": res["world_size"],
+            "per_rank_batch": res["per_rank_batch"], "mask_density": res["mask_density"]}
