@@ -5,6 +5,10 @@
 - ``unlearn``: the same recipe on a local diffusers model directory, writes the adapter;
 - ``bench``: the benchmark tables (``benchmarks/``, run from a checkout; the GPU one when torch sees a GPU);
 - ``info``: which backend runs each op.
+
+Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), ``demo`` and ``unlearn`` train data
+parallel across the ranks (rank 0 evaluates, prints and writes), or, with ``--jobs FILE``, give each
+rank whole jobs of its own (one concept per JSON line; finished jobs are skipped on a rerun).
 """
 from __future__ import annotations
 
@@ -52,9 +56,10 @@ def _writable_file(path, arg):
     return path
 
 
-def _common_checks(args, out_dirs):
+def _common_checks(args, out_dirs, check_files=True):
     """Checks ``demo`` and ``unlearn`` share, before any work: thread count, checkpoint and resume flags
-    (``out_dirs``: the run directories that will hold checkpoint.pt)."""
+    (``out_dirs``: the run directories that will hold checkpoint.pt; ``check_files``: whether this
+    process reads them, rank 0 alone across ranks)."""
     if args.threads < 0:
         raise UsageError(f"--threads: expected >= 0 (0: torch's default), got {args.threads}")
     if args.checkpoint_every and not out_dirs:
@@ -62,7 +67,7 @@ def _common_checks(args, out_dirs):
     if args.resume:
         if not out_dirs:
             raise UsageError("--resume: needs --out (the run directory holding checkpoint.pt)")
-        missing = [d for d in out_dirs if not os.path.isfile(os.path.join(d, "checkpoint.pt"))]
+        missing = [d for d in out_dirs if check_files and not os.path.isfile(os.path.join(d, "checkpoint.pt"))]
         if missing:
             raise UsageError(f"--resume: no checkpoint.pt in {missing[0]!r} to resume from")
 
@@ -71,6 +76,163 @@ def _threads(n):
     if n:
         import torch
         torch.set_num_threads(n)
+
+
+def _world(device_type, timeout_s=None):
+    """The process group of a ``torchrun`` / ``accelerate launch`` start (made here from the
+    environment), or one rank."""
+    from .distributed import init_from_env
+    try:
+        return init_from_env(device_type, timeout_s=timeout_s)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------- jobs
+JOB_KEYS = {"demo": {"name", "target", "surrogate"},
+            "unlearn": {"name", "forget_prompts", "surrogate_prompt", "retain_prompts", "forget_images", "data_free"}}
+# A jobs sweep talks only at its very end (the summary); ranks with shorter jobs wait there this long.
+JOBS_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _read_jobs(path, kind):
+    """The jobs file: one JSON object per line (blank lines and lines starting with # skipped), each
+    checked before any work; names (default: the target, or job<N>) are unique and safe as folder names."""
+    import re
+    if not os.path.isfile(path):
+        raise UsageError(f"--jobs: no such file {path!r}")
+    jobs = []
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            where = f"--jobs {path}:{ln}"
+            try:
+                job = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{where}: not a JSON object ({e.msg})") from None
+            if not isinstance(job, dict):
+                raise UsageError(f"{where}: expected a JSON object, got {type(job).__name__}")
+            bad = sorted(set(job) - JOB_KEYS[kind])
+            if bad:
+                raise UsageError(f"{where}: unknown keys {bad}; expected {sorted(JOB_KEYS[kind])}")
+            if kind == "demo":
+                if not isinstance(job.get("target"), str):
+                    raise UsageError(f"{where}: 'target' (style:NAME or object:NAME) is required")
+                try:
+                    _, _, job["surrogate"] = _demo_surrogate(job["target"], job.get("surrogate"))
+                except ValueError as e:
+                    raise UsageError(f"{where}: {e}") from None
+                default = job["target"].replace(":", "_")
+            else:
+                for k in ("forget_prompts", "retain_prompts"):
+                    v = job.get(k)
+                    if not (isinstance(v, list) and v and all(isinstance(p, str) and p.strip() for p in v)):
+                        raise UsageError(f"{where}: {k!r}: expected a non-empty list of non-empty prompts")
+                if not (isinstance(job.get("surrogate_prompt"), str) and job["surrogate_prompt"].strip()):
+                    raise UsageError(f"{where}: 'surrogate_prompt': expected a non-empty prompt")
+                if bool(job.get("forget_images")) == bool(job.get("data_free")):
+                    raise UsageError(f"{where}: give exactly one of 'forget_images' (a folder) or 'data_free': true")
+                if job.get("forget_images") and not os.path.isdir(job["forget_images"]):
+                    raise UsageError(f"{where}: 'forget_images': not a directory: {job['forget_images']!r}")
+                default = f"job{len(jobs)}"
+            name = job.get("name", default)
+            if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name)):
+                raise UsageError(f"{where}: 'name': expected letters, digits, '_', '.', '-' (a folder name), "
+                                 f"got {name!r}")
+            if any(j["name"] == name for j in jobs):
+                raise UsageError(f"{where}: name {name!r} is used twice")
+            job["name"] = name
+            jobs.append(job)
+    if not jobs:
+        raise UsageError(f"--jobs: {path!r} holds no job")
+    return jobs
+
+
+def _run_jobs(args, jobs, do_job, world):
+    """Rank ``r`` of ``N`` runs jobs ``r, r+N, ...``, each alone (no communication) in ``--out/NAME``:
+    a job whose ``result.json`` exists is skipped, one with a ``checkpoint.pt`` resumes from it. A
+    failing job is reported and the others go on. At the end one all-gather brings every rank's rows
+    to rank 0, which prints the table and writes ``--out/summary.json``. Exit status 1 if a job failed."""
+    from .distributed import all_gather_object, local
+    from .utils.io import write_json
+    rows = []
+    for i in range(world.rank, len(jobs), world.size):
+        job = jobs[i]
+        d = os.path.join(args.out, job["name"])
+        done = os.path.join(d, "result.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                row = json.load(f)
+            print(f"[rank {world.rank}] {job['name']}: done before, skipped", flush=True)
+            rows.append(dict(row, skipped=True))
+            continue
+        os.makedirs(d, exist_ok=True)
+        resume = os.path.isfile(os.path.join(d, "checkpoint.pt"))
+        print(f"[rank {world.rank}] {job['name']}: " + ("resuming" if resume else "starting"), flush=True)
+        try:
+            with local():
+                row = do_job(job, d, resume)
+        except Exception as e:   # one concept failing must not cost the sweep the others
+            print(f"[rank {world.rank}] {job['name']}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            rows.append({"name": job["name"], "error": f"{type(e).__name__}: {e}", "rank": world.rank})
+            continue
+        row = dict(row, name=job["name"], rank=world.rank, world_size=world.size)
+        write_json(done, row)
+        rows.append(row)
+    every = [r for part in all_gather_object(rows, world, "jobs summary") for r in part]
+    every.sort(key=lambda r: [j["name"] for j in jobs].index(r["name"]))
+    failed = [r for r in every if "error" in r]
+    if world.is_main:
+        print()
+        print(format_jobs(every))
+        write_json(os.path.join(args.out, "summary.json"), {"jobs": every, "world_size": world.size})
+        print(f"wrote {os.path.join(args.out, 'summary.json')}" + (f"; {len(failed)} job(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def format_jobs(rows) -> str:
+    head = f"{'job':<24}{'rank':>5}{'UA':>7}{'IRA':>7}{'CRA':>7}{'seconds':>9}  status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def num(k, w=7, f=".3f"):
+            return f"{r[k]:>{w}{f}}" if isinstance(r.get(k), (int, float)) else f"{'-':>{w}}"
+        status = "failed: " + r["error"][:60] if "error" in r else "skipped (done before)" if r.get("skipped") else "ok"
+        lines.append(f"{r['name']:<24}{r.get('rank', '-'):>5}{num('ua')}{num('ira')}{num('cra')}{num('seconds', 9, '.1f')}"
+                     f"  {status}")
+    return "\n".join(lines)
+
+
+def _demo_jobs(args):
+    if args.compare:
+        raise UsageError("--jobs: runs --method on every job; --compare is not taken with it")
+    if not args.out:
+        raise UsageError("--jobs: needs --out (one folder per job, and summary.json)")
+    if args.json or args.resume:
+        raise UsageError("--jobs: --json and --resume are not taken with it (each job writes --out/NAME/result.json "
+                         "and resumes from its own checkpoint)")
+    jobs = _read_jobs(args.jobs, "demo")
+    _common_checks(args, [])
+    _writable_dir(args.out, "--out")
+    _threads(args.threads)
+    world = _world("cpu", timeout_s=JOBS_TIMEOUT_S)
+    from . import canvas
+    from .unlearn import canvas_task, run
+
+    def do_job(job, d, resume):
+        ev = dict(target=job["target"], surrogate=job["surrogate"], n_per_prompt=args.n_per_prompt, seed=args.seed,
+                  progress=False)
+        base = canvas.evaluate(canvas.load_model(), **ev)
+        task = canvas_task(job["target"], job["surrogate"], seed=args.seed, data_free=args.data_free,
+                           unet=canvas.load_model() if args.data_free else None)
+        unet = canvas.load_model()
+        r = run(unet, task, _recipe_config(args, args.method), out_dir=d, resume=resume, progress=False)
+        after = canvas.evaluate(unet, **ev)
+        return {"target": job["target"], "surrogate": job["surrogate"], "method": args.method, "ua": after["ua"],
+                "ira": after["ira"], "cra": after["cra"], "base_ira": base["ira"], "base_cra": base["cra"],
+                "fidelity_psnr": after["fidelity_psnr"], "seconds": r["seconds"], "steps": r["steps"],
+                "peak_mem_mb": r["peak_mem_mb"], "per_rank_batch": r["per_rank_batch"], "config": r["config"]}
+    return _run_jobs(args, jobs, do_job, world)
 
 
 # ------------------------------------------------------------------------------------------- demo
@@ -116,43 +278,57 @@ def _recipe_config(args, method):
     return Config(method=method, **{k: v for k, v in vars(args).items() if k in fields})
 
 
-def _cmd_demo(args):
+def _demo_surrogate(target, surrogate, where="--target"):
     from . import canvas
     from .canvas.metrics import parse_surrogate, parse_target
+    domain, name = parse_target(target)
+    names = canvas.STYLES if domain == "style" else canvas.OBJECTS
+    return domain, name, parse_surrogate(surrogate or next(n for n in names if n != name), domain, name)
+
+
+def _cmd_demo(args):
+    from . import canvas
     from .unlearn import METHODS
 
     # Every check before any work.
     try:
-        domain, name = parse_target(args.target)
-        names = canvas.STYLES if domain == "style" else canvas.OBJECTS
-        surrogate = args.surrogate or next(n for n in names if n != name)
-        surrogate = parse_surrogate(surrogate, domain, name)
+        domain, name, surrogate = _demo_surrogate(args.target, args.surrogate)
         _recipe_config(args, args.method)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.n_per_prompt < 1:
         raise UsageError(f"--n-per-prompt: expected >= 1, got {args.n_per_prompt}")
-    if args.json:
+    if args.jobs:
+        return _demo_jobs(args)
+    world = _world("cpu")
+    main = world.is_main
+    if args.json and main:
         _writable_file(args.json, "--json")
     # resume continues the method named by --method (its folder under --out with --compare)
-    _common_checks(args, [os.path.join(args.out, args.method) if args.compare else args.out] if args.out else [])
-    if args.out:
+    _common_checks(args, [os.path.join(args.out, args.method) if args.compare else args.out] if args.out else [],
+                   check_files=main)
+    if args.out and main:
         _writable_dir(args.out, "--out")
     _threads(args.threads)
     import torch
 
     from .unlearn import canvas_task, run
+    say = print if main else (lambda *a, **k: None)
 
     methods = list(METHODS) if args.compare else [args.method]
     ev = dict(target=args.target, surrogate=surrogate, n_per_prompt=args.n_per_prompt, seed=args.seed,
               progress=not args.quiet)
-    print(f"MiniCanvas: erase {args.target!r} (surrogate {surrogate!r}); methods: {', '.join(methods)}; "
-          f"targets {args.targets}; {args.steps} steps; {torch.get_num_threads()} threads", flush=True)
+    say(f"MiniCanvas: erase {args.target!r} (surrogate {surrogate!r}); methods: {', '.join(methods)}; "
+        f"targets {args.targets}; {args.steps} steps; {torch.get_num_threads()} threads"
+        + (f"; {world.size} ranks" if world.distributed else ""), flush=True)
     base_model = canvas.load_model()
-    base = canvas.evaluate(base_model, **ev)
-    print(f"base model: UA {base['ua']:.3f}  IRA {base['ira']:.3f}  CRA {base['cra']:.3f}", flush=True)
+    # Evaluation and sample grids: rank 0 only (the others go on to the run and wait for it there).
+    base = canvas.evaluate(base_model, **ev) if main else None
+    if main:
+        say(f"base model: UA {base['ua']:.3f}  IRA {base['ira']:.3f}  CRA {base['cra']:.3f}", flush=True)
     grid_prompts = canvas.prompts(**{domain: name}) + canvas.prompts(**{domain: surrogate})
-    grids = {"samples_before": (canvas.sample(base_model, grid_prompts, seed=args.seed), len(grid_prompts) // 2)}
+    grids = {"samples_before": (canvas.sample(base_model, grid_prompts, seed=args.seed), len(grid_prompts) // 2)} \
+        if main else {}
     # One task for every method: its tensors are only read, and data-free samples come from the
     # shipped model, which base_model is.
     task = canvas_task(args.target, surrogate, seed=args.seed, data_free=args.data_free,
@@ -161,22 +337,27 @@ def _cmd_demo(args):
     for method in methods:
         unet = canvas.load_model()
         out = os.path.join(args.out, method) if args.out and args.compare else args.out
-        if out:
+        if out and main:
             os.makedirs(out, exist_ok=True)
         r = run(unet, task, _recipe_config(args, method), out_dir=out, resume=args.resume and method == args.method,
                 progress=not args.quiet)
+        if not main:
+            continue
         after = canvas.evaluate(unet, **ev)
         row = {"target": args.target, "surrogate": surrogate, "method": method, "ua": after["ua"],
                "ira": after["ira"], "cra": after["cra"], "base_ira": base["ira"], "base_cra": base["cra"],
                "fidelity_psnr": after["fidelity_psnr"], "seconds": r["seconds"], "steps": r["steps"],
                "peak_mem_mb": r["peak_mem_mb"], "surrogate_rate": after["surrogate_rate"],
                "stage_seconds": r["stage_seconds"], "data_free": args.data_free, "timesteps": args.timesteps,
-               "targets": "cross-attention" if method == "esd" else args.targets}   # esd: ESD-x's own set
+               "targets": "cross-attention" if method == "esd" else args.targets,   # esd: ESD-x's own set
+               "world_size": r["world_size"], "per_rank_batch": r["per_rank_batch"]}
         rows.append(row)
         results[method] = r
         grids[f"samples_after_{method}"] = (canvas.sample(unet, grid_prompts, seed=args.seed), len(grid_prompts) // 2)
         print(f"{method}: UA {row['ua']:.3f}  IRA {row['ira']:.3f}  CRA {row['cra']:.3f}  "
               f"PSNR {row['fidelity_psnr']:.1f} dB  {row['seconds']:.1f} s  peak {row['peak_mem_mb']:.0f} MB", flush=True)
+    if not main:
+        return 0
     print()
     print(format_table(rows))
     if args.out:
@@ -190,7 +371,7 @@ def _cmd_demo(args):
     if args.json:
         from .utils.io import write_json
         main_row = next(r for r in rows if r["method"] == args.method) if args.method in methods else rows[0]
-        doc = {k: main_row[k] for k in RESULT_KEYS}
+        doc = {k: main_row[k] for k in RESULT_KEYS + ("world_size", "per_rank_batch")}
         if args.compare:
             doc["compare"] = rows
         write_json(args.json, doc)
@@ -237,10 +418,12 @@ def _read_prompts(flag_values, file_path, flag):
 
 
 def _device(spec):
-    """``--device``: None picks CUDA when torch sees a GPU, else the CPU; anything else must exist here."""
+    """``--device``: None picks CUDA when torch sees a GPU (under a launcher: this rank's, ``LOCAL_RANK``),
+    else the CPU; anything else must exist here."""
     import torch
     if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .distributed import local_device
+        return local_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError):
@@ -257,6 +440,8 @@ def _device(spec):
 def _cmd_unlearn(args):
     from .unlearn.diffusers_task import check_model_dir, diffusers_task, load_pipeline
 
+    if args.jobs:
+        return _unlearn_jobs(args)
     forget = _read_prompts(args.forget_prompt, args.forget_prompts_file, "--forget-prompt")
     retain = _read_prompts(args.retain_prompt, args.retain_prompts_file, "--retain-prompt")
     if not forget:
@@ -283,8 +468,10 @@ def _cmd_unlearn(args):
         cfg = _recipe_config(args, "spare")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    _common_checks(args, [args.out])
     device = _device(args.device)
+    world = _world(device.type)
+    main = world.is_main
+    _common_checks(args, [args.out], check_files=main)
     if args.precision == "bf16" and device.type == "cuda":
         import torch
         with torch.cuda.device(device):
@@ -292,7 +479,8 @@ def _cmd_unlearn(args):
         if not native_bf16:
             raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
                              "(it would be emulated, slowly); use --precision fp32")
-    _could_write_dir(args.out, "--out")
+    if main:
+        _could_write_dir(args.out, "--out")
     _threads(args.threads)
     # Load before --out is made: a folder with missing files (an interrupted download) passes
     # check_model_dir but fails here, and must leave nothing behind. Generation and training follow.
@@ -300,17 +488,71 @@ def _cmd_unlearn(args):
         pipe = load_pipeline(args.model, progress=not args.quiet)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    _writable_dir(args.out, "--out")
+    if main:
+        _writable_dir(args.out, "--out")
     from .unlearn import run
     unet, task = diffusers_task(args.model, forget, args.surrogate_prompt, retain, images_dir=args.forget_images,
                                 n_generate=args.n_generate, seed=args.seed, resolution=args.resolution,
-                                device=device, progress=not args.quiet, pipe=pipe)
+                                device=device, progress=not args.quiet and main, pipe=pipe)
+    if world.distributed:   # rank 0's samples for all: generation on another GPU may round differently
+        from .distributed import broadcast_object
+        keys = ("x_forget", "c_forget", "c_surrogate", "x_retain", "c_retain", "c_null")
+        got = broadcast_object({k: getattr(task, k).cpu() for k in keys} if main else None, world, "task broadcast")
+        for k in keys:
+            setattr(task, k, got[k].to(device))
     r = run(unet, task, cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    if not main:
+        return 0
     from .utils.io import write_json
     write_json(os.path.join(args.out, "run.json"), {k: v for k, v in r.items() if k != "history"}
                | {"history": r["history"], "model": os.path.abspath(args.model)})
     print(f"wrote {r['adapter']} ({r['seconds']:.1f} s, peak {r['peak_mem_mb']:.0f} MB)")
     return 0
+
+
+def _unlearn_jobs(args):
+    from .unlearn.diffusers_task import check_model_dir, diffusers_task, image_files, load_pipeline
+    given = [f for f, v in (("--forget-prompt", args.forget_prompt), ("--forget-prompts-file", args.forget_prompts_file),
+                            ("--retain-prompt", args.retain_prompt), ("--retain-prompts-file", args.retain_prompts_file),
+                            ("--surrogate-prompt", args.surrogate_prompt), ("--forget-images", args.forget_images),
+                            ("--data-free", args.data_free), ("--resume", args.resume)) if v]
+    if given:
+        raise UsageError(f"--jobs: each job gives its own prompts and images; not taken with {', '.join(given)}")
+    jobs = _read_jobs(args.jobs, "unlearn")
+    for j in jobs:
+        if j.get("forget_images") and not image_files(j["forget_images"]):
+            raise UsageError(f"--jobs: job {j['name']!r}: no images in {j['forget_images']!r}")
+    if args.n_generate < 1:
+        raise UsageError(f"--n-generate: expected >= 1, got {args.n_generate}")
+    try:
+        check_model_dir(args.model)
+        cfg = _recipe_config(args, "spare")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _common_checks(args, [])
+    device = _device(args.device)
+    _writable_dir(args.out, "--out")
+    _threads(args.threads)
+    world = _world(device.type, timeout_s=JOBS_TIMEOUT_S)
+    try:
+        pipe = load_pipeline(args.model, progress=not args.quiet)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    from .patch import unpatch_unet
+    from .unlearn import run
+
+    def do_job(job, d, resume):
+        unet, task = diffusers_task(args.model, job["forget_prompts"], job["surrogate_prompt"], job["retain_prompts"],
+                                    images_dir=job.get("forget_images"), n_generate=args.n_generate, seed=args.seed,
+                                    resolution=args.resolution, device=device, progress=False, pipe=pipe)
+        try:
+            r = run(unet, task, cfg, out_dir=d, resume=resume, progress=False)
+        finally:
+            unpatch_unet(unet)   # the pipeline's UNet, as loaded, for the next job
+        return {"target": task.target, "surrogate": task.surrogate, "method": "spare", "seconds": r["seconds"],
+                "steps": r["steps"], "peak_mem_mb": r["peak_mem_mb"], "adapter": r["adapter"],
+                "per_rank_batch": r["per_rank_batch"], "config": r["config"]}
+    return _run_jobs(args, jobs, do_job, world)
 
 
 # ------------------------------------------------------------------------------------------ bench
@@ -356,6 +598,10 @@ def main(argv=None) -> int:
     d.add_argument("--json", default=None, help="write the result keys to this JSON file")
     d.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--jobs", default=None, metavar="FILE",
+                   help='many concepts, one adapter each: one JSON line per job, {"target": "style:NAME", '
+                        '"surrogate": "NAME", "name": "..."}; under torchrun each rank runs whole jobs; '
+                        'needs --out; finished jobs are skipped on a rerun')
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
 
@@ -377,6 +623,10 @@ def main(argv=None) -> int:
     u.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="bf16: forwards under torch.autocast; weights, adapters and optimizer stay fp32")
     u.add_argument("--threads", type=int, default=0)
+    u.add_argument("--jobs", default=None, metavar="FILE",
+                   help='many concepts, one adapter each: one JSON line per job, {"name", "forget_prompts": [...], '
+                        '"surrogate_prompt", "retain_prompts": [...], "forget_images": DIR | "data_free": true}; '
+                        'under torchrun each rank runs whole jobs; finished jobs are skipped on a rerun')
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(fn=_cmd_unlearn)
 
@@ -395,8 +645,35 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except UsageError as e:
-        print(f"spare-kernels {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"spare-kernels {args.cmd}: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _abort_group():
+            raise
+        # Across ranks: say which rank stopped and why, then close this rank's connections, so the
+        # others' next collective fails at once instead of waiting for the timeout.
+        import traceback
+        traceback.print_exc()
+        print(f"spare-kernels {args.cmd}: error{_rank_tag()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _rank_tag() -> str:
+    from .distributed import current_world
+    w = current_world()
+    return f" (rank {w.rank} of {w.size})" if w.distributed else ""
+
+
+def _abort_group() -> bool:
+    """Close this process's process group, if there is one; -> whether there was."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    try:
+        dist.destroy_process_group()
+    except Exception:   # noqa: BLE001 (already broken: the error being reported matters, not this one)
+        pass
+    return True
 
 
 if __name__ == "__main__":

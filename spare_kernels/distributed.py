@@ -143,14 +143,14 @@ def local_device(device_type: str) -> torch.device:
     return torch.device("cuda", lr if lr is not None else torch.cuda.current_device())
 
 
-def init_from_env(device_type: Optional[str] = None) -> World:
+def init_from_env(device_type: Optional[str] = None, timeout_s: Optional[float] = None) -> World:
     """Initialise the default process group from the launcher's environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) when this process is one of several ranks and none exists yet:
     NCCL when ``device_type`` is ``"cuda"`` (the rank's GPU is ``LOCAL_RANK``), else gloo; collective
-    timeout :func:`timeout_seconds`. A group made by the caller (or by accelerate) is used as it is.
-    Returns the :class:`World`."""
+    timeout :func:`timeout_seconds` (or ``timeout_s``). A group made by the caller (or by accelerate)
+    is used as it is. Returns the :class:`World`."""
     if launched() and not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_seconds())
+        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else timeout_seconds())
         if device_type == "cuda":
             torch.cuda.set_device(local_device("cuda"))
             dist.init_process_group("nccl", timeout=timeout)
