@@ -225,11 +225,15 @@ def check_same(world: World, fields: dict, what: str) -> None:
     ``ValueError`` on every rank naming each field that differs and the ranks' values."""
     every = all_gather_object(fields, world, what)
     diff = []
+
+    def compare(name, vals):
+        if all(isinstance(v, dict) for v in vals):   # name the entries that differ (config.seed)
+            for sub in dict.fromkeys(k for v in vals for k in v):
+                compare(f"{name}.{sub}", [v.get(sub) for v in vals])
+        elif any(v != vals[0] for v in vals[1:]):
+            diff.append(f"{name} (" + ", ".join(f"rank {r}: {str(v)[:120]!s}" for r, v in enumerate(vals)) + ")")
     for k in fields:
-        vals = [f.get(k) for f in every]
-        if any(v != vals[0] for v in vals[1:]):
-            shown = ", ".join(f"rank {r}: {str(v)[:120]}" for r, v in enumerate(vals))
-            diff.append(f"{k} ({shown})")
+        compare(k, [f.get(k) for f in every])
     if diff:
         raise ValueError(f"{what}: the ranks differ in " + "; ".join(diff))
 

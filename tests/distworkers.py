@@ -38,6 +38,7 @@ def spawn(fn_name, n, out, *args, timeout=120, collective_timeout=60):
     """Run worker ``fn_name(rank, n, *args)`` on ``n`` ranks; -> (exit codes, results, errors) per rank.
     Ranks still running after ``timeout`` seconds are killed (exit code None: they hung)."""
     import multiprocessing as mp
+    os.makedirs(out, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn_name, r, n, port, out, args, collective_timeout))
@@ -107,3 +108,61 @@ def run_worker(rank, n, cfg_kw, out_dir=None, resume=False):
     params = {k: v.detach().clone() for k, v in unet.named_parameters() if v.requires_grad}
     return {"params": params, "history": res["history"], "world_size": res["world_size"],
             "per_rank_batch": res["per_rank_batch"], "mask_density": res["mask_density"]}
+
+
+def saliency_worker(rank, n, stats):
+    """Each rank: its share of two fixed batches on the tiny UNet; -> {stat: (owned scores, plan names)}."""
+    from spare_kernels.distributed import current_world, sharded_saliency
+    world = current_world()
+    unet, batches = saliency_fixture()
+    out = {}
+    for stat in stats:
+        def mine():
+            for x, t, c, noise in batches:
+                s = slice(rank * x.shape[0] // n, (rank + 1) * x.shape[0] // n)
+                yield x[s], t[s], c[s], noise[s], (s.stop - s.start) / x.shape[0]
+        owned, plan = sharded_saliency(unet, mine(), diffusion_loss, stat, None, world)
+        out[stat] = ({k: v.clone() for k, v in owned.items()}, plan.owned(rank))
+    return out
+
+
+def saliency_fixture():
+    from spare_kernels import canvas
+    unet = canvas.load_model().requires_grad_(False)
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(2):
+        x = torch.randn(4, 3, 32, 32, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        c = torch.randn(4, 8, unet.config.cross_attention_dim, generator=g)
+        batches.append((x, t, c, torch.randn(4, 3, 32, 32, generator=g)))
+    return unet, batches
+
+
+def diffusion_loss(unet, batch):
+    x, t, c, noise = batch[:4]
+    loss = torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=c).sample, noise)
+    return loss * batch[4] if len(batch) > 4 else loss
+
+
+def fault_worker(rank, n, how, cfg_kw):
+    """``run`` where rank 1 dies (``os._exit``) or raises at its second step; rank 0 must stop with an
+    error, not hang."""
+    from spare_kernels.unlearn import trainer
+    step = trainer.Trainer.step
+    calls = [0]
+
+    def faulty(self, clock=None):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            if how == "die":
+                os._exit(7)
+            raise RuntimeError("planted failure on rank 1")
+        return step(self, clock)
+    trainer.Trainer.step = faulty
+    return run_worker(rank, n, cfg_kw)
+
+
+def mismatch_worker(rank, n, cfg_kw):
+    """Rank 1 runs with another seed: both ranks must refuse before any work."""
+    return run_worker(rank, n, dict(cfg_kw, seed=cfg_kw.get("seed", 0) + rank))

@@ -1,0 +1,238 @@
+"""The recipe on torch.distributed: 2 gloo ranks spawned per test (CPU, one thread each, bounded time)
+against one process on the same samples. Workers live in tests/distworkers.py."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distworkers import saliency_fixture, scores_fixture, spawn
+from spare_kernels.distributed import World, reduce_scatter_scores, shard_plan, sharded_topk_masks
+from spare_kernels.masks import topk_masks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = dict(method="spare", steps=3, batch_forget=4, batch_retain=4, saliency_batches=2, saliency_batch=4,
+           probe_bins=4, probe_per_bin=2)
+
+
+def _ok(codes, errs):
+    assert codes == [0] * len(codes), (codes, errs)
+
+
+# ------------------------------------------------------------------------------------------ plan
+def test_shard_plan_is_deterministic_whole_and_balanced():
+    shapes = {f"w{i}": (s, 3) for i, s in enumerate([50, 7, 7, 300, 1, 64, 64, 9])}
+    a, b = shard_plan(shapes, 3, bucket_elems=400), shard_plan(dict(shapes), 3, bucket_elems=400)
+    assert a == b
+    assert sorted(n for r in range(3) for n in a.owned(r)) == sorted(shapes)      # every tensor once, whole
+    assert all(sum(a.numel(i) for i in bk) <= 400 or len(bk) == 1 for bk in a.buckets)
+    loads = [a.owned_numel(r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(a.numel(i) for i in range(len(shapes)))
+    with pytest.raises(ValueError, match="world_size"):
+        shard_plan(shapes, 0)
+
+
+def test_one_rank_is_the_plain_path():
+    full = scores_fixture()
+    plan = shard_plan({k: v.shape for k, v in full.items()}, 1)
+    owned = reduce_scatter_scores(dict(full), World(), plan)
+    for g in ("element", "block"):
+        m = sharded_topk_masks(owned, plan, 0.3, World(), g, "global", (4, 3))
+        ref = topk_masks(full, 0.3, g, "global", (4, 3))
+        assert all(torch.equal(m[k].data, ref[k].data) for k in ref)
+
+
+# ------------------------------------------------------------------------------------------ top-k
+CASES = [(g, s, d) for g in ("element", "block", "row", "module") for s in ("global", "per_module")
+         for d in (0.3, 0.5, 0.01, 1.0)]
+
+
+def test_distributed_topk_equals_topk_masks_bit_for_bit(tmp_path):
+    codes, res, errs = spawn("topk_worker", 2, str(tmp_path), CASES)
+    _ok(codes, errs)
+    # the full scores are what the reduce-scatter delivered, each tensor from its owner
+    owned = {**res[0]["owned"], **res[1]["owned"]}
+    assert not set(res[0]["owned"]) & set(res[1]["owned"])
+    full = scores_fixture()
+    scores = {k: owned[k] for k in full}
+    for k in full:
+        torch.testing.assert_close(scores[k], full[k], rtol=1e-6, atol=1e-6)
+    for gran, scope, dens in CASES:
+        ref = topk_masks(scores, dens, gran, scope, (4, 3))
+        for r in range(2):
+            got = res[r]["masks"][(gran, scope, dens)]
+            assert list(got) == list(ref)
+            for k in ref:
+                assert torch.equal(got[k], ref[k].data), (gran, scope, dens, r, k)
+
+
+# --------------------------------------------------------------------------------------- saliency
+def test_distributed_saliency_equals_one_process(tmp_path):
+    from spare_kernels.saliency import SaliencyCollector
+    from distworkers import diffusion_loss
+    stats = ("grad_abs", "signed", "sample_abs", "sample_sq")
+    codes, res, errs = spawn("saliency_worker", 2, str(tmp_path), stats)
+    _ok(codes, errs)
+    torch.set_num_threads(1)
+    unet, batches = saliency_fixture()
+    for stat in stats:
+        with SaliencyCollector(unet, stat=stat) as col:
+            for b in batches:
+                diffusion_loss(unet, b).backward()
+        want = col.scores()
+        got = {**res[0][stat][0], **res[1][stat][0]}
+        assert set(res[0][stat][1]).isdisjoint(res[1][stat][1]) and set(got) == set(want)
+        for k in want:   # equal up to float summation order
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5 * float(want[k].abs().max()) + 1e-12,
+                                       msg=lambda m: f"{stat} {k}: {m}")
+
+
+# --------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def one_process():
+    from distworkers import run_worker
+    torch.set_num_threads(1)
+    return run_worker(0, 1, CFG)
+
+
+def _close(a, b, lr=1e-2):
+    """Equal to float rounding, as Adam passes it on: its normalised step turns a rounding-level change
+    of a near-zero gradient into up to a whole ``lr``, so single entries may move by a fraction of
+    ``lr`` while the adapter as a whole agrees to ~1e-6."""
+    assert a.keys() == b.keys() and a
+    diff = torch.cat([(a[k] - b[k]).abs().reshape(-1) for k in a])
+    assert float(diff.max()) <= 0.2 * lr, float(diff.max())
+    assert float(diff.mean()) <= 1e-4 * lr, float(diff.mean())
+
+
+def test_two_ranks_on_half_batches_train_the_adapter_of_one_process(tmp_path, one_process):
+    codes, res, errs = spawn("run_worker", 2, str(tmp_path), CFG)
+    _ok(codes, errs)
+    for r in range(2):
+        assert res[r]["world_size"] == 2
+        assert res[r]["per_rank_batch"] == {"batch_forget": [2, 2], "batch_retain": [2, 2], "saliency_batch": [2, 2]}
+        assert res[r]["mask_density"] == one_process["mask_density"]
+        _close(res[r]["params"], one_process["params"])
+        torch.testing.assert_close(torch.tensor(res[r]["history"]), torch.tensor(one_process["history"]),
+                                   rtol=1e-3, atol=1e-6)
+    for k in res[0]["params"]:   # the replicas are identical
+        assert torch.equal(res[0]["params"][k], res[1]["params"][k])
+
+
+def test_resume_on_another_number_of_ranks(tmp_path, one_process):
+    from distworkers import run_worker
+    out = str(tmp_path / "run")
+    codes, res, errs = spawn("run_worker", 2, str(tmp_path), dict(CFG, steps=2, checkpoint_every=2), out)
+    _ok(codes, errs)
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert state["world_size"] == 2 and state["step"] == 2 and state["method_state"]["masks"]
+    torch.set_num_threads(1)
+    resumed = run_worker(0, 1, dict(CFG, checkpoint_every=2), out, True)   # 2 ranks -> 1 process
+    _close(resumed["params"], one_process["params"])
+    assert len(resumed["history"]) == CFG["steps"]
+
+
+def test_interrupted_two_rank_run_resumes_to_the_same_adapter(tmp_path):
+    out = str(tmp_path / "run")
+    codes, full, errs = spawn("run_worker", 2, str(tmp_path / "a"), dict(CFG, steps=4))
+    _ok(codes, errs)
+    for sub, kw in (("b", dict(CFG, steps=2, checkpoint_every=2)), ("c", dict(CFG, steps=4, checkpoint_every=2))):
+        codes, res, errs = spawn("run_worker", 2, str(tmp_path / sub), kw, out, sub == "c")
+        _ok(codes, errs)
+    for k in full[0]["params"]:   # same ranks, same sums: bit for bit
+        assert torch.equal(res[0]["params"][k], full[0]["params"][k]), k
+
+
+# ------------------------------------------------------------------------------------------ faults
+@pytest.mark.parametrize("how", ["die", "raise"])
+def test_a_failed_rank_stops_the_other_with_an_error(tmp_path, how):
+    t0 = time.monotonic()
+    codes, res, errs = spawn("fault_worker", 2, str(tmp_path), how, dict(CFG, steps=4), timeout=90,
+                             collective_timeout=60)
+    assert codes[0] not in (0, None) and codes[1] not in (0, None), codes      # nobody hung, nobody passed
+    assert errs[0] and "DistributedError" in errs[0] and "rank 0 of 2" in errs[0], errs[0]
+    assert time.monotonic() - t0 < 60
+
+
+def test_ranks_with_different_settings_are_refused_naming_them(tmp_path):
+    codes, res, errs = spawn("mismatch_worker", 2, str(tmp_path), CFG, timeout=90)
+    assert codes[0] and codes[1]
+    for e in errs:
+        assert e and "ValueError" in e and "config.seed (rank 0: 0, rank 1: 1)" in e, e
+
+
+def test_batches_too_small_to_split_are_refused():
+    from spare_kernels import canvas
+    from spare_kernels.unlearn import Config, Trainer
+    from distworkers import small_task
+    w = World(rank=0, size=4)
+    with pytest.raises(ValueError, match="batch_forget: 2 samples cannot be split over 4 ranks"):
+        Trainer(canvas.load_model(), small_task(), Config(**dict(CFG, batch_forget=2)), world=w)
+
+
+# ------------------------------------------------------------------------------------------ jobs
+def _torchrun(args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(__import__("distworkers").free_port()), "-m", "spare_kernels"] + args
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_jobs_run_across_two_ranks_and_resume_after_a_kill(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"target": "style:dots", "surrogate": "stripes"}\n# a comment\n\n'
+                    '{"target": "object:cross", "name": "cross"}\n{"target": "style:stripes"}\n')
+    out = tmp_path / "out"
+    args = ["demo", "--jobs", str(jobs), "--out", str(out), "--steps", "2", "--n-per-prompt", "1"]
+    p = _torchrun(args)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(out.glob("*/result.json")):
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL)   # the whole sweep, mid-way
+    p.wait()
+    done = sorted(f.parent.name for f in out.glob("*/result.json"))
+    assert 1 <= len(done) < 3, done
+    p = _torchrun(args)
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log
+    assert log.count("done before, skipped") == len(done), log
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["jobs"]] == ["style_dots", "cross", "style_stripes"]
+    assert summary["world_size"] == 2 and {r["rank"] for r in summary["jobs"]} == {0, 1}
+    for r in summary["jobs"]:
+        assert (out / r["name"] / "adapter.safetensors").is_file() and "error" not in r
+    assert "style_dots" in log and "cross" in log
+
+
+def test_bad_jobs_files_are_refused_before_any_work(tmp_path):
+    from spare_kernels.cli import main
+    cases = {"x": "not a JSON object", '{"target": "style:nope"}': "nope", '{"surrogate": "x"}': "'target'",
+             '{"target": "style:dots", "lr": 1}': "unknown keys", '{"target": "style:dots", "name": "a/b"}': "'name'",
+             '{"target": "style:dots"}\n{"target": "style:dots"}': "used twice", "": "holds no job"}
+    for text, msg in cases.items():
+        f = tmp_path / "j.jsonl"
+        f.write_text(text)
+        with _Stderr() as err:
+            rc = main(["demo", "--jobs", str(f), "--out", str(tmp_path / "o")])
+        assert rc == 2 and msg in err.text, (text, err.text)
+    assert not (tmp_path / "o").exists()
+
+
+class _Stderr:
+    def __enter__(self):
+        import io
+        self._old, self._buf = sys.stderr, io.StringIO()
+        sys.stderr = self._buf
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr = self._old
+        self.text = self._buf.getvalue()
+        return False
