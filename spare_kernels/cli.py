@@ -437,8 +437,22 @@ def _device(spec):
     return dev
 
 
+def _unlearn_settings(args):
+    """The checks of ``unlearn``'s model and recipe settings (one job or many) -> its Config."""
+    from .unlearn.diffusers_task import check_model_dir
+    if args.n_generate < 1:
+        raise UsageError(f"--n-generate: expected >= 1, got {args.n_generate}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise UsageError(f"--resolution: expected a positive multiple of 8 (the VAE's factor), got {args.resolution}")
+    try:
+        check_model_dir(args.model)
+        return _recipe_config(args, "spare")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _cmd_unlearn(args):
-    from .unlearn.diffusers_task import check_model_dir, diffusers_task, load_pipeline
+    from .unlearn.diffusers_task import diffusers_task, load_pipeline
 
     if args.jobs:
         return _unlearn_jobs(args)
@@ -459,15 +473,7 @@ def _cmd_unlearn(args):
             raise UsageError(f"--forget-images: not a directory: {args.forget_images!r}")
         if not image_files(args.forget_images):
             raise UsageError(f"forget set: empty: no images in {args.forget_images!r}")
-    if args.n_generate < 1:
-        raise UsageError(f"--n-generate: expected >= 1, got {args.n_generate}")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise UsageError(f"--resolution: expected a positive multiple of 8 (the VAE's factor), got {args.resolution}")
-    try:
-        check_model_dir(args.model)
-        cfg = _recipe_config(args, "spare")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    cfg = _unlearn_settings(args)
     device = _device(args.device)
     world = _world(device.type)
     main = world.is_main
@@ -511,7 +517,7 @@ def _cmd_unlearn(args):
 
 
 def _unlearn_jobs(args):
-    from .unlearn.diffusers_task import check_model_dir, diffusers_task, image_files, load_pipeline
+    from .unlearn.diffusers_task import diffusers_task, image_files, load_pipeline
     given = [f for f, v in (("--forget-prompt", args.forget_prompt), ("--forget-prompts-file", args.forget_prompts_file),
                             ("--retain-prompt", args.retain_prompt), ("--retain-prompts-file", args.retain_prompts_file),
                             ("--surrogate-prompt", args.surrogate_prompt), ("--forget-images", args.forget_images),
@@ -522,13 +528,7 @@ def _unlearn_jobs(args):
     for j in jobs:
         if j.get("forget_images") and not image_files(j["forget_images"]):
             raise UsageError(f"--jobs: job {j['name']!r}: no images in {j['forget_images']!r}")
-    if args.n_generate < 1:
-        raise UsageError(f"--n-generate: expected >= 1, got {args.n_generate}")
-    try:
-        check_model_dir(args.model)
-        cfg = _recipe_config(args, "spare")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    cfg = _unlearn_settings(args)
     _common_checks(args, [])
     device = _device(args.device)
     _writable_dir(args.out, "--out")

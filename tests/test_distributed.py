@@ -236,3 +236,28 @@ class _Stderr:
         sys.stderr = self._old
         self.text = self._buf.getvalue()
         return False
+
+
+def test_unlearn_jobs_one_adapter_each_and_a_rerun_skips_them(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO, "python"))
+    from toggle_adapter_pipeline import build_pipeline
+
+    from spare_kernels.cli import main
+    model = tmp_path / "sd"
+    build_pipeline(str(model)).save_pretrained(str(model))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(j) for j in (
+        {"name": "cat", "forget_prompts": ["a photo of a cat"], "surrogate_prompt": "a photo of a dog",
+         "retain_prompts": ["a painting of a tree"], "data_free": True},
+        {"name": "tree", "forget_prompts": ["a painting of a tree"], "surrogate_prompt": "a painting of a house",
+         "retain_prompts": ["a photo of a cat"], "data_free": True})) + "\n")
+    out = tmp_path / "out"
+    argv = ["unlearn", str(model), "--jobs", str(jobs), "--n-generate", "1", "--steps", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    for name in ("cat", "tree"):
+        assert (out / name / "adapter.safetensors").is_file()
+        assert json.loads((out / name / "result.json").read_text())["target"] != ""
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+    assert main(argv + ["--forget-prompt", "x"]) == 2
+    assert "not taken with --forget-prompt" in capsys.readouterr().err
