@@ -166,3 +166,30 @@ def fault_worker(rank, n, how, cfg_kw):
 def mismatch_worker(rank, n, cfg_kw):
     """Rank 1 runs with another seed: both ranks must refuse before any work."""
     return run_worker(rank, n, dict(cfg_kw, seed=cfg_kw.get("seed", 0) + rank))
+
+
+def stuck_worker(rank, n, cfg_kw, stall_s):
+    """``run`` where rank 1 stalls (alive, silent) for ``stall_s`` at its second step."""
+    from spare_kernels.unlearn import trainer
+    step = trainer.Trainer.step
+    calls = [0]
+
+    def stalled(self, clock=None):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            time.sleep(stall_s)
+        return step(self, clock)
+    trainer.Trainer.step = stalled
+    return run_worker(rank, n, cfg_kw)
+
+
+def nan_worker(rank, n, name):
+    """A NaN in rank 1's part of one score tensor: every rank must raise, naming it."""
+    from spare_kernels.distributed import current_world, reduce_scatter_scores, shard_plan, sharded_topk_masks
+    world = current_world()
+    full = scores_fixture()
+    if rank == 1:
+        full[name].view(-1)[3] = float("nan")
+    plan = shard_plan({k: v.shape for k, v in full.items()}, n, bucket_elems=2000)
+    owned = reduce_scatter_scores(full, world, plan)
+    return sharded_topk_masks(owned, plan, 0.5, world)

@@ -261,3 +261,19 @@ def test_unlearn_jobs_one_adapter_each_and_a_rerun_skips_them(tmp_path, capsys):
     assert capsys.readouterr().out.count("done before, skipped") == 2
     assert main(argv + ["--forget-prompt", "x"]) == 2
     assert "not taken with --forget-prompt" in capsys.readouterr().err
+
+
+def test_a_stalled_rank_trips_the_timeout_instead_of_a_hang(tmp_path):
+    t0 = time.monotonic()
+    codes, res, errs = spawn("stuck_worker", 2, str(tmp_path), dict(CFG, steps=4), 9, timeout=90,
+                             collective_timeout=3)
+    assert codes[0] not in (0, None), (codes, errs)
+    assert "DistributedError" in errs[0] and "rank 0 of 2" in errs[0], errs[0]
+    assert time.monotonic() - t0 < 60
+
+
+def test_nan_scores_in_one_shard_are_reported_by_every_rank(tmp_path):
+    codes, res, errs = spawn("nan_worker", 2, str(tmp_path), "layer3.weight", timeout=90)
+    assert codes[0] and codes[1], (codes, errs)
+    for e in errs:
+        assert "ValueError" in e and "scores['layer3.weight']: contains NaN" in e, e

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..adapters import save_adapter
-from ..distributed import World, broadcast_object, check_same, current_world, init_from_env
+from ..distributed import World, broadcast_object, check_same, init_from_env
 from .checkpoints import _save_checkpoint, apply_checkpoint, read_checkpoint
 from .config import Config
 from .distributed import (GradSync, check_batches, check_consistent, masks_digest, params_digest, reduce_losses,
@@ -93,8 +93,8 @@ class Trainer:
     torch threads the teacher's forward runs in a worker thread beside the student's. :meth:`close`
     (or ``with``) ends the worker; the results change only in float rounding.
 
-    Across ranks (``world``, default: torch.distributed's default group when it is initialised, see
-    :mod:`.distributed`): the ranks' settings, model and task are compared first; each rank computes
+    Across ranks (``world``, default: torch.distributed's default group, made from the launcher's
+    environment under ``torchrun`` / ``accelerate launch`` when none exists yet; see :mod:`.distributed`): the ranks' settings, model and task are compared first; each rank computes
     its share of every batch, gradients are summed over the ranks during the backward, and every
     rank's optimizer steps on the same sums. ``restored``: a checkpoint's method state (curve and
     masks), which replaces the localise stage."""
@@ -102,9 +102,10 @@ class Trainer:
     def __init__(self, unet, task, cfg: Config, gen: Optional[torch.Generator] = None, overlap: bool = True,
                  world: Optional[World] = None, restored: Optional[dict] = None):
         self.cfg = cfg
-        self.world = world if world is not None else current_world()
-        self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)   # draws stay on the CPU
         self.device = next(unet.parameters()).device
+        # Under a launcher with no process group yet, make it (as run does): never train alone by mistake.
+        self.world = world if world is not None else init_from_env(self.device.type)
+        self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)   # draws stay on the CPU
         self.sync = None
         check_batches(cfg, self.world)
         check_consistent(self.world, unet, task, cfg)
