@@ -193,3 +193,25 @@ def nan_worker(rank, n, name):
     plan = shard_plan({k: v.shape for k, v in full.items()}, n, bucket_elems=2000)
     owned = reduce_scatter_scores(full, world, plan)
     return sharded_topk_masks(owned, plan, 0.5, world)
+
+
+def gradsync_worker(rank, n, cfg_kw, bucket_bytes):
+    """One backward with small gradient buckets: how many were launched by the hooks before the
+    backward returned, and the summed gradients."""
+    from spare_kernels import canvas
+    from spare_kernels.distributed import current_world
+    from spare_kernels.unlearn import Config, Trainer
+    from spare_kernels.unlearn.distributed import GradSync
+    world = current_world()
+    with Trainer(canvas.load_model(), small_task(), Config(**cfg_kw), overlap=False) as tr:
+        if world.distributed:
+            tr.sync.close()
+            tr.sync = GradSync(tr.params, world, bucket_bytes=bucket_bytes)
+        loss, _, _ = tr.loss()
+        loss.backward()
+        launched = tr.sync._next if tr.sync else 0
+        buckets = len(tr.sync.buckets) if tr.sync else 0
+        if tr.sync:
+            tr.sync.finish()
+        return {"launched_in_backward": launched, "buckets": buckets,
+                "grads": [p.grad.clone() for p in tr.params]}

@@ -277,3 +277,15 @@ def test_nan_scores_in_one_shard_are_reported_by_every_rank(tmp_path):
     assert codes[0] and codes[1], (codes, errs)
     for e in errs:
         assert "ValueError" in e and "scores['layer3.weight']: contains NaN" in e, e
+
+
+def test_gradient_buckets_go_out_during_the_backward_and_sum_to_one_process(tmp_path):
+    from distworkers import gradsync_worker
+    codes, res, errs = spawn("gradsync_worker", 2, str(tmp_path), CFG, 1 << 16)
+    _ok(codes, errs)
+    assert res[0]["buckets"] > 3 and res[0]["launched_in_backward"] == res[0]["buckets"]   # all from the hooks
+    torch.set_num_threads(1)
+    one = gradsync_worker(0, 1, CFG, 1 << 16)
+    for a, b, c in zip(res[0]["grads"], res[1]["grads"], one["grads"]):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6 * float(c.abs().max()) + 1e-12)
