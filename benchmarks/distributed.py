@@ -46,30 +46,59 @@ def adapter_and_weight_entries(unet, rank=4):
     return ad, w
 
 
+def plan_traffic(shapes, n):
+    """Per rank, from the library's own ``shard_plan``: bytes sent by the saliency reduction (a bucket's
+    reduce-scatter sends ``(n-1)`` padded pieces, ring; a one-tensor bucket is a reduce to its owner,
+    counted as the whole tensor from every other rank), the largest transient bucket buffer, and the
+    reduced scores the busiest rank holds. fp32."""
+    from spare_kernels.distributed import shard_plan
+    plan = shard_plan(shapes, n)
+    sent, transient = [0] * n, 0
+    for b in plan.buckets:
+        if len(b) == 1:
+            for r in range(n):
+                if r != plan.owner[b[0]]:
+                    sent[r] += 4 * plan.numel(b[0])
+            transient = max(transient, 4 * plan.numel(b[0]))
+            continue
+        length = max(sum(plan.numel(i) for i in b if plan.owner[i] == r) for r in range(n))
+        for r in range(n):
+            sent[r] += 4 * (n - 1) * length
+        transient = max(transient, 4 * (n + 1) * length)
+    held = max(4 * plan.owned_numel(r) for r in range(n))
+    return {"sent_max_mb": max(sent) / MB, "transient_mb": transient / MB, "held_max_mb": held / MB,
+            "buckets": len(plan.buckets)}
+
+
 def cmd_bytes(args):
     from benchmarks.shapes import build_unet
     from spare_kernels import canvas
-    rows = {}
+    rows, shapes = {}, {}
     for name, unet in (("SD-1.5", build_unet("sd15", device="meta")), ("MiniCanvas", canvas.load_model())):
         ad, w = adapter_and_weight_entries(unet, args.rank)
         rows[name] = {"adapter_entries": ad, "weight_entries": w}
+        shapes[name] = {f"{n}.weight": tuple(m.weight.shape) for n, m in unet.named_modules()
+                        if type(m) in (nn.Linear, nn.Conv2d)}
     out = {"rank": args.rank, "saliency_batches": args.saliency_batches, "models": rows, "per_world": {}}
     print(f"rank-{args.rank} adapters on every Linear/Conv2d, element masks; fp32 gradients and scores; "
           f"grad_abs reduces each of {args.saliency_batches} saliency batches, the other stats once")
     for name, r in rows.items():
         g, s = 4 * r["adapter_entries"], 4 * r["weight_entries"]
         print(f"\n{name}: adapter gradient {g / MB:.2f} MB a step; scores {s / MB:.1f} MB")
-        print(f"{'N':>3} {'grad AR /step/rank':>19} {'saliency RS /rank':>18} {'saliency AR /rank':>18} "
-              f"{'scores held/rank RS':>20} {'AR':>8}   (MB; grad_abs: x{args.saliency_batches})")
+        print(f"{'N':>3} {'grad AR sent/step':>18} {'saliency ours sent':>19} {'(ideal RS)':>11} {'AR sent':>9} "
+              f"{'held ours':>10} {'held AR':>8} {'transient':>10} {'buckets':>8}   (MB per rank, the busiest)")
         for n in (2, 8):
             ar, rs = 2 * (n - 1) / n, (n - 1) / n
-            row = {"grad_allreduce_per_step_mb": ar * g / MB, "saliency_reduce_scatter_mb": rs * s / MB,
-                   "saliency_all_reduce_mb": ar * s / MB, "scores_held_reduce_scatter_mb": s / n / MB,
-                   "scores_held_all_reduce_mb": s / MB}
+            t = plan_traffic(shapes[name], n)
+            row = {"grad_allreduce_per_step_mb": ar * g / MB, "saliency_ours_sent_mb": t["sent_max_mb"],
+                   "saliency_ideal_reduce_scatter_mb": rs * s / MB, "saliency_all_reduce_mb": ar * s / MB,
+                   "scores_held_ours_mb": t["held_max_mb"], "scores_held_all_reduce_mb": s / MB,
+                   "transient_mb": t["transient_mb"], "buckets": t["buckets"]}
             out["per_world"].setdefault(name, {})[n] = row
-            print(f"{n:>3} {row['grad_allreduce_per_step_mb']:>19.2f} {row['saliency_reduce_scatter_mb']:>18.1f} "
-                  f"{row['saliency_all_reduce_mb']:>18.1f} {row['scores_held_reduce_scatter_mb']:>20.1f} "
-                  f"{row['scores_held_all_reduce_mb']:>8.1f}")
+            print(f"{n:>3} {row['grad_allreduce_per_step_mb']:>18.2f} {row['saliency_ours_sent_mb']:>19.1f} "
+                  f"{row['saliency_ideal_reduce_scatter_mb']:>11.1f} {row['saliency_all_reduce_mb']:>9.1f} "
+                  f"{row['scores_held_ours_mb']:>10.1f} {row['scores_held_all_reduce_mb']:>8.1f} "
+                  f"{row['transient_mb']:>10.1f} {row['buckets']:>8}")
     return out
 
 

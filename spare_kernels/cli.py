@@ -177,7 +177,8 @@ def _run_jobs(args, jobs, do_job, world):
             print(f"[rank {world.rank}] {job['name']}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             rows.append({"name": job["name"], "error": f"{type(e).__name__}: {e}", "rank": world.rank})
             continue
-        row = dict(row, name=job["name"], rank=world.rank, world_size=world.size)
+        # Each job ran alone: world_size 1; sweep_ranks is how many ranks shared the sweep.
+        row = dict(row, name=job["name"], rank=world.rank, world_size=1, sweep_ranks=world.size)
         write_json(done, row)
         rows.append(row)
     every = [r for part in all_gather_object(rows, world, "jobs summary") for r in part]
@@ -186,7 +187,7 @@ def _run_jobs(args, jobs, do_job, world):
     if world.is_main:
         print()
         print(format_jobs(every))
-        write_json(os.path.join(args.out, "summary.json"), {"jobs": every, "world_size": world.size})
+        write_json(os.path.join(args.out, "summary.json"), {"jobs": every, "sweep_ranks": world.size})
         print(f"wrote {os.path.join(args.out, 'summary.json')}" + (f"; {len(failed)} job(s) failed" if failed else ""))
     return 1 if failed else 0
 
@@ -212,7 +213,7 @@ def _demo_jobs(args):
         raise UsageError("--jobs: --json and --resume are not taken with it (each job writes --out/NAME/result.json "
                          "and resumes from its own checkpoint)")
     jobs = _read_jobs(args.jobs, "demo")
-    _common_checks(args, [])
+    _common_checks(args, [args.out])   # --checkpoint-every: each job's folder; --resume is refused above
     _writable_dir(args.out, "--out")
     _threads(args.threads)
     world = _world("cpu", timeout_s=JOBS_TIMEOUT_S)
@@ -529,7 +530,7 @@ def _unlearn_jobs(args):
         if j.get("forget_images") and not image_files(j["forget_images"]):
             raise UsageError(f"--jobs: job {j['name']!r}: no images in {j['forget_images']!r}")
     cfg = _unlearn_settings(args)
-    _common_checks(args, [])
+    _common_checks(args, [args.out])   # --checkpoint-every: each job's folder; --resume is refused above
     device = _device(args.device)
     _writable_dir(args.out, "--out")
     _threads(args.threads)
@@ -646,15 +647,17 @@ def main(argv=None) -> int:
         return args.fn(args)
     except UsageError as e:
         print(f"spare-kernels {args.cmd}: error{_rank_tag()}: {e}", file=sys.stderr)
+        _abort_group()   # a check only rank 0 makes (its files): the others must not wait for it
         return 2
     except Exception as e:
+        tag = _rank_tag()
         if not _abort_group():
             raise
         # Across ranks: say which rank stopped and why, then close this rank's connections, so the
-        # others' next collective fails at once instead of waiting for the timeout.
+        # others' next collective fails at once (gloo; under NCCL the launcher or the timeout stops them).
         import traceback
         traceback.print_exc()
-        print(f"spare-kernels {args.cmd}: error{_rank_tag()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"spare-kernels {args.cmd}: error{tag}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
 
 

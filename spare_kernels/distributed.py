@@ -5,9 +5,11 @@ Everything here runs on whatever process group torch.distributed already has (NC
 CPUs; ``torchrun`` and ``accelerate launch`` make it); nothing is home-made below the collectives.
 With no process group, or inside :func:`local`, the world is one rank and nothing communicates.
 
-**Sharding.** Score tensors are owned whole, one rank each (:func:`shard_plan`): consecutive tensors
-form buckets of at most ``BUCKET_ELEMS`` entries, and within a bucket the tensors go to the least
-loaded rank, largest first. Whole tensors keep every unit (a block, row or module mean) on one
+**Sharding.** Score tensors are owned whole, one rank each (:func:`shard_plan`): a tensor of more than
+``BUCKET_ELEMS / N`` entries is a bucket of its own (reduced to its owner); the others form buckets of
+consecutive tensors of at most ``BUCKET_ELEMS`` entries, in which the tensors go to the least loaded
+rank, largest first, so a bucket's reduce-scatter pads each rank's piece to at most about twice its
+even share. Whole tensors keep every unit (a block, row or module mean) on one
 rank, computed by the same code in the same order as on one process, so the masks match
 :func:`~spare_kernels.topk.topk_masks` on the full scores bit for bit.
 
@@ -206,11 +208,6 @@ def broadcast_object(obj, world: World, what: str, src: int = 0):
     return box[0]
 
 
-def barrier(world: World, what: str) -> None:
-    if world.distributed:
-        _run(world, what, dist.barrier)
-
-
 def agree(world: World, error: Optional[str], what: str) -> None:
     """Every rank says whether it failed (``error``: its message, or None); if any did, every rank
     raises ``ValueError`` with each failing rank's message, so none waits in a later collective."""
@@ -263,9 +260,10 @@ class ShardPlan:
 
 def shard_plan(shapes: Dict[str, tuple], world_size: int, bucket_elems: int = BUCKET_ELEMS) -> ShardPlan:
     """Deterministic ownership of whole tensors (the same on every rank for the same ``shapes``, in
-    their order): consecutive tensors form buckets of at most ``bucket_elems`` entries (a larger tensor
-    is a bucket of its own); within a bucket, largest first, each tensor goes to the least loaded rank
-    (load counted over the whole plan; ties to the lower rank)."""
+    their order). A tensor of more than ``bucket_elems / world_size`` entries is a bucket of its own
+    (a reduce to its owner: no padding); the others form buckets of consecutive tensors of at most
+    ``bucket_elems`` entries. Largest first within a bucket, each tensor goes to the least loaded
+    rank (load counted over the whole plan; ties to the lower rank)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
     names = tuple(shapes)
@@ -277,10 +275,14 @@ def shard_plan(shapes: Dict[str, tuple], world_size: int, bucket_elems: int = BU
             n *= d
         sizes.append(n)
     buckets, cur, cur_n = [], [], 0
+    big = bucket_elems // world_size
     for i, n in enumerate(sizes):
-        if cur and cur_n + n > bucket_elems:
+        if cur and (n > big or cur_n + n > bucket_elems):
             buckets.append(tuple(cur))
             cur, cur_n = [], 0
+        if n > big:
+            buckets.append((i,))
+            continue
         cur.append(i)
         cur_n += n
     if cur:
@@ -323,8 +325,10 @@ def reduce_scatter_scores(scores: Dict[str, torch.Tensor], world: World, plan: S
                 out[n] = v if v is not scores[n] else v.clone()
         return out
 
+    where = {n: i for i, n in enumerate(plan.names)}
+
     def deliver(name, v):
-        v = v.view(plan.shapes[plan.names.index(name)])
+        v = v.view(plan.shapes[where[name]])
         v = transform(v) if transform is not None else v
         if name in out:
             out[name] += v
@@ -364,23 +368,35 @@ def reduce_scatter_scores(scores: Dict[str, torch.Tensor], world: World, plan: S
 def sharded_saliency(module, batches, loss_fn, stat: str, target_modules, world: World):
     """Saliency of ``module`` over ``batches`` (this rank's share of each global batch; every rank
     the same number of batches), summed over the ranks into this rank's shard of the scores:
-    ``(owned scores, plan)``. ``loss_fn(module, batch)`` must weight the rank's loss by its share of
+    ``(owned scores, plan)``, for the layers whose backward ran on some rank (as
+    ``SaliencyCollector.scores()`` on one process). ``loss_fn(module, batch)`` must weight the rank's loss by its share of
     the batch, so the sums are one process's on the whole batches. ``grad_abs`` is ``|Σ g|`` of each
     global batch: the ranks collect ``signed`` sums, reduce-scattered and made absolute batch by
-    batch; the other statistics are reduce-scattered once at the end."""
+    batch (for a layer called several times in one forward that is ``|Σ_calls G|``, where one process
+    takes ``Σ_calls |G|``; a diffusers UNet calls each layer once); the other statistics are
+    reduce-scattered once at the end."""
     from .saliency import SaliencyCollector
     per_batch = stat == "grad_abs"
-    owned = None
+    owned, hit = None, set()
     with SaliencyCollector(module, stat="signed" if per_batch else stat, target_modules=target_modules) as col:
         plan = shard_plan({k: v.shape for k, v in col.scores(all_targets=True).items()}, world.size)
+        col.reset()
         for batch in batches:
             loss_fn(module, batch).backward()
+            hit.update(col.scores())   # layers whose backward ran: one process scores only those
             if per_batch:
                 owned = reduce_scatter_scores(col.scores(all_targets=True), world, plan, into=owned,
                                               transform=torch.abs)
                 col.reset()
         if not per_batch or owned is None:
             owned = reduce_scatter_scores(col.scores(all_targets=True), world, plan)
+    # A layer no rank's backward reached has no score on one process either: drop it everywhere.
+    flags = all_reduce(torch.tensor([int(n in hit) for n in plan.names], dtype=torch.int64), world, "saliency layers")
+    if not bool(flags.all()):
+        keep = [i for i, f in enumerate(flags.tolist()) if f]
+        plan = ShardPlan(tuple(plan.names[i] for i in keep), tuple(plan.shapes[i] for i in keep),
+                         tuple(plan.owner[i] for i in keep), (), plan.size)
+        owned = {n: v for n, v in owned.items() if n in plan.names}
     return owned, plan
 
 
@@ -396,8 +412,9 @@ def _mask_bytes(shape, granularity, block) -> int:
     return 1
 
 
-def _mask_payload(m: Mask) -> torch.Tensor:
-    d = m.data
+def _mask_payload(m) -> torch.Tensor:
+    """The bytes of a ``Mask``'s data, or of a dense bool mask tensor."""
+    d = m.data if isinstance(m, Mask) else m.detach()
     return (d.view(torch.uint8) if d.dtype == torch.bool else d).reshape(-1)
 
 
@@ -413,12 +430,13 @@ def _mask_from_payload(flat: torch.Tensor, shape, granularity, block) -> Mask:
     return Mask("module", torch.Size(shape), flat.view(()).clone().bool())
 
 
-def masks_digest(masks: Dict[str, Mask]) -> str:
-    """SHA-256 over every mask's name, granularity, shape and bits, in order (equal digests: equal masks)."""
+def masks_digest(masks: dict) -> str:
+    """SHA-256 over every mask's name, granularity, shape and bits, in order (equal digests: equal
+    masks); ``Mask`` objects or dense bool tensors (the baselines' masks)."""
     h = hashlib.sha256()
     for n, m in masks.items():
-        h.update(f"{n}|{m.granularity}|{tuple(m.shape)}|".encode())
-        h.update(_mask_payload(m).cpu().numpy().tobytes())
+        h.update(f"{n}|{getattr(m, 'granularity', 'dense')}|{tuple(m.shape)}|".encode())
+        h.update(_mask_payload(m).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -463,8 +481,8 @@ def sharded_topk_masks(owned: Dict[str, torch.Tensor], plan: ShardPlan, density:
     _validate({"_": torch.zeros(1)}, density, granularity, scope, block)   # the arguments, not the scores
     density = float(density)
     missing = [n for n in plan.owned(world.rank) if n not in owned]
-    if missing:
-        raise ValueError(f"owned: {world}: the plan gives this rank {missing[:3]} but they are not in owned")
+    agree(world, f"owned: the plan gives this rank {missing[:3]} but they are not in owned" if missing else None,
+          "top-k arguments")
     if device is None:
         device = next(iter(owned.values())).device if owned else torch.device("cpu")
     names = plan.owned(world.rank)
@@ -534,6 +552,6 @@ def _global_select(mine: Dict[str, torch.Tensor], plan, density, granularity, bl
 
 
 __all__ = ["BUCKET_ELEMS", "DEFAULT_TIMEOUT_S", "DistributedError", "ShardPlan", "TIMEOUT_ENV", "World",
-           "agree", "all_gather_object", "all_reduce", "barrier", "broadcast_object", "check_same",
+           "agree", "all_gather_object", "all_reduce", "broadcast_object", "check_same",
            "current_world", "gather_masks", "init_from_env", "launched", "local", "local_device",
            "masks_digest", "reduce_scatter_scores", "shard_plan", "sharded_saliency", "sharded_topk_masks", "timeout_seconds"]

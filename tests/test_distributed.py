@@ -190,7 +190,7 @@ def test_jobs_run_across_two_ranks_and_resume_after_a_kill(tmp_path):
     jobs.write_text('{"target": "style:dots", "surrogate": "stripes"}\n# a comment\n\n'
                     '{"target": "object:cross", "name": "cross"}\n{"target": "style:stripes"}\n')
     out = tmp_path / "out"
-    args = ["demo", "--jobs", str(jobs), "--out", str(out), "--steps", "2", "--n-per-prompt", "1"]
+    args = ["demo", "--jobs", str(jobs), "--out", str(out), "--steps", "2", "--n-per-prompt", "1", "--checkpoint-every", "1"]
     p = _torchrun(args)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not list(out.glob("*/result.json")):
@@ -205,7 +205,7 @@ def test_jobs_run_across_two_ranks_and_resume_after_a_kill(tmp_path):
     assert log.count("done before, skipped") == len(done), log
     summary = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in summary["jobs"]] == ["style_dots", "cross", "style_stripes"]
-    assert summary["world_size"] == 2 and {r["rank"] for r in summary["jobs"]} == {0, 1}
+    assert summary["sweep_ranks"] == 2 and {r["rank"] for r in summary["jobs"]} == {0, 1}
     for r in summary["jobs"]:
         assert (out / r["name"] / "adapter.safetensors").is_file() and "error" not in r
     assert "style_dots" in log and "cross" in log

@@ -23,7 +23,6 @@ from typing import List, Optional
 import torch
 
 from ..distributed import World, _run, all_reduce, check_same
-from ..masks import Mask
 
 # Gradient bucket cap. SD-1.5's rank-4 all-layer adapter gradients are 16.9 MB (benchmarks.distributed
 # bytes): under DDP's 25 MiB cap they would be one bucket, sent only once the whole backward is done;
@@ -92,16 +91,6 @@ def params_digest(params) -> str:
     return h.hexdigest()
 
 
-def masks_digest(masks: dict) -> str:
-    """Digest of a method's masks (``Mask`` objects or dense bool tensors)."""
-    h = hashlib.sha256()
-    for n, m in masks.items():
-        d = m.data if isinstance(m, Mask) else m
-        h.update(n.encode())
-        h.update(d.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if d.numel() else b"")
-    return h.hexdigest()
-
-
 class GradSync:
     """Sums the gradients of ``params`` over the ranks, bucketed and overlapped with the backward.
 
@@ -132,12 +121,17 @@ class GradSync:
 
     def _reset(self):
         self._missing = [len(ix) for ix in self.buckets]
+        self._seen = set()
         self._next = 0
         self._work: List[Optional[tuple]] = [None] * len(self.buckets)
 
     def _hook(self, i):
         def ready(p):
             b = self.bucket_of[i]
+            if i in self._seen:
+                raise RuntimeError("GradSync: a gradient arrived twice in one step; one backward per step "
+                                   "(no gradient accumulation over several backwards), then finish()")
+            self._seen.add(i)
             self._missing[b] -= 1
             while self._next < len(self.buckets) and self._missing[self._next] == 0:
                 self._launch(self._next)

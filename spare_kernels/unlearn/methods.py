@@ -170,7 +170,9 @@ class _Method:
 
         def sync(grads):
             for g in grads:
-                all_reduce(g, world, "saliency gradient all-reduce")
+                r = all_reduce(g, world, "saliency gradient all-reduce")
+                if r is not g:   # reduced on the backend's device
+                    g.copy_(r)
         return ref.full_grad_saliency(self.unet, _forget_batches(self.task, self.sampler(), self.cfg, gen, world),
                                       _diffusion_loss, sync=sync if world.distributed else None)
 

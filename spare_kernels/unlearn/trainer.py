@@ -16,8 +16,8 @@ from ..adapters import save_adapter
 from ..distributed import World, broadcast_object, check_same, init_from_env
 from .checkpoints import _save_checkpoint, apply_checkpoint, read_checkpoint
 from .config import Config
-from .distributed import (GradSync, check_batches, check_consistent, masks_digest, params_digest, reduce_losses,
-                          shard_sizes)
+from ..distributed import masks_digest
+from .distributed import GradSync, check_batches, check_consistent, params_digest, reduce_losses, shard_sizes
 from .methods import _IMPL
 
 def _state_bytes(tensors) -> int:
@@ -107,8 +107,8 @@ class Trainer:
         self.world = world if world is not None else init_from_env(self.device.type)
         self.gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)   # draws stay on the CPU
         self.sync = None
+        check_consistent(self.world, unet, task, cfg)   # first: what follows then fails alike on every rank
         check_batches(cfg, self.world)
-        check_consistent(self.world, unet, task, cfg)
         task = task.to(self.device)   # references only, where the tensors are there already
         self.method = _IMPL[cfg.method](unet, task, cfg, self.world)
         with self.precision():
@@ -216,14 +216,21 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
     if resume and not out_dir:
         raise ValueError("resume: needs out_dir (where checkpoint.pt is)")
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    if resume and main and not os.path.exists(ckpt):
-        raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
     if out_dir and main:
         os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     state = None
-    if resume:   # rank 0 reads, every rank gets it
-        state = broadcast_object(read_checkpoint(ckpt, cfg) if main else None, world, "checkpoint broadcast")
+    if resume:   # rank 0 reads; every rank gets the state, or the reason there is none, and raises alike
+        got = (None, None)
+        if main:
+            try:
+                got = (read_checkpoint(ckpt, cfg), None) if os.path.exists(ckpt) else \
+                    (None, FileNotFoundError(f"resume: no checkpoint at {ckpt}"))
+            except ValueError as e:
+                got = (None, e)
+        state, err = broadcast_object(got, world, "checkpoint broadcast")
+        if err is not None:
+            raise err
     tr = Trainer(unet, task, cfg, world=world, restored=(state or {}).get("method_state"))
     t1 = time.perf_counter()
     m, params, opt, sampler = tr.method, tr.params, tr.opt, tr.sampler
