@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -168,12 +167,11 @@ def test_ranks_with_different_settings_are_refused_naming_them(tmp_path):
 
 
 def test_batches_too_small_to_split_are_refused():
-    from spare_kernels import canvas
-    from spare_kernels.unlearn import Config, Trainer
-    from distworkers import small_task
-    w = World(rank=0, size=4)
+    from spare_kernels.unlearn import Config
+    from spare_kernels.unlearn.distributed import check_batches
     with pytest.raises(ValueError, match="batch_forget: 2 samples cannot be split over 4 ranks"):
-        Trainer(canvas.load_model(), small_task(), Config(**dict(CFG, batch_forget=2)), world=w)
+        check_batches(Config(**dict(CFG, batch_forget=2)), World(rank=0, size=4))
+    check_batches(Config(**dict(CFG, batch_forget=2, batch_retain=2, saliency_batch=2)), World(rank=1, size=2))
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -195,8 +193,14 @@ def test_jobs_run_across_two_ranks_and_resume_after_a_kill(tmp_path):
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not list(out.glob("*/result.json")):
         time.sleep(0.5)
-    os.killpg(p.pid, signal.SIGKILL)   # the whole sweep, mid-way
+    # The whole sweep, mid-way: the workers (torchrun's children, in sessions of their own), then torchrun.
+    subprocess.run(["pkill", "-KILL", "-P", str(p.pid)], check=False)
+    p.kill()
     p.wait()
+    for _ in range(100):
+        if subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True).returncode:
+            break
+        time.sleep(0.1)
     done = sorted(f.parent.name for f in out.glob("*/result.json"))
     assert 1 <= len(done) < 3, done
     p = _torchrun(args)
