@@ -379,8 +379,8 @@ def sharded_saliency(module, batches, loss_fn, stat: str, target_modules, world:
     per_batch = stat == "grad_abs"
     owned, hit = None, set()
     with SaliencyCollector(module, stat="signed" if per_batch else stat, target_modules=target_modules) as col:
-        plan = shard_plan({k: v.shape for k, v in col.scores(all_targets=True).items()}, world.size)
-        col.reset()
+        # the shapes from the weights themselves: no score buffer is allocated before the first backward
+        plan = shard_plan({t.key: tuple(t.layer.weight.shape) for t in col.targets}, world.size)
         for batch in batches:
             loss_fn(module, batch).backward()
             hit.update(col.scores())   # layers whose backward ran: one process scores only those

@@ -31,13 +31,18 @@ from ..distributed import World, _run, all_reduce, check_same
 BUCKET_BYTES = 4 << 20
 
 
+def _rows(n: int, rank: int, size: int) -> slice:
+    return slice(rank * n // size, (rank + 1) * n // size)
+
+
 def shard(n: int, world: World) -> slice:
     """This rank's rows of a global batch of ``n``: ``[r·n//N, (r+1)·n//N)``."""
-    return slice(world.rank * n // world.size, (world.rank + 1) * n // world.size)
+    return _rows(n, world.rank, world.size)
 
 
 def shard_sizes(n: int, size: int) -> List[int]:
-    return [(r + 1) * n // size - r * n // size for r in range(size)]
+    """Every rank's number of rows of a global batch of ``n``."""
+    return [s.stop - s.start for s in (_rows(n, r, size) for r in range(size))]
 
 
 def check_batches(cfg, world: World) -> None:
@@ -66,10 +71,11 @@ def fingerprint(unet, task, cfg) -> dict:
     """What must be equal on every rank: the settings, the model (names, shapes, dtypes and a float64
     sum of every parameter and buffer), the task's samples and conditions, and the versions."""
     import spare_kernels
+    named = list(unet.named_parameters()) + list(unet.named_buffers())
     model = hashlib.sha256()
-    for n, t in list(unet.named_parameters()) + list(unet.named_buffers()):
+    for n, _ in named:
         model.update(n.encode())
-    model.update(_digest([t for _, t in list(unet.named_parameters()) + list(unet.named_buffers())]).encode())
+    model.update(_digest([t for _, t in named]).encode())
     data = _digest([task.x_forget, task.c_forget, task.c_surrogate, task.x_retain, task.c_retain, task.c_null])
     return {"config": dataclasses.asdict(cfg), "model": model.hexdigest()[:16],
             "task": f"{task.target}->{task.surrogate} {data[:16]}",

@@ -22,6 +22,7 @@ over those weights only), the masks and the adapters of ``spare`` and ``spare-re
 adapters and ``salun``'s trainable masked weights. ``esd`` ignores it: ESD-x is defined by its
 parameter set (every cross-attention parameter), which is neither target set.
 """
+from __future__ import annotations
 
 import contextlib
 import copy
@@ -39,6 +40,7 @@ from ..targets import target_predicate
 from . import reference as ref
 from .distributed import shard
 from .timesteps import TimestepSampler, probe
+
 
 # ------------------------------------------------------------------------------------------ helpers
 def _eps(unet, x, t, c):
@@ -98,7 +100,6 @@ def _layer_weights(scores: dict, unet, targets: str = "all") -> dict:
     """The entries of ``scores`` (keyed by parameter name) that are weights of the ``targets`` layers."""
     keys = {f"{n}.weight" for n in _linear_conv_names(unet, targets)}
     return {k: v for k, v in scores.items() if k in keys}
-
 
 
 class _Method:
@@ -251,7 +252,6 @@ class _SpareReference(_Method):
         return _mse(pf, tgt_f, cfg.batch_forget), _mse(pr, tgt_r, cfg.batch_retain)
 
 
-
 class _Lora(_Method):
     def setup(self, gen, restored=None):
         from peft import LoraConfig, inject_adapter_in_model
@@ -301,7 +301,6 @@ class _Salun(_Method):
             p.register_hook(lambda g, mf=mf: g * mf)
             params.append(p)
         return params
-
 
 
 class _Esd(_Method):

@@ -13,12 +13,12 @@ from typing import Optional
 import torch
 
 from ..adapters import save_adapter
-from ..distributed import World, broadcast_object, check_same, init_from_env
+from ..distributed import World, broadcast_object, check_same, init_from_env, masks_digest
 from .checkpoints import _save_checkpoint, apply_checkpoint, read_checkpoint
 from .config import Config
-from ..distributed import masks_digest
 from .distributed import GradSync, check_batches, check_consistent, params_digest, reduce_losses, shard_sizes
 from .methods import _IMPL
+
 
 def _state_bytes(tensors) -> int:
     seen, total = set(), 0
@@ -36,7 +36,6 @@ def _adam(params, lr):
     CPU thread). Every method gets the same optimizer."""
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
-
 
 
 class _Overlap:
@@ -81,7 +80,6 @@ class _Overlap:
         self._pool.shutdown(wait=True)
 
 
-
 # ----------------------------------------------------------------------------------------- trainer
 class Trainer:
     """One method on one UNet, a step at a time. Construction runs the method's setup (stage 1 and the
@@ -94,7 +92,8 @@ class Trainer:
     (or ``with``) ends the worker; the results change only in float rounding.
 
     Across ranks (``world``, default: torch.distributed's default group, made from the launcher's
-    environment under ``torchrun`` / ``accelerate launch`` when none exists yet; see :mod:`.distributed`): the ranks' settings, model and task are compared first; each rank computes
+    environment under ``torchrun`` / ``accelerate launch`` when none exists yet; see
+    :mod:`.distributed`): the ranks' settings, model and task are compared first; each rank computes
     its share of every batch, gradients are summed over the ranks during the backward, and every
     rank's optimizer steps on the same sums. ``restored``: a checkpoint's method state (curve and
     masks), which replaces the localise stage."""
@@ -236,7 +235,7 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
     m, params, opt, sampler = tr.method, tr.params, tr.opt, tr.sampler
     start, history = 0, []
     overlapped = tr.method.runner is not None
-    extra = {"method_state": m.state(), "world_size": world.size}
+    extra = None
     with tr:
         if state is not None:
             start, history = apply_checkpoint(state, params, opt, tr.gen)
@@ -249,6 +248,8 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
             bar.set_postfix(forget=f"{history[-1][0]:.4f}", retain=f"{history[-1][1]:.4f}", refresh=False)
             bar.update(1)
             if ckpt and main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                if extra is None:   # the setup's state (curve, packed masks), built once, only if saved
+                    extra = {"method_state": m.state(), "world_size": world.size}
                 _save_checkpoint(ckpt, step + 1, params, opt, tr.gen, history, cfg, extra)
         bar.close()
     t2 = time.perf_counter()
