@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import warnings
 from typing import Iterable, Optional, Union
 
@@ -14,10 +15,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .masks import GRANULARITIES, Mask
-from .nn.lora import (MaskedLoRAConv2d, _MaskedLoRALayer, check_base, factor_shapes, iter_patched,
-                      thread_disabled, wrap)
+from .nn.dispatch import is_lora_layer
+from .nn.lora import MaskedLoRAConv2d, _Fused, check_base, factor_shapes, iter_patched, thread_disabled, wrap
 from .ops import _checks as chk
-from .patch import _is_peft_lora, _set_module, check_unet
+from .patch import check_unet, record, set_module
 from .utils.io import atomic_path
 
 FORMAT = "spare_kernels.adapter/1"
@@ -35,10 +36,10 @@ def fingerprint(weight: torch.Tensor) -> str:
 
 def _base_weight(m: nn.Module) -> torch.Tensor:
     """The weight a fingerprint is of: a patched layer's with its merges undone."""
-    return m.unmerged_weight() if isinstance(m, _MaskedLoRALayer) else m.weight
+    return m.unmerged_weight() if isinstance(m, _Fused) else m.weight
 
 
-def _layers(unet, adapter_name=None) -> list[tuple[str, _MaskedLoRALayer]]:
+def _layers(unet, adapter_name=None) -> list[tuple[str, _Fused]]:
     check_unet(unet)
     out = [(n, m) for n, m in iter_patched(unet) if adapter_name is None or adapter_name in m.lora_A]
     if adapter_name is not None and not out:
@@ -63,7 +64,7 @@ def save_adapter(unet: nn.Module, path: Union[str, os.PathLike], adapter_name: s
     for name, m in layers:
         tensors[f"{name}.lora_A"] = m.lora_A[adapter_name].weight.detach().cpu().contiguous()
         tensors[f"{name}.lora_B"] = m.lora_B[adapter_name].weight.detach().cpu().contiguous()
-        mask = m.masks[adapter_name]
+        mask = m.masks.get(adapter_name)
         if mask is not None:
             tensors[f"{name}.mask"] = mask.data.cpu().contiguous()
         modules[name] = {
@@ -218,7 +219,7 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
     name = adapter_name if adapter_name is not None else meta["adapter_name"]
     modules = dict(unet.named_modules())
     # Names inside an adapted layer (its base_layer, peft's lora_A.<name>) are not targets.
-    owners = [n for n, m in modules.items() if isinstance(m, _MaskedLoRALayer) or _is_peft_lora(m)]
+    owners = [n for n, m in modules.items() if is_lora_layer(m)]
     missing, wrong, foreign, clash = [], [], [], []
     for mod, info in meta["modules"].items():
         m = modules.get(mod)
@@ -238,15 +239,15 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
     for mod, info in meta["modules"].items():
         m = modules[mod]
         where = f"load_adapter: {path!r}: module {mod!r}"
-        if _is_peft_lora(m):
-            raise ValueError(f"{where}: carries peft LoRA layers; patch_unet(unet) first")
-        if not isinstance(m, _MaskedLoRALayer):
+        if is_lora_layer(m) and not isinstance(m, _Fused):
+            raise ValueError(f"{where}: is peft's own LoRA layer; patch_unet(unet) first to make it a fused one")
+        if not isinstance(m, _Fused):
             try:
                 check_base(m)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{where}: {e}") from None
         plan[mod] = _plan_module(mod, info, getattr(m, "base_layer", m), tensors, _complaint(where))
-        if isinstance(m, _MaskedLoRALayer) and name in m.lora_A:
+        if isinstance(m, _Fused) and name in m.lora_A:
             clash.append(mod)
         elif info["fingerprint"] and fingerprint(_base_weight(m)) != info["fingerprint"]:
             foreign.append(mod)
@@ -269,60 +270,145 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
     return unet
 
 
+def _register(unet, name, plan) -> None:
+    """The adapter in ``unet.peft_config`` as peft would describe it, so peft's and diffusers' adapter
+    API (get_peft_model_state_dict, set_adapters, save_lora_weights...) sees it."""
+    from peft import LoraConfig
+    ranks = [p["rank"] for p in plan.values()]
+    r = max(set(ranks), key=ranks.count)
+    alphas = {mod: p["scale"] * p["rank"] for mod, p in plan.items()}
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(plan), init_lora_weights=False,
+                     rank_pattern={re.escape(m): p["rank"] for m, p in plan.items() if p["rank"] != r},
+                     alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != alpha})
+    if not isinstance(getattr(unet, "peft_config", None), dict):
+        unet.peft_config = {}
+    unet.peft_config[name] = cfg
+    if hasattr(type(unet), "_hf_peft_config_loaded"):
+        unet._hf_peft_config_loaded = True
+
+
 def _apply(unet, modules, plan, name) -> None:
     """Add the planned adapter everywhere; if anything still fails (out of memory, say), put back
     every layer as it was before raising."""
+    rec = record(unet)
+    had = dict(getattr(unet, "peft_config", None) or {}) if isinstance(getattr(unet, "peft_config", None), dict) \
+        else None
     done = []   # (module name, layer, (base module, its requires_grad flags) if wrapped here)
     try:
         for mod, p in plan.items():
             layer = modules[mod]
-            if isinstance(layer, _MaskedLoRALayer):
+            if isinstance(layer, _Fused):
                 done.append((mod, layer, None))
             else:
                 base = layer
                 flags = [q.requires_grad for q in base.parameters()]
                 layer = wrap(base)                   # freezes the base layer
                 done.append((mod, layer, (base, flags)))
-                _set_module(unet, mod, layer)
+                set_module(unet, mod, layer)
             dev = layer.weight.device
             layer.add_adapter(name, p["rank"], p["scale"], mask=p["mask"], lora_A=p["lora_A"].to(dev),
                               lora_B=p["lora_B"].to(dev), active=p["active"])
+        _register(unet, name, plan)
     except BaseException:
         for mod, layer, wrapped in reversed(done):
             if name in layer.lora_A:
                 layer.remove_adapter(name)
             if wrapped is not None:
                 base, flags = wrapped
-                _set_module(unet, mod, base)
+                set_module(unet, mod, base)
                 for q, f in zip(base.parameters(), flags):
                     q.requires_grad_(f)
+        if had is None:
+            unet.__dict__.pop("peft_config", None)
+        else:
+            unet.peft_config = had
         raise
+    rec["wrapped"].update(mod for mod, _, w in done if w is not None)
+    rec["added"].append(name)
+
+
+def export_lora(unet: nn.Module, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter as a plain LoRA that any peft/diffusers loader reproduces, masks included:
+    ``(state_dict, metadata)`` in ``get_peft_model_state_dict``'s format, for
+    ``StableDiffusionPipeline.save_lora_weights(dir, unet_lora_layers=state_dict,
+    unet_lora_adapter_metadata=metadata)``.
+
+    peft's own state dict of a masked adapter holds the unmasked ``B``, ``A``: a loader that knows no
+    masks would run ``B·A`` everywhere, a different adapter. Here a masked layer's delta
+    ``s·M⊙(B·A)`` is factored exactly instead (SVD: ``B' = U·S``, ``A' = Vᵀ``, rank ``min(out, in·kh·kw)``,
+    fp32; the file grows to about the dense delta's size), an unmasked one keeps its rank with the
+    scale folded into ``B``; every layer's ``lora_alpha`` equals its rank (scale 1). Fused merges are
+    read as unmerged."""
+    layers = _layers(unet, adapter_name)
+    sd, ranks = {}, {}
+    for name, m in layers:
+        mask = m.masks.get(adapter_name)
+        if mask is None:
+            A = m.lora_A[adapter_name].weight.detach().float()
+            B = m.lora_B[adapter_name].weight.detach().float() * m.scaling[adapter_name]
+        else:
+            d = m.delta_weight(adapter_name).detach().float()
+            U, S, Vh = torch.linalg.svd(d.reshape(d.shape[0], -1), full_matrices=False)
+            k = S.shape[0]
+            A = Vh.reshape(k, *d.shape[1:])
+            B = (U * S).reshape(d.shape[0], k, *([1, 1] if d.dim() == 4 else []))
+        ranks[name] = A.shape[0]
+        sd[f"{name}.lora_A.weight"] = A.cpu().contiguous()
+        sd[f"{name}.lora_B.weight"] = B.cpu().contiguous()
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
+    from peft import LoraConfig
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern, alpha_pattern=pattern,
+                     init_lora_weights=False)
+    meta = cfg.to_dict()
+    for k in ("target_modules",):   # sets are not JSON
+        meta[k] = sorted(meta[k])
+    return sd, meta
 
 
 # ----------------------------------------------------------------------------------- run-time control
 def merge_adapter(unet: nn.Module, adapter_name: str = "default") -> None:
     """Fold ``adapter_name`` into the base weights (bit-exactly reversible by :func:`unmerge_adapter`)."""
-    for _, m in _layers(unet, adapter_name):
-        m.merge(adapter_name)
+    layers = _layers(unet, adapter_name)
+    done = [n for n, m in layers if adapter_name in m.merged_adapters]
+    if done:
+        raise RuntimeError(f"adapter {adapter_name!r} is already merged (in {done[:3]})")
+    with warnings.catch_warnings():   # peft's "already ... merged, now additionally merging": stacking is asked for
+        warnings.filterwarnings("ignore", message="Already following adapters were merged")
+        for _, m in layers:
+            m.merge(adapter_names=[adapter_name])
 
 
 def unmerge_adapter(unet: nn.Module, adapter_name: Optional[str] = None) -> None:
     """Restore the base weights bit-exactly (``None``: undo every merge)."""
     for _, m in _layers(unet, adapter_name):
-        if adapter_name is None or adapter_name in m.merged_adapters:
+        if adapter_name in m.merged_adapters or (adapter_name is None and m.merged_adapters):
             m.unmerge(adapter_name)
 
 
 def remove_adapter(unet: nn.Module, adapter_name: str) -> None:
-    for _, m in _layers(unet, adapter_name):
+    """Take the adapter off every layer (refused while merged) and out of ``unet.peft_config``."""
+    layers = _layers(unet, adapter_name)
+    merged = [n for n, m in layers if adapter_name in m.merged_adapters]
+    if merged:
+        raise RuntimeError(f"adapter {adapter_name!r} is merged (in {merged[:3]}); unmerge it before removing it")
+    for _, m in layers:
         m.remove_adapter(adapter_name)
+    cfg = getattr(unet, "peft_config", None)
+    if isinstance(cfg, dict):
+        cfg.pop(adapter_name, None)
 
 
 def set_adapter_scale(unet: nn.Module, adapter_name: str, scale: float) -> None:
     """Set the adapter's multiplier ``s`` in ``W + s·M⊙(B·A)`` (patch_unet sets ``alpha / rank``)."""
     chk.scale("set_adapter_scale", scale)
-    for _, m in _layers(unet, adapter_name):
-        m.set_scale(adapter_name, scale)
+    layers = _layers(unet, adapter_name)
+    merged = [n for n, m in layers if adapter_name in m.merged_adapters]
+    if merged:
+        raise RuntimeError(f"adapter {adapter_name!r} is merged (in {merged[:3]}); unmerge it before changing its scale")
+    for _, m in layers:
+        m.scaling[adapter_name] = float(scale)
 
 
 def set_active_adapters(unet: nn.Module, adapter_names_: Union[str, Iterable[str]]) -> None:
@@ -337,17 +423,18 @@ def set_active_adapters(unet: nn.Module, adapter_names_: Union[str, Iterable[str
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"adapter_names: {unknown} not in the unet; it has {known}")
-    for _, m in _layers(unet):
-        m.active_adapters = [n for n in names if n in m.lora_A]
+    for _, m in _layers(unet):   # peft's set_adapter would also change requires_grad; this does not
+        m._active_adapter = [n for n in names if n in m.lora_A]
 
 
 def enable_adapter(unet: nn.Module, adapter_name: str, enabled: bool = True) -> None:
     """Switch one adapter on or off, leaving the others as they are."""
     for _, m in _layers(unet, adapter_name):
-        if enabled and adapter_name not in m.active_adapters:
-            m.active_adapters.append(adapter_name)
-        elif not enabled and adapter_name in m.active_adapters:
-            m.active_adapters.remove(adapter_name)
+        act = list(m.active_adapters)
+        if enabled and adapter_name not in act:
+            m._active_adapter = act + [adapter_name]
+        elif not enabled and adapter_name in act:
+            m._active_adapter = [a for a in act if a != adapter_name]
 
 
 @contextlib.contextmanager
@@ -372,11 +459,11 @@ def disable_adapters(unet: nn.Module, this_thread: bool = False):
                 if not off[id(m)]:
                     del off[id(m)]
         return
-    prev = [m.adapters_disabled for _, m in layers]
-    for _, m in layers:
-        m.adapters_disabled = True
+    prev = [m._disable_adapters for _, m in layers]
+    for _, m in layers:   # peft's enable_adapters(False) would also freeze the adapters; this does not
+        m._disable_adapters = True
     try:
         yield unet
     finally:
         for (_, m), p in zip(layers, prev):
-            m.adapters_disabled = p
+            m._disable_adapters = p

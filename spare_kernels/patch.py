@@ -1,23 +1,25 @@
-"""``patch_unet`` / ``unpatch_unet``: swap a diffusers UNet's layers for fused masked-LoRA modules."""
+"""``patch_unet`` / ``unpatch_unet``: make a denoiser's LoRA layers the fused ones, adding an adapter
+through peft where it has none.
+
+A patched model is, to peft and diffusers, a peft model (``peft_config``, ``lora.Linear`` layers,
+peft's state-dict keys) whose LoRA layers run the fused kernels: see :mod:`spare_kernels.nn.lora`.
+"""
 from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .masks import Mask, as_mask
-from .nn.lora import INITS, _MaskedLoRALayer, check_base, iter_patched, wrap
+from .nn.dispatch import is_lora_layer, use_fused_lora, why_not_fused
+from .nn.lora import INITS, _Fused, adopt, factor_shapes, iter_patched, release, unfusable_reason
 from .targets import ATTENTION_TARGETS, PRESETS, Targets, target_predicate  # noqa: F401 (re-exported)
 
-_FLAGS = "_spare_kernels_requires_grad"
-
-
-def _is_peft_lora(m: nn.Module) -> bool:
-    return (hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
-            and hasattr(m, "scaling") and not isinstance(m, _MaskedLoRALayer))
+_RECORD = "_spare_kernels_patch"   # what this library did to a model, for unpatch_unet
 
 
 def check_unet(unet) -> nn.Module:
@@ -28,19 +30,37 @@ def check_unet(unet) -> nn.Module:
     return unet
 
 
-def _candidates(unet: nn.Module) -> dict[str, nn.Module]:
-    """Adaptable layers by qualified name: plain Linear/Conv2d, peft LoRA layers, our patched layers
-    (never the base layer inside a wrapper)."""
-    out, inside = {}, []
+def record(unet: nn.Module) -> dict:
+    """What patch_unet / load_adapter changed, kept on the model: the parameters' ``requires_grad`` flags
+    before, the layers created on plain modules, the adapters added, whether a peft config existed."""
+    rec = unet.__dict__.get(_RECORD)
+    if rec is None:
+        rec = unet.__dict__[_RECORD] = {
+            "flags": {n: p.requires_grad for n, p in unet.named_parameters()}, "wrapped": set(), "added": [],
+            "had_config": hasattr(unet, "peft_config"),
+            "hf_loaded": unet.__dict__.get("_hf_peft_config_loaded", None)}
+    return rec
+
+
+def candidates(unet: nn.Module) -> dict[str, nn.Module]:
+    """Adaptable layers by qualified name: peft LoRA layers (fused or not; never what is inside them)
+    and ``nn.Linear`` / ``nn.Conv2d`` (subclasses included, as peft adapts them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    out, inside = {}, set()
     for name, m in unet.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
+        if id(m) in inside:
             continue
-        if isinstance(m, _MaskedLoRALayer) or _is_peft_lora(m):
-            out[name] = m
-            inside.append(name)
-        elif type(m) in (nn.Linear, nn.Conv2d):
+        if isinstance(m, BaseTunerLayer):
+            inside.update(id(s) for s in m.modules() if s is not m)
+            if is_lora_layer(m):
+                out[name] = m
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
             out[name] = m
     return out
+
+
+def _base(m: nn.Module) -> nn.Module:
+    return m.get_base_layer() if hasattr(m, "get_base_layer") else m
 
 
 def _nearest(words, names, n=5):
@@ -50,145 +70,332 @@ def _nearest(words, names, n=5):
     return sorted(set(hits))[:n] or names[:n]
 
 
-def _from_peft(m: nn.Module) -> _MaskedLoRALayer:
-    """A peft LoRA layer as a fused module carrying the very same A/B parameters."""
-    if getattr(m, "merged", False) or getattr(m, "merged_adapters", []):
-        raise ValueError("unet: a peft LoRA layer has merged adapters; unmerge them before patching")
-    base = m.base_layer
-    new = wrap(base)
-    for name in m.lora_A:
-        drop = m.lora_dropout[name] if name in getattr(m, "lora_dropout", {}) else None
-        if drop is not None and not isinstance(drop, nn.Identity) and getattr(drop, "p", 0) > 0:
-            raise ValueError(f"unet: peft adapter {name!r} uses lora_dropout={drop.p}; the fused op has no input "
-                             "dropout (use lora_dropout=0)")
-        if getattr(m, "use_dora", {}).get(name) or getattr(m, "lora_bias", {}).get(name):
-            raise ValueError(f"unet: peft adapter {name!r} uses DoRA or lora_bias, which the fused op does not model")
-        A, B = m.lora_A[name].weight, m.lora_B[name].weight
-        if isinstance(base, nn.Conv2d) and (m.lora_B[name].groups != 1 or tuple(A.shape[1:2]) !=
-                                            (base.in_channels // base.groups,)):
-            raise ValueError(f"unet: peft conv adapter {name!r} on a grouped conv has a different layout")
-        new.add_adapter(name, A.shape[0], m.scaling[name], lora_A=A, lora_B=B,
-                        active=name in m.active_adapters)
-    new.adapters_disabled = bool(getattr(m, "disable_adapters", False))
-    new.set_original(m)
-    return new
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _normalise_masks(masks, carriers: dict[str, torch.Tensor], adapter_name: str) -> dict[str, Mask]:
+def _strip(name: str) -> str:
+    return name.replace(".base_layer.", ".")
+
+
+def normalise_masks(masks, unet: nn.Module, carriers: dict[str, torch.Tensor], adapter_name: str) -> dict[str, Mask]:
     """``carriers``: module name -> weight of every module that will carry ``adapter_name``. Every mask
-    becomes a ``Mask`` on its weight's device here, before the UNet is changed: a bad one (wrong dtype,
-    shape, a meta tensor) is refused with nothing swapped or frozen."""
+    becomes a ``Mask`` on its weight's device here, before the model is changed: a bad one (wrong dtype,
+    shape, a meta tensor) is refused with nothing swapped or frozen. Entries for other parameters of the
+    model (a saliency mask over every parameter, as SPARE's code makes it) are dropped with a warning
+    that counts them; a key naming no parameter at all is an error."""
     if masks is None:
         return {}
     if not isinstance(masks, dict):
         raise TypeError(f"masks: expected a dict of parameter name -> Mask/bool tensor, got {type(masks).__name__}")
-    out, bad = {}, []
+    params = {_strip(n) for n, _ in unet.named_parameters()}
+    out, unknown, ignored, ignored_on = {}, [], 0, 0
     for key, m in masks.items():
         if not isinstance(key, str):
             raise TypeError(f"masks: expected parameter names (str) as keys, got {key!r}")
         mod = key[:-len(".weight")] if key.endswith(".weight") else None
         if mod is not None and mod.endswith(".base_layer"):
             mod = mod[:-len(".base_layer")]
-        if mod not in carriers:
-            bad.append(key)
-            continue
-        w = carriers[mod]
-        out[mod] = as_mask(m, w.shape, w.device, name=f"masks[{key!r}]")
-    if bad:
+        if mod in carriers:
+            w = carriers[mod]
+            out[mod] = as_mask(m, w.shape, w.device, name=f"masks[{key!r}]")
+        elif _strip(key) in params:
+            ignored += 1
+            if isinstance(m, Mask):
+                ignored_on += int(round(m.density * m.data.new_zeros(m.shape).numel()))
+            elif isinstance(m, torch.Tensor):
+                ignored_on += int(m.count_nonzero())
+        else:
+            unknown.append(key)
+    if unknown:
         names = [f"{n}.weight" for n in carriers]
-        raise ValueError(f"masks: {len(bad)} key(s) name no weight of a module that carries adapter "
-                         f"{adapter_name!r}: {bad[:5]}; nearest targeted: {_nearest(bad[:3], names)}. "
-                         "Widen target_modules (e.g. 'all') or drop those keys.")
+        raise ValueError(f"masks: {len(unknown)} key(s) name no parameter of the model: {unknown[:5]}; nearest "
+                         f"adapted weights: {_nearest(unknown[:3], names)}")
+    if ignored:
+        warnings.warn(f"masks: {ignored} of {len(masks)} entries name parameters outside the layers that carry "
+                      f"adapter {adapter_name!r} (biases, norms, layers not targeted) and are ignored; they select "
+                      f"{ignored_on} entries. Widen target_modules (e.g. 'all') to train them.", UserWarning, stacklevel=3)
     return out
 
 
-def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: int = 4, alpha: Optional[float] = None,
-               target_modules: Targets = None, init: str = "gaussian", adapter_name: str = "default",
-               adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Swap the targeted layers of ``unet`` for fused masked-LoRA modules, in place; returns ``unet``.
-
-    - ``target_modules``: ``None``/``"attention"`` = to_q, to_k, to_v, to_out.0 (as SPARE); ``"all"`` =
-      every Linear and Conv2d; a list of names, a regex, or ``callable(name, module)``.
-    - ``masks``: parameter name (``unet.named_parameters()`` style, ``...weight``, with or without
-      ``.base_layer``, as ``topk_masks`` returns) -> ``Mask`` or bool tensor. **A targeted module
-      with no entry gets a dense (unmasked) adapter.** A key matching no adapted weight is an error.
-    - scale = ``alpha / rank`` (``alpha=None``: 1.0). ``init``: ``gaussian`` (B = 0, so the output is
-      unchanged until trained), ``kaiming`` (peft's default), ``random`` (non-zero, for benchmarks).
-    - Like peft, every non-adapter parameter is frozen (``unpatch_unet`` restores the flags).
-    - Adapters are ``adapter_dtype`` (fp32 by default, also under a bf16/fp16 base).
-    - Existing peft LoRA layers (``unet.add_adapter(LoraConfig(...))``) become fused modules carrying
-      the same parameter objects. If ``adapter_name`` already exists in the UNet (from peft or an
-      earlier patch), no new adapter is created; ``masks`` then apply to that adapter.
-    """
-    check_unet(unet)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+def _check_args(rank, alpha, init, adapter_name, adapter_dtype):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank: expected a positive int, got {rank!r}")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                               or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"alpha: expected a positive finite number or None, got {alpha!r}")
-    if init not in INITS:
+    if init is not None and init not in INITS:
         raise ValueError(f"init: expected one of {INITS}, got {init!r}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name):
         raise ValueError(f"adapter_name: expected a non-empty string without '.', got {adapter_name!r}")
     if adapter_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise TypeError(f"adapter_dtype: expected a floating dtype, got {adapter_dtype!r}")
+
+
+def _existing(cands) -> list[str]:
+    names: list[str] = []
+    for m in cands.values():
+        if is_lora_layer(m):
+            names += [a for a in m.lora_A if a not in names]
+    return names
+
+
+def _check_keep(cands, names, rank, alpha, init, target_modules, pred):
+    """patch_unet keeps existing adapters as they are: a request that would change them is refused."""
+    hint = "; pass a new adapter_name to add an adapter with these settings, or leave the argument out"
+    if init is not None:
+        raise ValueError(f"init: {init!r} applies to a new adapter only; adapter(s) {names} exist{hint}")
+    carrying = {n for n, m in cands.items() if is_lora_layer(m) and any(a in m.lora_A for a in names)}
+    for n in sorted(carrying):
+        m = cands[n]
+        for a in names:
+            if a not in m.lora_A:
+                continue
+            if rank is not None and m.r[a] != rank:
+                raise ValueError(f"rank: {rank} requested, but adapter {a!r} has r={m.r[a]} (at {n!r}){hint}")
+            if alpha is not None and not math.isclose(float(m.lora_alpha[a]), float(alpha)):
+                raise ValueError(f"alpha: {alpha} requested, but adapter {a!r} has lora_alpha={m.lora_alpha[a]} "
+                                 f"(at {n!r}){hint}")
+    if target_modules is not None:
+        asked = {n for n, m in cands.items() if pred(n, _base(m))}
+        if asked != carrying:
+            more, less = sorted(asked - carrying), sorted(carrying - asked)
+            raise ValueError(f"target_modules: {target_modules!r} names other layers than adapter(s) {names} are on "
+                             f"({len(more)} not adapted, e.g. {more[:3]}; {len(less)} adapted but not named, e.g. "
+                             f"{less[:3]}){hint}")
+
+
+def _plan_adopt(cands, masked) -> dict[str, str]:
+    """The peft LoRA layers that must keep peft's own code, with the reason; raises where that cannot
+    be (a mask asked for on one, merged adapters)."""
+    stay = {}
+    for n, m in cands.items():
+        if is_lora_layer(m) and not isinstance(m, _Fused):
+            if m.merged_adapters:
+                raise ValueError(f"unet: peft LoRA layer {n!r} has merged adapters {m.merged_adapters}; unmerge them "
+                                 "(unet.unfuse_lora() / unmerge_adapter()) before patching")
+            why = why_not_fused(m)
+            if why is not None:
+                stay[n] = why
+        elif not is_lora_layer(m) and n in masked and unfusable_reason(m) is not None:
+            stay[n] = f"its base layer has {unfusable_reason(m)}"
+    bad = [n for n in masked if n in stay]
+    if bad:
+        raise ValueError(f"masks: layer {bad[0]!r} would keep peft's own LoRA code, which takes no mask: {stay[bad[0]]}")
+    return {n: w for n, w in stay.items() if is_lora_layer(cands[n])}
+
+
+def _adopt_all(cands, stay) -> None:
+    """Every peft LoRA layer the op can run becomes fused; the others keep peft's own code (said once)."""
+    for n, m in cands.items():
+        if is_lora_layer(m) and not isinstance(m, _Fused) and n not in stay:
+            adopt(m)
+    if stay:
+        ex = "; ".join(f"{n}: {w}" for n, w in list(stay.items())[:3])
+        warnings.warn(f"patch_unet: {len(stay)} peft LoRA layer(s) keep peft's own (unfused) code: {ex}",
+                      UserWarning, stacklevel=3)
+
+
+def _draw(shape_a, shape_b, init, rank, dtype):
+    """This library's adapter init, from the CPU random stream (a seed gives the same adapter anywhere)."""
+    A = torch.empty(shape_a, dtype=dtype)
+    B = torch.zeros(shape_b, dtype=dtype)
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    else:
+        nn.init.normal_(A, std=1.0 / rank)
+    if init == "random":
+        nn.init.normal_(B, std=1.0)
+    return A, B
+
+
+def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, rec):
+    """Add ``adapter_name`` on ``targeted`` through peft (fused where the op computes it), with this
+    library's init and dtype; other adapters stay active. Undone if anything fails."""
+    from peft import LoraConfig, inject_adapter_in_model
+    lora_alpha = alpha if alpha is not None else rank
+    cfg = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=sorted(targeted), init_lora_weights=False)
+    before = {n: (list(m.active_adapters), [(p, p.requires_grad) for p in m.parameters()])
+              for n, m in cands.items() if is_lora_layer(m)}
+    try:
+        with torch.random.fork_rng(devices=[]), use_fused_lora(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(cfg, unet, adapter_name)
+        if hasattr(type(unet), "_hf_peft_config_loaded"):
+            unet._hf_peft_config_loaded = True   # what diffusers' add_adapter sets: its adapter API is live
+        rec["added"].append(adapter_name)
+        layers = {}
+        for n, old in cands.items():   # in module order: the same random stream as the 0.1 layers
+            m = unet.get_submodule(n)
+            if n not in targeted:
+                continue
+            if m is not old:
+                rec["wrapped"].add(n)
+            A, B = _draw(*factor_shapes(_base(m), rank), init, rank, adapter_dtype)
+            dev = _base(m).weight.device
+            m.lora_A[adapter_name].weight = nn.Parameter(A.to(dev))
+            m.lora_B[adapter_name].weight = nn.Parameter(B.to(dev))
+            m.scaling[adapter_name] = lora_alpha / rank
+            layers[n] = m
+        for n, (act, flags) in before.items():   # peft's set_adapter made the new one the only active adapter
+            m = unet.get_submodule(n)
+            for p, f in flags:
+                p.requires_grad_(f)
+            m._active_adapter = act + ([adapter_name] if adapter_name in m.lora_A else [])
+        for n, m in layers.items():
+            if n not in before:
+                m._active_adapter = [adapter_name]
+        stock = {n: why_not_fused(m) for n, m in layers.items() if not isinstance(m, _Fused)}
+        if stock:
+            ex = "; ".join(f"{n}: {w}" for n, w in list(stock.items())[:3])
+            warnings.warn(f"patch_unet: {len(stock)} targeted layer(s) run peft's own (unfused) LoRA code: {ex}",
+                          UserWarning, stacklevel=3)
+        return layers
+    except BaseException:
+        _remove_added(unet, adapter_name, rec)
+        raise
+
+
+def _remove_added(unet, adapter_name, rec) -> None:
+    """Take ``adapter_name`` off every layer; layers this library wrapped that are left empty become
+    their plain module again; the peft config entry goes."""
+    for n, m in list(unet.named_modules()):
+        if is_lora_layer(m) and adapter_name in m.lora_A:
+            act = [a for a in m.active_adapters if a != adapter_name]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m.delete_adapter(adapter_name)
+            m._active_adapter = act
+            if n in rec["wrapped"] and not m.lora_A:
+                set_module(unet, n, m.get_base_layer())
+                rec["wrapped"].discard(n)
+    cfg = getattr(unet, "peft_config", None)
+    if isinstance(cfg, dict):
+        cfg.pop(adapter_name, None)
+        if not cfg and not rec["had_config"]:
+            del unet.peft_config
+            if rec["hf_loaded"] is None:
+                unet.__dict__.pop("_hf_peft_config_loaded", None)
+            else:
+                unet._hf_peft_config_loaded = rec["hf_loaded"]
+    if adapter_name in rec["added"]:
+        rec["added"].remove(adapter_name)
+
+
+def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int] = None,
+               alpha: Optional[float] = None, target_modules: Targets = None, init: Optional[str] = None,
+               adapter_name: Optional[str] = None, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Make ``unet``'s LoRA layers the fused ones, in place; returns ``unet``.
+
+    - **A peft model** (``unet.add_adapter(LoraConfig(...))``, ``load_lora_weights``): every peft
+      ``lora.Linear`` / ``lora.Conv2d`` becomes the fused class in place (same object, parameters, hooks
+      and state dict); the adapters stay as they are. ``rank``/``alpha``/``target_modules``/``init``,
+      if given, must describe them (else a ``ValueError``: they cannot be honoured without changing the
+      user's adapter); a new ``adapter_name`` adds a new adapter instead.
+    - **A plain model**, or a new ``adapter_name``: adds the adapter (``"default"`` when none is named)
+      through peft (``unet.peft_config[adapter_name]``; the layers are peft layers) on ``target_modules``:
+      ``None``/``"attention"`` = to_q, to_k, to_v, to_out.0 (as SPARE); ``"all"`` = every Linear and
+      Conv2d; a list of names, a regex, or ``callable(name, module)``. ``rank`` 4 by default, scale =
+      ``alpha / rank`` (``alpha=None``: 1.0). ``init`` (default ``gaussian``): ``gaussian`` (B = 0, the
+      output is unchanged until trained), ``kaiming`` (peft's default), ``random`` (non-zero, for
+      benchmarks). Adapters are ``adapter_dtype`` (fp32 by default, also under a bf16/fp16 base); the
+      other adapters stay active (stacked).
+    - ``masks``: parameter name (``unet.named_parameters()`` style, with or without ``.base_layer``, as
+      ``topk_masks`` returns) -> ``Mask`` or bool/uint8 tensor, for the adapter named (or the model's only
+      one). **A layer with no entry gets a dense (unmasked) adapter.** Entries for other parameters of
+      the model (SPARE's masks cover every parameter) are ignored with a warning that counts them; a
+      key naming no parameter is an error.
+    - Like peft, every non-adapter parameter is frozen (``unpatch_unet`` restores the flags).
+    Every check runs before anything changes.
+    """
+    check_unet(unet)
+    _check_args(rank, alpha, init, adapter_name, adapter_dtype)
     pred = target_predicate(target_modules)
-    cands = _candidates(unet)
+    cands = candidates(unet)
     if not cands:
         raise ValueError(f"unet: expected a UNet-like module with nn.Linear/nn.Conv2d layers, "
                          f"found none in {type(unet).__name__}")
-    exists = any(adapter_name in m.lora_A for m in cands.values() if hasattr(m, "lora_A"))
-    targeted = {n: m for n, m in cands.items() if pred(n, getattr(m, "base_layer", m))}
-    if not exists and not targeted:
-        words = [target_modules] if isinstance(target_modules, str) else list(target_modules or ATTENTION_TARGETS) \
-            if not callable(target_modules) else ["<callable>"]
-        raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear/nn.Conv2d of the unet; "
-                         f"nearest module names: {_nearest([str(w) for w in words], list(cands))}")
-    # What to swap: every peft layer (it must keep working), and the targets when a new adapter is added.
-    todo = {n: m for n, m in cands.items() if _is_peft_lora(m)}
-    if not exists:
-        todo.update(targeted)
-    carriers = {n: getattr(m, "base_layer", m).weight for n, m in (cands if exists else targeted).items()
-                if not exists or adapter_name in getattr(m, "lora_A", {})}
-    mask_map = _normalise_masks(masks, carriers, adapter_name)   # all checks pass before anything changes
-    for m in todo.values():   # a layer wrap() would refuse (e.g. a conv with padding_mode='reflect')
-        if not isinstance(m, _MaskedLoRALayer) and not _is_peft_lora(m):
-            check_base(m)
-    converted = {n: _from_peft(m) for n, m in todo.items() if _is_peft_lora(m)}
-    # Like peft: only adapters train. The flags are restored by unpatch_unet.
-    if not hasattr(unet, _FLAGS):
-        object.__setattr__(unet, _FLAGS, {n: p.requires_grad for n, p in unet.named_parameters()})
-    for n, p in unet.named_parameters():
+    existing = _existing(cands)
+    if adapter_name is None and existing:
+        keep = existing
+    elif adapter_name is not None and adapter_name in existing:
+        keep = [adapter_name]
+    else:
+        keep = None
+    name = adapter_name or "default"
+    if keep is not None:
+        _check_keep(cands, keep, rank, alpha, init, target_modules, pred)
+        if masks is not None and len(keep) > 1:
+            raise ValueError(f"adapter_name: masks apply to one adapter, and the unet has {keep}; name it")
+        name = keep[0]
+        carriers = {n: _base(m).weight for n, m in cands.items() if is_lora_layer(m) and name in m.lora_A}
+        targeted = {}
+    else:
+        targeted = {n: m for n, m in cands.items() if pred(n, _base(m))}
+        if not targeted:
+            words = ([target_modules] if isinstance(target_modules, str) else ["<callable>"]
+                     if callable(target_modules) else list(target_modules or ATTENTION_TARGETS))
+            raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear/nn.Conv2d of the unet; "
+                             f"nearest module names: {_nearest([str(w) for w in words], list(cands))}")
+        carriers = {n: _base(m).weight for n, m in targeted.items()}
+    mask_map = normalise_masks(masks, unet, carriers, name)
+    stay = _plan_adopt(cands, mask_map)   # all checks pass before anything changes
+    rec = record(unet)
+    _adopt_all(cands, stay)
+    for n, p in unet.named_parameters():   # like peft: only adapters train
         if ".lora_A." not in n and ".lora_B." not in n:
             p.requires_grad_(False)
-    scale = (alpha if alpha is not None else rank) / rank
-    layers = {}
-    for name, m in todo.items():
-        new = converted.get(name) or (m if isinstance(m, _MaskedLoRALayer) else wrap(m))
-        if not exists and name in targeted:
-            new.add_adapter(adapter_name, rank, scale, init=init, dtype=adapter_dtype)
-        if new is not m:
-            _set_module(unet, name, new)
-        layers[name] = new
-    for name, m in mask_map.items():
-        (layers.get(name) or cands[name]).set_mask(adapter_name, m)
+    if keep is None:
+        layers = _add(unet, cands, targeted, name, rank or 4, alpha, init or "gaussian", adapter_dtype, rec)
+    else:
+        layers = {n: unet.get_submodule(n) for n in carriers}
+    try:
+        for n, m in mask_map.items():
+            layer = layers[n]
+            if not isinstance(layer, _Fused):
+                raise ValueError(f"masks: layer {n!r} is {type(layer).__name__}, peft's own LoRA layer for its base "
+                                 f"({type(_base(layer)).__name__}), which takes no mask")
+            layer.set_mask(name, m)
+    except BaseException:
+        if keep is None:
+            _remove_added(unet, name, rec)
+        else:
+            for n in mask_map:
+                if isinstance(layers[n], _Fused):
+                    layers[n].masks[name] = None
+        raise
     return unet
 
 
 def unpatch_unet(unet: nn.Module) -> nn.Module:
-    """Put the original module objects back (peft layers included), unmerging first; in place."""
+    """Undo what this library did, in place: every merge undone (bit-exactly), the adapters it added
+    removed, the layers it created on plain modules replaced by those modules (the very objects), every
+    other fused layer peft's own class again (same object), the ``requires_grad`` flags restored.
+    Masks on adapters that stay (peft's, from before the patch) are dropped with a warning: peft's own
+    layers compute the unmasked ``B·A``."""
     check_unet(unet)
-    for name, m in list(iter_patched(unet)):
-        m.unmerge()
-        _set_module(unet, name, m._original)
-    flags = unet.__dict__.pop(_FLAGS, None)
-    if flags is not None:
+    rec = unet.__dict__.get(_RECORD)
+    fused = list(iter_patched(unet))
+    for _, m in fused:
+        if m.merged_adapters:
+            m.unmerge()
+    if rec is not None:
+        for a in list(rec["added"]):
+            _remove_added(unet, a, rec)
+    dropped = set()
+    for n, m in list(iter_patched(unet)):
+        if m.__dict__.get("_sk_created"):   # built by this library on a plain layer: that layer again
+            set_module(unet, n, m.get_base_layer())
+            continue
+        dropped.update(a for a, mk in m.masks.items() if mk is not None)
+        release(m)
+    if dropped:
+        warnings.warn(f"unpatch_unet: masks on adapter(s) {sorted(dropped)} are dropped: peft's own layers compute "
+                      "the unmasked B·A (sk.save_adapter keeps them)", UserWarning, stacklevel=2)
+    if rec is not None:
+        unet.__dict__.pop(_RECORD)
         for n, p in unet.named_parameters():
-            if n in flags:
-                p.requires_grad_(flags[n])
+            if n in rec["flags"]:
+                p.requires_grad_(rec["flags"][n])
     return unet

@@ -131,7 +131,7 @@ def test_merged_forward_equals_live_adapter_and_unpatch_unmerges():
     x = torch.randn(6, 40)
     with torch.no_grad():
         live = m(x)
-        m.merge("default")
+        m.merge(adapter_names=["default"])
         merged = m(x)                      # a merged adapter is not applied twice
     torch.testing.assert_close(live, merged, rtol=1e-5, atol=1e-5)
     holder = nn.Sequential(nn.Conv2d(1, 1, 1), m)
@@ -219,8 +219,8 @@ def test_unmerged_weight_undoes_every_merge_without_changing_the_layer():
     m.add_adapter("a", 4, 0.5, init="random", mask=torch.rand(24, 40) > 0.3)
     m.add_adapter("b", 2, 2.0, init="random")
     assert torch.equal(m.unmerged_weight(), w0)
-    m.merge("a")
-    m.merge("b")
+    m.merge(adapter_names=["a"])
+    m.merge(adapter_names=["b"])
     merged = m.weight.detach().clone()
     got = m.unmerged_weight()
     assert torch.equal(got, w0) and got.dtype == w0.dtype
@@ -382,7 +382,7 @@ def test_load_checks_everything_before_changing_anything(tmp_path, good_file, ca
 
 @pytest.mark.parametrize("pre", [False, True], ids=["plain", "prepatched"])
 def test_load_rolls_back_if_applying_fails(good_file, monkeypatch, pre):
-    from spare_kernels.nn.lora import _MaskedLoRALayer
+    from spare_kernels.nn.lora import _Fused as _MaskedLoRALayer
     unet = _target(pre)
     snap = _snapshot(unet)
     real, calls = _MaskedLoRALayer.add_adapter, []

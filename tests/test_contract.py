@@ -155,15 +155,23 @@ def test_unmerge_restores_negative_zeros(dtype):
                            v.view(bits) if v.is_floating_point() else v) for k, v in snap[1].items())
 
 
-def test_patch_unet_refuses_an_unwrappable_layer_before_changing_anything():
+def test_a_layer_the_op_cannot_run_keeps_peft_code_and_refuses_a_mask_before_changing_anything():
+    """A reflect-padded conv: peft adapts it with its own layer (zero-padded A), which the fused op does not
+    compute; it stays peft's, with a warning naming it, and a mask asked for on it is refused up front."""
     unet = tiny_unet()
-    convs = [m for m in unet.modules() if isinstance(m, nn.Conv2d)]
-    convs[2].padding_mode = "reflect"
+    name, conv = [(n, m) for n, m in unet.named_modules() if isinstance(m, nn.Conv2d)][2]
+    conv.padding_mode = "reflect"
     snap = snapshot(unet)
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
-        sk.patch_unet(unet, target_modules="all")
+        sk.patch_unet(unet, target_modules="all", masks={f"{name}.weight": torch.ones_like(conv.weight, dtype=torch.bool)})
     assert_unchanged(unet, snap)
-    assert not hasattr(unet, "_spare_kernels_requires_grad")
+    assert not hasattr(unet, "_spare_kernels_patch") and not hasattr(unet, "peft_config")
+    with pytest.warns(UserWarning, match=f"1 targeted layer.*{name}: its base layer has padding_mode='reflect'"):
+        sk.patch_unet(unet, target_modules="all")
+    from peft.tuners.lora.layer import Conv2d
+    assert type(unet.get_submodule(name)) is Conv2d
+    n_layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in tiny_unet().modules())
+    assert len(list(sk.nn.iter_patched(unet))) == n_layers - 1
 
 
 @pytest.mark.parametrize("call, err, match", [

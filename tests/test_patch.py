@@ -79,13 +79,14 @@ def test_errors_name_the_problem():
         sk.patch_unet(unet, init="xavier")
     key = next(n for n, _ in unet.named_parameters() if n.endswith("attn1.to_q.weight"))
     w = unet.get_parameter(key)
-    with pytest.raises(ValueError, match="nearest targeted"):
+    with pytest.raises(ValueError, match="nearest adapted weights"):
         sk.patch_unet(unet, masks={key.replace("to_q", "to_qx"): torch.ones_like(w, dtype=torch.bool)})
     with pytest.raises(ValueError, match="weight's shape"):
         sk.patch_unet(unet, masks={key: torch.ones(3, 3, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="key"):   # conv weight, but convs are not targeted by default
-        sk.patch_unet(unet, masks={"conv_in.weight": torch.ones_like(unet.conv_in.weight, dtype=torch.bool)})
-    assert not list(iter_patched(unet))            # nothing was changed by the failed calls
+    with pytest.raises(TypeError, match="float"):
+        sk.patch_unet(unet, masks={key: torch.ones_like(w)})
+    assert not list(iter_patched(unet)) and not hasattr(unet, "peft_config")   # nothing changed by the failed calls
+    assert all(p.requires_grad for p in unet.parameters())
 
 
 def test_masks_by_parameter_name_and_dense_default(backend):

@@ -1,4 +1,6 @@
-"""Thin nn modules over the ops."""
-from .lora import MaskedLoRAConv2d, MaskedLoRALinear, iter_patched, wrap
+"""The fused layers: peft LoRA layers (``lora.Linear`` / ``lora.Conv2d`` subclassed) over the ops."""
+from .dispatch import fused_lora_enabled, is_lora_layer, use_fused_lora, why_not_fused
+from .lora import MaskedLoRAConv2d, MaskedLoRALinear, adopt, iter_patched, release, wrap
 
-__all__ = ["MaskedLoRALinear", "MaskedLoRAConv2d", "iter_patched", "wrap"]
+__all__ = ["MaskedLoRALinear", "MaskedLoRAConv2d", "adopt", "fused_lora_enabled", "is_lora_layer", "iter_patched",
+           "release", "use_fused_lora", "why_not_fused", "wrap"]

@@ -1,19 +1,44 @@
-"""Thin modules over the ops: a frozen base layer plus named masked-LoRA adapters.
+"""Fused masked-LoRA layers that *are* peft LoRA layers.
 
-State-dict keys follow peft (``base_layer.weight``, ``lora_A.<adapter>.weight``,
-``lora_B.<adapter>.weight``), so peft-style checkpoints load either way. Factor shapes follow peft
-too: Linear ``A (r, in)``, ``B (out, r)``; Conv2d ``A (r, in/groups, kh, kw)``, ``B (out, r, 1, 1)``.
-Masks are not in the state dict (``save_adapter`` stores them, bit-packed).
+``MaskedLoRALinear`` / ``MaskedLoRAConv2d`` subclass peft's ``lora.Linear`` / ``lora.Conv2d``: peft and
+diffusers see a peft layer (``isinstance(m, BaseTunerLayer)``, ``lora_A.<name>.weight`` keys, ``r``,
+``lora_alpha``, ``scaling``, ``set_adapter``, ``enable_adapters``, ``delete_adapter``, ``set_scale``,
+``merge``/``unmerge``...), and every one of those calls keeps peft's meaning. What changes is how the
+layer computes:
+
+- **fast path** (no extra call arguments, no hook on the base layer, no adapter dropout active): the
+  live adapters run through the fused op, ``y = x·(W + s·M⊙(B·A))ᵀ + b``; the first adapter fused with
+  the base layer, stacked ones as deltas;
+- **peft's path** otherwise: ``base_layer(x, ...)`` (its hooks fire as under peft) plus each adapter on
+  ``dropout(x)``, peft's own code where no live adapter has a mask, the masked delta through the op
+  (zero base) where one has.
+
+An adapter may carry a mask (``masks[name]``: ``None`` or a :class:`~spare_kernels.masks.Mask`); masks
+are not in the state dict (``save_adapter`` stores them, bit-packed), so peft's state dict is exactly a
+stock layer's. ``merge`` keeps the original values of every entry it changes, so ``unmerge`` restores
+the base weight bit-exactly. Layers given an adapter that peft runs with its own variant code (DoRA,
+``lora_bias``, ...) turn back into peft's own class, as long as they hold no mask.
+
+Like peft's, these layers are not ``nn.Linear`` / ``nn.Conv2d`` instances; they expose the base
+layer's geometry (``in_features``, ``out_features``; ``in_channels``, ``kernel_size``, ``stride``, ...)
+and ``weight``/``bias``. Factor shapes follow peft: Linear ``A (r, in)``, ``B (out, r)``; Conv2d
+``A (r, in, kh, kw)``, ``B (out, r, 1, 1)``.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import threading
+import warnings
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.tuners.lora import layer as peft_lora
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from .. import maskfmt as fmt
 from ..masks import Mask, as_mask
@@ -38,54 +63,36 @@ def thread_disabled() -> dict:
     return d
 
 
-class _Factor(nn.Module):
-    """One LoRA factor held as ``.weight`` (peft's key layout)."""
-
-    def __init__(self, weight: Tensor):
-        super().__init__()
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+def _global_hooks() -> bool:
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
-class _MaskedLoRALayer(nn.Module):
+class _Fused:
+    """What the fused layers add to peft's: masks, the fused forward, bit-exact merges."""
+
     _spare_kernels_patched = True   # marker read by hooks that must see through the wrapper
+    # peft deletes an adapter's entry from each of these on delete_adapter, so masks go with it
+    other_param_names = peft_lora.LoraLayer.other_param_names + ("masks",)
+    _PLAIN_FORWARD: type = nn.Module   # the base class whose forward the fast path reproduces
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
-        base_layer.requires_grad_(False)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.masks: dict[str, Optional[Mask]] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self._merge_backup: dict[str, tuple[Mask, Tensor]] = {}
-        self.adapters_disabled = False
-        self.set_original(base_layer)
-
-    def set_original(self, module: nn.Module) -> None:
-        """What ``unpatch_unet`` puts back; kept out of the module tree (no duplicate state-dict keys)."""
-        self.__dict__["_original"] = module
+    def _init_fused(self) -> None:
+        d = self.__dict__
+        d.setdefault("masks", {})
+        d.setdefault("_merge_backup", {})
+        base = self.get_base_layer()
+        # The fused op computes what the base class's own forward does; a subclass with its own
+        # forward (or a base that is itself wrapped) runs through base_layer(x) instead.
+        d["_plain_base"] = self.base_layer is base and type(base).forward is self._PLAIN_FORWARD.forward
 
     # -------------------------------------------------------------------------- adapters
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
-
-    def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return factor_shapes(self.base_layer, rank)
-
     def add_adapter(self, name: str, rank: int, scale: float = 1.0, mask=None, init: str = "gaussian",
                     dtype: torch.dtype = torch.float32, lora_A: Optional[Tensor] = None,
                     lora_B: Optional[Tensor] = None, active: bool = True) -> None:
-        """Add adapter ``name``. ``lora_A``/``lora_B`` given (e.g. peft's parameters) are used as they
-        are, not copied; else ``init``: ``gaussian`` (A ~ N(0, 1/r), B = 0, peft's "gaussian"),
-        ``kaiming`` (peft's default: A kaiming-uniform, B = 0), ``random`` (both non-zero, for tests and
-        benchmarks)."""
+        """Add adapter ``name`` as peft would (``r = rank``, ``lora_alpha = scale·rank``, no dropout) with
+        this library's init: ``lora_A``/``lora_B`` given are used as they are (a Parameter is kept, not
+        copied); else ``init``: ``gaussian`` (A ~ N(0, 1/r), B = 0, peft's "gaussian"), ``kaiming`` (peft's
+        default: A kaiming-uniform, B = 0), ``random`` (both non-zero, for tests and benchmarks). Unlike
+        peft's ``set_adapter``, the other adapters stay active (stacked) and keep their flags."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter_name: expected a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
@@ -94,12 +101,26 @@ class _MaskedLoRALayer(nn.Module):
             raise ValueError(f"rank: expected a positive int, got {rank!r}")
         rank = int(rank)
         scale = chk.scale("", scale)
-        a_shape, b_shape = self._factor_shapes(rank)
-        dev = self.weight.device
+        a_shape, b_shape = factor_shapes(self.get_base_layer(), rank)
         if lora_A is None or lora_B is None:
             if init not in INITS:
                 raise ValueError(f"init: expected one of {INITS}, got {init!r}")
-            # Drawn on the CPU, then moved: a seed gives the same adapter on every device.
+        elif tuple(lora_A.shape) != a_shape or tuple(lora_B.shape) != b_shape:
+            raise ValueError(f"lora_A/lora_B: expected shapes {a_shape} and {b_shape}, "
+                             f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+        if mask is not None:
+            mask = as_mask(mask, self.weight.shape, self.weight.device)
+        flags = [(p, p.requires_grad) for p in self._adapter_params()]
+        prev = list(self.active_adapters)
+        cfg = LoraConfig(r=rank, lora_alpha=scale * rank, init_lora_weights=False, lora_dropout=0.0)
+        # peft builds the factor modules (drawing its own init); the values are ours, from the same
+        # random stream as before: a seed gives the same adapter whatever peft draws.
+        with torch.random.fork_rng(devices=[]):
+            self.update_layer(name, rank, lora_alpha=scale * rank, config=cfg)
+        for p, f in flags:
+            p.requires_grad_(f)
+        self.scaling[name] = scale   # exactly, not alpha / r rounded
+        if lora_A is None or lora_B is None:
             lora_A = torch.empty(a_shape, dtype=dtype)
             lora_B = torch.zeros(b_shape, dtype=dtype)
             if init == "kaiming":
@@ -108,21 +129,32 @@ class _MaskedLoRALayer(nn.Module):
                 nn.init.normal_(lora_A, std=1.0 / rank)
             if init == "random":
                 nn.init.normal_(lora_B, std=1.0)
-            lora_A, lora_B = lora_A.to(dev), lora_B.to(dev)
-        elif tuple(lora_A.shape) != a_shape or tuple(lora_B.shape) != b_shape:
-            raise ValueError(f"lora_A/lora_B: expected shapes {a_shape} and {b_shape}, "
-                             f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-        self.lora_A[name] = _Factor(lora_A)
-        self.lora_B[name] = _Factor(lora_B)
-        self.scaling[name] = scale
-        self.masks[name] = None
-        self.set_mask(name, mask)
-        if active:
-            self.active_adapters.append(name)
+        dev = self.weight.device
+        for fac, t in ((self.lora_A[name], lora_A), (self.lora_B[name], lora_B)):
+            fac.weight = t if isinstance(t, nn.Parameter) else nn.Parameter(t.to(dev))
+        self.masks[name] = mask
+        self._active_adapter = prev + [name] if active else prev
 
-    def _check_name(self, name):
-        if name not in self.lora_A:
-            raise KeyError(f"adapter_name: {name!r} not on this layer (has {list(self.lora_A)})")
+    def _adapter_params(self):
+        return [p for d in (self.lora_A, self.lora_B) for m in d.values() for p in m.parameters()]
+
+    def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+        """peft's, and then: a mask slot for the adapter; a layer that must run peft's own variant code
+        for it (DoRA, lora_bias, ...) becomes peft's own class again, unless it holds masks."""
+        special = bool(getattr(config, "lora_bias", False) or getattr(config, "use_dora", False))
+        resolve = getattr(self, "resolve_lora_variant", None)
+        if resolve is not None and not special:
+            special = resolve(config=config) is not None
+        if special and (any(m is not None for m in self.masks.values()) or self.merged_adapters):
+            raise ValueError(f"config: adapter {adapter_name!r} needs peft's own layer code (DoRA, lora_bias or "
+                             "another LoRA variant), but this fused layer holds masks or merged adapters; remove the "
+                             "masks / unmerge first, or load that adapter into an unpatched model")
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self.masks[adapter_name] = None
+        if special:
+            self.__class__ = _STOCK[type(self)]
+            warnings.warn(f"adapter {adapter_name!r} is a LoRA variant (DoRA, lora_bias, ...): its layer runs "
+                          "peft's own code, unfused", UserWarning, stacklevel=3)
 
     def set_mask(self, name: str, mask) -> None:
         """``None`` (dense adapter), a ``Mask`` or a bool/uint8 tensor of the weight's shape."""
@@ -133,19 +165,18 @@ class _MaskedLoRALayer(nn.Module):
             mask = as_mask(mask, self.weight.shape, self.weight.device)
         self.masks[name] = mask
 
+    def _check_name(self, name):
+        if name not in self.lora_A:
+            raise KeyError(f"adapter_name: {name!r} not on this layer (has {list(self.lora_A)})")
+
     def remove_adapter(self, name: str) -> None:
+        """peft's ``delete_adapter``, refused while the adapter is merged."""
         self._check_name(name)
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before removing it")
-        del self.lora_A[name], self.lora_B[name], self.scaling[name], self.masks[name]
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)
-
-    def set_scale(self, name: str, scale: float) -> None:
-        self._check_name(name)
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is merged; unmerge it before changing its scale")
-        self.scaling[name] = chk.scale("", scale)
+        act = [a for a in self.active_adapters if a != name]
+        self.delete_adapter(name)
+        self._active_adapter = act   # peft would pick another adapter to activate; the rest stay as they were
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -163,35 +194,51 @@ class _MaskedLoRALayer(nn.Module):
         acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         d = (B.reshape(B.shape[0], -1).to(acc) @ A.reshape(A.shape[0], -1).to(acc)).view(self.weight.shape)
         d = d * self.scaling[name]
-        m = self.masks[name]
+        m = self.masks.get(name)
         return d if m is None else d * m.to_dense()
 
-    @torch.no_grad()
-    def merge(self, name: str) -> None:
-        """Fold the adapter into the base weight; the original values of every changed entry are kept
-        (as a packed position mask + values), so :meth:`unmerge` restores the weight bit-exactly."""
-        self._check_name(name)
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is already merged")
-        W = self.weight
-        new = (W.to(torch.float64 if W.dtype == torch.float64 else torch.float32) + self.delta_weight(name)).to(W.dtype)
-        # Changed bits, not changed values: -0.0 + 0.0 is +0.0, equal to -0.0 but another bit pattern.
-        bits = _BITS[W.element_size()]
-        changed = new.view(bits) != W.view(bits)
-        self._merge_backup[name] = (Mask.from_dense(changed), W[changed].clone())
-        W.copy_(new)
-        self.merged_adapters.append(name)
+    def get_delta_weight(self, adapter) -> Tensor:
+        """peft's: the adapter's delta in its own dtype, with its mask applied."""
+        return self.delta_weight(adapter).to(self.lora_B[adapter].weight.dtype)
 
     @torch.no_grad()
-    def unmerge(self, name: Optional[str] = None) -> None:
-        """Undo merges, newest first (``name``: down to and including that adapter)."""
-        if name is not None and name not in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is not merged")
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list] = None) -> None:
+        """peft's ``merge`` (``None``: the active adapters; already merged ones are skipped with peft's
+        warning), folding ``M⊙(B·A)``. The original values of every changed entry are kept (a packed
+        position mask plus the values), so :meth:`unmerge` restores the weight bit-exactly."""
+        if isinstance(safe_merge, str):
+            raise TypeError(f"merge: safe_merge: expected a bool, got the string {safe_merge!r}; the signature is "
+                            f"peft's, merge(safe_merge=False, adapter_names=None): use "
+                            f"merge(adapter_names=[{safe_merge!r}])")
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.lora_A:
+                continue
+            W = self.weight
+            new = (W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+                   + self.delta_weight(name)).to(W.dtype)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            # Changed bits, not changed values: -0.0 + 0.0 is +0.0, equal to -0.0 but another bit pattern.
+            bits = _BITS[W.element_size()]
+            changed = new.view(bits) != W.view(bits)
+            self._merge_backup[name] = (Mask.from_dense(changed), W[changed].clone())
+            W.copy_(new)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_name: Optional[str] = None) -> None:
+        """Undo merges bit-exactly, newest first (``adapter_name``: down to and including that adapter;
+        peft's ``unmerge()`` undoes all of them, and warns when nothing is merged)."""
+        if adapter_name is not None and adapter_name not in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is not merged")
+        if not self.merged_adapters:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
         while self.merged_adapters:
             last = self.merged_adapters.pop()
             where, values = self._merge_backup.pop(last)
             self.weight[where.to_dense()] = values
-            if last == name:
+            if last == adapter_name:
                 break
 
     @torch.no_grad()
@@ -217,22 +264,49 @@ class _MaskedLoRALayer(nn.Module):
                 and A.dtype == B.dtype and A.device == weight.device and B.device == weight.device)
 
     def _wire(self, name):
-        m = self.masks[name]
+        m = self.masks.get(name)
         return (None, fmt.NONE, 0, 0) if m is None else m.wire()
 
-    def _live_adapters(self) -> list[str]:
+    def _live_adapters(self) -> list:
+        """The adapters this call adds, with peft's rules: none while disabled (merged ones are
+        unmerged first, as peft does) or while anything is merged (the base weight carries them)."""
+        if self._disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            return []
         off = getattr(_THREAD, "off", None)
-        if self.adapters_disabled or (off and id(self) in off):
+        if off and id(self) in off:
             if self.merged_adapters:
                 raise RuntimeError(f"adapters disabled while {self.merged_adapters} are merged into the base "
                                    "weight; unmerge them first")
             return []
-        return [a for a in self.active_adapters if a not in self.merged_adapters]
+        if self.merged_adapters:
+            return []
+        act = self._active_adapter
+        if isinstance(act, str):
+            act = [act]
+        return [a for a in act if a in self.lora_A]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _fast(self, live) -> bool:
+        """Whether the fused op computes exactly what peft's forward would here."""
+        if not self._plain_base:
+            return False
+        bl = self.base_layer
+        if bl._forward_hooks or bl._forward_pre_hooks or _global_hooks():
+            return False   # the base layer's hooks must see its own call, as under peft
+        if self.training:
+            drop = self.lora_dropout
+            return all(isinstance(drop[a], nn.Identity) for a in live)
+        return True
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if args or kwargs:   # peft's extra arguments (adapter_names for mixed batches, variant kwargs)
+            return self._forward_peft(x, *args, **kwargs)
         live = self._live_adapters()
         if not live:
             return self.base_layer(x)
+        if not self._fast(live):
+            return self._forward_peft(x)
         dt = _autocast.dtype(x) if isinstance(x, Tensor) else None
         if dt is not None:   # as nn.Linear / nn.Conv2d under autocast; the op runs with it off
             return _autocast.call(self._run_live, dt, x, self.weight, self.bias, live)
@@ -245,38 +319,126 @@ class _MaskedLoRALayer(nn.Module):
             y = y + self._run_op(x, torch.zeros_like(weight), None, name)
         return y
 
+    def _forward_peft(self, x, *args, **kwargs):
+        """peft's forward structure (base layer called as itself, adapters on ``dropout(x)``): peft's
+        own code where no live adapter is masked, the masked delta through the op where one is."""
+        off = getattr(_THREAD, "off", None)
+        if off and id(self) in off and not self._disable_adapters:
+            if self.merged_adapters:
+                raise RuntimeError(f"adapters disabled while {self.merged_adapters} are merged into the base "
+                                   "weight; unmerge them first")
+            kwargs.pop("adapter_names", None)
+            return self.base_layer(x, *args, **kwargs)
+        live = [] if (self._disable_adapters or self.merged_adapters) else self._live_adapters()
+        names = kwargs.get("adapter_names")
+        masked = [a for a in (set(names) if names is not None else live) if self.masks.get(a) is not None]
+        if not masked:
+            return super().forward(x, *args, **kwargs)
+        if names is not None:
+            raise ValueError(f"adapter_names: mixed-batch inference with masked adapters {sorted(masked)} is not "
+                             "supported; run one batch per adapter (set_adapters) or merge the adapter")
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for a in live:
+            xa = self.lora_dropout[a](x)
+            if self.masks.get(a) is not None:
+                result = result + self._delta(xa, a)
+            else:
+                A, B = self.lora_A[a], self.lora_B[a]
+                result = result + B(A(self._cast_input_dtype(xa, A.weight.dtype))) * self.scaling[a]
+        return result.to(out_dtype)
+
+    def _delta(self, x, name):
+        """``x`` through the adapter's masked delta alone (the op with a zero base weight)."""
+        w = self.weight
+        dt = _autocast.dtype(x)
+        if dt is not None:
+            return _autocast.call(lambda x_, w_, b_: self._run_op(x_, torch.zeros_like(w_), None, name), dt, x, w, None)
+        if x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        return self._run_op(x, torch.zeros_like(w), None, name)
+
     def extra_repr(self) -> str:
         parts = []
         for n in self.lora_A:
-            m = self.masks[n]
+            m = self.masks.get(n)
             dens = "dense" if m is None else f"{m.granularity} {m.density:.3f}"
             parts.append(f"{n}: r={self.lora_A[n].weight.shape[0]}, scale={self.scaling[n]:g}, mask={dens}")
         return "; ".join(parts)
 
 
-class MaskedLoRALinear(_MaskedLoRALayer):
-    """``nn.Linear`` + masked LoRA adapters: ``y = x·(W + s·M⊙(B·A))ᵀ + b`` via the fused op."""
+def _empty_lora_layer(layer, base_layer) -> None:
+    """A peft LoRA layer on ``base_layer`` with no adapter yet (peft's constructors add one)."""
+    nn.Module.__init__(layer)
+    peft_lora.LoraLayer.__init__(layer, base_layer)
+    layer._active_adapter = []
+    base_layer.requires_grad_(False)
+    layer.__dict__["_sk_created"] = True   # unpatch_unet puts the base layer back
 
-    def __init__(self, base_layer: nn.Linear):
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer: expected nn.Linear, got {type(base_layer).__name__}")
-        super().__init__(base_layer)
+
+class MaskedLoRALinear(_Fused, peft_lora.Linear):
+    """peft's ``lora.Linear`` running ``y = x·(W + s·M⊙(B·A))ᵀ + b`` through the fused op.
+
+    ``MaskedLoRALinear(linear)`` is an empty layer (adapters from :meth:`add_adapter`); peft's own
+    signature ``MaskedLoRALinear(linear, adapter_name, config=LoraConfig(...), r=..., lora_alpha=...)``
+    builds one as peft does (what its dispatcher and :func:`spare_kernels.use_fused_lora` call)."""
+
+    _PLAIN_FORWARD = nn.Linear
+
+    def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = None, config=None, r: int = 0,
+                 lora_alpha: int = 1, **kwargs):
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base_layer: expected nn.Linear, got {type(base).__name__}")
+        self.__dict__["masks"] = {}
+        if adapter_name is None:
+            _empty_lora_layer(self, base_layer)
+            self.fan_in_fan_out = False
+            self.is_target_conv_1d_layer = False
+        else:
+            super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
+        if isinstance(self, _Fused):   # not when the config made it peft's own layer (update_layer)
+            self._init_fused()
 
     def _run_op(self, x, weight, bias, name):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if self._owned(x, weight, A, B) and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
             return linear_checked(x, weight, bias, A, B, self._wire(name), self.scaling[name])
-        return masked_lora_linear(x, weight, bias, A, B, self.masks[name], self.scaling[name])
+        return masked_lora_linear(x, weight, bias, A, B, self.masks.get(name), self.scaling[name])
 
 
-class MaskedLoRAConv2d(_MaskedLoRALayer):
-    """``nn.Conv2d`` + masked LoRA adapters (peft's conv LoRA shapes) via the fused op."""
+class MaskedLoRAConv2d(_Fused, peft_lora.Conv2d):
+    """peft's ``lora.Conv2d`` (``A``: the base kernel ``in→r``, ``B``: 1×1 ``r→out``) running the masked
+    delta fused into the conv. Constructors as :class:`MaskedLoRALinear`. Grouped and dilated convs are
+    refused: peft's conv LoRA has no groups or dilation on ``A``, so it is not the same adapter there."""
 
-    def __init__(self, base_layer: nn.Conv2d):
-        if not isinstance(base_layer, nn.Conv2d):
-            raise TypeError(f"base_layer: expected nn.Conv2d, got {type(base_layer).__name__}")
-        check_base(base_layer)
-        super().__init__(base_layer)
+    _PLAIN_FORWARD = nn.Conv2d
+
+    def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = None, config=None, r: int = 0,
+                 lora_alpha: int = 1, **kwargs):
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"base_layer: expected nn.Conv2d, got {type(base).__name__}")
+        check_base(base)
+        self.__dict__["masks"] = {}
+        if adapter_name is None:
+            _empty_lora_layer(self, base_layer)
+            self._kernel_dim = base.weight.dim()
+            self.conv_fn = F.conv2d
+        else:
+            super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
+        if isinstance(self, _Fused):   # not when the config made it peft's own layer (update_layer)
+            self._init_fused()
+
+    # the base conv's geometry, as code written for nn.Conv2d reads it
+    in_channels = property(lambda self: self.get_base_layer().in_channels)
+    out_channels = property(lambda self: self.get_base_layer().out_channels)
+    kernel_size = property(lambda self: self.get_base_layer().kernel_size)
+    stride = property(lambda self: self.get_base_layer().stride)
+    padding = property(lambda self: self.get_base_layer().padding)
+    dilation = property(lambda self: self.get_base_layer().dilation)
+    groups = property(lambda self: self.get_base_layer().groups)
+    padding_mode = property(lambda self: self.get_base_layer().padding_mode)
 
     def _geometry(self, c):
         """``(stride, padding, dilation, smallest input (H, W))`` as the op takes them, kept until the
@@ -290,7 +452,9 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
             geo = self.__dict__["_geo"] = (key, (stride, padding, dilation, min_hw))
         return geo[1]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if args or kwargs:
+            return super().forward(x, *args, **kwargs)
         if isinstance(x, Tensor) and x.dim() == 3:   # unbatched (C, H, W), as nn.Conv2d takes it
             return super().forward(x.unsqueeze(0)).squeeze(0)
         if isinstance(x, Tensor) and x.dim() != 4:
@@ -305,8 +469,13 @@ class MaskedLoRAConv2d(_MaskedLoRALayer):
             if x.shape[2] >= min_hw[0] and x.shape[3] >= min_hw[1]:
                 return conv2d_checked(x, weight, bias, A, B, self._wire(name), self.scaling[name],
                                       stride, padding, dilation, c.groups)
-        return masked_lora_conv2d(x, weight, bias, A, B, self.masks[name], self.scaling[name],
+        return masked_lora_conv2d(x, weight, bias, A, B, self.masks.get(name), self.scaling[name],
                                   c.stride, c.padding, c.dilation, c.groups)
+
+
+# fused class -> peft's own, and back (the layers change class in place: same object, same hooks)
+_STOCK = {MaskedLoRALinear: peft_lora.Linear, MaskedLoRAConv2d: peft_lora.Conv2d}
+_FUSED = {v: k for k, v in _STOCK.items()}
 
 
 def factor_shapes(base_layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -317,24 +486,62 @@ def factor_shapes(base_layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tu
     return (rank, base_layer.in_features), (base_layer.out_features, rank)
 
 
+def unfusable_reason(base_layer: nn.Module) -> Optional[str]:
+    """Why peft's LoRA on ``base_layer`` is not what the fused layers compute (``None``: it is)."""
+    if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+        return f"a {type(base_layer).__name__}, not an nn.Linear or nn.Conv2d"
+    if isinstance(base_layer, nn.Conv2d):
+        c = base_layer
+        if c.padding_mode != "zeros":
+            return f"padding_mode={c.padding_mode!r} (expected 'zeros')"
+        if c.groups != 1:
+            return f"groups={c.groups} (peft's conv LoRA has no groups on A)"
+        if tuple(c.dilation) != (1, 1):
+            return f"dilation={tuple(c.dilation)} (peft's conv LoRA has no dilation on A)"
+    return None
+
+
 def check_base(base_layer: nn.Module) -> None:
     """Raise what :func:`wrap` would for ``base_layer``, building nothing."""
+    why = unfusable_reason(base_layer)
+    if why is None:
+        return
     if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"base_layer: expected nn.Linear or nn.Conv2d, got {type(base_layer).__name__}")
-    if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
-        raise ValueError(f"base_layer: padding_mode={base_layer.padding_mode!r} is not supported "
-                         "(expected 'zeros')")
+    raise ValueError(f"base_layer: {why} is not supported")
 
 
-def wrap(base_layer: nn.Module) -> _MaskedLoRALayer:
-    if isinstance(base_layer, nn.Linear):
-        return MaskedLoRALinear(base_layer)
+def wrap(base_layer: nn.Module) -> _Fused:
+    """An empty fused layer on ``base_layer`` (adapters come from ``add_adapter``)."""
     if isinstance(base_layer, nn.Conv2d):
         return MaskedLoRAConv2d(base_layer)
+    if isinstance(base_layer, nn.Linear):
+        return MaskedLoRALinear(base_layer)
     raise TypeError(f"base_layer: expected nn.Linear or nn.Conv2d, got {type(base_layer).__name__}")
 
 
-def iter_patched(module: nn.Module) -> Iterator[tuple[str, _MaskedLoRALayer]]:
+def adopt(layer: nn.Module) -> _Fused:
+    """Turn peft's own ``lora.Linear`` / ``lora.Conv2d`` into the fused class, in place: the same object
+    (parameters, hooks, flags, active adapters) now running the fused op. Raises if it cannot."""
+    cls = _FUSED.get(type(layer))
+    if cls is None:
+        raise TypeError(f"layer: expected peft's lora.Linear or lora.Conv2d, got {type(layer).__name__}")
+    layer.__class__ = cls
+    layer._init_fused()
+    for a in layer.lora_A:
+        layer.masks.setdefault(a, None)
+    return layer
+
+
+def release(layer: _Fused) -> nn.Module:
+    """The inverse of :func:`adopt`: the same object as peft's own class (masks dropped)."""
+    layer.__class__ = _STOCK[type(layer)]
+    for k in ("masks", "_merge_backup", "_plain_base", "_geo", "_sk_created"):
+        layer.__dict__.pop(k, None)
+    return layer
+
+
+def iter_patched(module: nn.Module) -> Iterator[tuple[str, _Fused]]:
     for name, m in module.named_modules():
-        if isinstance(m, _MaskedLoRALayer):
+        if isinstance(m, _Fused):
             yield name, m
