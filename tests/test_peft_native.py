@@ -92,6 +92,10 @@ def both(stock, fused, call):
     return rs[1] if rs[0] == "ok" else None
 
 
+def lora_layers(unet):
+    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
+
+
 def state(unet):
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
@@ -138,6 +142,14 @@ def test_toggles_scales_fuse_delete_unload_match_stock(tok_dir, flow, backend):
         ("disable while fused", lambda p: p.unet.disable_adapters(), "base"),   # peft unmerges, then runs the base
         ("enable", lambda p: p.unet.enable_adapters(), None),
         ("unet.set_adapters missing", lambda p: p.unet.set_adapters(["nope"]), None),
+        ("unet.set_adapter", lambda p: p.unet.set_adapter("default"), None),
+        ("layer scale_layer", lambda p: [m.scale_layer(0.25) for m in lora_layers(p.unet)], None),
+        ("layer unscale_layer", lambda p: [m.unscale_layer() for m in lora_layers(p.unet)], None),
+        ("layer set_scale", lambda p: [m.set_scale("default", 2.0) for m in lora_layers(p.unet)], None),
+        ("layer merge/unmerge", lambda p: [m.merge(adapter_names=["default"]) for m in lora_layers(p.unet)], None),
+        ("layer unmerge", lambda p: [m.unmerge() for m in lora_layers(p.unet)], None),
+        ("layer enable_adapters(False)", lambda p: [m.enable_adapters(False) for m in lora_layers(p.unet)], "base"),
+        ("layer enable_adapters(True)", lambda p: [m.enable_adapters(True) for m in lora_layers(p.unet)], None),
         ("pipe.delete_adapters", lambda p: p.delete_adapters("default"), "base"),
     ]
     for what, call, expect in steps:
@@ -160,7 +172,7 @@ def test_unfuse_restores_the_weights_bit_exactly(tok_dir, flow):
     for _ in range(3):
         for p in (stock, fused):
             p.unet.fuse_lora()
-        assert_same_model(stock, fused)
+        assert_same_model(stock, fused, exact=True)   # the fused weights: stock's, bit for bit
         for p in (stock, fused):
             p.unet.unfuse_lora()
     assert all(torch.equal(v, w0[k]) for k, v in state(fused.unet).items())
@@ -448,3 +460,81 @@ def test_spare_style_masks_over_every_parameter_are_filtered(tok_dir):
     assert sum(m.masks["default"] is not None for _, m in iter_patched(unet)) == len(adapted)
     with pytest.raises(ValueError, match="name no parameter"):
         sk.patch_unet(unet, masks={"down_blocks.9.nothing.weight": masks[adapted[0]]})
+
+
+def test_get_peft_model_on_any_module_under_use_fused_lora():
+    from peft import get_peft_model
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 5))
+    x = torch.randn(3, 12)
+    cfg = dict(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
+    torch.manual_seed(1)
+    stock = get_peft_model(mlp(), LoraConfig(**cfg))
+    with sk.use_fused_lora():
+        torch.manual_seed(1)
+        fused = get_peft_model(mlp(), LoraConfig(**cfg))
+    assert len(list(iter_patched(fused))) == 2 and not list(iter_patched(stock))
+    close(fused(x), stock(x))
+    with stock.disable_adapter(), fused.disable_adapter():
+        assert torch.equal(fused(x), stock(x))
+    merged_s, merged_f = stock.merge_and_unload(), fused.merge_and_unload()
+    assert type(merged_f[0]) is nn.Linear
+    close(merged_f(x), merged_s(x))
+
+
+def test_hooks_registered_after_patching_fire_as_under_peft(tok_dir):
+    stock, fused = make_pair(tok_dir, "patch_unet")
+    seen = {}
+    for tag, p in (("stock", stock), ("fused", fused)):
+        name, layer = next((n, m) for n, m in p.unet.named_modules() if n.endswith("attn2.to_v"))
+        calls = []
+        h1 = layer.base_layer.register_forward_hook(lambda m, i, o: calls.append("base") or o + 0.25)
+        h2 = layer.register_forward_hook(lambda m, i, o: calls.append("layer"))
+        seen[tag] = (out(p.unet), calls)
+        h1.remove(), h2.remove()
+    close(seen["fused"][0], seen["stock"][0])
+    assert seen["fused"][1] == seen["stock"][1] and "base" in seen["stock"][1]
+    close(out(fused.unet), out(stock.unet))   # and the fused op again once the hook is gone
+
+
+def test_mixed_batch_adapter_names_as_peft_and_refused_when_masked():
+    """peft's ``adapter_names=`` (one adapter per sample): as stock for unmasked adapters; a masked
+    adapter in the batch is refused by name (peft's mixed-batch code applies no mask)."""
+    torch.manual_seed(0)
+    base = nn.Linear(10, 6)
+    layers = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        layer = peft_linear(base, fused)
+        layer.update_layer("b", 2, lora_alpha=2, config=LoraConfig(r=2, init_lora_weights=False))
+        layers.append(layer)
+    x = torch.randn(4, 10)
+    names = ["default", "b", "__base__", "b"]
+    with torch.no_grad():
+        close(layers[1](x, adapter_names=names), layers[0](x, adapter_names=names))
+        layers[1].set_mask("b", torch.rand(6, 10) > 0.5)
+        with pytest.raises(ValueError, match=r"adapter_names: mixed-batch inference with masked adapters \['b'\]"):
+            layers[1](x, adapter_names=names)
+        layers[1](x, adapter_names=["default", "__base__", "default", "default"])   # no masked one: fine
+
+
+def peft_linear(base, fused):
+    from peft.tuners.lora.layer import Linear
+    cls = MaskedLoRALinear if fused else Linear
+    return cls(base, "default", config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), r=4, lora_alpha=8)
+
+
+def test_a_variant_adapter_on_a_masked_fused_layer_is_refused_before_changing_it():
+    torch.manual_seed(0)
+    layer = peft_linear(nn.Linear(10, 6), True)
+    layer.set_mask("default", torch.rand(6, 10) > 0.5)
+    keys = set(layer.state_dict())
+    with pytest.raises(ValueError, match="'dora'.* holds masks"):
+        layer.update_layer("dora", 2, lora_alpha=2, config=LoraConfig(r=2, use_dora=True))
+    assert set(layer.state_dict()) == keys and isinstance(layer, MaskedLoRALinear)
+    layer.set_mask("default", None)
+    with pytest.warns(UserWarning, match="LoRA variant"):
+        layer.update_layer("dora", 2, lora_alpha=2, config=LoraConfig(r=2, use_dora=True))
+    assert type(layer).__name__ == "Linear" and "dora" in layer.lora_variant   # peft's own layer now
