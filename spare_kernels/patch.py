@@ -16,7 +16,7 @@ from torch import nn
 
 from .masks import Mask, as_mask
 from .nn.dispatch import is_lora_layer, use_fused_lora, why_not_fused
-from .nn.lora import INITS, _Fused, adopt, factor_shapes, iter_patched, release, unfusable_reason
+from .nn.lora import INITS, _Fused, adopt, iter_patched, release, unfusable_reason
 from .targets import ATTENTION_TARGETS, PRESETS, Targets, target_predicate  # noqa: F401 (re-exported)
 
 _RECORD = "_spare_kernels_patch"   # what this library did to a model, for unpatch_unet
@@ -232,7 +232,8 @@ def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, 
                 continue
             if m is not old:
                 rec["wrapped"].add(n)
-            A, B = _draw(*factor_shapes(_base(m), rank), init, rank, adapter_dtype)
+            A, B = _draw(m.lora_A[adapter_name].weight.shape, m.lora_B[adapter_name].weight.shape, init, rank,
+                         adapter_dtype)   # (peft's layout: a grouped conv that stays peft's has a wider A)
             dev = _base(m).weight.device
             m.lora_A[adapter_name].weight = nn.Parameter(A.to(dev))
             m.lora_B[adapter_name].weight = nn.Parameter(B.to(dev))

@@ -460,6 +460,14 @@ def test_spare_style_masks_over_every_parameter_are_filtered(tok_dir):
     assert sum(m.masks["default"] is not None for _, m in iter_patched(unet)) == len(adapted)
     with pytest.raises(ValueError, match="name no parameter"):
         sk.patch_unet(unet, masks={"down_blocks.9.nothing.weight": masks[adapted[0]]})
+    # SPARE's own order: saliency on the plain UNet, then add_adapter, then the masks
+    peft_unet = ex.build_unet()
+    peft_unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with pytest.warns(UserWarning, match=f"masks: {len(ignored)} of {len(masks)} entries .* select {on} entries"):
+        sk.patch_unet(peft_unet, masks=masks)
+    assert sum(m.masks["default"] is not None for _, m in iter_patched(peft_unet)) == len(adapted)
+    for n, m in iter_patched(peft_unet):
+        assert torch.equal(m.masks["default"].to_dense(), masks[f"{n}.weight"].bool())
 
 
 def test_get_peft_model_on_any_module_under_use_fused_lora():

@@ -1,40 +1,20 @@
-"""peft's side of the fused layers: which peft LoRA layers can run fused, and a switch that makes every
-LoRA layer peft builds from now on a fused one (:func:`use_fused_lora`)."""
+"""peft's side of the fused layers: a switch that makes every LoRA layer peft builds from now on a
+fused one where the op computes it (:func:`use_fused_lora`)."""
 from __future__ import annotations
 
 import threading
 import warnings
-from typing import Optional
 
 from peft.tuners.lora import layer as peft_lora
 from peft.tuners.lora.model import LoraModel
 from torch import nn
 
-from .lora import _FUSED, adopt, unfusable_reason
+from .lora import adopt, why_not_fused
 
 
 def is_lora_layer(m: nn.Module) -> bool:
     """peft's LoRA layers (``lora.Linear``, ``lora.Conv2d``, bnb's, ...), fused or not."""
     return isinstance(m, peft_lora.LoraLayer)
-
-
-def why_not_fused(layer: nn.Module) -> Optional[str]:
-    """Why a peft LoRA layer must keep peft's own class (``None``: :func:`adopt` can take it)."""
-    if type(layer) not in _FUSED:
-        return f"peft builds it as {type(layer).__module__}.{type(layer).__name__}"
-    if layer.base_layer is not layer.get_base_layer():
-        return "its base layer is itself an adapter layer"
-    why = unfusable_reason(layer.get_base_layer())
-    if why is not None:
-        return f"its base layer has {why}"
-    variants = sorted(getattr(layer, "lora_variant", {}))
-    if variants:
-        return f"adapter(s) {variants} are LoRA variants (DoRA, ...) that peft computes with its own code"
-    if any(getattr(layer, "lora_bias", {}).values()):
-        return "an adapter has lora_bias=True"
-    if layer.merged_adapters:
-        return f"adapters {layer.merged_adapters} are merged (peft's merge keeps no copy to unmerge bit-exactly)"
-    return None
 
 
 class _Switch(threading.local):

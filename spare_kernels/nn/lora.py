@@ -516,13 +516,34 @@ def wrap(base_layer: nn.Module) -> _Fused:
     raise TypeError(f"base_layer: expected nn.Linear or nn.Conv2d, got {type(base_layer).__name__}")
 
 
+def why_not_fused(layer: nn.Module) -> Optional[str]:
+    """Why a peft LoRA layer must keep peft's own class (``None``: :func:`adopt` can take it)."""
+    if type(layer) not in _FUSED:
+        return f"peft builds it as {type(layer).__module__}.{type(layer).__name__}"
+    if layer.base_layer is not layer.get_base_layer():
+        return "its base layer is itself an adapter layer"
+    why = unfusable_reason(layer.get_base_layer())
+    if why is not None:
+        return f"its base layer has {why}"
+    variants = sorted(getattr(layer, "lora_variant", {}))
+    if variants:
+        return f"adapter(s) {variants} are LoRA variants (DoRA, ...) that peft computes with its own code"
+    if any(getattr(layer, "lora_bias", {}).values()):
+        return "an adapter has lora_bias=True"
+    if layer.merged_adapters:
+        return f"adapters {layer.merged_adapters} are merged (peft's merge keeps no copy to unmerge bit-exactly)"
+    return None
+
+
 def adopt(layer: nn.Module) -> _Fused:
     """Turn peft's own ``lora.Linear`` / ``lora.Conv2d`` into the fused class, in place: the same object
     (parameters, hooks, flags, active adapters) now running the fused op. Raises if it cannot."""
-    cls = _FUSED.get(type(layer))
-    if cls is None:
-        raise TypeError(f"layer: expected peft's lora.Linear or lora.Conv2d, got {type(layer).__name__}")
-    layer.__class__ = cls
+    if isinstance(layer, _Fused):
+        return layer
+    why = why_not_fused(layer)
+    if why is not None:
+        raise (TypeError if type(layer) not in _FUSED else ValueError)(f"layer: cannot run fused: {why}")
+    layer.__class__ = _FUSED[type(layer)]
     layer._init_fused()
     for a in layer.lora_A:
         layer.masks.setdefault(a, None)
@@ -531,6 +552,9 @@ def adopt(layer: nn.Module) -> _Fused:
 
 def release(layer: _Fused) -> nn.Module:
     """The inverse of :func:`adopt`: the same object as peft's own class (masks dropped)."""
+    if layer.merged_adapters:
+        raise RuntimeError(f"layer: adapters {layer.merged_adapters} are merged; unmerge() first (peft's own "
+                           "class could not undo these merges bit-exactly)")
     layer.__class__ = _STOCK[type(layer)]
     for k in ("masks", "_merge_backup", "_plain_base", "_geo", "_sk_created"):
         layer.__dict__.pop(k, None)
