@@ -16,7 +16,7 @@ from torch import nn
 
 from .masks import GRANULARITIES, Mask
 from .nn.dispatch import is_lora_layer
-from .nn.lora import MaskedLoRAConv2d, _Fused, check_base, factor_shapes, iter_patched, thread_disabled, wrap
+from .nn.lora import MaskedLoRAConv2d, _Fused, check_base, factor_shapes, thread_disabled, why_not_fused, wrap
 from .ops import _checks as chk
 from .patch import check_unet, record, set_module
 from .utils.io import atomic_path
@@ -39,17 +39,27 @@ def _base_weight(m: nn.Module) -> torch.Tensor:
     return m.unmerged_weight() if isinstance(m, _Fused) else m.weight
 
 
-def _layers(unet, adapter_name=None) -> list[tuple[str, _Fused]]:
+def _layers(unet, adapter_name=None) -> list[tuple[str, nn.Module]]:
+    """Every peft LoRA layer (fused or peft's own) carrying ``adapter_name`` (``None``: every one)."""
     check_unet(unet)
-    out = [(n, m) for n, m in iter_patched(unet) if adapter_name is None or adapter_name in m.lora_A]
+    out = [(n, m) for n, m in unet.named_modules()
+           if is_lora_layer(m) and (adapter_name is None or adapter_name in m.lora_A)]
     if adapter_name is not None and not out:
         raise ValueError(f"adapter_name: no adapter {adapter_name!r} in the unet; it has {adapter_names(unet)}")
     return out
 
 
+def _fused_only(layers, op: str, hint: str) -> None:
+    """Refuse, naming the layer, an operation that needs the fused layers' bookkeeping."""
+    stock = [(n, m) for n, m in layers if not isinstance(m, _Fused)]
+    if stock:
+        n, m = stock[0]
+        raise ValueError(f"{op}: layer {n!r} runs peft's own LoRA code ({why_not_fused(m)}); {hint}")
+
+
 def adapter_names(unet) -> list[str]:
     names: list[str] = []
-    for _, m in iter_patched(unet):
+    for _, m in _layers(unet):
         names += [n for n in m.lora_A if n not in names]
     return names
 
@@ -60,6 +70,7 @@ def save_adapter(unet: nn.Module, path: Union[str, os.PathLike], adapter_name: s
     fingerprint of each base weight. Written to a temporary file in the same folder, then renamed:
     a crash never leaves a half-written adapter at ``path``."""
     layers = _layers(unet, adapter_name)
+    _fused_only(layers, "save_adapter", "save this adapter with peft's get_peft_model_state_dict / save_lora_weights")
     tensors, modules = {}, {}
     for name, m in layers:
         tensors[f"{name}.lora_A"] = m.lora_A[adapter_name].weight.detach().cpu().contiguous()
@@ -341,6 +352,7 @@ def export_lora(unet: nn.Module, adapter_name: str = "default") -> tuple[dict[st
     scale folded into ``B``; every layer's ``lora_alpha`` equals its rank (scale 1). Fused merges are
     read as unmerged."""
     layers = _layers(unet, adapter_name)
+    _fused_only(layers, "export_lora", "its adapter is already peft's plain LoRA: get_peft_model_state_dict has it")
     sd, ranks = {}, {}
     for name, m in layers:
         mask = m.masks.get(adapter_name)
@@ -381,10 +393,18 @@ def merge_adapter(unet: nn.Module, adapter_name: str = "default") -> None:
 
 
 def unmerge_adapter(unet: nn.Module, adapter_name: Optional[str] = None) -> None:
-    """Restore the base weights bit-exactly (``None``: undo every merge)."""
-    for _, m in _layers(unet, adapter_name):
+    """Restore the base weights bit-exactly (``None``: undo every merge; a name: that adapter's merge
+    and any made after it). A layer that runs peft's own code unmerges as peft does (it subtracts the
+    delta again), and only all its merges at once."""
+    layers = _layers(unet, adapter_name)
+    partial = [n for n, m in layers if not isinstance(m, _Fused) and adapter_name is not None
+               and adapter_name in m.merged_adapters and m.merged_adapters[0] != adapter_name]
+    if partial:
+        raise RuntimeError(f"unmerge_adapter: layer {partial[0]!r} runs peft's own LoRA code, which can only undo "
+                           f"all its merges; call unmerge_adapter(unet) to undo every merge")
+    for _, m in layers:
         if adapter_name in m.merged_adapters or (adapter_name is None and m.merged_adapters):
-            m.unmerge(adapter_name)
+            m.unmerge(adapter_name) if isinstance(m, _Fused) else m.unmerge()
 
 
 def remove_adapter(unet: nn.Module, adapter_name: str) -> None:
@@ -394,10 +414,25 @@ def remove_adapter(unet: nn.Module, adapter_name: str) -> None:
     if merged:
         raise RuntimeError(f"adapter {adapter_name!r} is merged (in {merged[:3]}); unmerge it before removing it")
     for _, m in layers:
-        m.remove_adapter(adapter_name)
+        _delete(m, adapter_name)
     cfg = getattr(unet, "peft_config", None)
     if isinstance(cfg, dict):
         cfg.pop(adapter_name, None)
+
+
+def _delete(m: nn.Module, name: str) -> None:
+    """peft's ``delete_adapter`` on one layer, the other adapters' active state and flags kept."""
+    if isinstance(m, _Fused):
+        m.remove_adapter(name)
+        return
+    act = [a for a in m.active_adapters if a != name]
+    flags = [(p, p.requires_grad) for p in m.parameters()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"Adapter {name} was active which is now deleted")
+        m.delete_adapter(name)
+    m._active_adapter = act
+    for p, f in flags:
+        p.requires_grad_(f)
 
 
 def set_adapter_scale(unet: nn.Module, adapter_name: str, scale: float) -> None:
@@ -448,6 +483,8 @@ def disable_adapters(unet: nn.Module, this_thread: bool = False):
     if merged:
         raise RuntimeError(f"disable_adapters: adapters are merged in {merged[:3]}; unmerge_adapter() first")
     if this_thread:
+        _fused_only(layers, "disable_adapters(this_thread=True)",
+                    "only the fused layers read the per-thread switch: use this_thread=False")
         off = thread_disabled()
         for _, m in layers:
             off[id(m)] = off.get(id(m), 0) + 1

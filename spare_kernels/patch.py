@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import warnings
 from typing import Optional
 
@@ -186,15 +187,20 @@ def _plan_adopt(cands, masked) -> dict[str, str]:
     return {n: w for n, w in stay.items() if is_lora_layer(cands[n])}
 
 
-def _adopt_all(cands, stay) -> None:
-    """Every peft LoRA layer the op can run becomes fused; the others keep peft's own code (said once)."""
+def _adopt_all(cands, stay) -> list:
+    """Every peft LoRA layer the op can run becomes fused (returned); the others keep peft's code."""
+    done = []
     for n, m in cands.items():
         if is_lora_layer(m) and not isinstance(m, _Fused) and n not in stay:
-            adopt(m)
+            done.append(adopt(m))
+    return done
+
+
+def _say_unfused(stay: dict, what: str) -> None:
     if stay:
         ex = "; ".join(f"{n}: {w}" for n, w in list(stay.items())[:3])
-        warnings.warn(f"patch_unet: {len(stay)} peft LoRA layer(s) keep peft's own (unfused) code: {ex}",
-                      UserWarning, stacklevel=3)
+        warnings.warn(f"patch_unet: {len(stay)} {what} keep peft's own (unfused) LoRA code: {ex}", UserWarning,
+                      stacklevel=3)
 
 
 def _draw(shape_a, shape_b, init, rank, dtype):
@@ -211,56 +217,54 @@ def _draw(shape_a, shape_b, init, rank, dtype):
 
 
 def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, rec):
-    """Add ``adapter_name`` on ``targeted`` through peft (fused where the op computes it), with this
-    library's init and dtype; other adapters stay active. Undone if anything fails."""
+    """Add ``adapter_name`` on exactly ``targeted`` through peft (fused where the op computes it), with
+    this library's init and dtype; other adapters stay active with their flags. The caller undoes it if
+    anything fails."""
     from peft import LoraConfig, inject_adapter_in_model
     lora_alpha = alpha if alpha is not None else rank
-    cfg = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=sorted(targeted), init_lora_weights=False)
+    # A regex peft full-matches: a list would also match every module whose name ends in ".<entry>".
+    spec = "(?:" + "|".join(re.escape(n) for n in sorted(targeted)) + ")"
+    cfg = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=spec, init_lora_weights=False)
     before = {n: (list(m.active_adapters), [(p, p.requires_grad) for p in m.parameters()])
               for n, m in cands.items() if is_lora_layer(m)}
+    rec["added"].append(adapter_name)
     try:
         with torch.random.fork_rng(devices=[]), use_fused_lora(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             inject_adapter_in_model(cfg, unet, adapter_name)
-        if hasattr(type(unet), "_hf_peft_config_loaded"):
-            unet._hf_peft_config_loaded = True   # what diffusers' add_adapter sets: its adapter API is live
-        rec["added"].append(adapter_name)
-        layers = {}
-        for n, old in cands.items():   # in module order: the same random stream as the 0.1 layers
-            m = unet.get_submodule(n)
-            if n not in targeted:
-                continue
-            if m is not old:
-                rec["wrapped"].add(n)
-            A, B = _draw(m.lora_A[adapter_name].weight.shape, m.lora_B[adapter_name].weight.shape, init, rank,
-                         adapter_dtype)   # (peft's layout: a grouped conv that stays peft's has a wider A)
-            dev = _base(m).weight.device
-            m.lora_A[adapter_name].weight = nn.Parameter(A.to(dev))
-            m.lora_B[adapter_name].weight = nn.Parameter(B.to(dev))
-            m.scaling[adapter_name] = lora_alpha / rank
-            layers[n] = m
-        for n, (act, flags) in before.items():   # peft's set_adapter made the new one the only active adapter
-            m = unet.get_submodule(n)
-            for p, f in flags:
-                p.requires_grad_(f)
-            m._active_adapter = act + ([adapter_name] if adapter_name in m.lora_A else [])
-        for n, m in layers.items():
-            if n not in before:
-                m._active_adapter = [adapter_name]
-        stock = {n: why_not_fused(m) for n, m in layers.items() if not isinstance(m, _Fused)}
-        if stock:
-            ex = "; ".join(f"{n}: {w}" for n, w in list(stock.items())[:3])
-            warnings.warn(f"patch_unet: {len(stock)} targeted layer(s) run peft's own (unfused) LoRA code: {ex}",
-                          UserWarning, stacklevel=3)
-        return layers
-    except BaseException:
-        _remove_added(unet, adapter_name, rec)
-        raise
+    finally:   # (also a failed injection: what peft wrapped before failing is unwrapped by the caller)
+        rec["wrapped"].update(n for n in targeted if not is_lora_layer(cands[n]) and unet.get_submodule(n) is not cands[n])
+    if hasattr(type(unet), "_hf_peft_config_loaded"):
+        unet._hf_peft_config_loaded = True   # what diffusers' add_adapter sets: its adapter API is live
+    layers = {}
+    for n in cands:   # in module order: the same random stream as the 0.1 layers
+        if n not in targeted:
+            continue
+        m = unet.get_submodule(n)
+        A, B = _draw(m.lora_A[adapter_name].weight.shape, m.lora_B[adapter_name].weight.shape, init, rank,
+                     adapter_dtype)   # (peft's layout: a grouped conv that stays peft's has a wider A)
+        dev = _base(m).weight.device
+        m.lora_A[adapter_name].weight = nn.Parameter(A.to(dev))
+        m.lora_B[adapter_name].weight = nn.Parameter(B.to(dev))
+        m.scaling[adapter_name] = lora_alpha / rank
+        layers[n] = m
+    extra = [n for n, m in unet.named_modules() if is_lora_layer(m) and adapter_name in m.lora_A and n not in layers]
+    if extra:
+        raise RuntimeError(f"patch_unet: peft adapted modules that were not targeted: {extra[:3]}")
+    for n, (act, flags) in before.items():   # peft's set_adapter made the new one the only active adapter
+        m = unet.get_submodule(n)
+        for p, f in flags:
+            p.requires_grad_(f)
+        m._active_adapter = act + ([adapter_name] if adapter_name in m.lora_A else [])
+    for n, m in layers.items():
+        if n not in before:
+            m._active_adapter = [adapter_name]
+    _say_unfused({n: why_not_fused(m) for n, m in layers.items() if not isinstance(m, _Fused)}, "targeted layer(s)")
+    return layers
 
 
 def _remove_added(unet, adapter_name, rec) -> None:
-    """Take ``adapter_name`` off every layer; layers this library wrapped that are left empty become
-    their plain module again; the peft config entry goes."""
+    """Take ``adapter_name`` off every layer and out of the peft config, then :func:`_tidy`."""
     for n, m in list(unet.named_modules()):
         if is_lora_layer(m) and adapter_name in m.lora_A:
             act = [a for a in m.active_adapters if a != adapter_name]
@@ -268,20 +272,37 @@ def _remove_added(unet, adapter_name, rec) -> None:
                 warnings.simplefilter("ignore")
                 m.delete_adapter(adapter_name)
             m._active_adapter = act
-            if n in rec["wrapped"] and not m.lora_A:
-                set_module(unet, n, m.get_base_layer())
-                rec["wrapped"].discard(n)
     cfg = getattr(unet, "peft_config", None)
     if isinstance(cfg, dict):
         cfg.pop(adapter_name, None)
-        if not cfg and not rec["had_config"]:
-            del unet.peft_config
-            if rec["hf_loaded"] is None:
-                unet.__dict__.pop("_hf_peft_config_loaded", None)
-            else:
-                unet._hf_peft_config_loaded = rec["hf_loaded"]
     if adapter_name in rec["added"]:
         rec["added"].remove(adapter_name)
+    _tidy(unet, rec)
+
+
+def _tidy(unet, rec) -> None:
+    """Layers this library wrapped that hold no adapter any more (whoever removed it) become their plain
+    module again; an empty peft config the model did not have before goes."""
+    for n in sorted(rec["wrapped"]):
+        m = unet.get_submodule(n)
+        if is_lora_layer(m) and not m.lora_A:
+            set_module(unet, n, m.get_base_layer())
+            rec["wrapped"].discard(n)
+    cfg = getattr(unet, "peft_config", None)
+    if isinstance(cfg, dict) and not cfg and not rec["had_config"]:
+        del unet.peft_config
+        if rec["hf_loaded"] is None:
+            unet.__dict__.pop("_hf_peft_config_loaded", None)
+        else:
+            unet._hf_peft_config_loaded = rec["hf_loaded"]
+
+
+def _drop_config(unet, adapter_name) -> None:
+    """``adapter_name`` out of ``unet.peft_config`` once no layer carries it."""
+    cfg = getattr(unet, "peft_config", None)
+    if isinstance(cfg, dict) and adapter_name in cfg and not any(
+            is_lora_layer(m) and adapter_name in m.lora_A for m in unet.modules()):
+        cfg.pop(adapter_name)
 
 
 def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int] = None,
@@ -342,30 +363,38 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int
         carriers = {n: _base(m).weight for n, m in targeted.items()}
     mask_map = normalise_masks(masks, unet, carriers, name)
     stay = _plan_adopt(cands, mask_map)   # all checks pass before anything changes
+    if keep is not None:
+        merged = [n for n in mask_map if name in cands[n].merged_adapters]
+        if merged:
+            raise ValueError(f"masks: adapter {name!r} is merged in {merged[:3]}; unmerge it before setting masks")
+    fresh = _RECORD not in unet.__dict__
     rec = record(unet)
-    _adopt_all(cands, stay)
-    for n, p in unet.named_parameters():   # like peft: only adapters train
-        if ".lora_A." not in n and ".lora_B." not in n:
-            p.requires_grad_(False)
-    if keep is None:
-        layers = _add(unet, cands, targeted, name, rank or 4, alpha, init or "gaussian", adapter_dtype, rec)
-    else:
-        layers = {n: unet.get_submodule(n) for n in carriers}
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+    old_masks = [(m, dict(m.masks)) for _, m in iter_patched(unet)]
+    adopted = []
     try:
+        adopted = _adopt_all(cands, stay)
+        if keep is None:   # peft freezes every other parameter, as its add_adapter does
+            layers = _add(unet, cands, targeted, name, rank or 4, alpha, init or "gaussian", adapter_dtype, rec)
+        else:              # the user's peft model: flags as they are
+            layers = {n: unet.get_submodule(n) for n in carriers}
         for n, m in mask_map.items():
-            layer = layers[n]
-            if not isinstance(layer, _Fused):
-                raise ValueError(f"masks: layer {n!r} is {type(layer).__name__}, peft's own LoRA layer for its base "
-                                 f"({type(_base(layer)).__name__}), which takes no mask")
-            layer.set_mask(name, m)
+            layers[n].set_mask(name, m)
     except BaseException:
         if keep is None:
             _remove_added(unet, name, rec)
-        else:
-            for n in mask_map:
-                if isinstance(layers[n], _Fused):
-                    layers[n].masks[name] = None
+        for m in adopted:
+            release(m)
+        for m, mk in old_masks:
+            m.masks.clear()
+            m.masks.update(mk)
+        for n, p in unet.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
+        if fresh:
+            unet.__dict__.pop(_RECORD, None)
         raise
+    _say_unfused(stay, "peft LoRA layer(s)")
     return unet
 
 
@@ -384,13 +413,20 @@ def unpatch_unet(unet: nn.Module) -> nn.Module:
     if rec is not None:
         for a in list(rec["added"]):
             _remove_added(unet, a, rec)
+        _tidy(unet, rec)
     dropped = set()
+    wrapped = rec["wrapped"] if rec is not None else set()
     for n, m in list(iter_patched(unet)):
-        if m.__dict__.get("_sk_created"):   # built by this library on a plain layer: that layer again
-            set_module(unet, n, m.get_base_layer())
+        for a in list(m._sk_adapters):   # added through this library's own add_adapter (load_adapter, modules)
+            m.remove_adapter(a)
+            _drop_config(unet, a)
+        if not m.lora_A and (n in wrapped or m.__dict__.get("_sk_created")):
+            set_module(unet, n, m.get_base_layer())   # the library built it on a plain layer: that layer again
             continue
         dropped.update(a for a, mk in m.masks.items() if mk is not None)
         release(m)
+    if rec is not None:
+        _tidy(unet, rec)
     if dropped:
         warnings.warn(f"unpatch_unet: masks on adapter(s) {sorted(dropped)} are dropped: peft's own layers compute "
                       "the unmasked B·A (sk.save_adapter keeps them)", UserWarning, stacklevel=2)

@@ -534,15 +534,41 @@ def peft_linear(base, fused):
     return cls(base, "default", config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), r=4, lora_alpha=8)
 
 
-def test_a_variant_adapter_on_a_masked_fused_layer_is_refused_before_changing_it():
+def test_a_variant_adapter_on_a_masked_fused_layer_runs_peft_code():
+    """DoRA loaded into a fused layer that holds a mask: the layer stays fused (the mask stays), the DoRA
+    adapter runs peft's own code, as on peft's layer, and merges and unmerges (bit-exactly) as well.
+    Without a mask the layer simply becomes peft's own class again."""
+    import copy
     torch.manual_seed(0)
-    layer = peft_linear(nn.Linear(10, 6), True)
-    layer.set_mask("default", torch.rand(6, 10) > 0.5)
-    keys = set(layer.state_dict())
-    with pytest.raises(ValueError, match="'dora'.* holds masks"):
-        layer.update_layer("dora", 2, lora_alpha=2, config=LoraConfig(r=2, use_dora=True))
-    assert set(layer.state_dict()) == keys and isinstance(layer, MaskedLoRALinear)
-    layer.set_mask("default", None)
+    base = nn.Linear(10, 6)
+    layers = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        layers.append(peft_linear(copy.deepcopy(base), fused))
+    stock, fused = layers
+    fused.set_mask("default", torch.rand(6, 10) > 0.5)
+    for layer in layers:
+        torch.manual_seed(2)
+        layer.update_layer("dora", 2, lora_alpha=2, config=LoraConfig(r=2, use_dora=True, init_lora_weights=False))
+        layer.set_adapter("dora")
+    assert isinstance(fused, MaskedLoRALinear) and fused.masks["default"] is not None
+    with pytest.raises(ValueError, match="'dora' is a LoRA variant"):
+        fused.set_mask("dora", torch.ones(6, 10, dtype=torch.bool))
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        close(fused(x), stock(x))
+        w0 = fused.weight.clone()
+        for layer in layers:
+            layer.merge()
+        torch.testing.assert_close(fused.weight, stock.weight)
+        close(fused(x), stock(x))
+        fused.unmerge()
+        assert torch.equal(fused.weight, w0) and not fused._caches
+        fused.set_adapter(["dora", "default"])   # DoRA through peft's code on the base, then the masked delta
+        y = fused(x)
+        fused.set_adapter(["dora"])
+        close(y, fused(x) + x @ fused.delta_weight("default").t())
+    plain = peft_linear(nn.Linear(10, 6), True)
     with pytest.warns(UserWarning, match="LoRA variant"):
-        layer.update_layer("dora", 2, lora_alpha=2, config=LoraConfig(r=2, use_dora=True))
-    assert type(layer).__name__ == "Linear" and "dora" in layer.lora_variant   # peft's own layer now
+        plain.update_layer("dora", 2, lora_alpha=2, config=LoraConfig(r=2, use_dora=True))
+    assert type(plain).__name__ == "Linear" and "dora" in plain.lora_variant   # peft's own layer now

@@ -23,6 +23,7 @@ class _Switch(threading.local):
 
 _STATE = _Switch()
 _ORIG = {}
+_LOCK = threading.Lock()   # two first calls at once must not take each other's wrapper for peft's function
 
 
 def _create_new_module(lora_config, adapter_name, target, **kwargs):
@@ -40,9 +41,10 @@ def _create_new_module(lora_config, adapter_name, target, **kwargs):
 
 
 def _install() -> None:
-    if "fn" not in _ORIG:
-        _ORIG["fn"] = LoraModel._create_new_module
-        LoraModel._create_new_module = staticmethod(_create_new_module)
+    with _LOCK:
+        if "fn" not in _ORIG:
+            _ORIG["fn"] = LoraModel._create_new_module
+            LoraModel._create_new_module = staticmethod(_create_new_module)
 
 
 class use_fused_lora:

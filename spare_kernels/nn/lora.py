@@ -63,8 +63,26 @@ def thread_disabled() -> dict:
     return d
 
 
+def _observable(m: nn.Module) -> bool:
+    """Whether calling ``m`` as a module does more than its class's forward: hooks of any kind, or a
+    forward replaced on the instance (accelerate's and diffusers' hook wrappers, offloading, layerwise
+    casting)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)
+
+
 def _global_hooks() -> bool:
-    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
+    g = _nn_module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
+
+def _changed(old: Tensor, new: Tensor):
+    """Where ``new`` differs from ``old`` bit for bit (-0.0 + 0.0 is +0.0: equal values, other bits), and
+    the old values there: what restores ``old`` exactly."""
+    bits = _BITS[old.element_size()]
+    where = new.view(bits) != old.view(bits)
+    return Mask.from_dense(where), old[where].clone()
 
 
 class _Fused:
@@ -79,6 +97,9 @@ class _Fused:
         d = self.__dict__
         d.setdefault("masks", {})
         d.setdefault("_merge_backup", {})
+        d.setdefault("_sk_adapters", set())   # added through this library's add_adapter (unpatch removes them)
+        # adapters peft runs with its own code here (a LoRA variant or lora_bias on a layer that holds masks)
+        d["_special"] = {a for a in self.lora_A if a in getattr(self, "lora_variant", {}) or self.lora_bias.get(a)}
         base = self.get_base_layer()
         # The fused op computes what the base class's own forward does; a subclass with its own
         # forward (or a base that is itself wrapped) runs through base_layer(x) instead.
@@ -133,34 +154,39 @@ class _Fused:
         for fac, t in ((self.lora_A[name], lora_A), (self.lora_B[name], lora_B)):
             fac.weight = t if isinstance(t, nn.Parameter) else nn.Parameter(t.to(dev))
         self.masks[name] = mask
+        self._sk_adapters.add(name)
         self._active_adapter = prev + [name] if active else prev
 
     def _adapter_params(self):
         return [p for d in (self.lora_A, self.lora_B) for m in d.values() for p in m.parameters()]
 
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
-        """peft's, and then: a mask slot for the adapter; a layer that must run peft's own variant code
-        for it (DoRA, lora_bias, ...) becomes peft's own class again, unless it holds masks."""
-        special = bool(getattr(config, "lora_bias", False) or getattr(config, "use_dora", False))
-        resolve = getattr(self, "resolve_lora_variant", None)
-        if resolve is not None and not special:
-            special = resolve(config=config) is not None
-        if special and (any(m is not None for m in self.masks.values()) or self.merged_adapters):
-            raise ValueError(f"config: adapter {adapter_name!r} needs peft's own layer code (DoRA, lora_bias or "
-                             "another LoRA variant), but this fused layer holds masks or merged adapters; remove the "
-                             "masks / unmerge first, or load that adapter into an unpatched model")
+        """peft's, and then: a mask slot for the adapter. An adapter peft runs with its own variant code
+        (DoRA, lora_bias, ...) makes the layer peft's own class again where it holds no mask and no merge;
+        where it does, that adapter runs peft's code inside this layer (and merges bit-exactly too)."""
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         self.masks[adapter_name] = None
-        if special:
-            self.__class__ = _STOCK[type(self)]
-            warnings.warn(f"adapter {adapter_name!r} is a LoRA variant (DoRA, lora_bias, ...): its layer runs "
-                          "peft's own code, unfused", UserWarning, stacklevel=3)
+        if adapter_name in getattr(self, "lora_variant", {}) or self.lora_bias.get(adapter_name):
+            if any(m is not None for m in self.masks.values()) or self.merged_adapters:
+                self._special.add(adapter_name)
+            else:
+                release(self)
+                warnings.warn(f"adapter {adapter_name!r} is a LoRA variant (DoRA, lora_bias, ...): its layer runs "
+                              "peft's own code, unfused", UserWarning, stacklevel=3)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._special.discard(adapter_name)
+        self._sk_adapters.discard(adapter_name)
 
     def set_mask(self, name: str, mask) -> None:
         """``None`` (dense adapter), a ``Mask`` or a bool/uint8 tensor of the weight's shape."""
         self._check_name(name)
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before changing its mask")
+        if mask is not None and name in self._special:
+            raise ValueError(f"mask: adapter {name!r} is a LoRA variant (DoRA, lora_bias, ...) that peft computes "
+                             "with its own code, which takes no mask")
         if mask is not None:
             mask = as_mask(mask, self.weight.shape, self.weight.device)
         self.masks[name] = mask
@@ -170,19 +196,35 @@ class _Fused:
             raise KeyError(f"adapter_name: {name!r} not on this layer (has {list(self.lora_A)})")
 
     def remove_adapter(self, name: str) -> None:
-        """peft's ``delete_adapter``, refused while the adapter is merged."""
+        """peft's ``delete_adapter``, refused while the adapter is merged; the other adapters keep their
+        active state and ``requires_grad`` flags (peft's would re-activate one and change flags)."""
         self._check_name(name)
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before removing it")
         act = [a for a in self.active_adapters if a != name]
-        self.delete_adapter(name)
-        self._active_adapter = act   # peft would pick another adapter to activate; the rest stay as they were
+        flags = [(p, p.requires_grad) for a in self.lora_A if a != name
+                 for d in (self.lora_A, self.lora_B) for p in d[a].parameters()]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=f"Adapter {name} was active which is now deleted")
+            self.delete_adapter(name)
+        self._active_adapter = act
+        for p, f in flags:
+            p.requires_grad_(f)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        # Masks and merge backups follow the module's device and float dtype; their content is kept
+        # (fn itself may be to_empty's, which would not keep it).
+        def move(t):
+            like = fn(t)
+            dtype = like.dtype if t.is_floating_point() else t.dtype
+            return t if (like.device == t.device and dtype == t.dtype) else t.to(like.device, dtype)
         for k, m in self.masks.items():
-            if m is not None:   # masks follow the module's device (bool/uint8 data: dtype casts skip them)
-                self.masks[k] = Mask(m.granularity, m.shape, fn(m.data), m.block or (32, 32))
+            if m is not None:
+                self.masks[k] = Mask(m.granularity, m.shape, move(m.data), m.block or (32, 32))
+        for k, parts in self._merge_backup.items():
+            self._merge_backup[k] = tuple(None if p is None else (Mask(p[0].granularity, p[0].shape, move(p[0].data)),
+                                                                  move(p[1])) for p in parts)
         return self
 
     # -------------------------------------------------------------------------- merging
@@ -204,25 +246,35 @@ class _Fused:
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list] = None) -> None:
         """peft's ``merge`` (``None``: the active adapters; already merged ones are skipped with peft's
-        warning), folding ``M⊙(B·A)``. The original values of every changed entry are kept (a packed
-        position mask plus the values), so :meth:`unmerge` restores the weight bit-exactly."""
+        warning), folding ``M⊙(B·A)`` (a variant's merge is peft's own). The original values of every
+        changed entry are kept (a packed position mask plus the values: for a dense adapter about one
+        copy of the weight while merged), so :meth:`unmerge` restores the weight bit-exactly."""
         if isinstance(safe_merge, str):
             raise TypeError(f"merge: safe_merge: expected a bool, got the string {safe_merge!r}; the signature is "
                             f"peft's, merge(safe_merge=False, adapter_names=None): use "
                             f"merge(adapter_names=[{safe_merge!r}])")
+        base = self.get_base_layer()
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.lora_A:
                 continue
-            W = self.weight
-            new = (W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
-                   + self.delta_weight(name)).to(W.dtype)
-            if safe_merge and not torch.isfinite(new).all():
+            W = base.weight
+            if name in getattr(self, "lora_variant", {}):
+                new = self.lora_variant[name].merge_safe(self, name, W.detach().clone()).to(W.dtype)
+            else:
+                new = (W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+                       + self.delta_weight(name)).to(W.dtype)
+            new_b = None
+            if self.lora_bias.get(name):
+                if base.bias is None:
+                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has "
+                                       "no bias.")
+                new_b = (base.bias + self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
+            if safe_merge and not (torch.isfinite(new).all() and (new_b is None or torch.isfinite(new_b).all())):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            # Changed bits, not changed values: -0.0 + 0.0 is +0.0, equal to -0.0 but another bit pattern.
-            bits = _BITS[W.element_size()]
-            changed = new.view(bits) != W.view(bits)
-            self._merge_backup[name] = (Mask.from_dense(changed), W[changed].clone())
+            self._merge_backup[name] = (_changed(W, new), None if new_b is None else _changed(base.bias, new_b))
             W.copy_(new)
+            if new_b is not None:
+                base.bias.copy_(new_b)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -234,10 +286,16 @@ class _Fused:
         if not self.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        base = self.get_base_layer()
         while self.merged_adapters:
-            last = self.merged_adapters.pop()
-            where, values = self._merge_backup.pop(last)
-            self.weight[where.to_dense()] = values
+            last = self.merged_adapters[-1]
+            for t, part in zip((base.weight, base.bias), self._merge_backup[last]):
+                if part is not None:
+                    where, values = part
+                    t[where.to_dense().to(t.device)] = values.to(t.device, t.dtype)
+            self.merged_adapters.pop()   # only once restored: a failure leaves the books as the weights
+            self._merge_backup.pop(last)
+            self._caches.pop(f"{last}-weight_norm", None)   # a DoRA merge's cache, peft's unmerge would pop
             if last == adapter_name:
                 break
 
@@ -247,8 +305,8 @@ class _Fused:
         layer is left as it is."""
         W = self.weight.detach().clone()
         for name in reversed(self.merged_adapters):
-            where, values = self._merge_backup[name]
-            W[where.to_dense()] = values
+            where, values = self._merge_backup[name][0]
+            W[where.to_dense().to(W.device)] = values.to(W.device, W.dtype)
         return W
 
     # -------------------------------------------------------------------------- forward
@@ -288,6 +346,22 @@ class _Fused:
         have = self._modules["lora_A"]._modules   # (direct: nn.Module.__getattr__ costs ~0.4 µs a call)
         return [a for a in act if a in have]
 
+    def _fusable_call(self, bl, live) -> bool:
+        """Whether the fused op computes exactly what peft's forward would, observably: not when the
+        base layer's or a factor's own call does more than its class's forward (hooks, a wrapped
+        forward), a variant adapter is live, or an adapter's dropout is active (training)."""
+        if not self._plain_base or _observable(bl) or _global_hooks():
+            return False
+        special, mods = self._special, self._modules
+        fa, fb = mods["lora_A"]._modules, mods["lora_B"]._modules
+        for a in live:
+            if a in special or _observable(fa[a]) or _observable(fb[a]):
+                return False
+        if self.training:
+            drop = mods["lora_dropout"]._modules
+            return all(type(drop[a]) is nn.Identity for a in live)
+        return True
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if args or kwargs:   # peft's extra arguments (adapter_names for mixed batches, variant kwargs)
             return self._forward_peft(x, *args, **kwargs)
@@ -295,11 +369,7 @@ class _Fused:
         bl = self._modules["base_layer"]
         if not live:
             return bl(x)
-        # The fused op computes exactly what peft's forward would unless the base layer's own call is
-        # observable (a subclass forward, hooks) or an adapter's dropout is active (training).
-        if (not self._plain_base or bl._forward_hooks or bl._forward_pre_hooks
-                or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
-                or (self.training and not all(type(self.lora_dropout[a]) is nn.Identity for a in live))):
+        if not self._fusable_call(bl, live):
             return self._forward_peft(x)
         # (the base's own weight and bias: peft's weight/bias properties walk the wrapper chain, ~4 µs)
         weight, bias = bl.weight, bl.bias
@@ -309,11 +379,19 @@ class _Fused:
         return self._run_live(x, weight, bias, live)
 
     def _run_live(self, x, weight, bias, live):
-        # The first adapter is fused with the base layer; further stacked ones add their delta alone.
+        # The first adapter is fused with the base layer; a further masked one adds its delta through the
+        # op (zero base), a further unmasked one its factored x·Aᵀ·Bᵀ as peft computes it.
         y = self._run_op(x, weight, bias, live[0])
         for name in live[1:]:
-            y = y + self._run_op(x, torch.zeros_like(weight), None, name)
+            if self.masks.get(name) is not None:
+                y = y + self._run_op(x, torch.zeros_like(weight), None, name)
+            else:
+                y = y + self._factored(x, name).to(y.dtype)
         return y
+
+    def _factored(self, x, name):
+        A, B = self.lora_A[name], self.lora_B[name]
+        return B(A(self._cast_input_dtype(x, A.weight.dtype))) * self.scaling[name]
 
     def _forward_peft(self, x, *args, **kwargs):
         """peft's forward structure (base layer called as itself, adapters on ``dropout(x)``): peft's
@@ -325,34 +403,39 @@ class _Fused:
                                    "weight; unmerge them first")
             kwargs.pop("adapter_names", None)
             return self.base_layer(x, *args, **kwargs)
-        live = [] if (self._disable_adapters or self.merged_adapters) else self._live_adapters()
         names = kwargs.get("adapter_names")
+        if self._disable_adapters or self.merged_adapters:
+            return super().forward(x, *args, **kwargs)   # peft's own: the base (and its errors)
+        live = self._live_adapters()
         masked = [a for a in (set(names) if names is not None else live) if self.masks.get(a) is not None]
         if not masked:
             return super().forward(x, *args, **kwargs)
         if names is not None:
             raise ValueError(f"adapter_names: mixed-batch inference with masked adapters {sorted(masked)} is not "
                              "supported; run one batch per adapter (set_adapters) or merge the adapter")
+        variant_kwargs = {k: kwargs.pop(k, None) for k in getattr(peft_lora, "VARIANT_KWARG_KEYS", ())}
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for a in live:
-            xa = self.lora_dropout[a](x)
             if self.masks.get(a) is not None:
-                result = result + self._delta(xa, a)
+                result = result + self._delta(self.lora_dropout[a](x), a).to(out_dtype)
+                continue
+            xa = self._cast_input_dtype(x, self.lora_A[a].weight.dtype)
+            if a in self._special and a in getattr(self, "lora_variant", {}):
+                result = self.lora_variant[a].forward(self, active_adapter=a, x=xa, result=result,
+                                                      **variant_kwargs, **kwargs)
             else:
-                A, B = self.lora_A[a], self.lora_B[a]
-                result = result + B(A(self._cast_input_dtype(xa, A.weight.dtype))) * self.scaling[a]
+                result = result + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](xa))) * self.scaling[a]
         return result.to(out_dtype)
 
     def _delta(self, x, name):
         """``x`` through the adapter's masked delta alone (the op with a zero base weight)."""
-        w = self.weight
+        w = self.get_base_layer().weight
+        zero = lambda x_, w_, b_: self._run_op(x_, torch.zeros_like(w_), None, name)   # noqa: E731
         dt = _autocast.dtype(x)
         if dt is not None:
-            return _autocast.call(lambda x_, w_, b_: self._run_op(x_, torch.zeros_like(w_), None, name), dt, x, w, None)
-        if x.dtype != w.dtype:
-            x = x.to(w.dtype)
-        return self._run_op(x, torch.zeros_like(w), None, name)
+            return _autocast.call(zero, dt, x, w, None)
+        return zero(x.to(w.dtype), w, None)
 
     def extra_repr(self) -> str:
         parts = []
@@ -449,13 +532,20 @@ class MaskedLoRAConv2d(_Fused, peft_lora.Conv2d):
         return geo[1]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if args or kwargs:
-            return super().forward(x, *args, **kwargs)
-        if isinstance(x, Tensor) and x.dim() == 3:   # unbatched (C, H, W), as nn.Conv2d takes it
-            return super().forward(x.unsqueeze(0)).squeeze(0)
-        if isinstance(x, Tensor) and x.dim() != 4:
+        if not (args or kwargs) and isinstance(x, Tensor) and x.dim() not in (3, 4):
             raise ValueError(f"x: expected a 3-D (unbatched) or 4-D tensor, got shape {tuple(x.shape)}")
-        return super().forward(x)
+        return super().forward(x, *args, **kwargs)
+
+    # unbatched (C, H, W) input, as nn.Conv2d takes it: the op sees a batch of one
+    def _run_live(self, x, weight, bias, live):
+        if x.dim() == 3:
+            return super()._run_live(x.unsqueeze(0), weight, bias, live).squeeze(0)
+        return super()._run_live(x, weight, bias, live)
+
+    def _delta(self, x, name):
+        if x.dim() == 3:
+            return super()._delta(x.unsqueeze(0), name).squeeze(0)
+        return super()._delta(x, name)
 
     def _run_op(self, x, weight, bias, name):
         c = self.base_layer
@@ -494,6 +584,8 @@ def unfusable_reason(base_layer: nn.Module) -> Optional[str]:
             return f"groups={c.groups} (peft's conv LoRA has no groups on A)"
         if tuple(c.dilation) != (1, 1):
             return f"dilation={tuple(c.dilation)} (peft's conv LoRA has no dilation on A)"
+        if c.padding == "same" and any((k - 1) % 2 for k in c.kernel_size):
+            return f"padding='same' with the even kernel {tuple(c.kernel_size)} (asymmetric padding)"
     return None
 
 
@@ -556,7 +648,7 @@ def release(layer: _Fused) -> nn.Module:
         raise RuntimeError(f"layer: adapters {layer.merged_adapters} are merged; unmerge() first (peft's own "
                            "class could not undo these merges bit-exactly)")
     layer.__class__ = _STOCK[type(layer)]
-    for k in ("masks", "_merge_backup", "_plain_base", "_geo", "_sk_created"):
+    for k in ("masks", "_merge_backup", "_plain_base", "_geo", "_sk_created", "_sk_adapters", "_special"):
         layer.__dict__.pop(k, None)
     return layer
 
