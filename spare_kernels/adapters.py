@@ -16,7 +16,8 @@ from torch import nn
 
 from .masks import GRANULARITIES, Mask
 from .nn.dispatch import is_lora_layer
-from .nn.lora import MaskedLoRAConv2d, _Fused, check_base, factor_shapes, thread_disabled, why_not_fused, wrap
+from .nn.lora import (MaskedLoRAConv2d, _Fused, check_base, delete_quietly, factor_shapes, thread_disabled,
+                      why_not_fused, wrap)
 from .ops import _checks as chk
 from .patch import check_unet, record, set_module
 from .utils.io import atomic_path
@@ -414,25 +415,10 @@ def remove_adapter(unet: nn.Module, adapter_name: str) -> None:
     if merged:
         raise RuntimeError(f"adapter {adapter_name!r} is merged (in {merged[:3]}); unmerge it before removing it")
     for _, m in layers:
-        _delete(m, adapter_name)
+        m.remove_adapter(adapter_name) if isinstance(m, _Fused) else delete_quietly(m, adapter_name)
     cfg = getattr(unet, "peft_config", None)
     if isinstance(cfg, dict):
         cfg.pop(adapter_name, None)
-
-
-def _delete(m: nn.Module, name: str) -> None:
-    """peft's ``delete_adapter`` on one layer, the other adapters' active state and flags kept."""
-    if isinstance(m, _Fused):
-        m.remove_adapter(name)
-        return
-    act = [a for a in m.active_adapters if a != name]
-    flags = [(p, p.requires_grad) for p in m.parameters()]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=f"Adapter {name} was active which is now deleted")
-        m.delete_adapter(name)
-    m._active_adapter = act
-    for p, f in flags:
-        p.requires_grad_(f)
 
 
 def set_adapter_scale(unet: nn.Module, adapter_name: str, scale: float) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .masks import Mask, as_mask
 from .nn.dispatch import is_lora_layer, use_fused_lora, why_not_fused
-from .nn.lora import INITS, _Fused, adopt, iter_patched, release, unfusable_reason
+from .nn.lora import INITS, _Fused, adopt, delete_quietly, draw_factors, iter_patched, release, unfusable_reason
 from .targets import ATTENTION_TARGETS, PRESETS, Targets, target_predicate  # noqa: F401 (re-exported)
 
 _RECORD = "_spare_kernels_patch"   # what this library did to a model, for unpatch_unet
@@ -203,19 +203,6 @@ def _say_unfused(stay: dict, what: str) -> None:
                       stacklevel=3)
 
 
-def _draw(shape_a, shape_b, init, rank, dtype):
-    """This library's adapter init, from the CPU random stream (a seed gives the same adapter anywhere)."""
-    A = torch.empty(shape_a, dtype=dtype)
-    B = torch.zeros(shape_b, dtype=dtype)
-    if init == "kaiming":
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    else:
-        nn.init.normal_(A, std=1.0 / rank)
-    if init == "random":
-        nn.init.normal_(B, std=1.0)
-    return A, B
-
-
 def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, rec):
     """Add ``adapter_name`` on exactly ``targeted`` through peft (fused where the op computes it), with
     this library's init and dtype; other adapters stay active with their flags. The caller undoes it if
@@ -241,7 +228,7 @@ def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, 
         if n not in targeted:
             continue
         m = unet.get_submodule(n)
-        A, B = _draw(m.lora_A[adapter_name].weight.shape, m.lora_B[adapter_name].weight.shape, init, rank,
+        A, B = draw_factors(m.lora_A[adapter_name].weight.shape, m.lora_B[adapter_name].weight.shape, init, rank,
                      adapter_dtype)   # (peft's layout: a grouped conv that stays peft's has a wider A)
         dev = _base(m).weight.device
         m.lora_A[adapter_name].weight = nn.Parameter(A.to(dev))
@@ -267,11 +254,7 @@ def _remove_added(unet, adapter_name, rec) -> None:
     """Take ``adapter_name`` off every layer and out of the peft config, then :func:`_tidy`."""
     for n, m in list(unet.named_modules()):
         if is_lora_layer(m) and adapter_name in m.lora_A:
-            act = [a for a in m.active_adapters if a != adapter_name]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                m.delete_adapter(adapter_name)
-            m._active_adapter = act
+            delete_quietly(m, adapter_name)
     cfg = getattr(unet, "peft_config", None)
     if isinstance(cfg, dict):
         cfg.pop(adapter_name, None)

@@ -294,24 +294,34 @@ def test_teacher_from_disable_adapters_spare_loop(tok_dir):
     torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["stock"]), rtol=1e-5, atol=1e-9)
 
 
-def test_hooks_on_the_original_layer_keep_firing_and_editing():
-    """A forward hook registered on a plain layer before ``add_adapter`` runs on the base layer's own
-    call under peft; the fused layer keeps that (the op is not used while such a hook exists)."""
+def stock_vs_fused(prepare):
+    """``prepare(unet) -> layer name`` on a plain UNet, then ``add_adapter``, stock or patched: the same
+    output (the named layer fused)."""
     ys = {}
     for tag in ("stock", "fused"):
         torch.manual_seed(0)
         unet = ex.build_unet()
-        name = next(n for n, m in unet.named_modules() if n.endswith("attn1.to_q"))
-        calls = []
-        unet.get_submodule(name).register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+        name = prepare(unet)
         torch.manual_seed(1)
         unet.add_adapter(lora_config())
         if tag == "fused":
             sk.patch_unet(unet)
             assert isinstance(unet.get_submodule(name), MaskedLoRALinear)
         ys[tag] = out(unet)
-        assert calls
     close(ys["fused"], ys["stock"])
+
+
+def test_hooks_on_the_original_layer_keep_firing_and_editing():
+    """A forward hook registered on a plain layer before ``add_adapter`` runs on the base layer's own
+    call under peft; the fused layer keeps that (the op is not used while such a hook exists)."""
+    calls = []
+
+    def hook(unet):
+        name = next(n for n, m in unet.named_modules() if n.endswith("attn1.to_q"))
+        unet.get_submodule(name).register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+        return name
+    stock_vs_fused(hook)
+    assert len(calls) == 2
 
 
 def test_linear_subclasses_are_adapted_as_peft_adapts_them():
@@ -319,23 +329,15 @@ def test_linear_subclasses_are_adapted_as_peft_adapts_them():
         def forward(self, x):
             return super().forward(x) + 1.0
 
-    ys = {}
-    for tag in ("stock", "fused"):
-        torch.manual_seed(0)
-        unet = ex.build_unet()
+    def swap(unet):
         name = next(n for n, m in unet.named_modules() if n.endswith("attn2.to_k"))
         old = unet.get_submodule(name)
         new = MyLinear(old.in_features, old.out_features, bias=old.bias is not None)
         new.load_state_dict(old.state_dict())
         parent, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent), child, new)
-        torch.manual_seed(1)
-        unet.add_adapter(lora_config())
-        if tag == "fused":
-            sk.patch_unet(unet)
-            assert isinstance(unet.get_submodule(name), MaskedLoRALinear)
-        ys[tag] = out(unet)
-    close(ys["fused"], ys["stock"])
+        return name
+    stock_vs_fused(swap)
     sub = nn.Sequential()
     sub.add_module("to_q", MyLinear(4, 3))
     sk.patch_unet(sub, init="random")   # the library's own flow adapts it too

@@ -142,14 +142,7 @@ class _Fused:
             p.requires_grad_(f)
         self.scaling[name] = scale   # exactly, not alpha / r rounded
         if lora_A is None or lora_B is None:
-            lora_A = torch.empty(a_shape, dtype=dtype)
-            lora_B = torch.zeros(b_shape, dtype=dtype)
-            if init == "kaiming":
-                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-            else:
-                nn.init.normal_(lora_A, std=1.0 / rank)
-            if init == "random":
-                nn.init.normal_(lora_B, std=1.0)
+            lora_A, lora_B = draw_factors(a_shape, b_shape, init, rank, dtype)
         dev = self.weight.device
         for fac, t in ((self.lora_A[name], lora_A), (self.lora_B[name], lora_B)):
             fac.weight = t if isinstance(t, nn.Parameter) else nn.Parameter(t.to(dev))
@@ -201,15 +194,7 @@ class _Fused:
         self._check_name(name)
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before removing it")
-        act = [a for a in self.active_adapters if a != name]
-        flags = [(p, p.requires_grad) for a in self.lora_A if a != name
-                 for d in (self.lora_A, self.lora_B) for p in d[a].parameters()]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=f"Adapter {name} was active which is now deleted")
-            self.delete_adapter(name)
-        self._active_adapter = act
-        for p, f in flags:
-            p.requires_grad_(f)
+        delete_quietly(self, name)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -444,6 +429,33 @@ class _Fused:
             dens = "dense" if m is None else f"{m.granularity} {m.density:.3f}"
             parts.append(f"{n}: r={self.lora_A[n].weight.shape[0]}, scale={self.scaling[n]:g}, mask={dens}")
         return "; ".join(parts)
+
+
+def draw_factors(shape_a, shape_b, init: str, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """This library's adapter init, from the CPU random stream (a seed gives the same adapter on every
+    device): ``gaussian`` A ~ N(0, 1/r), ``kaiming`` A kaiming-uniform (B = 0 for both), ``random`` B ~ N(0, 1)."""
+    A = torch.empty(shape_a, dtype=dtype)
+    B = torch.zeros(shape_b, dtype=dtype)
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    else:
+        nn.init.normal_(A, std=1.0 / rank)
+    if init == "random":
+        nn.init.normal_(B, std=1.0)
+    return A, B
+
+
+def delete_quietly(layer: nn.Module, name: str) -> None:
+    """peft's ``delete_adapter`` on any LoRA layer, the other adapters' active state and ``requires_grad``
+    flags kept (peft's would re-activate another adapter, change flags and warn)."""
+    act = [a for a in layer.active_adapters if a != name]
+    flags = [(p, p.requires_grad) for p in layer.parameters()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"Adapter {name} was active which is now deleted")
+        layer.delete_adapter(name)
+    layer._active_adapter = act
+    for p, f in flags:
+        p.requires_grad_(f)
 
 
 def _empty_lora_layer(layer, base_layer) -> None:
