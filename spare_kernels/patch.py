@@ -104,7 +104,7 @@ def normalise_masks(masks, unet: nn.Module, carriers: dict[str, torch.Tensor], a
         elif _strip(key) in params:
             ignored += 1
             if isinstance(m, Mask):
-                ignored_on += int(round(m.density * m.data.new_zeros(m.shape).numel()))
+                ignored_on += int(round(m.density * math.prod(m.shape)))
             elif isinstance(m, torch.Tensor):
                 ignored_on += int(m.count_nonzero())
         else:
@@ -229,7 +229,7 @@ def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, 
             continue
         m = unet.get_submodule(n)
         A, B = draw_factors(m.lora_A[adapter_name].weight.shape, m.lora_B[adapter_name].weight.shape, init, rank,
-                     adapter_dtype)   # (peft's layout: a grouped conv that stays peft's has a wider A)
+                            adapter_dtype)   # (peft's layout: a grouped conv that stays peft's has a wider A)
         dev = _base(m).weight.device
         m.lora_A[adapter_name].weight = nn.Parameter(A.to(dev))
         m.lora_B[adapter_name].weight = nn.Parameter(B.to(dev))
@@ -311,8 +311,9 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int
       one). **A layer with no entry gets a dense (unmasked) adapter.** Entries for other parameters of
       the model (SPARE's masks cover every parameter) are ignored with a warning that counts them; a
       key naming no parameter is an error.
-    - Like peft, every non-adapter parameter is frozen (``unpatch_unet`` restores the flags).
-    Every check runs before anything changes.
+    - Adding an adapter freezes every other parameter, as peft's ``add_adapter`` does; a peft model's own
+      adapters keep the flags they have (``unpatch_unet`` restores the flags from before).
+    Every check runs before anything changes; a failure on the way (peft's own refusals) undoes it all.
     """
     check_unet(unet)
     _check_args(rank, alpha, init, adapter_name, adapter_dtype)
