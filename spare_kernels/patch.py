@@ -116,7 +116,7 @@ def normalise_masks(masks, unet: nn.Module, carriers: dict[str, torch.Tensor], a
     if ignored:
         warnings.warn(f"masks: {ignored} of {len(masks)} entries name parameters outside the layers that carry "
                       f"adapter {adapter_name!r} (biases, norms, layers not targeted) and are ignored; they select "
-                      f"{ignored_on} entries. Widen target_modules (e.g. 'all') to train them.", UserWarning, stacklevel=3)
+                      f"{ignored_on} entries. Widen target_modules to adapt more of those layers.", UserWarning, stacklevel=3)
     return out
 
 
