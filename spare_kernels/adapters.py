@@ -427,7 +427,8 @@ def set_adapter_scale(unet: nn.Module, adapter_name: str, scale: float) -> None:
     layers = _layers(unet, adapter_name)
     merged = [n for n, m in layers if adapter_name in m.merged_adapters]
     if merged:
-        raise RuntimeError(f"adapter {adapter_name!r} is merged (in {merged[:3]}); unmerge it before changing its scale")
+        raise RuntimeError(f"adapter {adapter_name!r} is merged (in {merged[:3]}); unmerge it before changing its "
+                           "scale")
     for _, m in layers:
         m.scaling[adapter_name] = float(scale)
 

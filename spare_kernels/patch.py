@@ -116,7 +116,8 @@ def normalise_masks(masks, unet: nn.Module, carriers: dict[str, torch.Tensor], a
     if ignored:
         warnings.warn(f"masks: {ignored} of {len(masks)} entries name parameters outside the layers that carry "
                       f"adapter {adapter_name!r} (biases, norms, layers not targeted) and are ignored; they select "
-                      f"{ignored_on} entries. Widen target_modules to adapt more of those layers.", UserWarning, stacklevel=3)
+                      f"{ignored_on} entries. Widen target_modules to adapt more of those layers.", UserWarning,
+                      stacklevel=3)
     return out
 
 
@@ -183,7 +184,8 @@ def _plan_adopt(cands, masked) -> dict[str, str]:
             stay[n] = f"its base layer has {unfusable_reason(m)}"
     bad = [n for n in masked if n in stay]
     if bad:
-        raise ValueError(f"masks: layer {bad[0]!r} would keep peft's own LoRA code, which takes no mask: {stay[bad[0]]}")
+        raise ValueError(f"masks: layer {bad[0]!r} would keep peft's own LoRA code, which takes no mask: "
+                         f"{stay[bad[0]]}")
     return {n: w for n, w in stay.items() if is_lora_layer(cands[n])}
 
 
@@ -220,7 +222,8 @@ def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, 
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             inject_adapter_in_model(cfg, unet, adapter_name)
     finally:   # (also a failed injection: what peft wrapped before failing is unwrapped by the caller)
-        rec["wrapped"].update(n for n in targeted if not is_lora_layer(cands[n]) and unet.get_submodule(n) is not cands[n])
+        rec["wrapped"].update(n for n in targeted
+                              if not is_lora_layer(cands[n]) and unet.get_submodule(n) is not cands[n])
     if hasattr(type(unet), "_hf_peft_config_loaded"):
         unet._hf_peft_config_loaded = True   # what diffusers' add_adapter sets: its adapter API is live
     layers = {}

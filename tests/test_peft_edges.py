@@ -53,7 +53,8 @@ def test_library_calls_cover_layers_that_keep_peft_code():
     with pytest.raises(ValueError, match=r"this_thread=True\): layer '0' runs peft's own LoRA code"):
         with sk.disable_adapters(m, this_thread=True):
             pass
-    with pytest.raises(ValueError, match=r"save_adapter: layer '0' runs peft's own LoRA code \(its base layer has padding_mode='reflect'"):
+    with pytest.raises(ValueError, match=r"save_adapter: layer '0' runs peft's own LoRA code \(its base layer has "
+                                         r"padding_mode='reflect'"):
         sk.save_adapter(m, "/nonexistent/x.safetensors")
     with pytest.raises(ValueError, match="export_lora: layer '0'"):
         sk.export_lora(m)
