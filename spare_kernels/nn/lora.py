@@ -93,6 +93,28 @@ class _Fused:
     other_param_names = peft_lora.LoraLayer.other_param_names + ("masks",)
     _PLAIN_FORWARD: type = nn.Module   # the base class whose forward the fast path reproduces
 
+    def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = None, config=None, r: int = 0,
+                 lora_alpha: int = 1, **kwargs):
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if not isinstance(base, self._PLAIN_FORWARD):
+            raise TypeError(f"base_layer: expected nn.{self._PLAIN_FORWARD.__name__}, got {type(base).__name__}")
+        self._check_geometry(base)
+        self.__dict__["masks"] = {}
+        if adapter_name is None:   # an empty layer: adapters come from add_adapter
+            _empty_lora_layer(self, base_layer)
+            self._init_empty(base)
+        else:                      # peft's own constructor
+            super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
+        if isinstance(self, _Fused):   # not when the config made it peft's own layer (update_layer)
+            self._init_fused()
+
+    @staticmethod
+    def _check_geometry(base: nn.Module) -> None:
+        """Raise for a base layer whose peft LoRA the op does not compute (convs: see check_base)."""
+
+    def _init_empty(self, base: nn.Module) -> None:
+        """What peft's constructor would set besides the adapter."""
+
     def _init_fused(self) -> None:
         d = self.__dict__
         d.setdefault("masks", {})
@@ -317,11 +339,7 @@ class _Fused:
             if self.merged_adapters:
                 self.unmerge()
             return []
-        off = getattr(_THREAD, "off", None)
-        if off and id(self) in off:
-            if self.merged_adapters:
-                raise RuntimeError(f"adapters disabled while {self.merged_adapters} are merged into the base "
-                                   "weight; unmerge them first")
+        if self._off_in_this_thread():
             return []
         if self.merged_adapters:
             return []
@@ -330,6 +348,16 @@ class _Fused:
             act = [act]
         have = self._modules["lora_A"]._modules   # (direct: nn.Module.__getattr__ costs ~0.4 µs a call)
         return [a for a in act if a in have]
+
+    def _off_in_this_thread(self) -> bool:
+        """Whether ``disable_adapters(..., this_thread=True)`` holds this layer in the calling thread."""
+        off = getattr(_THREAD, "off", None)
+        if not (off and id(self) in off):
+            return False
+        if self.merged_adapters:
+            raise RuntimeError(f"adapters disabled while {self.merged_adapters} are merged into the base "
+                               "weight; unmerge them first")
+        return True
 
     def _fusable_call(self, bl, live) -> bool:
         """Whether the fused op computes exactly what peft's forward would, observably: not when the
@@ -368,7 +396,7 @@ class _Fused:
         # op (zero base), a further unmasked one its factored x·Aᵀ·Bᵀ as peft computes it.
         y = self._run_op(x, weight, bias, live[0])
         for name in live[1:]:
-            if self.masks.get(name) is not None:
+            if self.masks.get(name) is not None:   # (weight: the autocast copy, where autocast is on)
                 y = y + self._run_op(x, torch.zeros_like(weight), None, name)
             else:
                 y = y + self._factored(x, name).to(y.dtype)
@@ -381,11 +409,7 @@ class _Fused:
     def _forward_peft(self, x, *args, **kwargs):
         """peft's forward structure (base layer called as itself, adapters on ``dropout(x)``): peft's
         own code where no live adapter is masked, the masked delta through the op where one is."""
-        off = getattr(_THREAD, "off", None)
-        if off and id(self) in off and not self._disable_adapters:
-            if self.merged_adapters:
-                raise RuntimeError(f"adapters disabled while {self.merged_adapters} are merged into the base "
-                                   "weight; unmerge them first")
+        if not self._disable_adapters and self._off_in_this_thread():
             kwargs.pop("adapter_names", None)
             return self.base_layer(x, *args, **kwargs)
         names = kwargs.get("adapter_names")
@@ -476,20 +500,9 @@ class MaskedLoRALinear(_Fused, peft_lora.Linear):
 
     _PLAIN_FORWARD = nn.Linear
 
-    def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = None, config=None, r: int = 0,
-                 lora_alpha: int = 1, **kwargs):
-        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base_layer: expected nn.Linear, got {type(base).__name__}")
-        self.__dict__["masks"] = {}
-        if adapter_name is None:
-            _empty_lora_layer(self, base_layer)
-            self.fan_in_fan_out = False
-            self.is_target_conv_1d_layer = False
-        else:
-            super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
-        if isinstance(self, _Fused):   # not when the config made it peft's own layer (update_layer)
-            self._init_fused()
+    def _init_empty(self, base: nn.Module) -> None:
+        self.fan_in_fan_out = False
+        self.is_target_conv_1d_layer = False
 
     def _run_op(self, x, weight, bias, name):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -505,21 +518,13 @@ class MaskedLoRAConv2d(_Fused, peft_lora.Conv2d):
 
     _PLAIN_FORWARD = nn.Conv2d
 
-    def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = None, config=None, r: int = 0,
-                 lora_alpha: int = 1, **kwargs):
-        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if not isinstance(base, nn.Conv2d):
-            raise TypeError(f"base_layer: expected nn.Conv2d, got {type(base).__name__}")
+    @staticmethod
+    def _check_geometry(base: nn.Module) -> None:
         check_base(base)
-        self.__dict__["masks"] = {}
-        if adapter_name is None:
-            _empty_lora_layer(self, base_layer)
-            self._kernel_dim = base.weight.dim()
-            self.conv_fn = F.conv2d
-        else:
-            super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
-        if isinstance(self, _Fused):   # not when the config made it peft's own layer (update_layer)
-            self._init_fused()
+
+    def _init_empty(self, base: nn.Module) -> None:
+        self._kernel_dim = base.weight.dim()
+        self.conv_fn = F.conv2d
 
     # the base conv's geometry, as code written for nn.Conv2d reads it
     in_channels = property(lambda self: self.get_base_layer().in_channels)
