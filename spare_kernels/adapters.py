@@ -19,7 +19,7 @@ from .nn.dispatch import is_lora_layer
 from .nn.lora import (MaskedLoRAConv2d, _Fused, check_base, delete_quietly, factor_shapes, thread_disabled,
                       why_not_fused, wrap)
 from .ops import _checks as chk
-from .patch import check_unet, record, set_module
+from .patch import check_unet, mark_peft_loaded, record, set_module
 from .utils.io import atomic_path
 
 FORMAT = "spare_kernels.adapter/1"
@@ -48,6 +48,12 @@ def _layers(unet, adapter_name=None) -> list[tuple[str, nn.Module]]:
     if adapter_name is not None and not out:
         raise ValueError(f"adapter_name: no adapter {adapter_name!r} in the unet; it has {adapter_names(unet)}")
     return out
+
+
+def _refuse_merged(layers, name: str, what: str) -> None:
+    merged = [n for n, m in layers if name in m.merged_adapters]
+    if merged:
+        raise RuntimeError(f"adapter {name!r} is merged (in {merged[:3]}); unmerge it before {what}")
 
 
 def _fused_only(layers, op: str, hint: str) -> None:
@@ -285,19 +291,26 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
 def _register(unet, name, plan) -> None:
     """The adapter in ``unet.peft_config`` as peft would describe it, so peft's and diffusers' adapter
     API (get_peft_model_state_dict, set_adapters, save_lora_weights...) sees it."""
-    from peft import LoraConfig
-    ranks = [p["rank"] for p in plan.values()]
-    r = max(set(ranks), key=ranks.count)
-    alphas = {mod: p["scale"] * p["rank"] for mod, p in plan.items()}
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(plan), init_lora_weights=False,
-                     rank_pattern={re.escape(m): p["rank"] for m, p in plan.items() if p["rank"] != r},
-                     alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != alpha})
+    cfg = _lora_config({mod: p["rank"] for mod, p in plan.items()},
+                       {mod: p["scale"] * p["rank"] for mod, p in plan.items()})
     if not isinstance(getattr(unet, "peft_config", None), dict):
         unet.peft_config = {}
     unet.peft_config[name] = cfg
-    if hasattr(type(unet), "_hf_peft_config_loaded"):
-        unet._hf_peft_config_loaded = True
+    mark_peft_loaded(unet)
+
+
+def _lora_config(ranks: dict, alphas: dict):
+    """A LoraConfig naming exactly these modules, with their ranks and alphas: the most common as
+    ``r`` / ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern`` (exact-name patterns)."""
+    from peft import LoraConfig
+
+    def common(d):
+        vals = list(d.values())
+        return max(set(vals), key=vals.count)
+    r, alpha = common(ranks), common(alphas)
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks), init_lora_weights=False,
+                      rank_pattern={re.escape(m): k for m, k in ranks.items() if k != r},
+                      alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != alpha})
 
 
 def _apply(unet, modules, plan, name) -> None:
@@ -369,12 +382,7 @@ def export_lora(unet: nn.Module, adapter_name: str = "default") -> tuple[dict[st
         ranks[name] = A.shape[0]
         sd[f"{name}.lora_A.weight"] = A.cpu().contiguous()
         sd[f"{name}.lora_B.weight"] = B.cpu().contiguous()
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
-    from peft import LoraConfig
-    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern, alpha_pattern=pattern,
-                     init_lora_weights=False)
-    meta = cfg.to_dict()
+    meta = _lora_config(ranks, ranks).to_dict()   # lora_alpha = r: scale 1
     for k in ("target_modules",):   # sets are not JSON
         meta[k] = sorted(meta[k])
     return sd, meta
@@ -411,11 +419,9 @@ def unmerge_adapter(unet: nn.Module, adapter_name: Optional[str] = None) -> None
 def remove_adapter(unet: nn.Module, adapter_name: str) -> None:
     """Take the adapter off every layer (refused while merged) and out of ``unet.peft_config``."""
     layers = _layers(unet, adapter_name)
-    merged = [n for n, m in layers if adapter_name in m.merged_adapters]
-    if merged:
-        raise RuntimeError(f"adapter {adapter_name!r} is merged (in {merged[:3]}); unmerge it before removing it")
+    _refuse_merged(layers, adapter_name, "removing it")
     for _, m in layers:
-        m.remove_adapter(adapter_name) if isinstance(m, _Fused) else delete_quietly(m, adapter_name)
+        delete_quietly(m, adapter_name)
     cfg = getattr(unet, "peft_config", None)
     if isinstance(cfg, dict):
         cfg.pop(adapter_name, None)
@@ -425,10 +431,7 @@ def set_adapter_scale(unet: nn.Module, adapter_name: str, scale: float) -> None:
     """Set the adapter's multiplier ``s`` in ``W + s·M⊙(B·A)`` (patch_unet sets ``alpha / rank``)."""
     chk.scale("set_adapter_scale", scale)
     layers = _layers(unet, adapter_name)
-    merged = [n for n, m in layers if adapter_name in m.merged_adapters]
-    if merged:
-        raise RuntimeError(f"adapter {adapter_name!r} is merged (in {merged[:3]}); unmerge it before changing its "
-                           "scale")
+    _refuse_merged(layers, adapter_name, "changing its scale")
     for _, m in layers:
         m.scaling[adapter_name] = float(scale)
 

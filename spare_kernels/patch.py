@@ -43,6 +43,12 @@ def record(unet: nn.Module) -> dict:
     return rec
 
 
+def mark_peft_loaded(unet: nn.Module) -> None:
+    """What diffusers' ``add_adapter`` sets on its models: their adapter API is live."""
+    if hasattr(type(unet), "_hf_peft_config_loaded"):
+        unet._hf_peft_config_loaded = True
+
+
 def candidates(unet: nn.Module) -> dict[str, nn.Module]:
     """Adaptable layers by qualified name: peft LoRA layers (fused or not; never what is inside them)
     and ``nn.Linear`` / ``nn.Conv2d`` (subclasses included, as peft adapts them)."""
@@ -224,8 +230,7 @@ def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, 
     finally:   # (also a failed injection: what peft wrapped before failing is unwrapped by the caller)
         rec["wrapped"].update(n for n in targeted
                               if not is_lora_layer(cands[n]) and unet.get_submodule(n) is not cands[n])
-    if hasattr(type(unet), "_hf_peft_config_loaded"):
-        unet._hf_peft_config_loaded = True   # what diffusers' add_adapter sets: its adapter API is live
+    mark_peft_loaded(unet)
     layers = {}
     for n in cands:   # in module order: the same random stream as the 0.1 layers
         if n not in targeted:
