@@ -94,7 +94,7 @@ def _out_pixels(rm, OH, OW, sh, sw, ph, pw):
     return nb, p, oh * sh - ph, ow * sw - pw
 
 
-@triton.autotune(configs=U.conv_gemm_configs("fwd_masked"), key=_FWD_KEY,
+@U.autotune(configs=U.conv_gemm_configs("fwd_masked"), key=_FWD_KEY,
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_table("fwd_masked"), "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _fwd_masked_conv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
@@ -152,7 +152,7 @@ def _fwd_masked_conv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_pt
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
-@triton.autotune(configs=U.conv_gemm_configs("fwd_factored"), key=_FWD_KEY,
+@U.autotune(configs=U.conv_gemm_configs("fwd_factored"), key=_FWD_KEY,
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_table("fwd_factored"), "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _fwd_factored_conv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
@@ -230,7 +230,7 @@ def _phase_tap(j, n_kw, kh0, kh_step, oh0, doh, kw0, kw_step, ow0, dow):
     return kh0 + jkh * kh_step, kw0 + jkw * kw_step, oh0 - jkh * doh, ow0 - jkw * dow
 
 
-@triton.autotune(configs=U.conv_gemm_configs("dx_masked"), key=_DX_KEY,
+@U.autotune(configs=U.conv_gemm_configs("dx_masked"), key=_DX_KEY,
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_table("dx_masked"), "dy_ptr")})
 @triton.jit(do_not_specialize=["N", "rh", "rw", "HR", "WR", "kh0", "kh_step", "n_kh", "oh0", "doh",
                                "kw0", "kw_step", "n_kw", "ow0", "dow"])
@@ -301,7 +301,7 @@ def _dz_step(acc, dz_pix, a_ptr, pix, p_ok, cols, c_ok, c0, r, OHW, K, EMUL_BF16
     return acc + small_dot(at, dzt, DOT_PREC)
 
 
-@triton.autotune(configs=U.conv_gemm_configs("dx_factored"), key=_DX_KEY,
+@U.autotune(configs=U.conv_gemm_configs("dx_factored"), key=_DX_KEY,
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_table("dx_factored"), "dy_ptr")})
 @triton.jit(do_not_specialize=["N", "rh", "rw", "HR", "WR", "kh0", "kh_step", "n_kh", "oh0", "doh",
                                "kw0", "kw_step", "n_kw", "ow0", "dow"])

@@ -75,7 +75,7 @@ def _ba_tile(b_ptr, a_ptr, rows, cols, row_ok, col_ok, r, a_stride, EMUL_BF16: t
     return d
 
 
-@triton.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
+@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
@@ -114,7 +114,7 @@ def _fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
+@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
@@ -157,7 +157,7 @@ def _fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
+@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "dy_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
@@ -195,7 +195,7 @@ def _dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
 
 
-@triton.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
+@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "dy_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _dx_factored_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, row_ptr, dx_ptr,

@@ -38,7 +38,7 @@ STATS = ("grad_abs", "signed", "sample_abs", "sample_sq")
 ONE_PASS, PER_SAMPLE, RANK_ONE = 0, 1, 2
 
 
-@triton.autotune(configs=U.saliency_configs(), key=["T", "OUT", "IN", "VARIANT", "DOT_PREC"],
+@U.autotune(configs=U.saliency_configs(), key=["T", "OUT", "IN", "VARIANT", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": U.pruner(U.saliency_configs, "x_ptr", "FP32_DOTS")},
                  restore_value=["acc_ptr"])   # benchmarking runs must not add to acc several times
 @triton.jit(do_not_specialize=["S"])
@@ -138,7 +138,7 @@ def saliency_linear(acc, x, dy, stat):
         acc.copy_(work)
 
 
-@triton.autotune(configs=U.conv_saliency_configs(),
+@U.autotune(configs=U.conv_saliency_configs(),
                  key=["C", "H", "W", "OUT", "KH", "KW", "sh", "sw", "VARIANT", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": U.pruner(U.conv_saliency_configs, "x_ptr")},
                  restore_value=["acc_ptr"])   # benchmarking runs must not add to acc several times

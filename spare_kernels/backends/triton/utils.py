@@ -89,6 +89,13 @@ def sm_count(t: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(t.device).multi_processor_count
 
 
+# ------------------------------------------------------------------------------------- autotune
+def autotune(configs, key, **kwargs):
+    """``triton.autotune`` for this backend's kernels (every autotuned kernel here goes through it, so
+    how tuning keys are bucketed and where results are cached is decided in one place)."""
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
 # -------------------------------------------------------------------------------- autotune sets
 # Three classes of dot, each with its own autotune set: "mma16" (16-bit operands: tensor cores),
 # "tf32" (fp32 operands at "tf32": tensor cores, but operand tiles twice the registers of 16-bit ones),
