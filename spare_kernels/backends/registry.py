@@ -235,7 +235,8 @@ def lookup(op: str, device: str, dtype: Optional[torch.dtype] = None,
            adapter_dtype: Optional[torch.dtype] = None, shape: Optional[str] = None) -> Entry:
     """The :class:`Entry` that runs ``op`` on ``device`` for activations of ``dtype`` (and adapters of
     ``adapter_dtype``) now; on CUDA with no backend forced, ``shape`` (a :func:`shape_key`) picks the
-    measured fastest backend from the GPU table when it lists that shape."""
+    measured fastest backend from the GPU table when it lists that shape, else the one the cost model
+    predicts fastest (masked-LoRA ops, where two GPU backends serve the call)."""
     forced = get_forced_backend()
     if shape is not None and (forced is not None or device != "cuda"):
         shape = None
@@ -248,10 +249,29 @@ def lookup(op: str, device: str, dtype: Optional[torch.dtype] = None,
             cand = _IMPLS.get((op, b)) if b is not None else None
             if cand is not None and cand.serves(device, dtype, False, adapter_dtype):
                 e = cand
+            elif b is None:
+                e = _modelled(op, device, dtype, adapter_dtype, shape)
         if e is None:
             e = _choose(op, device, dtype, adapter_dtype, forced)
         _CHOICE[key] = e
     return e
+
+
+def _modelled(op: str, device: str, dtype, adapter_dtype, shape: str) -> Optional[Entry]:
+    """A shape no measured table lists: the backend the cost model predicts fastest among the GPU backends
+    that serve the call (``spare_kernels.costmodel.choose_backend``); None where fewer than two do, or
+    for ops the model does not cover (then the priority order decides)."""
+    if not op.startswith("masked_lora_"):
+        return None
+    _load_all()
+    cands = [b for b in BACKENDS if b != "reference" and (op, b) in _IMPLS
+             and _IMPLS[(op, b)].serves(device, dtype, False, adapter_dtype)]
+    if len(cands) < 2:
+        return None
+    from .. import costmodel
+    kind, out, cols, rank, tokens = (int(v) for v in shape.split(":"))
+    return _IMPLS[(op, costmodel.choose_backend(op, kind, tokens, out, cols, rank, cands, dtype=dtype,
+                                                device=device))]
 
 
 def select(op: str, device: str, dtype: Optional[torch.dtype] = None,

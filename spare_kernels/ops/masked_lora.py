@@ -44,9 +44,8 @@ def table_key(x: Tensor, weight: Tensor, lora_A: Tensor, kind: int) -> str:
 
 
 def _impl(op: str, x: Tensor, lora_A: Tensor, weight: Optional[Tensor] = None, kind: int = 0) -> Entry:
-    # the key only where a measured GPU table lists this op: no per-call work otherwise
-    shape = (table_key(x, weight, lora_A, kind)
-             if weight is not None and x.device.type == "cuda" and op in registry.gpu_table() else None)
+    # on CUDA the shape picks the backend (a measured table's entry, else the cost model's choice)
+    shape = table_key(x, weight, lora_A, kind) if weight is not None and x.device.type == "cuda" else None
     return lookup(op, x.device.type, x.dtype, lora_A.dtype, shape)
 
 
