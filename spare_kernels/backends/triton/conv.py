@@ -61,6 +61,8 @@ dtype and the main dots run on 16-bit tensor cores; ``G`` and its contractions w
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -71,7 +73,8 @@ from ... import maskfmt as fmt
 from .. import reference as _ref
 from . import utils as U
 from .linear import (_ba_tile, _dummy_u8, _fallback, _gemm_consts, _kernel_adapters, _mask_u8, _reduce_da_kernel,
-                     _reduce_db_kernel, _row_factor, _tile_plan, _token_split, _wgrad_partials)
+                     _reduce_db_kernel, _row_factor, _tile_plan, _token_split, _wgrad_partials, as_dtype, build_weff,
+                     choose, mask_contract, masked_B)
 from .utils import any_on, grouped_tile, load_act, mask_tile, mm_operand, small_dot
 
 NONE, ELEMENT, BLOCK, ROW = fmt.NONE, fmt.ELEMENT, fmt.BLOCK, fmt.ROW
@@ -484,7 +487,12 @@ def masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
     if _not_for_kernels(g):
         return _ref.masked_lora_conv2d(x, weight, bias, lora_A, lora_B, *args)
     r = lora_A.shape[0]
+    if kind not in (NONE, ELEMENT, BLOCK, ROW):
+        raise ValueError(f"unknown mask kind {kind}")
     x, weight = x.contiguous(), weight.contiguous()
+    if choose("conv2d", kind, g.M, g.OUT, g.K, r, mask, x) == "composite":
+        with U.device_guard(x):
+            return _composite_forward(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, g)
     A, B = _kernel_adapters(lora_A.reshape(r, g.K), lora_B, x.dtype)
     y = torch.empty(g.N, g.OUT, g.OH, g.OW, dtype=x.dtype, device=x.device)
     b = x if bias is None else bias.contiguous()
@@ -623,6 +631,69 @@ def _wgrad_factored(dy, x, lora_A, lora_B, rs, dz, need_dA, need_dB, g: _Geom):
     return dA, dB
 
 
+# ------------------------------------------------------------------------------ composite path
+# As linear's (``linear.build_weff``, ``linear.mask_contract``): W_eff of the (out, K) matrix built once, the
+# convolutions are cuDNN's through ATen (forward, input-grad), and G comes from cuDNN's 16-bit wgrad (aten
+# convolution_backward on the 16-bit x and dy, fp32 accumulation inside, G rounded to the activation dtype:
+# what stock autocast training gets for a conv weight's gradient; the reference computes G in fp32 from the
+# same 16-bit values, so dA / dB differ from it by G's rounding, 2^-9 relative per entry at bf16, 2^-11 at
+# fp16, which the tests' dtype-scaled bounds cover; fp16 G can also overflow above 65504 where an fp32 G
+# would not, as in stock fp16 training). W_eff is rebuilt in backward, not kept (linear's note).
+def _conv_kw(g: _Geom):
+    return dict(stride=(g.sh, g.sw), padding=(g.ph, g.pw), dilation=(g.dh, g.dw), groups=g.groups)
+
+
+@contextlib.contextmanager
+def _cudnn_deterministic():
+    """cuDNN's wgrad picks algorithms with atomics unless told not to: dA / dB must be bitwise repeatable
+    (DESIGN §4), so the composite's wgrad runs with ``cudnn.deterministic`` on (process-global for the call;
+    the deterministic algorithms may be slower: not measured, no GPU here)."""
+    c = torch.backends.cudnn
+    old = c.deterministic
+    c.deterministic = True
+    try:
+        yield
+    finally:
+        c.deterministic = old
+
+
+def _composite_forward(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, g: _Geom):
+    dt = x.dtype
+    if kind in (ELEMENT, BLOCK):
+        w_eff = build_weff(weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, dt).view(weight.shape)
+        return F.conv2d(x, w_eff, as_dtype(bias, dt), **_conv_kw(g))
+    # Row / no mask: factored (no out×K tensor): conv(x, W) + s·conv1x1(conv(x, A), diag(m)·B).
+    y = F.conv2d(x, weight, as_dtype(bias, dt), **_conv_kw(g))
+    z = F.conv2d(x, _ref._conv_A_factored(lora_A, g.groups, dt), None, **_conv_kw(g))
+    lo = F.conv2d(z, masked_B(lora_B, mask, kind, dt)[:, :, None, None], None, 1, 0, 1, g.groups)
+    return y.add_(lo, alpha=float(scale))
+
+
+def _composite_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
+                        need_dx, need_dA, need_dB, g: _Geom):
+    dt = x.dtype
+    kw = _conv_kw(g)
+    dx = dA = dB = None
+    if kind in (ELEMENT, BLOCK):
+        if need_dx:
+            w_eff = build_weff(weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, dt).view(weight.shape)
+            dx = conv2d_input(x.shape, w_eff, dy, **kw)
+        if need_dA or need_dB:
+            with _cudnn_deterministic():
+                G = conv2d_weight(x, weight.shape, dy, **kw)            # 16-bit in, activation dtype out
+            dA, dB = mask_contract(G.reshape(g.OUT, g.K), lora_A, lora_B, mask, kind, block_o, block_i, scale,
+                                   need_dA, need_dB, dt)
+        return dx, dA, dB
+    rs = _row_factor(mask, kind, scale, g.OUT, x.device, torch.float32)
+    dz = _dz(dy, lora_B, rs, g) if need_dx or need_dA else None
+    if need_dx:
+        dx = conv2d_input(x.shape, weight, dy, **kw)
+        dx.add_(conv2d_input(x.shape, _ref._conv_A_factored(lora_A, g.groups, dt), dz, **kw))
+    if need_dA or need_dB:
+        dA, dB = _wgrad_factored(dy, x, lora_A, lora_B, rs, dz, need_dA, need_dB, g)
+    return dx, dA, dB
+
+
 def masked_lora_conv2d_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
                                 stride, padding, dilation, groups, need_dx, need_dA, need_dB):
     args = (mask, kind, block_o, block_i, scale, stride, padding, dilation, groups, need_dx, need_dA, need_dB)
@@ -634,6 +705,11 @@ def masked_lora_conv2d_backward(dy, x, weight, lora_A, lora_B, mask, kind, block
     if kind not in (NONE, ELEMENT, BLOCK, ROW):
         raise ValueError(f"unknown mask kind {kind}")
     dy, x = dy.contiguous(), x.contiguous()
+    if choose("conv2d", kind, g.M, g.OUT, g.K, lora_A.shape[0], mask, x) == "composite":
+        with U.device_guard(x):
+            grads = _composite_backward(dy, x, weight.contiguous(), lora_A, lora_B, mask, kind, block_o, block_i,
+                                        scale, need_dx, need_dA, need_dB, g)
+        return _ref._none_to_empty(x, *grads)
     dx = dA = dB = None
     factored = kind in (NONE, ROW)
     with U.device_guard(x):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -337,6 +338,68 @@ def _reduce_da_kernel(pa_ptr, colptr_ptr, colidx_ptr, da_ptr, IN, r, n_listed, n
     tl.store(ptrs, (acc * scale).to(da_ptr.dtype.element_ty), mask=(rr < r)[:, None] & (cols < IN)[None, :])
 
 
+# ============================================================================ composite-path kernels
+# The composite path (DESIGN §4; ``costmodel.choose_path`` picks it): the rank-r delta is merged into the
+# weight ONCE per call by a memory-bound kernel, the GEMMs are the vendor's (cuBLAS / cuDNN through ATen),
+# and G = dyᵀ·x (one vendor GEMM) is masked and contracted into dA / dB by one more memory-bound pass.
+# Why: the fused tiles above rebuild the W_eff tile in every (token tile, output tile) K step, ≈ 20
+# CUDA-core instructions per weight entry per token tile (bf16 load + convert, per-entry mask byte
+# address + load + shift + test, the rank-r dot's accumulator and its layout conversion, where, add,
+# round) against 128 tensor-core MACs per entry per 128-token tile: on an H100 SM (128 fp32 lanes/clk,
+# ~1024 bf16 MACs/clk) that is 0.16 clk of CUDA-core issue against 0.125 clk of tensor work, so the
+# rebuild alone costs about as much as the GEMM; the build here costs ≈ 4 B per weight entry once.
+@triton.jit
+def _weff_kernel(w_ptr, a_ptr, b_ptr, mask_ptr, out_ptr, OUT, IN, r, mask_stride, row_div, col_div, bit_mask,
+                 skip_empty, scale, R_PAD: tl.constexpr, W_EMUL: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BO: tl.constexpr, BI: tl.constexpr):
+    """``W_eff = W + s·M⊙(B·A)`` for one BO×BI tile, rounded once to the output (activation) dtype: the
+    rounding of ``reference.py``'s merged weight (W and the rank-r product in fp32; A and B are fp32 here,
+    their dot at ``DOT_PREC`` — ``small_dot``: "ieee" runs as "tf32x3", about fp32's accuracy)."""
+    pid = tl.program_id(0)
+    n_i = tl.cdiv(IN, BI)
+    ro = (pid // n_i) * BO + tl.arange(0, BO)
+    ri = (pid % n_i) * BI + tl.arange(0, BI)
+    o_ok = ro < OUT
+    i_ok = ri < IN
+    ro64 = ro.to(tl.int64)
+    ok = o_ok[:, None] & i_ok[None, :]
+    offs = ro64[:, None] * IN + ri[None, :]
+    w = load_act(w_ptr + offs, ok, W_EMUL).to(tl.float32)
+    on = mask_tile(mask_ptr, mask_stride, ro64, ri, OUT, IN, row_div, col_div, bit_mask)
+    if (skip_empty == 0) | any_on(on):   # block masks: a tile with every block off is W alone
+        d = tl.zeros((BO, BI), dtype=tl.float32)
+        for c in range(0, R_PAD, 16):      # 16 ranks at a time: one chunk of A and B live, not R
+            rc = c + tl.arange(0, 16)
+            rc_ok = rc < r
+            b = tl.load(b_ptr + ro64[:, None] * r + rc[None, :], mask=o_ok[:, None] & rc_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + rc[:, None] * IN + ri[None, :], mask=rc_ok[:, None] & i_ok[None, :], other=0.0)
+            d += small_dot(b, a, DOT_PREC)
+        w = w + tl.where(on, d * scale, 0.0)
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n_listed"])
+def _mask_contract_kernel(g_ptr, a_ptr, b_ptr, mask_ptr, tiles_ptr, pa_ptr, pb_ptr, OUT, IN, r, mask_stride,
+                          row_div, col_div, bit_mask, n_q, n_listed, R_PAD: tl.constexpr, G_EMUL: tl.constexpr,
+                          DOT_PREC: tl.constexpr, T: tl.constexpr):
+    """One program per listed T×T tile of a materialised ``G`` (``(OUT, IN)``, fp32 from linear's GEMM or
+    16-bit from conv's wgrad): ``M⊙G`` contracted with A and B into this tile's partials
+    (``_wgrad_partials``, the fused weight-gradient kernel's epilogue); ``_reduce_db_kernel`` /
+    ``_reduce_da_kernel`` sum them in a fixed order (deterministic)."""
+    pid = tl.program_id(0)
+    tile = tl.load(tiles_ptr + pid)
+    ro = (tile // n_q) * T + tl.arange(0, T)
+    ri = (tile % n_q) * T + tl.arange(0, T)
+    o_ok = ro < OUT
+    i_ok = ri < IN
+    ro64 = ro.to(tl.int64)
+    on = mask_tile(mask_ptr, mask_stride, ro64, ri, OUT, IN, row_div, col_div, bit_mask)
+    g = tl.zeros((T, T), dtype=tl.float32)
+    if any_on(on):   # an element-mask tile with nothing on reads no G
+        g = load_act(g_ptr + ro64[:, None] * IN + ri[None, :], on, G_EMUL).to(tl.float32)   # off entries: 0
+    _wgrad_partials(g, pid, ro64, ri, o_ok, i_ok, r, IN, a_ptr, b_ptr, pa_ptr, pb_ptr, DOT_PREC, R_PAD, T)
+
+
 # =================================================================================== launchers
 def _fallback(x, lora_A) -> bool:
     """Cases the kernels do not take, sent to the reference (same contract): fp64 (gradcheck), ranks
@@ -380,6 +443,11 @@ def masked_lora_linear(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
         return _ref.masked_lora_linear(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale)
     N, IN = x.shape
     OUT, r = lora_B.shape
+    if kind not in (NONE, ELEMENT, BLOCK, ROW):
+        raise ValueError(f"unknown mask kind {kind}")
+    if choose("linear", kind, N, OUT, IN, r, mask, x) == "composite":
+        with U.device_guard(x):
+            return _composite_forward(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale)
     x, weight = x.contiguous(), weight.contiguous()
     A, B = _kernel_adapters(lora_A, lora_B, x.dtype)
     y = torch.empty(N, OUT, dtype=x.dtype, device=x.device)
@@ -558,6 +626,174 @@ def _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB):
     return dA, dB
 
 
+# ------------------------------------------------------------------------------ composite path
+# W_eff build tile: 64×64 on a GPU (a 16 KiB fp32 tile over 4 warps, 32 registers a thread; a 1280×1280
+# weight gives 400 programs, 3 per H100 SM; a 320×320 one 25, launch-bound either way at 0.4 MB);
+# one large tile under the interpreter (it pays per program).
+_WEFF_TILE = (128, 128) if U.INTERPRET else (64, 64)
+_WEFF_WARPS = 4
+# Mask-and-contract: 8 warps hold the fp32 T×T G tile (16 registers a thread at T 64) and one 16-rank
+# chunk of the epilogue's operands, as the fused weight-gradient kernel's epilogue (``_wgrad_partials``).
+_CONTRACT_WARPS = 8
+_DENSITY: dict = {}
+
+
+def _block_density(mask) -> float:
+    """Fraction of a block mask's blocks that are on (for the cost model), cached per mask tensor like
+    :func:`_tile_plan` (one host sync per mask version, not per call)."""
+    try:
+        version = mask._version
+    except RuntimeError:
+        version = None
+    key = None if version is None else (mask.data_ptr(), version, tuple(mask.shape), mask.device)
+    hit = _DENSITY.get(key) if key is not None else None
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    d = float(mask.float().mean()) if mask.numel() else 0.0
+    if key is not None:
+        if len(_DENSITY) >= _PLANS_MAX:
+            _DENSITY.pop(next(iter(_DENSITY)))
+        _DENSITY[key] = (weakref.ref(mask), d)
+    return d
+
+
+def choose(op, kind, n, out, cols, r, mask, x) -> str:
+    """``"composite"`` or ``"fused"`` for one call (``spare_kernels.costmodel.choose_path``;
+    ``SPARE_KERNELS_PATH`` forces one)."""
+    from ... import costmodel
+    density = _block_density(mask) if kind == BLOCK else 1.0
+    return costmodel.choose_path(op, kind, n, out, cols, r, density=density, dtype=x.dtype, device=x.device,
+                                 backend="triton")
+
+
+def build_weff(weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, dtype):
+    """``W + s·M⊙(B·A)`` as an ``(out, cols)`` tensor in ``dtype`` (``weight`` any ``(out, …)`` shape, viewed as
+    ``(out, cols)``; ``lora_A`` ``(r, …)`` likewise), element or block masks: one memory-bound pass, ≈ 4 B
+    per weight entry at 16 bits (read W, write W_eff, 1/8 B of mask bits; A and B are KiBs)."""
+    out = weight.shape[0]
+    w = weight.reshape(out, -1).contiguous()
+    cols = w.shape[1]
+    r = lora_A.shape[0]
+    A32 = lora_A.reshape(r, cols).to(torch.float32).contiguous()
+    B32 = lora_B.to(torch.float32).contiguous()
+    w_eff = torch.empty(out, cols, dtype=dtype, device=w.device)
+    m = _mask_u8(mask)
+    BO, BI = _WEFF_TILE
+    with U.device_guard(w):
+        _weff_kernel[(triton.cdiv(out, BO) * triton.cdiv(cols, BI),)](
+            w, A32, B32, m, w_eff, out, cols, r, m.stride(0), *U.mask_geometry(kind, block_o, block_i),
+            int(kind == BLOCK), float(scale), R_PAD=U.rank_pad(r), W_EMUL=U.bf16_emulated(w.dtype),
+            DOT_PREC=U.dot_precision() if dtype == torch.float32 else "ieee", BO=BO, BI=BI, num_warps=_WEFF_WARPS)
+    return w_eff
+
+
+_WARNED_MM_DTYPE = []
+
+
+def grad_weight_f32(dy, x):
+    """``G = dyᵀ·x`` in fp32 as one vendor GEMM. 16-bit on CUDA: ``torch.mm(a, b, out_dtype=torch.float32)``
+    (``aten::mm.dtype``, CUDA only: 16-bit operands, fp32 accumulation and output, no fp32 copies of the
+    activations); fp32: ``torch.mm`` at torch's matmul precision, as the reference. On CPU tensors (the
+    interpreter's tests) the fp32 upcast, the same math."""
+    if dy.dtype == torch.float32:
+        return torch.mm(dy.t(), x)
+    if dy.is_cuda:
+        try:
+            return torch.mm(dy.t(), x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError) as e:   # a torch without aten::mm.dtype
+            if not _WARNED_MM_DTYPE:
+                _WARNED_MM_DTYPE.append(1)
+                import warnings
+                warnings.warn(f"triton backend: torch.mm(..., out_dtype=torch.float32) failed ({e}); G = dyᵀ·x "
+                              "falls back to fp32 copies of dy and x", RuntimeWarning, stacklevel=2)
+    return torch.mm(dy.t().to(torch.float32), x.to(torch.float32))
+
+
+def mask_contract(G, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_dA, need_dB, act_dtype):
+    """``dA = s·Bᵀ·(M⊙G)``, ``dB = s·(M⊙G)·Aᵀ`` from a materialised ``G`` (``(out, cols)``, fp32 or 16-bit),
+    element or block masks: one pass over G's listed tiles (block masks: the tiles overlapping an on block)
+    into per-tile partials, summed by the reduce kernels in a fixed order (bitwise deterministic). ``dA``
+    takes ``lora_A``'s shape and dtype, ``dB`` ``lora_B``'s. ``act_dtype`` picks the fp32 dots' precision
+    (the fused kernels' rule)."""
+    OUT, IN = G.shape
+    r = lora_A.shape[0]
+    dev = G.device
+    T = U.wgrad_tile(kind, block_o, block_i)
+    R_PAD = U.rank_pad(r)
+    tiles, rowptr, colptr, colidx = _tile_plan(mask, kind, block_o, block_i, OUT, IN, T)
+    n_listed = tiles.numel()
+    if n_listed == 0:   # every block off
+        return (torch.zeros_like(lora_A) if need_dA else None), (torch.zeros_like(lora_B) if need_dB else None)
+    m = _mask_u8(mask)
+    pb = torch.empty(n_listed, T, R_PAD, dtype=torch.float32, device=dev)
+    pa = torch.empty(n_listed, R_PAD, T, dtype=torch.float32, device=dev)
+    A32 = lora_A.reshape(r, IN).to(torch.float32).contiguous()
+    B32 = lora_B.to(torch.float32).contiguous()
+    G = G.contiguous()
+    dA = torch.empty(r, IN, dtype=torch.float32, device=dev) if need_dA else None
+    dB = torch.empty(OUT, r, dtype=torch.float32, device=dev) if need_dB else None
+    with U.device_guard(G):
+        _mask_contract_kernel[(n_listed,)](G, A32, B32, m, tiles, pa, pb, OUT, IN, r, m.stride(0),
+                                           *U.mask_geometry(kind, block_o, block_i), triton.cdiv(IN, T), n_listed,
+                                           R_PAD=R_PAD, G_EMUL=U.bf16_emulated(G.dtype),
+                                           DOT_PREC=U.dot_precision() if act_dtype == torch.float32 else "ieee",
+                                           T=T, num_warps=_CONTRACT_WARPS)
+        if need_dB:
+            _reduce_db_kernel[(triton.cdiv(OUT, T),)](pb, rowptr, dB, OUT, r, n_listed, 1, float(scale),
+                                                     R_PAD=R_PAD, T=T, num_warps=U.REDUCE_WARPS)
+        if need_dA:
+            _reduce_da_kernel[(triton.cdiv(IN, T),)](pa, colptr, colidx, dA, IN, r, n_listed, 1, float(scale),
+                                                    R_PAD=R_PAD, T=T, num_warps=U.REDUCE_WARPS)
+    return ((dA.view(lora_A.shape).to(lora_A.dtype) if need_dA else None),
+            (dB.to(lora_B.dtype) if need_dB else None))
+
+
+def masked_B(lora_B, mask, kind, dtype):
+    """``diag(m)·B`` in ``dtype`` (exact: m is 0/1; ``B`` itself for ``NONE``), for the factored composite."""
+    B = lora_B.to(dtype)
+    return B if kind == NONE else B * mask.reshape(-1, 1).to(dtype)
+
+
+def as_dtype(t, dtype):
+    return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+# Keep W_eff from the forward for the backward's dx, or rebuild it? Rebuilt: keeping it is an out×in tensor
+# per patched layer alive from forward to backward, for SD-1.5 at bf16 178 MiB with SPARE's attention
+# targets (93.5 M weights) and 1.6 GiB with every Linear and Conv2d (859 M; diffusers' config, counted on the
+# meta device), while the rebuild costs ≈ 4 B per entry of memory traffic (≈ 2.5 µs for a 1280×1280 layer at
+# ~2.7 TB/s). (The op's backward also receives only W, A, B and the mask, not forward's intermediates.)
+def _composite_forward(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale):
+    dt = x.dtype
+    if kind in (ELEMENT, BLOCK):
+        w_eff = build_weff(weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, dt)
+        return F.linear(x, w_eff, as_dtype(bias, dt))
+    # Row / no mask: factored through vendor GEMMs, never an out×in tensor (DESIGN §1): x·Wᵀ + b, then the
+    # rank-r term added in the GEMM's epilogue (addmm's alpha: s applied to the fp32 accumulator).
+    y = F.linear(x, as_dtype(weight, dt), as_dtype(bias, dt))
+    h = x @ lora_A.to(dt).t()                                            # (N, r)
+    return y.addmm_(h, masked_B(lora_B, mask, kind, dt).t(), alpha=float(scale))
+
+
+def _composite_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
+                        need_dx, need_dA, need_dB):
+    dt = x.dtype
+    dx = dA = dB = None
+    if kind in (ELEMENT, BLOCK):
+        if need_dx:
+            dx = torch.mm(dy, build_weff(weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, dt))
+        if need_dA or need_dB:
+            dA, dB = mask_contract(grad_weight_f32(dy, x), lora_A, lora_B, mask, kind, block_o, block_i, scale,
+                                   need_dA, need_dB, dt)
+        return dx, dA, dB
+    if need_dx:   # dy·W + s·(dy·diag(m)·B)·A
+        dx = torch.mm(dy, as_dtype(weight, dt))
+        dx.addmm_(torch.mm(dy, masked_B(lora_B, mask, kind, dt)), lora_A.to(dt), alpha=float(scale))
+    if need_dA or need_dB:
+        dA, dB = _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB)
+    return dx, dA, dB
+
+
 def masked_lora_linear_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
                                 need_dx, need_dA, need_dB):
     if _fallback(x, lora_A) or weight.shape[0] == 0 or dy.dtype != x.dtype:
@@ -566,6 +802,11 @@ def masked_lora_linear_backward(dy, x, weight, lora_A, lora_B, mask, kind, block
     if kind not in (NONE, ELEMENT, BLOCK, ROW):
         raise ValueError(f"unknown mask kind {kind}")
     dy, x = dy.contiguous(), x.contiguous()
+    if choose("linear", kind, x.shape[0], weight.shape[0], x.shape[1], lora_A.shape[0], mask, x) == "composite":
+        with U.device_guard(x):
+            grads = _composite_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
+                                        need_dx, need_dA, need_dB)
+        return _ref._none_to_empty(x, *grads)
     dx = dA = dB = None
     with U.device_guard(x):
         if need_dx:
