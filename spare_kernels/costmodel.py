@@ -257,6 +257,52 @@ def linear_passes(scheme: str, n: int, out: int, cols: int, rank: int, *, densit
     return b.passes
 
 
+def saliency_passes(stat: str, samples: int, tokens: int, out: int, cols: int, *, e: int = 2,
+                    fused: bool = True) -> list[Pass]:
+    """One ``saliency_*`` accumulation of a layer: ``samples`` samples of ``tokens`` tokens (conv: pixels
+    per sample; ``cols`` = C/g·kh·kw). ``grad_abs``/``signed``: one weight-gradient GEMM of the batch (fp32
+    out) and an accumulate; ``sample_*``: the same GEMM's FLOPs split per sample, each sample's tile
+    ``|·|``/squared into the accumulator where it is computed (``fused``), or per-sample gradients
+    written in fp32 and re-read (``fused=False``: the scratch scheme)."""
+    b = _Builder(e)
+    N, W = samples * tokens, out * cols
+    if stat in ("grad_abs", "signed"):
+        b.passes.append(Pass("G = dyᵀ·x (fp32)", 2.0 * W * N, N * (out + cols) * e + 4 * W, b.gemm_unit, (out, cols, N)))
+        b.ew("acc += f(G)", W, 2, e=4)
+        return b.passes
+    if stat not in ("sample_abs", "sample_sq"):
+        raise ValueError(f"stat: expected grad_abs, signed, sample_abs or sample_sq, got {stat!r}")
+    per = Pass("g_i = dy_iᵀ·x_i, acc += f(g_i) per tile", 2.0 * W * N, N * (out + cols) * e + 8 * W, b.gemm_unit,
+               (out, cols, max(1, tokens)))
+    if fused:
+        b.passes.append(per)
+    else:
+        b.passes.append(Pass("g_i = dy_iᵀ·x_i (fp32, per sample)", per.flops, N * (out + cols) * e + 4 * W * samples,
+                             b.gemm_unit, (out, cols, max(1, tokens))))
+        b.ew("acc += f(g_i) (per sample)", W * samples, 2, e=4)
+    return b.passes
+
+
+def topk_passes(n_scores: int, n_tensors: int, *, compacted: bool = True) -> list[Pass]:
+    """Exact top-k masks over ``n_scores`` fp32 scores in ``n_tensors`` tensors (radix select): one
+    histogram pass over every score, then (``compacted``) the candidates of the chosen bin only, else
+    three more full passes; one pass writing the bit-packed masks (reading the scores again)."""
+    passes = [Pass("histogram, pass 1", n_scores * 2.0, 4.0 * n_scores)]
+    if compacted:
+        passes.append(Pass("compact the chosen bin's candidates", 0.0, 4.0 * n_scores * 0.01))
+        passes.append(Pass("histograms 2-4 over the candidates", 0.0, 3 * 8.0 * n_scores * 0.01))
+    else:
+        passes += [Pass(f"histogram, pass {i}", n_scores * 2.0, 4.0 * n_scores) for i in (2, 3, 4)]
+    passes.append(Pass("write packed masks", n_scores * 1.0, 4.0 * n_scores + n_scores / 8))
+    return passes
+
+
+def passes_time(passes, device=H100, overhead: bool = False) -> float:
+    """Sum of :func:`pass_time` over ``passes``."""
+    dev = _device(device)
+    return sum(pass_time(p, dev, overhead) for p in passes)
+
+
 def conv_as_linear(n_batch: int, h_out: int, w_out: int, out: int, cin_per_group: int, kh: int, kw: int):
     """A conv2d's GEMM view: (tokens = N·H'·W', out, cols = C/g·kh·kw)."""
     return n_batch * h_out * w_out, out, cin_per_group * kh * kw

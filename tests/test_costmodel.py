@@ -151,3 +151,18 @@ def test_bad_arguments_are_named():
         cm.linear_passes("lora", 8, 8, 8, 4)
     with pytest.raises(SystemExit):
         bench.main(["validate", "--reps", "0"])
+
+
+def test_saliency_and_topk_passes():
+    # fused sample_abs: one weight-gradient GEMM's FLOPs, no per-sample gradient traffic
+    T, out, cols = 77, 320, 768
+    gemm = cm.gemm_time(out, cols, 8 * T, fp32_out=True)
+    fused = cm.passes_time(cm.saliency_passes("sample_abs", 8, T, out, cols))
+    scratch = cm.passes_time(cm.saliency_passes("sample_abs", 8, T, out, cols, fused=False))
+    assert fused <= 1.5 * gemm < scratch
+    assert sum(p.flops for p in cm.saliency_passes("sample_sq", 8, T, out, cols)) == 2.0 * out * cols * 8 * T
+    with pytest.raises(ValueError, match="stat"):
+        cm.saliency_passes("mean", 8, T, out, cols)
+    # top-k: compacting after the first histogram removes three of four full re-reads
+    n = 860_000_000
+    assert cm.passes_time(cm.topk_passes(n, 686)) < 0.5 * cm.passes_time(cm.topk_passes(n, 686, compacted=False))
