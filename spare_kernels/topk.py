@@ -451,6 +451,13 @@ _DESC_COLS, _BYTES, _PBLOCK0 = 8, 1, 6                                     # top
 _HIST_COLS, _NAN_BIN = 257, 256
 _NONE_EQUAL, _ALL_EQUAL, _PARTIAL = 0, 1, 2                                # topk_kernels.h Mode
 _U32 = 1 << 32
+# Each tensor's mask rows start at a multiple of 16 bytes of the flat output buffer, so that every mask
+# view is as aligned as a tensor of its own (vector loads in the LoRA kernels); <= 15 bytes a tensor.
+_OUT_ALIGN = 16
+# Candidates (4 bytes each) are written only when they take at most 1/8 of the scores' bytes: writing
+# them and reading them in passes 2 and 3 costs 12 bytes a candidate against 2 full reads of the
+# scores without them (break-even at 1/6), and the extra memory stays under 1/8 of the scores'.
+_CAND_FRACTION = 8
 
 
 def _device_ok(t: torch.Tensor) -> bool:
@@ -469,45 +476,72 @@ def _device_ops(scores):
         return None
     from .backends import cuda as _cuda
     lib = _cuda.library()
-    if lib is None or not hasattr(lib, "topk_pack"):
+    if lib is None or not hasattr(lib, "topk_compact"):
         return None
     return lib
 
 
-def _device_topk(scores: dict, density: float, scope: str, ops, config=None) -> dict:
+def _upload(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A small host table on ``dev`` without a stream sync (pinned, non-blocking; torch keeps the pinned
+    block until the copy is done)."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
+def _download(*ts: torch.Tensor):
+    """Host copies of small device tables: the driver's one sync per pass (all of them in one wait)."""
+    if ts[0].device.type != "cuda":
+        return tuple(t.clone() for t in ts)
+    outs = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in ts)
+    torch.cuda.current_stream(ts[0].device).synchronize()
+    return outs
+
+
+def _device_topk(scores: dict, density: float, scope: str, ops, config=None, compact=None) -> dict:
     """Element masks of ``scores`` (contiguous fp32/fp16/bf16 tensors on one device) by the ``topk_*``
     ops of ``ops``: ``torch.ops.spare_kernels_cuda`` on CUDA tensors, or ``torch.ops.spare_harness``
     (the same kernel bodies run on the host, tests/harness.py) on CPU tensors. ``config``:
     ``(threads, histogram chunk bytes)``, by default ``ops.topk_config()`` (the CUDA kernels take
-    only their own). Arguments are not validated here (:func:`topk_masks` does)."""
+    only their own). ``compact``: force (True) or forbid (False) the candidate array; by default it
+    is used when it takes at most 1/8 of the scores' bytes. Arguments are not validated here
+    (:func:`topk_masks` does)."""
     names = list(scores)
-    xs = [scores[nm].detach().contiguous() for nm in names]
+    xs = list(scores.values())
     dev = xs[0].device
     threads, hchunk = (int(v) for v in (config or ops.topk_config()))
     pchunk = threads                       # the pack takes one output byte per thread
+    cchunk = 8 * hchunk                    # candidate keys per block: a histogram block's entries
     n = len(xs)
-    rows_cols = [_matrix_shape(x.shape) for x in xs]
-    outs, desc_rows, hblocks, pblocks = [], [], 0, 0
-    for x, (rows, cols) in zip(xs, rows_cols):
-        rb = (cols + 7) // 8
-        nbytes = rows * rb
-        out = torch.empty((rows, rb), dtype=torch.uint8, device=dev)
-        outs.append(out)
-        desc_rows.append((x.data_ptr(), nbytes, cols, rb, _DEVICE_DTYPES[x.dtype], hblocks, pblocks,
-                          out.data_ptr()))
-        hblocks += -(-nbytes // hchunk)
-        pblocks += -(-nbytes // pchunk)
-    desc_host = torch.tensor(desc_rows, dtype=torch.int64).reshape(n, _DESC_COLS)
-    desc = desc_host.to(dev)
-    numels = [r * c for r, c in rows_cols]
+    # The only per-tensor host work: one row of Python ints per tensor; the rest is vectorised.
+    shapes = [x.shape for x in xs]
+    meta = torch.tensor([(x.data_ptr(), s[0] if len(s) else 1, s.numel(), _DEVICE_DTYPES[x.dtype], x.element_size())
+                         for x, s in zip(xs, shapes)], dtype=torch.int64).reshape(n, 5)
+    rows = meta[:, 1]
+    cols = torch.where(rows > 0, meta[:, 2] // rows.clamp(min=1), 0)
+    # a (0, c...) tensor: cols from its shape (its mask is (0, ceil(cols/8)) bytes either way)
+    zero = (rows == 0).nonzero()[:, 0].tolist()
+    for i in zero:
+        cols[i] = _matrix_shape(shapes[i])[1]
+    rb = (cols + 7) // 8
+    nbytes = rows * rb
+    hb, pb = -(-nbytes // hchunk), -(-nbytes // pchunk)
+    hblock0, pblock0 = hb.cumsum(0) - hb, pb.cumsum(0) - pb
+    padded = -(-nbytes // _OUT_ALIGN) * _OUT_ALIGN
+    out_off = padded.cumsum(0) - padded
+    hblocks, pblocks, total_out = int(hb.sum()), int(pb.sum()), int(padded.sum())
+    desc_host = torch.stack([meta[:, 0], nbytes, cols, rb, meta[:, 3], hblock0, pblock0, out_off], 1)
+    desc = _upload(desc_host, dev)
+    flat = torch.empty(total_out, dtype=torch.uint8, device=dev)
+    numel = meta[:, 2]
+    score_bytes = int((numel * meta[:, 4]).sum())
 
     # groups of tensors selected together: contiguous index ranges
     per_module = scope == "per_module"
-    starts = list(range(n)) if per_module else [0]
     gid = torch.arange(n) if per_module else torch.zeros(n, dtype=torch.int64)
-    sizes = numels if per_module else [sum(numels)]
-    need = torch.tensor([round(density * s) for s in sizes], dtype=torch.int64)
-    size = torch.tensor(sizes, dtype=torch.int64)
+    size = numel.clone() if per_module else numel.sum().reshape(1)
+    starts = torch.arange(n) if per_module else torch.zeros(1, dtype=torch.int64)
+    need = torch.tensor([round(density * s) for s in size.tolist()], dtype=torch.int64)
     active = (need > 0) & (need < size)
     # the rule of a group that is done: k = 0 -> nothing (no key exceeds 2^32-1), k = n -> all
     thr_g = torch.where(need == 0, _U32 - 1, 0)
@@ -515,6 +549,7 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None) -> 
     prefix = torch.zeros_like(need)
     final = torch.zeros_like(active)       # groups whose threshold is a whole key: ties to distribute
     hist = torch.zeros((n, _HIST_COLS), dtype=torch.int64, device=dev)
+    ctab = cand = None
     h = d = None
     for level in range(4):
         if level:
@@ -523,12 +558,38 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None) -> 
             hist.zero_()
         # pass 0 counts every tensor (NaN check); later passes the tensors of unfinished groups
         tprefix = torch.zeros(n, dtype=torch.int64) if level == 0 else torch.where(active[gid], prefix[gid], -1)
-        ops.topk_histogram(desc, tprefix.to(dev), hist, level, threads, hchunk, hblocks)
-        h = hist.to("cpu", copy=True)
+        tp = _upload(tprefix, dev)
         if level == 0:
+            ops.topk_histogram(desc, tp, hist, 0, threads, hchunk, hblocks)
+            h, = _download(hist)
             bad = h[:, _NAN_BIN].nonzero()
             if bad.numel():
                 raise ValueError(f"scores[{names[int(bad[0, 0])]!r}]: contains NaN scores")
+        elif level == 1:
+            # the keys in the bin pass 0 picked: exactly h[t, prefix[t]] of them per tensor
+            cnt = torch.where(tprefix >= 0, h[torch.arange(n), tprefix.clamp(min=0)], 0)
+            total = int(cnt.sum())
+            use = (4 * total <= score_bytes // _CAND_FRACTION) if compact is None else compact
+            use = use and total > 0
+            cb = -(-cnt // cchunk)
+            ctab_host = torch.stack([cnt.cumsum(0) - cnt, cnt, cb.cumsum(0) - cb], 1)
+            ctab = _upload(ctab_host, dev)
+            cursor = torch.zeros(n, dtype=torch.int64, device=dev)
+            cand = torch.empty(total if use else 0, dtype=torch.int32, device=dev)
+            ops.topk_compact(desc, tp, hist, ctab, cursor, cand, threads, hchunk, hblocks)
+            h, cur = _download(hist, cursor)
+            if use and not torch.equal(cur, cnt):   # cannot happen unless a score tensor changed
+                raise RuntimeError("topk_masks: candidate counts differ between passes (scores modified "
+                                   "during selection?)")
+            if not use:
+                cand = None
+            cblocks = int(cb.sum())
+        elif cand is not None:
+            ops.topk_cand_histogram(ctab, tp, hist, cand, level, threads, cchunk, cblocks)
+            h, = _download(hist)
+        else:
+            ops.topk_histogram(desc, tp, hist, level, threads, hchunk, hblocks)
+            h, = _download(hist)
         hg = h[:, :256] if per_module else h[:, :256].sum(0, keepdim=True)
         at_or_above = hg.flip(1).cumsum(1).flip(1)                   # [g, d]: keys with digit >= d
         d = ((at_or_above >= need[:, None]).sum(1) - 1).clamp(min=0)
@@ -546,6 +607,7 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None) -> 
         else:
             final = active
             thr_g = torch.where(final, prefix, thr_g)
+    del cand
 
     thr_t, mode_t = thr_g[gid], mode_g[gid]
     take = torch.zeros(n, dtype=torch.int64)
@@ -553,7 +615,7 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None) -> 
         # ties: the tensors of a group take the tied keys still needed in dict order
         eq = torch.where(final[gid], h[torch.arange(n), d[gid]], 0)
         cum = eq.cumsum(0) - eq
-        before = cum - cum[torch.tensor(starts, dtype=torch.int64)[gid]]
+        before = cum - cum[starts[gid]]
         take = torch.minimum((need[gid] - before).clamp(min=0), eq)
         rule = torch.where(take == eq, _ALL_EQUAL, torch.where(take == 0, _NONE_EQUAL, _PARTIAL))
         mode_t = torch.where(final[gid], rule, mode_t)
@@ -568,10 +630,12 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None) -> 
         sub[:, _PBLOCK0] = offs
         eq0[cut] = offs
         counts = torch.zeros(int(chunks.sum()), dtype=torch.int64, device=dev)
-        ops.topk_equal_counts(sub.to(dev), thr_t[cut].to(dev), counts, threads, pchunk)
+        ops.topk_equal_counts(_upload(sub, dev), _upload(thr_t[cut], dev), counts, threads, pchunk)
         scan = counts.cumsum(0) - counts
     else:
         scan = torch.zeros(1, dtype=torch.int64, device=dev)
-    sel = torch.stack([thr_t, mode_t, take, eq0], 1).to(dev)
-    ops.topk_pack(desc, sel, scan, threads, pblocks)
-    return {nm: Mask._trusted("element", x.shape, out) for nm, x, out in zip(names, xs, outs)}
+    sel = _upload(torch.stack([thr_t, mode_t, take, eq0], 1), dev)
+    ops.topk_pack(desc, sel, scan, flat, threads, pblocks)
+    # The masks: views of the flat buffer, made while the pack runs.
+    return {nm: Mask._trusted("element", s, flat.as_strided((r, b), (b, 1), o))
+            for nm, s, r, b, o in zip(names, shapes, rows.tolist(), rb.tolist(), out_off.tolist())}

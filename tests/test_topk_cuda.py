@@ -124,26 +124,215 @@ def test_ties_cut_inside_a_tensor_many_chunks(hops, scope):
     for density in (0.1, 0.41, 0.5, 0.93):
         want = topk_masks(scores, density, scope=scope)
         for cfg in CONFIGS:
+            for compact in (None, False):
+                rec = _Recorder(hops)
+                _assert_same(_device_topk(scores, density, scope, rec, cfg, compact), want)
+                # every key ties: all scores are candidates (> 1/8 of the bytes), so the candidate
+                # array is off unless forced; pass 1 is topk_compact either way
+                assert rec.calls["topk_compact"] == 1 and rec.calls["topk_equal_counts"] == 1
+                assert rec.calls["topk_histogram"] == 3 and "topk_cand_histogram" not in rec.calls
             rec = _Recorder(hops)
-            _assert_same(_device_topk(scores, density, scope, rec, cfg), want)
-            assert rec.calls["topk_histogram"] == 4 and rec.calls["topk_equal_counts"] == 1
+            _assert_same(_device_topk(scores, density, scope, rec, cfg, True), want)
+            assert rec.calls["topk_histogram"] == 1 and rec.calls["topk_cand_histogram"] == 2
+
+
+def _passes(rec):
+    return sum(rec.calls.get(op, 0) for op in ("topk_histogram", "topk_compact", "topk_cand_histogram"))
 
 
 def test_passes_and_launches(hops):
-    """One histogram launch per pass over all tensors; k = 0 and k = n stop after the NaN pass;
-    distinct scores usually finish before the fourth pass; no equal-count launch without a cut."""
+    """One launch per pass over all tensors: pass 0 histogram, pass 1 compact, passes 2-3 over the
+    candidates; k = 0 and k = n stop after the NaN pass; distinct scores usually finish before the
+    fourth pass; no equal-count launch without a cut."""
     scores = {f"w{i}": torch.randn(17, 9) for i in range(12)}
-    for density, passes in ((1e-6, 1), (1.0, 1)):
+    for density in (1e-6, 1.0):
         rec = _Recorder(hops)
         _device_topk(scores, density, "global", rec)
-        assert rec.calls == {"topk_config": 1, "topk_histogram": passes, "topk_pack": 1}
+        assert rec.calls == {"topk_config": 1, "topk_histogram": 1, "topk_pack": 1}
     early = 0
     for density in (0.05, 0.2, 0.5, 0.9):
         rec = _Recorder(hops)
-        _assert_same(_device_topk(scores, density, "global", rec), topk_masks(scores, density))
+        _assert_same(_device_topk(scores, density, "global", rec, None, True), topk_masks(scores, density))
         assert rec.calls.get("topk_equal_counts", 0) == 0
-        early += rec.calls["topk_histogram"] < 4
+        assert rec.calls["topk_histogram"] == 1 and rec.calls["topk_compact"] == 1
+        early += _passes(rec) < 4
     assert early
+
+
+# ----------------------------------------------------------------------------------- compaction
+def _ukeys(x):
+    """The kernels' unsigned keys of a float tensor (through the generic engine's _Keys)."""
+    return _Keys(torch.float32).keys(x.float().reshape(-1)).to(torch.int64) + (1 << 31)
+
+
+@pytest.mark.parametrize("cfg", [(32, 16), (8, 4), (256, 2048)])
+def test_compact_writes_exactly_the_keys_of_the_bin(hops, cfg):
+    """topk_compact over several tensors: per tensor, the level-1 histogram of the keys whose top
+    digit is the tensor's prefix, and exactly those keys (as a multiset) in the tensor's segment of
+    cand, the cursor at the segment's size; a tensor with prefix -1 is skipped. The stage is flushed
+    many times (the first tensor: every key shares one top digit)."""
+    threads, hchunk = cfg
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randint(0, 3, (70, 33), generator=gen).float() / 4 + 1, torch.randn(5, 3, 3, 3, generator=gen).half(),
+          torch.zeros(0, 5), (torch.randn(301, generator=gen) * 4).bfloat16(), torch.ones(9, 4)]
+    n = len(xs)
+    keys = [_ukeys(x) for x in xs]
+    prefix = torch.tensor([int(torch.mode(k >> 24).values) if k.numel() else 0 for k in keys])
+    prefix[4] = -1
+    rows = [x.shape[0] for x in xs]
+    cols = [x[0].numel() if x.shape[0] else 5 for x in xs]
+    rb = [(c + 7) // 8 for c in cols]
+    nbytes = [r * b for r, b in zip(rows, rb)]
+    hb = [-(-b // hchunk) for b in nbytes]
+    desc = torch.tensor([[x.data_ptr(), nb, c, b, topk_mod._DEVICE_DTYPES[x.dtype], sum(hb[:i]), 0, 0]
+                         for i, (x, nb, c, b) in enumerate(zip(xs, nbytes, cols, rb))])
+    want = [k[(k >> 24) == p] if p >= 0 else k[:0] for k, p in zip(keys, prefix.tolist())]
+    cnt = torch.tensor([w.numel() for w in want])
+    cb = -(-cnt // (8 * hchunk))
+    ctab = torch.stack([cnt.cumsum(0) - cnt, cnt, cb.cumsum(0) - cb], 1)
+    hist = torch.zeros(n, 257, dtype=torch.int64)
+    cursor = torch.zeros(n, dtype=torch.int64)
+    cand = torch.full((int(cnt.sum()),), -1, dtype=torch.int32)
+    hops.topk_compact(desc, prefix, hist, ctab, cursor, cand, threads, hchunk, sum(hb))
+    assert torch.equal(cursor, cnt) and cnt[0] == 70 * 33          # > kStage: several flushes a block
+    for i, w in enumerate(want):
+        seg = cand[int(ctab[i, 0]):int(ctab[i, 0] + cnt[i])].to(torch.int64) & 0xFFFFFFFF
+        assert torch.equal(seg.sort().values, w.sort().values), i
+        assert torch.equal(hist[i, :256], torch.bincount((w >> 16) & 0xFF, minlength=256)), i
+        assert hist[i, 256] == 0
+    # passes 2 and 3 over the candidates: the histograms of the next digits of the matching keys
+    for level in (2, 3):
+        pre = torch.tensor([int(torch.mode(w >> (32 - 8 * level)).values) if w.numel() else -1 for w in want])
+        h = torch.zeros(n, 257, dtype=torch.int64)
+        hops.topk_cand_histogram(ctab, pre, h, cand, level, threads, 8 * hchunk, int(cb.sum()))
+        for i, w in enumerate(want):
+            m = w[(w >> (32 - 8 * level)) == pre[i]] if pre[i] >= 0 else w[:0]
+            assert torch.equal(h[i, :256], torch.bincount((m >> (24 - 8 * level)) & 0xFF, minlength=256)), (level, i)
+    # count only (no candidate array): the same histogram, no keys written
+    h2, cur2 = torch.zeros_like(hist), torch.zeros_like(cursor)
+    hops.topk_compact(desc, prefix, h2, ctab, cur2, torch.empty(0, dtype=torch.int32), threads, hchunk, sum(hb))
+    assert torch.equal(h2, hist) and not cur2.any()
+
+
+@pytest.mark.parametrize("scope", ["global", "per_module"])
+def test_compaction_on_and_off_give_the_same_masks(hops, scope):
+    """Forced on, forced off and the default rule: bit for bit the generic engine's masks, with ties
+    (integer scores) and without; with compaction, passes 2 and 3 read only the candidates."""
+    gen = torch.Generator().manual_seed(21)
+    for kind in ("randn", "ties", "specials"):
+        scores = _scores(kind, torch.float32, gen)
+        scores["big"] = (torch.randn(64, 40, generator=gen) * 3).round() if kind == "ties" else torch.randn(64, 40, generator=gen)
+        for density in _densities(scores, scope):
+            want = topk_masks(scores, density, scope=scope)
+            for compact in (None, True, False):
+                for cfg in ((8, 4), (32, 16)):
+                    rec = _Recorder(hops)
+                    _assert_same(_device_topk(scores, density, scope, rec, cfg, compact), want)
+                    if compact is False:
+                        assert "topk_cand_histogram" not in rec.calls
+                    elif compact is True:
+                        assert rec.calls.get("topk_histogram", 0) <= 1
+
+
+def test_candidate_rule_follows_the_bytes(hops, monkeypatch):
+    """By default the candidate array is written only when it takes at most 1/8 of the scores' bytes:
+    continuous scores (a few % per top-digit bin at these sizes) get it, all-equal scores do not."""
+    sizes = []
+    real = hops.topk_compact
+
+    class Ops(_Recorder):
+        def __getattr__(self, name):
+            if name == "topk_compact":
+                return lambda *a: (sizes.append(a[5].numel()), real(*a))[1]
+            return super().__getattr__(name)
+    gen = torch.Generator().manual_seed(2)
+    spread = {"w": torch.exp(torch.randn(200, 64, generator=gen) * 8)}   # 2^±~16: keys over many bins
+    _assert_same(_device_topk(spread, 0.01, "global", Ops(hops)), topk_masks(spread, 0.01))
+    flat = {"w": torch.ones(200, 64)}
+    _assert_same(_device_topk(flat, 0.01, "global", Ops(hops)), topk_masks(flat, 0.01))
+    assert 0 < sizes[0] * 4 <= spread["w"].numel() * 4 // 8 and sizes[1] == 0
+
+
+# ----------------------------------------------------------------------------------- flat output
+def test_masks_are_views_of_one_flat_buffer(hops):
+    """Every mask's data is a view into ONE uint8 buffer: dict order, each start 16-byte aligned,
+    no overlap, the buffer's size the padded sum."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(3, 5), (0, 7), (17,), (2, 3, 3, 3), (1, 1), (9, 130), (4, 0)]
+    scores = {f"t{i}": torch.randn(s, generator=gen) for i, s in enumerate(shapes)}
+    got = _device_topk(scores, 0.3, "global", hops)
+    _assert_same(got, topk_masks(scores, 0.3))
+    base = got["t0"].data.untyped_storage().data_ptr()
+    end = 0
+    for name in scores:
+        d = got[name].data
+        assert d.untyped_storage().data_ptr() == base and d.is_contiguous()
+        off = d.storage_offset()
+        assert off % 16 == 0 and off >= end
+        end = off + d.numel()
+    assert got["t0"].data.untyped_storage().nbytes() == -(-end // 16) * 16
+
+
+def test_many_tensors_of_odd_sizes(hops):
+    """60 tensors of odd shapes (empty ones, single entries, long rows, every dtype) in one launch per
+    pass: both scopes, densities from k = 1 to k = n - 1, compaction forced on and off."""
+    gen = torch.Generator().manual_seed(9)
+    scores = {}
+    for i in range(60):
+        r = int(torch.randint(0, 12, (1,), generator=gen))
+        c = int(torch.randint(1, 40, (1,), generator=gen)) if i % 7 else 0
+        shape = (r, c) if i % 3 else (r, 1, c)
+        t = torch.randint(-20, 20, shape, generator=gen).float() / 4 if i % 2 else torch.randn(shape, generator=gen)
+        scores[f"m{i}"] = t.to(DTYPES[i % 3])
+    total = sum(t.numel() for t in scores.values())
+    for scope in ("global", "per_module"):
+        for density in (1 / total, 0.013, 0.25, 0.5, (total - 1) / total):
+            want = topk_masks(scores, density, scope=scope)
+            for compact in (True, False):
+                _assert_same(_device_topk(scores, density, scope, hops, (8, 4), compact), want)
+
+
+def test_only_empty_tensors(hops):
+    scores = {"a": torch.zeros(0, 3), "b": torch.zeros(4, 0), "c": torch.zeros(0)}
+    for scope in ("global", "per_module"):
+        for density in (0.5, 1.0):
+            got = _device_topk(scores, density, scope, hops)
+            _assert_same(got, topk_masks(scores, density, scope=scope))
+
+
+def test_deterministic(hops):
+    """Two runs give the same bytes (the candidates' order inside a segment is free; counts are not)."""
+    gen = torch.Generator().manual_seed(12)
+    scores = {"a": torch.randint(0, 9, (40, 30), generator=gen).half(), "b": torch.randn(333, generator=gen)}
+    for scope in ("global", "per_module"):
+        a = _device_topk(scores, 0.37, scope, hops, (8, 4), True)
+        b = _device_topk(scores, 0.37, scope, hops, (8, 4), True)
+        _assert_same(a, b)
+
+
+def test_schemas_declare_what_the_ops_write(hops):
+    """opcheck's schema test: an op that writes an argument not declared (a!) fails it (topk_pack's
+    output buffer included)."""
+    x = torch.randn(6, 10)
+    scores = {"x": x}
+    rec_args = {}
+
+    class Ops(_Recorder):
+        def __getattr__(self, name):
+            f = super().__getattr__(name)
+            return lambda *a: (rec_args.setdefault(name, a), f(*a))[1]
+    _device_topk(scores, 0.5, "global", Ops(hops), (8, 4), True)
+    assert {"topk_histogram", "topk_compact", "topk_pack"} <= set(rec_args)
+    for name, args in rec_args.items():
+        if name == "topk_config":
+            continue
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        if name in ("topk_histogram", "topk_pack", "topk_compact", "topk_cand_histogram", "topk_equal_counts"):
+            desc_like = args[0].clone()
+            if name != "topk_cand_histogram":
+                desc_like[:, 0] = x.data_ptr()      # the clone of desc points at the live scores
+            args = (desc_like,) + args[1:]
+        torch.library.opcheck(getattr(torch.ops.spare_harness, name).default, args, test_utils=("test_schema",))
 
 
 def test_big_rows_and_one_long_row(hops):

@@ -3,6 +3,7 @@
 // csrc/harness/topk.cpp in the CPU tests); the driver is spare_kernels/topk.py (_device_topk), which
 // documents the algorithm. Every op runs on the current stream of its tables' device and returns
 // without synchronising; the driver reads the histograms back (one D2H copy per pass).
+// Compiled, not yet run on a GPU.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -55,6 +56,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) histogram_kernel(HistPar
   hist_flush(t, p, &sh);
 }
 
+// Pass 1: histogram of digit 1 + compaction. The loop of rounds is block-uniform (compact_rounds,
+// compact_should_flush read shared state after a barrier), so the barriers inside it are safe.
+__global__ void __launch_bounds__(kThreads, kMinBlocks) compact_kernel(CompactParams p) {
+  __shared__ CompactShared sh;
+  const Thread t = this_thread();
+  compact_start(t, p, &sh);
+  __syncthreads();
+  const int32_t rounds = compact_rounds(t, &sh);
+  for (int32_t r = 0; r < rounds; ++r) {
+    compact_round(t, p, &sh, r);
+    __syncthreads();
+    if (compact_should_flush(t, &sh, r, rounds)) {
+      compact_reserve(t, p, &sh);
+      __syncthreads();
+      compact_copy(t, p, &sh);
+      __syncthreads();
+    }
+  }
+  compact_flush_hist(t, p, &sh);
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocks) cand_histogram_kernel(CandHistParams p) {
+  __shared__ CandHistShared sh;
+  const Thread t = this_thread();
+  cand_start(t, p, &sh);
+  __syncthreads();
+  cand_count(t, p, &sh);
+  __syncthreads();
+  cand_flush(t, p, &sh);
+}
+
 __global__ void __launch_bounds__(kThreads, kMinBlocks) equal_counts_kernel(EqParams p) {
   __shared__ EqShared sh;
   const Thread t = this_thread();
@@ -92,6 +124,38 @@ void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void topk_compact(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist, const at::Tensor& ctab,
+                  const at::Tensor& cursor, const at::Tensor& cand, int64_t threads, int64_t chunk_bytes,
+                  int64_t nblocks) {
+  const int64_t n = check_compact(desc, prefix, hist, ctab, cursor, cand, chunk_bytes, c10::DeviceType::CUDA);
+  check_launch(threads, nblocks, "topk_compact");
+  if (nblocks == 0 || n == 0) return;
+  c10::cuda::CUDAGuard guard(desc.device());
+  const bool keep = cand.numel() > 0;
+  CompactParams p{desc.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
+                  reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()), chunk_bytes,
+                  keep ? ctab.data_ptr<int64_t>() : nullptr,
+                  reinterpret_cast<unsigned long long*>(cursor.data_ptr<int64_t>()),
+                  keep ? reinterpret_cast<uint32_t*>(cand.data_ptr<int32_t>()) : nullptr};
+  compact_kernel<<<static_cast<unsigned>(nblocks), static_cast<unsigned>(threads), 0,
+                   c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void topk_cand_histogram(const at::Tensor& ctab, const at::Tensor& prefix, const at::Tensor& hist,
+                         const at::Tensor& cand, int64_t level, int64_t threads, int64_t chunk, int64_t nblocks) {
+  const int64_t n = check_cand_histogram(ctab, prefix, hist, cand, level, chunk, c10::DeviceType::CUDA);
+  check_launch(threads, nblocks, "topk_cand_histogram");
+  if (nblocks == 0 || n == 0 || cand.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(ctab.device());
+  CandHistParams p{ctab.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
+                   reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
+                   reinterpret_cast<const uint32_t*>(cand.data_ptr<int32_t>()), level, chunk};
+  cand_histogram_kernel<<<static_cast<unsigned>(nblocks), static_cast<unsigned>(threads), 0,
+                          c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts, int64_t threads,
                        int64_t chunk_bytes) {
   const int64_t n = check_equal_counts(desc, thr, counts, threads, chunk_bytes, c10::DeviceType::CUDA);
@@ -105,13 +169,14 @@ void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan, int64_t threads,
-               int64_t nblocks) {
-  const int64_t n = check_pack(desc, sel, scan, c10::DeviceType::CUDA);
+void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan, const at::Tensor& out,
+               int64_t threads, int64_t nblocks) {
+  const int64_t n = check_pack(desc, sel, scan, out, c10::DeviceType::CUDA);
   check_launch(threads, nblocks, "topk_pack");
   if (nblocks == 0 || n == 0) return;
   c10::cuda::CUDAGuard guard(desc.device());
-  PackParams p{desc.data_ptr<int64_t>(), n, sel.data_ptr<int64_t>(), scan.data_ptr<int64_t>()};
+  PackParams p{desc.data_ptr<int64_t>(), n, sel.data_ptr<int64_t>(), scan.data_ptr<int64_t>(),
+               out.data_ptr<uint8_t>()};
   pack_kernel<<<static_cast<unsigned>(nblocks), static_cast<unsigned>(threads), 0,
                 c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -130,6 +195,8 @@ TORCH_LIBRARY_FRAGMENT(spare_kernels_cuda, m) {
 
 TORCH_LIBRARY_IMPL(spare_kernels_cuda, CUDA, m) {
   m.impl("topk_histogram", &spare::topk::topk_histogram);
+  m.impl("topk_compact", &spare::topk::topk_compact);
+  m.impl("topk_cand_histogram", &spare::topk::topk_cand_histogram);
   m.impl("topk_equal_counts", &spare::topk::topk_equal_counts);
   m.impl("topk_pack", &spare::topk::topk_pack);
 }

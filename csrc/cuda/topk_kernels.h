@@ -6,9 +6,13 @@
 // bf16, contiguous, on one device) it runs a radix select of the k-th largest 32-bit key with 8-bit
 // digits, one launch per pass over ALL tensors (a device table of descriptors, never a concatenation):
 //
-//   pass L = 0..3   histogram   per tensor, the 256-bin histogram of digit L of the keys whose digits
-//                               0..L-1 equal the tensor's prefix so far (pass 0: every key, and the
+//   pass 0      histogram       per tensor, the 256-bin histogram of digit 0 of every key (and the
 //                               NaNs in bin 256); the host reads it and picks the digit.
+//   pass 1      compact         the histogram of digit 1 of the keys whose digit 0 is the tensor's
+//                               prefix, and (when the host asked for it) those keys themselves,
+//                               written to the tensor's segment of a candidate array (cand).
+//   pass 2, 3   cand_histogram  the same histograms over the candidates only (or, without a
+//                               candidate array, `histogram` over all scores again).
 //   ties            equal_counts  only for the tensors where the threshold's ties are cut: the number
 //                               of keys equal to the threshold per chunk (the host scans that array).
 //   last            pack        scores + threshold (+ tie cut) -> packed uint8 mask rows, LSB first.
@@ -18,11 +22,15 @@
 //
 // Tables (all int64, row-major, one row per tensor; see spare_kernels/topk.py):
 //   desc  (n, kDescCols): kPtr, kBytes (rows * row_bytes), kCols, kRowBytes, kDtype, kHBlock0,
-//                         kPBlock0, kOut. kBytes and kRowBytes are below 2^32 (checked by the driver):
+//                         kPBlock0, kOut (the byte offset of the tensor's mask rows in the ONE flat
+//                         output buffer of every mask). kBytes and kRowBytes are below 2^32 (checked by the driver):
 //                         byte -> (row, col) takes 32-bit divisions, not 64-bit ones (which cost
 //                         registers and spills in every kernel).
 //   sel   (n, kSelCols):  kThr, kMode, kTake, kEq0  (the pack's per-tensor selection rule)
 //   hist  (n, kHistCols): 256 digit bins + the NaN count (uint64 counts in an int64 tensor)
+//   ctab  (n, kCandCols): kCOff, kCCount, kCBlock0: the tensor's segment of cand (offset and number
+//                         of keys, known exactly from pass 0's histogram) and its first block in the
+//                         candidate passes' grid.
 // A tensor is cut into chunks of whole output bytes (8 entries of a mask row, or fewer at the row's
 // end): consecutive bytes of the (rows, row_bytes) mask are consecutive ranges of the tensor's flat
 // entries, so a chunk is one contiguous range of entries and chunks follow flat (tie) order.
@@ -40,6 +48,7 @@ namespace topk {
 // ------------------------------------------------------------------------------------- layout
 enum DescField : int64_t { kPtr = 0, kBytes, kCols, kRowBytes, kDtype, kHBlock0, kPBlock0, kOut, kDescCols };
 enum SelField : int64_t { kThr = 0, kMode, kTake, kEq0, kSelCols };
+enum CandField : int64_t { kCOff = 0, kCCount, kCBlock0, kCandCols };
 enum Dtype : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // Pack rule of a tensor: key > thr is on; key == thr is off (kNoneEqual), on (kAllEqual), or on for
 // the first `take` of them in flat order (kPartial: ranks from equal_counts' scan + a block scan).
@@ -57,6 +66,11 @@ constexpr int64_t kSeg = 16;
 // = 32 KB per SM in flight, above what an SM needs to cover DRAM latency at full bandwidth
 // (~3.35 TB/s x ~0.6 us / 132 SMs ~ 15 KB on an H100); more would only cost registers.
 constexpr int32_t kUnroll = 4;
+// Compaction: keys staged in shared memory per block before one global reservation (one atomic on the
+// tensor's cursor per flush, not one per warp: a big tensor's ~900 blocks share that cursor). Two
+// rounds of kMaxThreads * kUnroll keys (8 KB): a flush at most every other round, and at 5% candidates
+// (a typical first-digit bin) a 16384-score chunk flushes once.
+constexpr int64_t kStage = 2 * kMaxThreads * kUnroll;
 
 // ------------------------------------------------------------------------------------- keys
 SPARE_HD inline uint32_t clz32(uint32_t v) {
@@ -113,7 +127,7 @@ SPARE_HD inline uint32_t ukey(uint32_t u) {
 // A block's chunk, located once per block (first phase, one thread) and kept in shared memory.
 struct Chunk {
   const void* x;     // the tensor's scores
-  uint8_t* out;      // its packed mask rows
+  int64_t out;       // byte offset of its packed mask rows in the flat output buffer
   int64_t t, lc;     // tensor index, chunk index within the tensor
   int64_t q0, q1;    // output bytes [q0, q1) of the (rows, row_bytes) mask
   int64_t e0, e1;    // entries [e0, e1) of the flat tensor (the same range)
@@ -139,7 +153,7 @@ SPARE_HD inline Chunk chunk_of(const int64_t* desc, int64_t n, int64_t field, in
   const int64_t* d = desc + lo * kDescCols;
   Chunk c;
   c.x = reinterpret_cast<const void*>(d[kPtr]);
-  c.out = reinterpret_cast<uint8_t*>(d[kOut]);
+  c.out = d[kOut];
   c.t = lo;
   c.lc = b - d[field];
   c.cols = d[kCols];
@@ -246,6 +260,197 @@ SPARE_HD inline void hist_flush(Thread t, const HistParams& p, HistShared* sh) {
     if (sh->bins[i]) atomic_add(row + i, static_cast<unsigned long long>(sh->bins[i]));
 }
 
+// ------------------------------------------------------------------------------------- compact (pass 1)
+// The level-1 histogram of the keys whose digit 0 equals prefix[t] (pass 0's pick; prefix[t] < 0:
+// tensor skipped), and, when cand is not null, those keys written to cand[ctab[t, kCOff] + ...]: the
+// later passes read 4 bytes per candidate instead of every score. Candidate order within a segment
+// depends on the blocks' timing (one atomic reservation per flush); the later passes only count, so
+// the result does not.
+struct CompactParams {
+  const int64_t* desc;
+  int64_t n;
+  const int64_t* prefix;
+  unsigned long long* hist;
+  int64_t chunk_bytes;
+  const int64_t* ctab;        // null: count only (no candidate array)
+  unsigned long long* cursor; // per tensor: candidates written so far
+  uint32_t* cand;
+};
+
+struct CompactShared {
+  Chunk c;
+  int64_t prefix, coff, ccount;
+  unsigned long long flush_base;
+  uint32_t nstaged, flush_n;
+  uint32_t bins[kHistCols];
+  uint32_t staged[kStage];
+};
+
+SPARE_HD inline unsigned long long atomic_add_return(unsigned long long* p, unsigned long long v) {
+#if defined(__CUDA_ARCH__)
+  return atomicAdd(p, v);
+#else
+  const unsigned long long old = *p;
+  *p += v;
+  return old;
+#endif
+}
+
+// staged[next free slot] = key for every lane of the warp with `keep`; on the GPU one shared atomic
+// per warp (ballot + popc ranks the lanes). Every lane of the warp must call it. Host: in thread order.
+SPARE_HD inline void warp_stage(Thread t, CompactShared* sh, bool keep, uint32_t key) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t ballot = __ballot_sync(0xFFFFFFFFu, keep);
+  if (!ballot) return;
+  const uint32_t lane = static_cast<uint32_t>(t.tid()) & 31u;
+  const int leader = __ffs(ballot) - 1;
+  uint32_t base = 0;
+  if (static_cast<int>(lane) == leader) base = atomicAdd(&sh->nstaged, static_cast<uint32_t>(__popc(ballot)));
+  base = __shfl_sync(0xFFFFFFFFu, base, leader);
+  if (keep) sh->staged[base + __popc(ballot & ((1u << lane) - 1u))] = key;
+#else
+  (void)t;
+  if (keep) sh->staged[sh->nstaged++] = key;
+#endif
+}
+
+// phase: locate the chunk, zero the bins and the stage
+SPARE_HD inline void compact_start(Thread t, const CompactParams& p, CompactShared* sh) {
+  if (t.tid() == 0) {
+    sh->c = chunk_of(p.desc, p.n, kHBlock0, p.chunk_bytes, t.block.x);
+    sh->prefix = p.prefix[sh->c.t];
+    sh->coff = p.ctab ? p.ctab[sh->c.t * kCandCols + kCOff] : 0;
+    sh->ccount = p.ctab ? p.ctab[sh->c.t * kCandCols + kCCount] : 0;
+    sh->nstaged = 0;
+  }
+  for (int64_t i = t.tid(); i < kHistCols; i += t.nthreads()) sh->bins[i] = 0;
+}
+
+// Rounds of nthreads * kUnroll entries of the block's chunk (block-uniform; 0 for a skipped tensor).
+SPARE_HD inline int32_t compact_rounds(Thread t, const CompactShared* sh) {
+  if (sh->prefix < 0) return 0;
+  const int64_t per = t.nthreads() * kUnroll, ne = sh->c.e1 - sh->c.e0;
+  return static_cast<int32_t>((ne + per - 1) / per);
+}
+
+// phase (per round r): count digit 1 of the matching keys, stage them when there is a candidate array
+SPARE_HD inline void compact_round(Thread t, const CompactParams& p, CompactShared* sh, int32_t r) {
+  const int64_t dtype = sh->c.dtype;
+  const void* x = entry_ptr(sh->c.x, dtype, sh->c.e0);
+  const int32_t T = static_cast<int32_t>(t.nthreads()), tid = static_cast<int32_t>(t.tid());
+  const int32_t ne = static_cast<int32_t>(sh->c.e1 - sh->c.e0), base = r * T * kUnroll;
+  const uint32_t pre32 = static_cast<uint32_t>(sh->prefix);
+  const bool stage = p.cand != nullptr;
+  uint32_t u[kUnroll];
+  SPARE_UNROLL
+  for (int32_t j = 0; j < kUnroll; ++j) {
+    const int32_t e = base + j * T + tid;
+    u[j] = e < ne ? load_bits(x, dtype, e) : 0u;
+  }
+  SPARE_UNROLL
+  for (int32_t j = 0; j < kUnroll; ++j) {
+    const uint32_t k = ukey(u[j]);  // no NaN here: pass 0 refused them
+    const bool keep = base + j * T + tid < ne && (k >> 24) == pre32;
+    warp_hist_add(t, sh->bins, keep ? (k >> 16) & 0xFFu : kNoBin);
+    if (stage) warp_stage(t, sh, keep, k);
+  }
+}
+
+// After round r (read after a barrier, block-uniform): flush the stage when the next round might not
+// fit, or after the last round.
+SPARE_HD inline bool compact_should_flush(Thread t, const CompactShared* sh, int32_t r, int32_t rounds) {
+  const uint32_t n = sh->nstaged;
+  return n > 0 && (r + 1 == rounds || static_cast<int64_t>(n) > kStage - t.nthreads() * kUnroll);
+}
+
+// phase: one thread reserves the staged keys' place in the tensor's segment
+SPARE_HD inline void compact_reserve(Thread t, const CompactParams& p, CompactShared* sh) {
+  if (t.tid() != 0) return;
+  sh->flush_n = sh->nstaged;
+  sh->flush_base = atomic_add_return(p.cursor + sh->c.t, sh->flush_n);
+}
+
+// phase: copy the stage out (coalesced) and empty it. A key past the segment (the scores changed
+// since pass 0) is dropped; the driver compares the cursors with the segment sizes.
+SPARE_HD inline void compact_copy(Thread t, const CompactParams& p, CompactShared* sh) {
+  const int64_t n = sh->flush_n, b = static_cast<int64_t>(sh->flush_base);
+  for (int64_t i = t.tid(); i < n; i += t.nthreads())
+    if (b + i < sh->ccount) p.cand[sh->coff + b + i] = sh->staged[i];
+  if (t.tid() == 0) sh->nstaged = 0;  // the others read flush_n, not nstaged
+}
+
+SPARE_HD inline void compact_flush_hist(Thread t, const CompactParams& p, CompactShared* sh) {
+  if (sh->prefix < 0) return;
+  unsigned long long* row = p.hist + sh->c.t * kHistCols;
+  for (int64_t i = t.tid(); i < kBins; i += t.nthreads())
+    if (sh->bins[i]) atomic_add(row + i, static_cast<unsigned long long>(sh->bins[i]));
+}
+
+// ------------------------------------------------------------------------------------- candidate histogram
+// Passes 2 and 3 over the candidates: hist[t, digit L] += 1 for each candidate key of tensor t whose
+// digits 0..L-1 equal prefix[t] (< 0: skipped). Block b takes `chunk` keys of the segment whose first
+// block kCBlock0 is the last one <= b.
+struct CandHistParams {
+  const int64_t* ctab;
+  int64_t n;
+  const int64_t* prefix;
+  unsigned long long* hist;
+  const uint32_t* cand;
+  int64_t level;  // 2 or 3
+  int64_t chunk;  // keys per block
+};
+
+struct CandHistShared {
+  int64_t t, k0, k1, prefix;
+  uint32_t bins[kHistCols];
+};
+
+SPARE_HD inline void cand_start(Thread t, const CandHistParams& p, CandHistShared* sh) {
+  if (t.tid() == 0) {
+    int64_t lo = 0, hi = p.n - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (p.ctab[mid * kCandCols + kCBlock0] <= t.block.x) lo = mid; else hi = mid - 1;
+    }
+    const int64_t* c = p.ctab + lo * kCandCols;
+    const int64_t first = (t.block.x - c[kCBlock0]) * p.chunk;
+    sh->t = lo;
+    sh->k0 = c[kCOff] + first;
+    sh->k1 = c[kCOff] + (first + p.chunk < c[kCCount] ? first + p.chunk : c[kCCount]);
+    sh->prefix = p.prefix[lo];
+  }
+  for (int64_t i = t.tid(); i < kHistCols; i += t.nthreads()) sh->bins[i] = 0;
+}
+
+SPARE_HD inline void cand_count(Thread t, const CandHistParams& p, CandHistShared* sh) {
+  if (sh->prefix < 0) return;  // block-uniform
+  const uint32_t* k = p.cand + sh->k0;
+  const int32_t ne = static_cast<int32_t>(sh->k1 - sh->k0);
+  const int32_t T = static_cast<int32_t>(t.nthreads()), tid = static_cast<int32_t>(t.tid());
+  const int shift_digit = 24 - 8 * static_cast<int>(p.level), shift_prefix = shift_digit + 8;
+  const uint32_t pre32 = static_cast<uint32_t>(sh->prefix);
+  for (int32_t base = 0; base < ne; base += T * kUnroll) {  // the same trip count for every thread
+    uint32_t u[kUnroll];
+    SPARE_UNROLL
+    for (int32_t j = 0; j < kUnroll; ++j) {
+      const int32_t e = base + j * T + tid;
+      u[j] = e < ne ? k[e] : 0u;
+    }
+    SPARE_UNROLL
+    for (int32_t j = 0; j < kUnroll; ++j) {
+      const bool keep = base + j * T + tid < ne && (u[j] >> shift_prefix) == pre32;
+      warp_hist_add(t, sh->bins, keep ? (u[j] >> shift_digit) & 0xFFu : kNoBin);
+    }
+  }
+}
+
+SPARE_HD inline void cand_flush(Thread t, const CandHistParams& p, CandHistShared* sh) {
+  if (sh->prefix < 0) return;
+  unsigned long long* row = p.hist + sh->t * kHistCols;
+  for (int64_t i = t.tid(); i < kBins; i += t.nthreads())
+    if (sh->bins[i]) atomic_add(row + i, static_cast<unsigned long long>(sh->bins[i]));
+}
+
 // ------------------------------------------------------------------------------------- equal counts
 // counts[b] = number of keys equal to thr[t] in chunk b. The table holds only the tensors whose ties
 // are cut (their kPBlock0 = offsets of their chunks in counts), chunks of the pack's size.
@@ -299,6 +504,7 @@ struct PackParams {
   int64_t n;
   const int64_t* sel;
   const int64_t* scan;
+  uint8_t* out;  // the flat output buffer: tensor t's mask rows at out + desc[t, kOut]
 };
 
 struct PackShared {
@@ -323,7 +529,7 @@ SPARE_HD inline void pack_start(Thread t, const PackParams& p, PackShared* sh) {
 
 // phase 2: the bits of this thread's byte; written out unless the tensor's ties are cut (kPartial:
 // kept in shared memory with their tie count).
-SPARE_HD inline void pack_bits_phase(Thread t, const PackParams&, PackShared* sh) {
+SPARE_HD inline void pack_bits_phase(Thread t, const PackParams& p, PackShared* sh) {
   const int64_t tid = t.tid(), q = sh->c.q0 + tid;
   const uint32_t thr = sh->thr;
   uint32_t gt = 0, eq = 0;
@@ -340,7 +546,7 @@ SPARE_HD inline void pack_bits_phase(Thread t, const PackParams&, PackShared* sh
     }
   }
   if (sh->mode != kPartial) {
-    if (q < sh->c.q1) sh->c.out[q] = static_cast<uint8_t>(gt | (sh->mode == kAllEqual ? eq : 0u));
+    if (q < sh->c.q1) p.out[sh->c.out + q] = static_cast<uint8_t>(gt | (sh->mode == kAllEqual ? eq : 0u));
     return;
   }
   sh->gt[tid] = static_cast<uint8_t>(gt);
@@ -373,7 +579,7 @@ SPARE_HD inline void pack_scan_totals(Thread t, const PackParams&, PackShared* s
 }
 
 // phase 5: the bytes of a kPartial tensor, the first `take` ties on.
-SPARE_HD inline void pack_ties_phase(Thread t, const PackParams&, PackShared* sh) {
+SPARE_HD inline void pack_ties_phase(Thread t, const PackParams& p, PackShared* sh) {
   const int64_t tid = t.tid(), q = sh->c.q0 + tid;
   if (sh->mode != kPartial || q >= sh->c.q1) return;
   const int64_t take = sh->take;
@@ -386,7 +592,7 @@ SPARE_HD inline void pack_ties_phase(Thread t, const PackParams&, PackShared* sh
       ++rank;
     }
   }
-  sh->c.out[q] = static_cast<uint8_t>(byte);
+  p.out[sh->c.out + q] = static_cast<uint8_t>(byte);
 }
 
 }  // namespace topk

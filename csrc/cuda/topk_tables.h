@@ -10,16 +10,21 @@
 
 #include "topk_kernels.h"
 
-// The topk_* schemas (topk_config is defined by each library: its own threads and chunk). topk_pack
-// writes the masks through the output pointers of desc (column kOut): the driver allocates them and
-// keeps them alive; the schema cannot name them.
+// The topk_* schemas (topk_config is defined by each library: its own threads and chunk). Every
+// tensor an op writes is declared mutable (a!): topk_pack writes the masks into `out`, the one flat
+// uint8 buffer of every tensor's mask rows (desc column kOut: byte offsets into it).
 #define SPARE_DEFINE_TOPK_OPS(m)                                                                      \
   do {                                                                                                \
     (m).def("topk_histogram(Tensor desc, Tensor prefix, Tensor(a!) hist, int level, int threads, "    \
             "int chunk_bytes, int nblocks) -> ()");                                                   \
+    (m).def("topk_compact(Tensor desc, Tensor prefix, Tensor(a!) hist, Tensor ctab, "                 \
+            "Tensor(b!) cursor, Tensor(c!) cand, int threads, int chunk_bytes, int nblocks) -> ()");  \
+    (m).def("topk_cand_histogram(Tensor ctab, Tensor prefix, Tensor(a!) hist, Tensor cand, "          \
+            "int level, int threads, int chunk, int nblocks) -> ()");                                 \
     (m).def("topk_equal_counts(Tensor desc, Tensor thr, Tensor(a!) counts, int threads, "             \
             "int chunk_bytes) -> ()");                                                                \
-    (m).def("topk_pack(Tensor desc, Tensor sel, Tensor scan, int threads, int nblocks) -> ()");       \
+    (m).def("topk_pack(Tensor desc, Tensor sel, Tensor scan, Tensor(a!) out, int threads, "           \
+            "int nblocks) -> ()");                                                                    \
   } while (0)
 
 namespace spare::topk {
@@ -55,6 +60,38 @@ inline int64_t check_histogram(const at::Tensor& desc, const at::Tensor& prefix,
   return n;
 }
 
+// cand: the int32 candidate keys (1-D; empty when the driver does not compact), cursor: one int64
+// per tensor. ctab (n, kCandCols) gives each tensor's segment, which must lie inside cand.
+inline int64_t check_compact(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist,
+                             const at::Tensor& ctab, const at::Tensor& cursor, const at::Tensor& cand,
+                             int64_t chunk_bytes, c10::DeviceType device) {
+  const int64_t n = check_histogram(desc, prefix, hist, 1, chunk_bytes, device);
+  const char* op = "topk_compact";
+  check_table(ctab, kCandCols, op, "ctab", device, &desc);
+  check_table(cursor, 0, op, "cursor", device, &desc);
+  TORCH_CHECK(ctab.size(0) == n && cursor.size(0) == n, op, ": ctab and cursor must have ", n, " rows");
+  TORCH_CHECK(cand.device() == desc.device() && cand.scalar_type() == at::kInt && cand.dim() == 1 &&
+                  cand.is_contiguous(),
+              op, ": cand must be a contiguous 1-D int32 tensor on desc's device");
+  return n;
+}
+
+inline int64_t check_cand_histogram(const at::Tensor& ctab, const at::Tensor& prefix, const at::Tensor& hist,
+                                    const at::Tensor& cand, int64_t level, int64_t chunk, c10::DeviceType device) {
+  const char* op = "topk_cand_histogram";
+  check_table(ctab, kCandCols, op, "ctab", device);
+  check_table(prefix, 0, op, "prefix", device, &ctab);
+  check_table(hist, kHistCols, op, "hist", device, &ctab);
+  const int64_t n = ctab.size(0);
+  TORCH_CHECK(prefix.size(0) == n && hist.size(0) == n, op, ": prefix and hist must have ", n, " rows");
+  TORCH_CHECK(cand.device() == ctab.device() && cand.scalar_type() == at::kInt && cand.dim() == 1 &&
+                  cand.is_contiguous(),
+              op, ": cand must be a contiguous 1-D int32 tensor on ctab's device");
+  TORCH_CHECK(level == 2 || level == 3, op, ": level must be 2 or 3, got ", level);
+  TORCH_CHECK(chunk > 0 && chunk <= (int64_t{1} << 30), op, ": chunk must be in (0, 2^30], got ", chunk);
+  return n;
+}
+
 inline int64_t check_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts,
                                   int64_t threads, int64_t chunk_bytes, c10::DeviceType device) {
   const char* op = "topk_equal_counts";
@@ -68,13 +105,17 @@ inline int64_t check_equal_counts(const at::Tensor& desc, const at::Tensor& thr,
 }
 
 inline int64_t check_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan,
-                          c10::DeviceType device) {
+                          const at::Tensor& out, c10::DeviceType device) {
   const char* op = "topk_pack";
   check_table(desc, kDescCols, op, "desc", device);
   check_table(sel, kSelCols, op, "sel", device, &desc);
   check_table(scan, 0, op, "scan", device, &desc);
   const int64_t n = desc.size(0);
   TORCH_CHECK(sel.size(0) == n, op, ": sel must have ", n, " rows");
+  TORCH_CHECK(out.device() == desc.device() && out.scalar_type() == at::kByte && out.dim() == 1 &&
+                  out.is_contiguous(),
+              op, ": out must be a contiguous 1-D uint8 tensor on desc's device, got ", out.scalar_type(), " ",
+              out.sizes(), " on ", out.device());
   return n;
 }
 

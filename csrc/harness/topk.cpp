@@ -1,13 +1,15 @@
 // Host harness of the GPU top-k (csrc/cuda/topk.cu): the same phase bodies (csrc/cuda/topk_kernels.h)
-// driven over the same grids on CPU tensors, as torch.ops.spare_harness.topk_*, with the schemas of
+// driven over the same grids (and, for topk_compact, the same loop of barrier-separated rounds) on CPU
+// tensors, as torch.ops.spare_harness.topk_*, with the schemas of
 // torch.ops.spare_kernels_cuda.topk_*. spare_kernels/topk.py's driver (_device_topk) runs unchanged
 // on either namespace. Everything of the kernels runs here except the GPU-only instructions inside
-// warp_hist_add (__any_sync/__match_any_sync/__ffs warp aggregation, replaced by a plain add giving
-// the same counts) and the atomics (atomic_add/shared_add: plain adds, blocks and threads in order).
+// warp_hist_add and warp_stage (__any_sync/__match_any_sync/__ballot_sync/__shfl_sync warp
+// aggregation, replaced by plain adds giving the same counts and the same staged keys) and the atomics (atomic_add/shared_add: plain adds, blocks and threads in order).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 #include "../cuda/topk_kernels.h"
@@ -41,6 +43,64 @@ void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::
       [&](Thread t) { hist_count(t, p, &sh); }, [&](Thread t) { hist_flush(t, p, &sh); });
 }
 
+// Rows of a table as host int64 rows (the harness can check the device-side contents the CUDA op trusts).
+const int64_t* rows_of(const at::Tensor& t) { return t.data_ptr<int64_t>(); }
+
+// Pass 1 (compact_kernel of topk.cu, the same phases and barriers, the loop of rounds included).
+void topk_compact(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist, const at::Tensor& ctab,
+                  const at::Tensor& cursor, const at::Tensor& cand, int64_t threads, int64_t chunk_bytes,
+                  int64_t nblocks) {
+  const int64_t n = check_compact(desc, prefix, hist, ctab, cursor, cand, chunk_bytes, c10::DeviceType::CPU);
+  check_threads(threads, "topk_compact");
+  const bool keep = cand.numel() > 0;
+  if (keep) {  // segments inside cand (the CUDA op trusts the driver here)
+    const int64_t* c = rows_of(ctab);
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(c[i * kCandCols + kCOff] >= 0 && c[i * kCandCols + kCOff] + c[i * kCandCols + kCCount] <= cand.numel(),
+                  "topk_compact: ctab row ", i, " lies outside cand");
+  }
+  if (nblocks == 0 || n == 0) return;
+  CompactParams p{desc.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
+                  reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()), chunk_bytes,
+                  keep ? ctab.data_ptr<int64_t>() : nullptr,
+                  reinterpret_cast<unsigned long long*>(cursor.data_ptr<int64_t>()),
+                  keep ? reinterpret_cast<uint32_t*>(cand.data_ptr<int32_t>()) : nullptr};
+  auto sh = std::make_unique<CompactShared>();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    auto run = [&](auto&& phase) {
+      for (int64_t tid = 0; tid < threads; ++tid) phase(Thread{Dim3{b, 0, 0}, Dim3{tid, 0, 0}, Dim3{nblocks}, Dim3{threads}});
+    };
+    run([&](Thread t) { compact_start(t, p, sh.get()); });
+    const int32_t rounds = compact_rounds(Thread{Dim3{b, 0, 0}, Dim3{0, 0, 0}, Dim3{nblocks}, Dim3{threads}}, sh.get());
+    for (int32_t r = 0; r < rounds; ++r) {
+      run([&](Thread t) { compact_round(t, p, sh.get(), r); });
+      if (compact_should_flush(Thread{Dim3{b, 0, 0}, Dim3{0, 0, 0}, Dim3{nblocks}, Dim3{threads}}, sh.get(), r, rounds)) {
+        run([&](Thread t) { compact_reserve(t, p, sh.get()); });
+        run([&](Thread t) { compact_copy(t, p, sh.get()); });
+      }
+    }
+    run([&](Thread t) { compact_flush_hist(t, p, sh.get()); });
+  }
+}
+
+void topk_cand_histogram(const at::Tensor& ctab, const at::Tensor& prefix, const at::Tensor& hist,
+                         const at::Tensor& cand, int64_t level, int64_t threads, int64_t chunk, int64_t nblocks) {
+  const int64_t n = check_cand_histogram(ctab, prefix, hist, cand, level, chunk, c10::DeviceType::CPU);
+  check_threads(threads, "topk_cand_histogram");
+  const int64_t* c = rows_of(ctab);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(c[i * kCandCols + kCOff] >= 0 && c[i * kCandCols + kCOff] + c[i * kCandCols + kCCount] <= cand.numel(),
+                "topk_cand_histogram: ctab row ", i, " lies outside cand");
+  if (nblocks == 0 || n == 0 || cand.numel() == 0) return;
+  CandHistParams p{ctab.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
+                   reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
+                   reinterpret_cast<const uint32_t*>(cand.data_ptr<int32_t>()), level, chunk};
+  CandHistShared sh;
+  for_each_block_phased(
+      Dim3{nblocks}, Dim3{threads}, [&](Thread t) { cand_start(t, p, &sh); }, [&](Thread t) { cand_count(t, p, &sh); },
+      [&](Thread t) { cand_flush(t, p, &sh); });
+}
+
 void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts, int64_t threads,
                        int64_t chunk_bytes) {
   const int64_t n = check_equal_counts(desc, thr, counts, threads, chunk_bytes, c10::DeviceType::CPU);
@@ -54,12 +114,17 @@ void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::
       [&](Thread t) { eq_write(t, p, &sh); });
 }
 
-void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan, int64_t threads,
-               int64_t nblocks) {
-  const int64_t n = check_pack(desc, sel, scan, c10::DeviceType::CPU);
+void topk_pack(const at::Tensor& desc, const at::Tensor& sel, const at::Tensor& scan, const at::Tensor& out,
+               int64_t threads, int64_t nblocks) {
+  const int64_t n = check_pack(desc, sel, scan, out, c10::DeviceType::CPU);
   check_threads(threads, "topk_pack");
+  const int64_t* d = rows_of(desc);
+  for (int64_t i = 0; i < n; ++i)  // every tensor's mask rows inside out (the CUDA op trusts the driver)
+    TORCH_CHECK(d[i * kDescCols + kOut] >= 0 && d[i * kDescCols + kOut] + d[i * kDescCols + kBytes] <= out.numel(),
+                "topk_pack: desc row ", i, "'s mask lies outside out");
   if (nblocks == 0 || n == 0) return;
-  PackParams p{desc.data_ptr<int64_t>(), n, sel.data_ptr<int64_t>(), scan.data_ptr<int64_t>()};
+  PackParams p{desc.data_ptr<int64_t>(), n, sel.data_ptr<int64_t>(), scan.data_ptr<int64_t>(),
+               out.data_ptr<uint8_t>()};
   PackShared sh;
   for_each_block_phased(
       Dim3{nblocks}, Dim3{threads}, [&](Thread t) { pack_start(t, p, &sh); },
@@ -93,6 +158,8 @@ TORCH_LIBRARY_FRAGMENT(spare_harness, m) {
 
 TORCH_LIBRARY_IMPL(spare_harness, CPU, m) {
   m.impl("topk_histogram", &topk_histogram);
+  m.impl("topk_compact", &topk_compact);
+  m.impl("topk_cand_histogram", &topk_cand_histogram);
   m.impl("topk_equal_counts", &topk_equal_counts);
   m.impl("topk_pack", &topk_pack);
   m.impl("topk_keys", &topk_keys);
