@@ -1,13 +1,28 @@
-// Saliency statistics on CUDA (DESIGN §1): the weight gradients come from cuBLAS (linear) or cuDNN
-// (conv); one fused kernel folds them into the fp32 statistic.
-// - grad_abs / signed: one GEMM (or cuDNN weight gradient) of the whole batch, then acc += |G| or G.
-// - sample_abs / sample_sq: per-sample gradients of a chunk of samples into a scratch of at most
-//   kScratchEntries entries (a batched GEMM; for convs one grouped cuDNN weight gradient with the
-//   samples as groups), then acc += Σ_i |g_i| or g_i². Tokens-per-sample 1 (linear): |g_i| = |dy_i|⊗|x_i|,
-//   so the whole batch is one GEMM.
+// Saliency statistics on CUDA (DESIGN §1).
+// - grad_abs / signed: one GEMM (cuBLAS, 16-bit in, fp32 out) or cuDNN weight gradient of the whole batch,
+//   then acc += |G| or G.
+// - sample_abs / sample_sq, 16-bit inputs, at most kSalTileMaxTokens tokens (pixels) per sample, convs with
+//   groups == 1: the tile kernel of saliency_kernels.h: each block accumulates its weight tile's per-sample
+//   gradient in WMMA fragments (bf16 / fp16 in, fp32 accumulate) and folds |g_i| or g_i² into the tile's
+//   statistic before the next sample; no per-sample gradient in memory. When the weight has too few tiles
+//   to fill the GPU, the samples are split over blocks and the partials added in group order
+//   (deterministic). Why the token bound: saliency_kernels.h, sal_use_tiles.
+// - the other per-sample cases (many tokens, fp32 inputs, grouped convs): per-sample gradients of a chunk of
+//   samples into a scratch of at most kScratchEntries entries (a batched GEMM; for convs one grouped cuDNN
+//   weight gradient with the samples as groups), then acc += Σ_i |g_i| or g_i²: at T ≥ 1024 tokens the
+//   scratch traffic costs ≲ 1.2× of the GEMM's time (less while the chunk stays in L2) and cuBLAS's GEMM
+//   outruns the tile kernel's. Tokens-per-sample 1 (linear): |g_i| = |dy_i|⊗|x_i|, one GEMM.
 #include "spare_cuda.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <mma.h>
+
+#include <limits>
+
 #include "lora_kernels.h"
+#include "saliency_kernels.h"
 
 namespace spare_cuda {
 
@@ -17,6 +32,116 @@ template <typename TG>
 __global__ void accumulate_kernel(spare::AccumulateParams<TG> p) {
   spare::accumulate_body(spare::this_thread(), p);
 }
+
+// ------------------------------------------------------------------------------ per-sample tile kernel
+template <typename TG>
+struct WmmaIn;
+template <>
+struct WmmaIn<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaIn<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// The device's MMA policy of sample_tile_block: WMMA 16×16×16, 16-bit in (same bits as c10's types), fp32
+// accumulate; fragments are warp-collective, every lane calls these.
+template <typename TG>
+struct WmmaMma {
+  using In = typename WmmaIn<TG>::type;
+  using Frag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  using AFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, In, nvcuda::wmma::col_major>;
+  using BFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, In, nvcuda::wmma::row_major>;
+  static_assert(sizeof(In) == sizeof(TG), "c10's 16-bit types and CUDA's share their bits");
+  __device__ static void zero(Frag& f) { nvcuda::wmma::fill_fragment(f, 0.f); }
+  __device__ static void load_a(AFrag& a, const TG* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const In*>(p), static_cast<unsigned>(ld));
+  }
+  __device__ static void load_b(BFrag& b, const TG* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const In*>(p), static_cast<unsigned>(ld));
+  }
+  __device__ static void mma(Frag& c, const AFrag& a, const BFrag& b) { nvcuda::wmma::mma_sync(c, a, b, c); }
+  // element e of g and of tot are the same (row, col): both accumulator fragments of one shape
+  __device__ static void fold(Frag& tot, const Frag& g, bool square) {
+#pragma unroll
+    for (int e = 0; e < Frag::num_elements; ++e) tot.x[e] += square ? g.x[e] * g.x[e] : fabsf(g.x[e]);
+  }
+  __device__ static void store(float* dst, int64_t ld, const Frag& f) {
+    nvcuda::wmma::store_matrix_sync(dst, f, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
+  }
+};
+
+// The device's block policy: this thread's warp state in registers; barriers between phases.
+template <typename Frag>
+struct DeviceBlock {
+  spare::SalWarpState<Frag> st;
+  template <typename F>
+  __device__ void threads(F&& f) {
+    f(static_cast<int64_t>(threadIdx.x));
+    __syncthreads();
+  }
+  template <typename F>
+  __device__ void warps(F&& f) {
+    f(static_cast<int64_t>(threadIdx.x / 32), st, spare::Lanes{static_cast<int64_t>(threadIdx.x % 32), 32});
+  }
+  __device__ void sync() { __syncthreads(); }
+};
+
+// grid (tiles, groups), kSalThreads threads; 2 × 4.5 KiB of 16-bit staging + 4 KiB of fragment slots.
+template <typename TG>
+__global__ void __launch_bounds__(spare::kSalThreads) sample_tile_kernel(spare::SampleTileParams<TG> p) {
+  __shared__ __align__(32) uint16_t sa[spare::kSalStageElems];
+  __shared__ __align__(32) uint16_t sb[spare::kSalStageElems];
+  __shared__ __align__(32) float so[spare::kSalOutFloats];
+  static_assert(sizeof(TG) == sizeof(uint16_t), "16-bit activations only");
+  DeviceBlock<typename WmmaMma<TG>::Frag> b;
+  spare::sample_tile_block<WmmaMma<TG>>(b, p, blockIdx.x, blockIdx.y, reinterpret_cast<TG*>(sa),
+                                        reinterpret_cast<TG*>(sb), so);
+}
+
+__global__ void sample_reduce_kernel(spare::SampleReduceParams p) {
+  spare::sample_reduce_body(spare::this_thread(), p);
+}
+
+int64_t sm_count(const at::Device& dev) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev.index()));
+  return n;
+}
+
+// acc += Σ_i |g_i| or g_i² through the tile kernel; p's pointers and shapes set, out / split filled here.
+template <typename TG>
+void launch_sample_tiles(at::Tensor& acc, spare::SampleTileParams<TG> p) {
+  const int64_t numel = p.OUT * p.IN, tiles = spare::sal_tiles(p.OUT, p.IN);
+  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "spare_kernels_cuda.saliency: weight too large");
+  const spare::SalSplit sp = spare::sal_split(p.S, tiles, numel, spare::kSalBlocksPerSM * sm_count(acc.device()),
+                                              kScratchEntries);
+  p.spg = sp.spg;
+  p.groups = sp.groups;
+  at::Tensor part;
+  if (p.groups > 1) {
+    part = at::empty({p.groups, numel}, acc.options());   // every entry written by its group's blocks
+    p.out = part.mutable_data_ptr<float>();
+  } else {
+    p.out = acc.mutable_data_ptr<float>();
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  sample_tile_kernel<TG><<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.groups)), spare::kSalThreads, 0,
+                           stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.groups > 1) {
+    const spare::SampleReduceParams r{part.const_data_ptr<float>(), acc.mutable_data_ptr<float>(), numel, p.groups};
+    const int64_t blocks = std::min<int64_t>(spare::cdiv(numel, spare::kAccThreads), 132 * 16);
+    sample_reduce_kernel<<<static_cast<unsigned>(blocks), spare::kAccThreads, 0, stream>>>(r);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+bool sixteen_bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+#define SPARE_DISPATCH_16BIT(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 void check_acc(const char* op, const at::Tensor& acc) {
   TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous(), "spare_kernels_cuda.", op,
@@ -82,6 +207,14 @@ void saliency_linear(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy,
     }
     return;
   }
+  if (spare::sal_use_tiles(T, sixteen_bit(dt))) {
+    const at::Tensor xc = x.contiguous(), dc = dyd.contiguous();
+    SPARE_DISPATCH_16BIT(dt, "spare_kernels_cuda.saliency_linear", [&] {
+      launch_sample_tiles(acc, spare::sal_linear_params(xc.const_data_ptr<scalar_t>(), dc.const_data_ptr<scalar_t>(),
+                                                        S, T, out, in, stat == spare::kSampleSq));
+    });
+    return;
+  }
   if (T == 1) {  // rank one per sample: Σ_i f(dy_i)ᵀ f(x_i) is one GEMM
     const at::Tensor d = dyd.reshape({S, out}).to(at::kFloat), xx = x.reshape({S, in}).to(at::kFloat);
     if (stat == spare::kSampleAbs)
@@ -133,6 +266,17 @@ void saliency_conv2d(at::Tensor& acc, const at::Tensor& x, const at::Tensor& dy,
       acc.add_(g);
     else
       accumulate(acc, g.unsqueeze(0), stat);
+    return;
+  }
+  const int64_t OH = dy.size(2), OW = dy.size(3);
+  if (groups == 1 && spare::sal_use_tiles(OH * OW, sixteen_bit(x.scalar_type()))) {
+    const at::Tensor xc = x.contiguous(), dc = dy.to(x.scalar_type()).contiguous();
+    SPARE_DISPATCH_16BIT(x.scalar_type(), "spare_kernels_cuda.saliency_conv2d", [&] {
+      launch_sample_tiles(acc, spare::sal_conv_params(xc.const_data_ptr<scalar_t>(), dc.const_data_ptr<scalar_t>(), S,
+                                                      x.size(1), x.size(2), x.size(3), out, acc.size(2), acc.size(3),
+                                                      OH, OW, stride.data(), padding.data(), dilation.data(),
+                                                      stat == spare::kSampleSq));
+    });
     return;
   }
   // sc samples at once as one convolution with sc·groups groups: its weight gradient is the sc
