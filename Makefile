@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 
-.PHONY: install test test-slow test-interp demo bench cuda-ext clean
+.PHONY: install test test-slow test-interp demo bench cuda-ext gpu-wheels gpu-rehearsal clean
 
 install: $(STAMP)
 
@@ -55,6 +55,29 @@ cuda-ext:
 	SPARE_KERNELS_BUILD_CPU=0 SPARE_KERNELS_BUILD_CUDA=1 SPARE_KERNELS_CUDA_ARCHS='$(CUDA_ARCHS)' \
 	  $(CUDA_PY) setup.py -q build_ext --build-lib $(CUDA_BUILD) --build-temp $(CUDA_BUILD)/tmp
 	$(CUDA_PY) tools/check_cuda_ext.py $(CUDA_BUILD)
+
+# The GPU check (benchmarks/gpu_check.sh) needs diffusers on machines that lack it and reach no network:
+# its wheels (and only what the GPU image lacks) in .whl/, carried with the working tree.
+gpu-wheels:
+	benchmarks/gpu_wheels.sh
+
+# Every step of the GPU check that needs no GPU, on the GPU image's packages in a clean venv made anew
+# each time (REHEARSAL_VENV): wheel install offline, imports, the CUDA build's loud refusal, collection
+# of pytest -m gpu, the AOT table under triton 3.6, the cost model's predictions, the benchmark sections
+# on tiny CPU shapes, the plan's 8-minute budget. Downloads (triton 3.6, transformers...): never part of
+# `make test` or CI. torch==2.13.0 exactly (the CPU wheel on local disk; a looser spec would pull a
+# multi-GB CUDA build); the GPU image has torch 2.11 + CUDA and Python 3.12, this machine Python 3.11.
+REHEARSAL_VENV ?= .venv-rehearsal
+REHEARSAL_OUT ?= .cache/gpu-rehearsal
+GPU_IMAGE_PKGS := torch==2.13.0 triton==3.6.0 pytest pytest-benchmark hypothesis safetensors peft accelerate \
+  transformers numpy Pillow requests regex huggingface-hub ninja setuptools
+
+gpu-rehearsal: gpu-wheels
+	rm -rf $(REHEARSAL_VENV) $(REHEARSAL_OUT)
+	$(PYTHON) -m venv $(REHEARSAL_VENV)
+	$(REHEARSAL_VENV)/bin/python -m pip install -q --disable-pip-version-check $(GPU_IMAGE_PKGS)
+	! $(REHEARSAL_VENV)/bin/python -c "import diffusers" 2>/dev/null   # the image lacks it: .whl/ must bring it
+	PYTHON=$(REHEARSAL_VENV)/bin/python benchmarks/gpu_check.sh --rehearsal $(REHEARSAL_OUT)
 
 clean:
 	rm -rf build *.egg-info spare_kernels/_C*.so .cache
