@@ -1,12 +1,19 @@
 // Masked LoRA linear / conv2d on CUDA: base GEMMs and convolutions through ATen (cuBLAS, cuDNN); the
 // effective weight and the masked weight-gradient contraction through the kernels of lora_kernels.h.
 // Element and block masks: W_eff = W + s·M⊙(B·A) built in one pass in the activation dtype (no fp32
-// delta), used by one GEMM / convolution forward and for dx; dA / dB from chunks of G (fp32, at most
-// kScratchEntries) through the fused mask-and-contract kernel. Row masks and no mask: factored (x·Aᵀ,
-// then B), never an out×in tensor.
+// delta), used by one GEMM / convolution forward and for dx; dA / dB from regions of G, in row chunks of
+// at most kScratchEntries, through the fused mask-and-contract kernel and a fixed-order reduction
+// (deterministic). Linear G: 16-bit in, fp32 out; conv G: the activations' dtype (16-bit wgrad). Block
+// masks compute G only over their runs of on tile rows and those runs' column spans (block_regions).
+// Row masks and no mask: factored (x·Aᵀ, then B), never an out×in tensor.
 #include "spare_cuda.h"
 
 #include "lora_kernels.h"
+
+#include <algorithm>
+#include <array>
+#include <mutex>
+#include <vector>
 
 namespace spare_cuda {
 
@@ -19,13 +26,17 @@ __global__ void weff_kernel(spare::WeffParams<TW, TA, TB, TO> p) {
   spare::weff_body(spare::this_thread(), p);
 }
 
-template <typename TA, typename TB>
-__global__ void __launch_bounds__(spare::kContractThreads) contract_kernel(spare::ContractParams<TA, TB> p) {
+template <typename TG, typename TA, typename TB>
+__global__ void __launch_bounds__(spare::kContractThreads) contract_kernel(spare::ContractParams<TG, TA, TB> p) {
   __shared__ float smem[spare::kContractSmem];
   const Thread t = spare::this_thread();
   spare::contract_phase1(t, p, smem);
   __syncthreads();
   spare::contract_phase2(t, p, smem);
+}
+
+__global__ void contract_reduce_kernel(spare::ReduceParams p) {
+  spare::contract_reduce_body(spare::this_thread(), p);
 }
 
 }  // namespace
@@ -91,24 +102,85 @@ at::Tensor effective_weight(const at::Tensor& w2, const at::Tensor& A2, const at
   return out;
 }
 
-void contract_chunk(const at::Tensor& g, int64_t row0, const at::Tensor& Af, const at::Tensor& Bf,
+void contract_chunk(const at::Tensor& g, int64_t row0, int64_t col0, const at::Tensor& Af, const at::Tensor& Bf,
                     const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i, double scale,
                     at::Tensor& dA, at::Tensor& dB) {
-  const int64_t rows = g.size(0), cols = g.size(1), rank = Af.size(0);
-  if (rows == 0 || cols == 0 || rank == 0) return;
-  TORCH_CHECK(g.scalar_type() == at::kFloat && g.stride(1) == 1, "spare_kernels_cuda: internal error, G chunk layout");
+  const int64_t rows = g.size(0), gcols = g.size(1), rank = Af.size(0), cols = Af.size(1);
+  if (rows == 0 || gcols == 0 || rank == 0) return;
+  TORCH_CHECK(g.stride(1) == 1 && col0 >= 0 && col0 + gcols <= cols && rows <= spare::kContractMaxRows,
+              "spare_kernels_cuda: internal error, G region layout");
   const at::Tensor m = mask.contiguous();
-  spare::ContractParams<float, float> p{g.const_data_ptr<float>(), m.const_data_ptr(), Af.const_data_ptr<float>(),
-                                        Bf.const_data_ptr<float>(),
-                                        dA.defined() ? dA.mutable_data_ptr<float>() : nullptr,
-                                        dB.defined() ? dB.mutable_data_ptr<float>() : nullptr,
-                                        row0, rows, cols, rank, g.stride(0), kind, block_o, block_i,
-                                        static_cast<float>(scale)};
-  TORCH_CHECK(rows <= spare::kContractMaxRows, "spare_kernels_cuda: internal error, G chunk of ", rows, " rows");
-  const dim3 grid(static_cast<unsigned>(spare::cdiv(rank, spare::kContractRanks)),
-                  static_cast<unsigned>(spare::cdiv(rows, spare::kContractRows)));
-  contract_kernel<<<grid, spare::kContractThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  const int64_t tiles = spare::cdiv(rows, spare::kContractRows);
+  // dA partials, one (rank, gcols) slab per row tile: every entry is stored by one thread (no zero fill)
+  const at::Tensor part = dA.defined() ? at::empty({tiles, rank, gcols}, Af.options()) : at::Tensor();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(spare::cdiv(rank, spare::kContractRanks)), static_cast<unsigned>(tiles));
+  SPARE_DISPATCH_ACTIVATION(g.scalar_type(), "spare_kernels_cuda.contract", [&] {
+    spare::ContractParams<scalar_t, float, float> p{g.const_data_ptr<scalar_t>(), m.const_data_ptr(),
+                                                    Af.const_data_ptr<float>(), Bf.const_data_ptr<float>(),
+                                                    part.defined() ? part.mutable_data_ptr<float>() : nullptr,
+                                                    dB.defined() ? dB.mutable_data_ptr<float>() : nullptr,
+                                                    row0, rows, col0, gcols, cols, rank, g.stride(0), kind,
+                                                    block_o, block_i, static_cast<float>(scale)};
+    contract_kernel<<<grid, spare::kContractThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (!dA.defined()) return;
+  // grid-strided: at most kReduceBlocks blocks (8 per SM of an H100's 132 fill it; more only add tails)
+  constexpr int64_t kReduceBlocks = 8 * 132;
+  const spare::ReduceParams rp{part.const_data_ptr<float>(), dA.mutable_data_ptr<float>(), tiles, rank, gcols,
+                               col0, cols, static_cast<float>(scale)};
+  const auto blocks = std::min(spare::cdiv(rank * gcols, spare::kReduceThreads), kReduceBlocks);
+  contract_reduce_kernel<<<static_cast<unsigned>(blocks), spare::kReduceThreads, 0, stream>>>(rp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+namespace {
+
+// Block regions per mask tensor: the tile mask lives on the GPU and the regions are planned on the host,
+// so a miss costs one device-to-host copy (a synchronisation); masks are fixed while an adapter trains,
+// so each mask is copied once. Keyed by the tensor (a weak reference: a freed mask never matches a new
+// one at the same address), its version counter (an in-place change replans) and the geometry.
+struct RegionPlan {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> mask;
+  uint32_t version;
+  std::array<int64_t, 5> geometry;
+  std::vector<spare::Region> regions;
+};
+std::mutex plan_mutex;
+std::vector<RegionPlan> plans;
+constexpr size_t kMaxPlans = 4096;   // SD-1.5 has < 300 patchable layers; a bound, not a working size
+
+// Runs of on tile rows closer than this are merged into one GEMM: the gap's extra rows cost
+// 2·N·span·gap FLOPs, a second GEMM re-reads x (N·span·2 B); they break even at gap ≈ mma16 rate /
+// bandwidth ≈ 790e12 / 3.0e12 ≈ 263 rows on an H100 (costmodel.H100), before the second launch's cost.
+constexpr int64_t kMergeRows = 256;
+
+}  // namespace
+
+std::vector<spare::Region> contract_regions(const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i,
+                                            int64_t out, int64_t cols, int64_t quantum) {
+  if (kind != spare::kBlock) return {spare::Region{0, out, 0, cols}};
+  const std::array<int64_t, 5> geometry{block_o, block_i, out, cols, quantum};
+  const uint32_t version = mask.unsafeGetTensorImpl()->version_counter().current_version();
+  {
+    const std::lock_guard<std::mutex> lock(plan_mutex);
+    for (const RegionPlan& p : plans)
+      if (!p.mask.expired() && p.mask._unsafe_get_target() == mask.unsafeGetTensorImpl() &&
+          p.version == version && p.geometry == geometry)
+        return p.regions;
+  }
+  const at::Tensor host = mask.to(at::kCPU).contiguous();
+  std::vector<spare::Region> regions;
+  spare::block_regions(host.const_data_ptr<bool>(), out, cols, block_o, block_i, quantum, kMergeRows, regions);
+  const std::lock_guard<std::mutex> lock(plan_mutex);
+  plans.erase(std::remove_if(plans.begin(), plans.end(), [](const RegionPlan& p) { return p.mask.expired(); }),
+              plans.end());
+  if (plans.size() >= kMaxPlans) plans.clear();
+  plans.push_back(RegionPlan{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                                 mask.getIntrusivePtr()),
+                             version, geometry, regions});
+  return regions;
 }
 
 namespace {
@@ -205,10 +277,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
   if (masked(kind)) {
     if (need_dA || need_dB) {
       if (need_dA) dA = at::zeros({r, cols}, f32);
-      if (need_dB) dB = at::zeros({out, r}, f32);   // zeros: a weight without columns writes none
+      // zeros: the regions skip a block mask's off rows (dB) and columns (dA), and a weight without
+      // columns writes none
+      if (need_dB) dB = at::zeros({out, r}, f32);
+      // G[o0:o1, c0:c1] = dy[:, o0:o1]ᵀ · x[:, c0:c1]: strided views (cuBLAS takes the leading
+      // dimensions), 16-bit in, fp32 out (mm_f32)
       const at::Tensor dyt = dy.t();
-      masked_contract([&](int64_t o0, int64_t o1) { return mm_f32(dyt.slice(0, o0, o1), x); }, out, cols, lora_A,
-                      lora_B, *mask, kind, block_o, block_i, scale, dA, dB);
+      masked_contract([&](int64_t o0, int64_t o1, int64_t c0, int64_t c1) {
+        return mm_f32(dyt.slice(0, o0, o1), x.slice(1, c0, c1));
+      }, out, cols, lora_A, lora_B, *mask, kind, block_o, block_i, scale, 1, dA, dB);
     }
     if (need_dx)
       dx = at::mm(dy, effective_weight(weight, lora_A, lora_B, *mask, kind, block_o, block_i, scale, dt));
@@ -276,25 +353,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
   if (masked(kind)) {
     if (need_dA || need_dB) {
       if (need_dA) dA = at::zeros({r, cols}, f32);
-      if (need_dB) dB = at::zeros({out, r}, f32);   // zeros: a weight without columns writes none
-      // cuDNN's weight gradient for the output channels [o0, o1) (whole groups: a slice of channels
-      // of a grouped conv is not a conv; SD-1.5's convs have one group), in fp32 like the reference's:
-      // from fp32 copies of x and of the chunk's dy (16-bit values are exact in fp32 and in TF32), so G
-      // is never rounded to 16 bits; the weight argument only gives the chunk's shape.
-      const at::Tensor x32 = x.to(at::kFloat);
+      // zeros: the regions skip a block mask's off rows (dB) and columns (dA), and a weight without
+      // columns writes none
+      if (need_dB) dB = at::zeros({out, r}, f32);
+      // cuDNN's weight gradient of output channels [o0, o1) x input channels [c0, c1) / (kh·kw) (whole
+      // groups: a slice of channels of a grouped conv is not a conv; SD-1.5's convs have one group),
+      // on the activations' own dtype: for 16-bit activations the 16-bit wgrad (fp32 accumulation in
+      // cuDNN, G rounded to 16 bits on output: half the bytes and twice the rate of an fp32/TF32 wgrad on
+      // upcast copies; the contraction reads it in fp32), for fp32 activations as before. The weight
+      // argument only gives the region's shape.
+      const int64_t kk = weight.size(2) * weight.size(3);
       std::vector<int64_t> wsz(weight.sizes().begin(), weight.sizes().end());
-      auto gchunk = [&](int64_t o0, int64_t o1) {
-        const at::Tensor dyc = (o0 == 0 && o1 == out ? dy : dy.slice(1, o0, o1)).to(at::kFloat).contiguous();
+      auto gregion = [&](int64_t o0, int64_t o1, int64_t c0, int64_t c1) {
+        const bool all_o = o0 == 0 && o1 == out, all_c = c0 == 0 && c1 == cols;
+        const at::Tensor dyc = all_o ? dy : dy.slice(1, o0, o1);
+        const at::Tensor xc = all_c ? x : x.slice(1, c0 / kk, c1 / kk);
         wsz[0] = o1 - o0;
-        const auto grads = at::convolution_backward(dyc, x32, at::empty(wsz, f32), std::nullopt, stride, padding,
-                                                    dilation, false, no_pad, groups, {false, true, false});
-        return std::get<1>(grads).reshape({o1 - o0, cols});
+        wsz[1] = (c1 - c0) / kk;
+        const auto grads = at::convolution_backward(dyc, xc, at::empty(wsz, x.options()), std::nullopt, stride,
+                                                    padding, dilation, false, no_pad, groups, {false, true, false});
+        return std::get<1>(grads).reshape({o1 - o0, c1 - c0});
       };
       if (groups == 1) {
-        masked_contract(gchunk, out, cols, lora_A.reshape({r, cols}), lora_B, *mask, kind, block_o, block_i,
-                        scale, dA, dB);
+        masked_contract(gregion, out, cols, lora_A.reshape({r, cols}), lora_B, *mask, kind, block_o, block_i,
+                        scale, kk, dA, dB);
       } else {
-        contract_chunk(gchunk(0, out), 0, lora_A.reshape({r, cols}).to(at::kFloat).contiguous(),
+        contract_chunk(gregion(0, out, 0, cols), 0, 0, lora_A.reshape({r, cols}).to(at::kFloat).contiguous(),
                        lora_B.to(at::kFloat).contiguous(), *mask, kind, block_o, block_i, scale, dA, dB);
       }
       if (need_dA) dA = dA.view(lora_A.sizes());

@@ -43,19 +43,25 @@ SPARE_HD inline void weff_body(const Thread& t, const WeffParams<TW, TA, TB, TO>
 }
 
 // ------------------------------------------------------------------ fused mask-and-contract
-// One chunk of rows [row0, row0 + rows) of G = dyᵀ·x (fp32, row stride ldg), masked on the fly and
-// contracted against the adapter:  dB[row0 + o, k] = s · Σ_c M⊙G[o, c] · A[k, c]  (written: a chunk's
-// rows are owned by one block row) and  dA[k, c] += s · Σ_o B[row0 + o, k] · M⊙G[o, c]  (atomics: the
-// row tiles of the chunk add into the same dA). Block (kContractThreads) = kContractRows rows x
-// kContractRanks ranks; grid (cdiv(rank, kContractRanks), cdiv(rows, kContractRows)): the rank tiles
-// of one row tile are consecutive blocks, scheduled together, so a row tile of G is read from memory
-// once and shared through L2 rather than once per rank tile (a G chunk can exceed L2); each thread
-// strides over the columns keeping kContractRows x kContractRanks dB partials in registers, then the
-// block reduces them through shared memory (phase 2).
+// One region of G = dyᵀ·x: rows [row0, row0 + rows) x columns [col0, col0 + gcols) of the weight (fp32 or
+// the activations' 16-bit type, row stride ldg), masked on the fly and contracted against the adapter:
+//   dB[row0 + o, k] = s · Σ_c M⊙G[o, c] · A[k, c]   (written: a region's rows are owned by one block row;
+//                                                     columns outside the region are off by construction)
+//   part[t, k, c]   = Σ_{o in row tile t} B[row0 + o, k] · M⊙G[o, c]   (plain stores, one thread each)
+// and contract_reduce_body then adds dA[k, col0 + c] += s · Σ_t part[t, k, c] in t order. No atomics:
+// every output entry is written by one thread and every sum runs in a fixed order, so dA / dB are
+// bit-identical from run to run (the launcher runs regions one after another on one stream).
 //
-// kContractRows 16: dA atomics fall with it (weight·rank/16 per backward) while the 16 masked G values
-// a thread holds stay in registers; kContractRanks 4: 64 dB partials per thread (registers, no spill
-// at 128 threads), G re-read rank/4 times from L2; kContractThreads 128: the phase-2 smem is
+// Block (kContractThreads) = kContractRows rows x kContractRanks ranks; grid (cdiv(rank, kContractRanks),
+// cdiv(rows, kContractRows)): the rank tiles of one row tile are consecutive blocks, scheduled together,
+// so a row tile of G is read from memory once and shared through L2 rather than once per rank tile (a G
+// chunk can exceed L2); each thread strides over the columns keeping kContractRows x kContractRanks dB
+// partials in registers, then the block reduces them through shared memory in thread order (phase 2).
+//
+// kContractRows 16: the dA partials cost rank/16 floats per G entry written and read again (rank 4:
+// 2 B against G's 4 B read; the price of determinism over the former atomics) while the 16 masked G
+// values a thread holds stay in registers; kContractRanks 4: 64 dB partials per thread (registers, no
+// spill at 128 threads), G re-read rank/4 times from L2; kContractThreads 128: the phase-2 smem is
 // 16·4·128·4 B = 32 KiB (static limit 48 KiB). Not yet tuned on a GPU.
 constexpr int64_t kContractThreads = 128;
 constexpr int64_t kContractRows = 16;
@@ -63,22 +69,23 @@ constexpr int64_t kContractRanks = 4;
 // Row tiles go on grid.y (at most 65535): a chunk has at most this many rows.
 constexpr int64_t kContractMaxRows = 65535 * kContractRows;
 constexpr int64_t kContractSmem = kContractRows * kContractRanks * kContractThreads;  // floats
+constexpr int64_t kReduceThreads = 256;  // contract_reduce_body: one (k, c) per thread, coalesced over c
 
-template <typename TA, typename TB>
+template <typename TG, typename TA, typename TB>
 struct ContractParams {
-  const float* g;       // (rows, cols) chunk of G, row stride ldg
-  const void* mask;     // wire mask of the whole weight (rows indexed from row0)
+  const TG* g;          // (rows, gcols) region of G, row stride ldg
+  const void* mask;     // wire mask of the whole weight (global row and column indices)
   const TA* a;          // (rank, cols) contiguous
   const TB* b;          // (out, rank) contiguous
-  float* dA;            // (rank, cols) fp32 accumulator, or nullptr
+  float* part;          // (cdiv(rows, kContractRows), rank, gcols) dA partials, or nullptr (no dA)
   float* dB;            // (out, rank) fp32, or nullptr
-  int64_t row0, rows, cols, rank, ldg, kind, block_o, block_i;
+  int64_t row0, rows, col0, gcols, cols, rank, ldg, kind, block_o, block_i;
   float scale;
 };
 
-template <typename TA, typename TB>
-SPARE_HD inline void contract_phase1(const Thread& t, const ContractParams<TA, TB>& p, float* smem) {
-  const int64_t o0 = t.block.y * kContractRows, k0 = t.block.x * kContractRanks;
+template <typename TG, typename TA, typename TB>
+SPARE_HD inline void contract_phase1(const Thread& t, const ContractParams<TG, TA, TB>& p, float* smem) {
+  const int64_t tile = t.block.y, o0 = tile * kContractRows, k0 = t.block.x * kContractRanks;
   const int64_t no = o0 + kContractRows <= p.rows ? kContractRows : p.rows - o0;
   const int64_t nk = k0 + kContractRanks <= p.rank ? kContractRanks : p.rank - k0;
   float part[kContractRows][kContractRanks];
@@ -86,13 +93,14 @@ SPARE_HD inline void contract_phase1(const Thread& t, const ContractParams<TA, T
   for (int64_t i = 0; i < kContractRows; ++i)
     SPARE_UNROLL
     for (int64_t j = 0; j < kContractRanks; ++j) part[i][j] = 0.f;
-  for (int64_t c = t.thread.x; c < p.cols; c += t.block_dim.x) {
+  for (int64_t cl = t.thread.x; cl < p.gcols; cl += t.block_dim.x) {
+    const int64_t c = p.col0 + cl;
     float gm[kContractRows];
     SPARE_UNROLL
     for (int64_t i = 0; i < kContractRows; ++i) {
       const int64_t o = p.row0 + o0 + i;
       gm[i] = (i < no && mask_on(p.kind, p.mask, p.cols, p.block_o, p.block_i, o, c))
-                  ? p.g[(o0 + i) * p.ldg + c] : 0.f;
+                  ? static_cast<float>(p.g[(o0 + i) * p.ldg + cl]) : 0.f;
     }
     SPARE_UNROLL
     for (int64_t j = 0; j < kContractRanks; ++j) {
@@ -105,7 +113,7 @@ SPARE_HD inline void contract_phase1(const Thread& t, const ContractParams<TA, T
         part[i][j] += gm[i] * ak;
         if (i < no) da += static_cast<float>(p.b[(p.row0 + o0 + i) * p.rank + k]) * gm[i];
       }
-      if (p.dA != nullptr && da != 0.f) atomic_add(p.dA + k * p.cols + c, p.scale * da);
+      if (p.part != nullptr) p.part[(tile * p.rank + k) * p.gcols + cl] = da;
     }
   }
   SPARE_UNROLL
@@ -115,8 +123,8 @@ SPARE_HD inline void contract_phase1(const Thread& t, const ContractParams<TA, T
       smem[(i * kContractRanks + j) * t.block_dim.x + t.thread.x] = part[i][j];
 }
 
-template <typename TA, typename TB>
-SPARE_HD inline void contract_phase2(const Thread& t, const ContractParams<TA, TB>& p, const float* smem) {
+template <typename TG, typename TA, typename TB>
+SPARE_HD inline void contract_phase2(const Thread& t, const ContractParams<TG, TA, TB>& p, const float* smem) {
   const int64_t i = t.thread.x / kContractRanks, j = t.thread.x % kContractRanks;
   if (p.dB == nullptr || i >= kContractRows) return;
   const int64_t o = t.block.y * kContractRows + i, k = t.block.x * kContractRanks + j;
@@ -125,6 +133,68 @@ SPARE_HD inline void contract_phase2(const Thread& t, const ContractParams<TA, T
   const float* col = smem + (i * kContractRanks + j) * t.block_dim.x;
   for (int64_t x = 0; x < t.block_dim.x; ++x) s += col[x];
   p.dB[(p.row0 + o) * p.rank + k] = p.scale * s;
+}
+
+// dA[k, col0 + c] += s · Σ_{t < tiles} part[t, k, c] for every (k, c) of a region, t in order. Grid-
+// strided over rank · gcols entries (kReduceThreads per block).
+struct ReduceParams {
+  const float* part;    // (tiles, rank, gcols)
+  float* dA;            // (rank, cols) fp32
+  int64_t tiles, rank, gcols, col0, cols;
+  float scale;
+};
+
+SPARE_HD inline void contract_reduce_body(const Thread& t, const ReduceParams& p) {
+  const int64_t n = p.rank * p.gcols, step = t.grid.x * t.block_dim.x;
+  for (int64_t e = t.block.x * t.block_dim.x + t.thread.x; e < n; e += step) {
+    const int64_t k = e / p.gcols, c = e - k * p.gcols;
+    float s = 0.f;
+    for (int64_t i = 0; i < p.tiles; ++i) s += p.part[(i * p.rank + k) * p.gcols + c];
+    p.dA[k * p.cols + p.col0 + c] += p.scale * s;
+  }
+}
+
+// ---------------------------------------------------------------- block masks: G on the on tiles
+// The regions of G a block mask needs, for G from vendor GEMMs / convolutions: runs of consecutive tile
+// rows with any tile on (row range), each with the column span from its first to its last on tile
+// column, rounded outwards to multiples of `quantum` (a conv's kh·kw: a span of whole input channels, so
+// G's columns come from a convolution over a channel slice of x). Off tile rows are skipped; two runs
+// whose gap is below `merge_rows` rows become one (the gap's rows cost less than the second GEMM's
+// re-read of x: see lora.cu). Each region as {o0, o1, c0, c1}; an all-off mask gives none. Host only.
+struct Region {
+  int64_t o0, o1, c0, c1;
+};
+
+template <typename Vec>
+inline void block_regions(const bool* tiles, int64_t out, int64_t cols, int64_t block_o, int64_t block_i,
+                          int64_t quantum, int64_t merge_rows, Vec& regions) {
+  const int64_t nbo = cdiv(out, block_o), nbi = cdiv(cols, block_i);
+  const int64_t q = quantum > 0 ? quantum : 1;
+  Region cur{0, 0, 0, 0};
+  bool open = false;
+  for (int64_t bo = 0; bo < nbo; ++bo) {
+    int64_t lo = -1, hi = -1;
+    for (int64_t bi = 0; bi < nbi; ++bi)
+      if (tiles[bo * nbi + bi]) {
+        if (lo < 0) lo = bi;
+        hi = bi;
+      }
+    if (lo < 0) continue;
+    const int64_t o0 = bo * block_o, o1 = o0 + block_o < out ? o0 + block_o : out;
+    const int64_t c0 = lo * block_i / q * q;
+    const int64_t c1e = (hi + 1) * block_i < cols ? (hi + 1) * block_i : cols;
+    const int64_t c1 = round_up(c1e, q) < cols ? round_up(c1e, q) : cols;
+    if (open && o0 - cur.o1 < merge_rows) {
+      cur.o1 = o1;
+      if (c0 < cur.c0) cur.c0 = c0;
+      if (c1 > cur.c1) cur.c1 = c1;
+    } else {
+      if (open) regions.push_back(cur);
+      cur = Region{o0, o1, c0, c1};
+      open = true;
+    }
+  }
+  if (open) regions.push_back(cur);
 }
 
 // ------------------------------------------------------------------------ saliency accumulate

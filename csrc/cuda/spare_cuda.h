@@ -13,6 +13,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include "../common/maskfmt.h"
 #include "lora_kernels.h"
@@ -46,7 +47,10 @@ inline int64_t chunk_rows(int64_t rows, int64_t cols) {
   return std::min(rows, r);
 }
 
-// G = a·b with fp32 output whatever the input dtype (cuBLAS accumulates in fp32 and keeps it).
+// G = a·b with fp32 output whatever the input dtype: for 16-bit a, b this is mm.dtype (torch >= 2.8;
+// declared in ATen/ops/mm.h of 2.13, documented for 2.14), which on CUDA runs cuBLAS with 16-bit
+// inputs and an fp32 output and compute type (Blas.cpp: _mm_dtype_out_cuda -> addmm_out_cuda_impl ->
+// gemm<bf16 or half, float>): the tensor-core rate, no upcast copies.
 inline at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
 }
@@ -62,28 +66,44 @@ void check_mask(const std::optional<at::Tensor>& mask, int64_t kind, int64_t blo
 at::Tensor effective_weight(const at::Tensor& w2, const at::Tensor& A2, const at::Tensor& B,
                             const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i,
                             double scale, at::ScalarType dtype);
-// dA (r, cols) / dB (out, r) fp32 accumulators (undefined when not wanted) from the masked weight
-// gradient, G produced chunk by chunk by gchunk(o0, o1) -> (o1 - o0, cols) fp32.
+// dA (r, cols) / dB (out, r) fp32 (zero-filled; undefined when not wanted) from the masked weight
+// gradient: gregion(o0, o1, c0, c1) -> G[o0:o1, c0:c1] ((o1 - o0, c1 - c0), fp32 or the activations'
+// 16-bit type) over the regions the mask needs (contract_regions), in row chunks. Deterministic.
 template <typename F>
-void masked_contract(F&& gchunk, int64_t out, int64_t cols, const at::Tensor& A2, const at::Tensor& B,
+void masked_contract(F&& gregion, int64_t out, int64_t cols, const at::Tensor& A2, const at::Tensor& B,
                      const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i, double scale,
-                     at::Tensor& dA, at::Tensor& dB);
-void contract_chunk(const at::Tensor& g, int64_t row0, const at::Tensor& A2f, const at::Tensor& Bf,
+                     int64_t quantum, at::Tensor& dA, at::Tensor& dB);
+// dA / dB from one region of G: rows [row0, row0 + g.size(0)), columns [col0, col0 + g.size(1)).
+void contract_chunk(const at::Tensor& g, int64_t row0, int64_t col0, const at::Tensor& A2f, const at::Tensor& Bf,
                     const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i, double scale,
                     at::Tensor& dA, at::Tensor& dB);
+// The regions of G a mask needs: element masks the whole weight; block masks their runs of on tiles
+// (spare::block_regions, from a host copy of the tile mask cached per mask tensor and version).
+std::vector<spare::Region> contract_regions(const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i,
+                                            int64_t out, int64_t cols, int64_t quantum);
+// Rows per chunk of a (rows, gcols) region: G and the dA partials each within kScratchEntries, a multiple
+// of the contract kernel's row tile (unless the whole region fits), at most kContractMaxRows.
+inline int64_t contract_step(int64_t rows, int64_t gcols, int64_t rank) {
+  // a row tile holds kContractRows·gcols entries of G and rank·gcols dA partials
+  const int64_t per_tile = std::max<int64_t>(gcols, 1) * std::max<int64_t>(spare::kContractRows, rank);
+  const int64_t tiles = std::max<int64_t>(1, kScratchEntries / per_tile);
+  return std::min({rows, tiles * spare::kContractRows, spare::kContractMaxRows});
+}
 // acc (fp32, numel entries) += Σ_i f(g[i]) over the n rows of g (n, numel).
 void accumulate(at::Tensor& acc, const at::Tensor& g, int64_t stat);
 int64_t stat_code(std::string_view stat);
 
 template <typename F>
-void masked_contract(F&& gchunk, int64_t out, int64_t cols, const at::Tensor& A2, const at::Tensor& B,
+void masked_contract(F&& gregion, int64_t out, int64_t cols, const at::Tensor& A2, const at::Tensor& B,
                      const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i, double scale,
-                     at::Tensor& dA, at::Tensor& dB) {
+                     int64_t quantum, at::Tensor& dA, at::Tensor& dB) {
   const at::Tensor Af = A2.to(at::kFloat).contiguous(), Bf = B.to(at::kFloat).contiguous();
-  const int64_t step = std::min(chunk_rows(out, cols), spare::kContractMaxRows);
-  for (int64_t o0 = 0; o0 < out; o0 += step) {
-    const int64_t o1 = std::min(out, o0 + step);
-    contract_chunk(gchunk(o0, o1), o0, Af, Bf, mask, kind, block_o, block_i, scale, dA, dB);
+  for (const spare::Region& r : contract_regions(mask, kind, block_o, block_i, out, cols, quantum)) {
+    const int64_t step = contract_step(r.o1 - r.o0, r.c1 - r.c0, Af.size(0));
+    for (int64_t o0 = r.o0; o0 < r.o1; o0 += step) {
+      const int64_t o1 = std::min(r.o1, o0 + step);
+      contract_chunk(gregion(o0, o1, r.c0, r.c1), o0, r.c0, Af, Bf, mask, kind, block_o, block_i, scale, dA, dB);
+    }
   }
 }
 
