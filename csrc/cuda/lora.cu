@@ -162,11 +162,13 @@ std::vector<spare::Region> contract_regions(const at::Tensor& mask, int64_t kind
                                             int64_t out, int64_t cols, int64_t quantum) {
   if (kind != spare::kBlock) return {spare::Region{0, out, 0, cols}};
   const std::array<int64_t, 5> geometry{block_o, block_i, out, cols, quantum};
-  const uint32_t version = mask.unsafeGetTensorImpl()->version_counter().current_version();
+  // an inference tensor has no version counter (and cannot change outside inference mode)
+  c10::TensorImpl* impl = mask.unsafeGetTensorImpl();
+  const uint32_t version = mask.is_inference() ? 0 : impl->version_counter().current_version();
   {
     const std::lock_guard<std::mutex> lock(plan_mutex);
     for (const RegionPlan& p : plans)
-      if (!p.mask.expired() && p.mask._unsafe_get_target() == mask.unsafeGetTensorImpl() &&
+      if (!p.mask.expired() && p.mask._unsafe_get_target() == impl &&
           p.version == version && p.geometry == geometry)
         return p.regions;
   }

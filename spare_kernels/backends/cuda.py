@@ -6,7 +6,8 @@ each is registered for CUDA tensors of fp32, fp16 and bf16 activations (fp32 acc
 holds the GPU top-k (``topk_*`` ops, used by :mod:`spare_kernels.topk`). Nothing here loads the
 extension unless a CUDA device is present, so CPU-only use never loads libtorch_cuda's kernels.
 Double backward: a ``create_graph`` backward runs the reference formulas (``Entry.double_backward``
-False), as for ``cpu`` and ``triton``.
+False), as for ``cpu`` and ``triton``. Deterministic: the masked paths reduce dA / dB in a fixed order
+(no atomics); the vendor GEMMs and convolutions follow ``torch.use_deterministic_algorithms``.
 """
 from __future__ import annotations
 
