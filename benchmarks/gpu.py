@@ -54,6 +54,7 @@ cost model's bounds of the design shapes and the ratios they imply (no GPU neede
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -203,6 +204,35 @@ def bounds(spec, rank, dtype, profile, schemes=LAYER_SCHEMES) -> dict:
     return out
 
 
+def _passes_bound(what, passes_fn, profile, *args, **kw):
+    if profile is None:
+        return None
+    try:
+        return _cm.passes_time(getattr(_cm, passes_fn)(*args, **kw), device=profile)
+    except Exception as e:  # noqa: BLE001
+        _BOUND_ERRORS.setdefault(what, f"{type(e).__name__}: {e}")
+        return None
+
+
+def saliency_bounds(rows, specs, dtype, profile) -> None:
+    """Adds to each saliency row (``specs``: its layer shapes at batch 1, in order) the cost model's bound
+    of ``sample_abs`` and of the one dW GEMM anchor (16-bit in, fp32 out), and measured / bound."""
+    e = torch.finfo(dtype).bits // 8
+    for row, spec in zip(rows, specs):
+        tokens, out, cols = gemm_view(spec)
+        b = {"sample_abs": _passes_bound("saliency bound", "saliency_passes", profile, "sample_abs", row["batch"],
+                                         tokens, out, cols, e=e)}
+        try:
+            # dW = dyᵀ·x: an out × cols result over K = every token of the batch
+            b["gemm"] = None if profile is None else _cm.gemm_time(out, cols, row["batch"] * tokens, device=profile,
+                                                                  e=e, fp32_out=True)
+        except Exception as err:  # noqa: BLE001
+            _BOUND_ERRORS.setdefault("gemm_time", f"{type(err).__name__}: {err}")
+            b["gemm"] = None
+        row["bound_ms"] = {k: None if v is None else 1e3 * v for k, v in b.items()}
+        row["over_bound"] = {k: row["ms"][k] / (1e3 * v) if v else None for k, v in b.items()}
+
+
 # --------------------------------------------------------------------------------------------- layers
 def layer_row(spec, batch, rank, dev, dtype, reps, cands, profile=None) -> dict:
     """Every scheme of one layer shape side by side (and each ``ours_*`` under every candidate backend):
@@ -236,14 +266,19 @@ def _log_row(row, log):
         + "  fastest " + " ".join(f"{n[5:]}={row['choice'][n]}({row[n + '/best']:.2f})" for n in OURS))
 
 
-def layers(dev, dtype, config, latent, batches, ranks, reps, limit=None, log=print, profile=None):
-    rows = []
+def layers(dev, dtype, config, latent, batches, ranks, reps, limit=None, log=print, profile=None, rows=None,
+           checkpoint=None):
+    """``rows`` (a list the caller holds) fills row by row and ``checkpoint()`` runs after each: a run cut
+    short by a time limit keeps what it measured."""
+    rows = [] if rows is None else rows
     cands = candidates(dev)
     for batch in batches:
         for spec in layer_shapes(config, batch=batch, latent=latent)[:limit]:
             for rank in ranks:
                 rows.append(layer_row(spec, batch, rank, dev, dtype, reps, cands, profile))
                 _log_row(rows[-1], log)
+                if checkpoint:
+                    checkpoint()
     return rows
 
 
@@ -263,8 +298,8 @@ def design_specs(batch: int = DESIGN_BATCH, smoke: bool = False) -> list[dict]:
     ]
 
 
-def design(dev, dtype, ranks, reps, smoke=False, log=print, profile=None):
-    rows = []
+def design(dev, dtype, ranks, reps, smoke=False, log=print, profile=None, rows=None, checkpoint=None):
+    rows = [] if rows is None else rows   # filled row by row, checkpoint() after each (as layers)
     cands = candidates(dev)
     batch = 2 if smoke else DESIGN_BATCH
     for spec in design_specs(batch, smoke):
@@ -273,6 +308,8 @@ def design(dev, dtype, ranks, reps, smoke=False, log=print, profile=None):
             row["why"] = spec["why"]
             rows.append(row)
             _log_row(row, log)
+            if checkpoint:
+                checkpoint()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -357,7 +394,7 @@ def saliency(dev, dtype, config, latent, batch, reps, limit=None, log=print):
 
 
 # ----------------------------------------------------------------------------------------------- topk
-def topk(dev, config, density=0.05, reps=5, log=print):
+def topk(dev, config, density=0.05, reps=5, log=print, profile=None):
     """Exact top-k masks over scores shaped like every parameter of the UNet, against the authors'
     ``torch.cat`` + ``kthvalue`` threshold: ms (side by side) and extra peak memory over the scores."""
     unet = build_unet(config, device="meta")
@@ -393,7 +430,9 @@ def topk(dev, config, density=0.05, reps=5, log=print):
     # the peak-memory runs double as warm-up (the anchor's kthvalue over ~10^9 entries is slow)
     mem = {"ours": peak(ours), "cat_kthvalue": peak(cat_kth)}
     t = time_side_by_side({"ours": ours, "cat_kthvalue": cat_kth}, reps=reps, warmup=0, device=dev)
+    b = _passes_bound("topk bound", "topk_passes", profile, n, len(scores))
     out = {"scores": n, "k": k, "density": density, "ms": {a: 1e3 * v for a, v in t.items()},
+           "bound_ms": None if b is None else 1e3 * b, "ours/bound": None if b is None else t["ours"] / b,
            "ours/cat_kthvalue": t["ours"] / t["cat_kthvalue"], "mask_mb": mask_bytes / 2**20,
            "extra_mb": {a: None if v is None else v / 2**20 for a, v in mem.items()}}
     if mem["ours"] is not None:
@@ -450,12 +489,12 @@ def _cfg(method, targets, steps, batch, precision, saliency_batch):
                   targets=targets, saliency_batch=saliency_batch, saliency_batches=2, probe_per_bin=2)
 
 
-def step(dev, config, latent, batch, reps, precision, saliency_batch, log=print):
+def step(dev, config, latent, batch, reps, precision, saliency_batch, log=print, target_sets=("attention", "all")):
     """ms per ``Trainer.step`` of spare, lora and spare-reference, interleaved, per target set."""
     from spare_kernels.unlearn import Trainer
     task = synthetic_task(config, latent, dev)
     out = {}
-    for targets in ("attention", "all"):
+    for targets in target_sets:
         trainers = {}
         for m in ("spare", "lora", "spare-reference"):
             unet = build_unet(config, device=dev)
@@ -489,7 +528,9 @@ def _warmup(unet, batch, latent, dtype, log):
         return None, f"spare_kernels.warmup failed: {type(e).__name__}: {e}"
     sec = time.perf_counter() - t0
     log(f"warmup: {sec:.1f} s")
-    return sec, rep if isinstance(rep, (dict, str, int, float, list)) or rep is None else repr(rep)
+    if dataclasses.is_dataclass(rep):
+        rep = dataclasses.asdict(rep)
+    return sec, json.loads(json.dumps(rep, default=str))   # the result file takes it as it is
 
 
 def cold(dev, config, latent, batch, precision, saliency_batch, warm_reps=3, smoke=False, log=print):
@@ -500,13 +541,15 @@ def cold(dev, config, latent, batch, precision, saliency_batch, warm_reps=3, smo
     backend = "triton" if "triton" in registry.runnable(dev.type) and dev.type == "cuda" else None
     out = {"backend": backend or registry.backend_for("masked_lora_linear", dev.type), "batch": 2 * batch}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    task = synthetic_task(config, latent, dev)
+    unet = build_unet(config, device=dev)
+    t0 = time.perf_counter()
+    # localise (saliency) and patching under the default backend: the cold cost measured is the step's
+    tr = Trainer(unet, task, _cfg("spare", "all", 1, batch, precision, saliency_batch))
+    _sync(dev)
+    out["setup_s"] = time.perf_counter() - t0
+    log(f"cold: setup {out['setup_s']:.1f} s; the step's layers on {out['backend']}")
     with registry.use_backend(backend):
-        task = synthetic_task(config, latent, dev)
-        unet = build_unet(config, device=dev)
-        t0 = time.perf_counter()
-        tr = Trainer(unet, task, _cfg("spare", "all", 1, batch, precision, saliency_batch))
-        _sync(dev)
-        out["setup_s"] = time.perf_counter() - t0   # localise (saliency kernels compiled cold) + patching
         try:
             # the step's forwards see forget and retain together: 2 × batch samples per layer call
             out["warmup_s"], out["warmup"] = (None, "skipped on the CPU") if dev.type != "cuda" or smoke else \
@@ -608,7 +651,9 @@ def report(doc) -> str:
     """The README's markdown of a result file."""
     clock = "CUDA events" if doc.get("cuda") else "wall clock"
     lines = [f"{doc['device']}, torch {doc['torch']}, triton {doc.get('triton')}, {doc['dtype']}, medians of "
-             f"{doc['reps']} ({clock}){' — quick run' if doc.get('quick') else ''}; ✗ = misses the target", ""]
+             f"{doc['reps']} ({clock}){' — quick run' if doc.get('quick') else ''}; ✗ = misses the target"
+             + (f"; cut short by a time limit: {', '.join(doc['partial']) if isinstance(doc['partial'], list) else 'this run'}"
+                if doc.get("partial") else ""), ""]
     for sec, title in (("design", "design shape"), ("layers", "layer")):
         if doc.get(sec):
             lines += _layer_tables(doc[sec], title)
@@ -627,6 +672,19 @@ def report(doc) -> str:
                 _fmt(r["ms"][f"sample_abs@{c}"] / r["ms"]["gemm"], 2.0) for c in cands)
                 + f" | {r['default_backend']['sample_abs']} | {_fmt(r['sample_abs/best'], DEFAULT_TARGET)} |")
         lines.append("")
+    sal = [r for r in doc.get("saliency", []) if r.get("bound_ms")]
+    if any(v is not None for r in sal for v in r["bound_ms"].values()):
+        lines += ["Saliency against the cost model's lower bound (sample_abs: the dW GEMM's FLOPs per sample, "
+                  "|·| where computed; gemm: one 16-bit-in fp32-out dW GEMM of the batch):", "",
+                  "| layer | b | sample_abs ms | bound ms | measured/bound | gemm ms | bound ms | measured/bound |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sal:
+            cells = []
+            for k in ("sample_abs", "gemm"):
+                b = r["bound_ms"].get(k)
+                cells += [f"{r['ms'][k]:.3f}", "n/a" if b is None else f"{b:.3f}", _num(r["over_bound"].get(k))]
+            lines.append(f"| {r['layer']} | {r['batch']} | " + " | ".join(cells) + " |")
+        lines.append("")
     if doc.get("topk"):
         r = doc["topk"]
         ex = r["extra_mb"]
@@ -636,7 +694,9 @@ def report(doc) -> str:
                f"cat+kthvalue {ex['cat_kthvalue']:.0f} MB")
         lines += [f"Top-k over {r['scores'] / 1e6:.0f} M fp32 scores (density {r['density']}): ours "
                   f"{_fmt(r['ms']['ours'], TOPK_TARGET_MS)} ms (target ≤ {TOPK_TARGET_MS:g}), torch.cat + kthvalue "
-                  f"{r['ms']['cat_kthvalue']:.2f} ms{mem}.", ""]
+                  f"{r['ms']['cat_kthvalue']:.2f} ms{mem}"
+                  + ("" if r.get("bound_ms") is None else
+                     f"; cost-model bound {r['bound_ms']:.2f} ms, measured/bound {r['ours/bound']:.2f}") + ".", ""]
     if doc.get("cold"):
         r = doc["cold"]
         warm = ("no warmup: " + str(r["warmup"])) if r["warmup_s"] is None else f"warmup {r['warmup_s']:.1f} s"
@@ -679,6 +739,8 @@ def merge(paths) -> dict:
         doc["profile"] = doc.get("profile") or d.get("profile")
     doc["seconds"] = sum(d.get("seconds", 0) for d in docs)
     doc["merged_from"] = [os.path.basename(p) for p in paths]
+    # a section stopped by its time limit keeps the rows it finished (checkpoints): say which
+    doc["partial"] = [os.path.basename(p) for p, d in zip(paths, docs) if d.get("partial")]
     return doc
 
 
@@ -724,6 +786,8 @@ def main(argv=None):
     p.add_argument("--from", dest="from_", metavar="RESULT", nargs="+",
                    help="take result files (merged: one per section) for --write-table and/or --out")
     p.add_argument("--run-steps", type=int, default=None, help="training steps of the run section")
+    p.add_argument("--step-targets", nargs="+", choices=("attention", "all"), default=["attention", "all"],
+                   help="the step section's target sets (default both)")
     p.add_argument("--predict", action="store_true",
                    help="print the cost model's bounds of the design shapes on --profile and exit (no GPU)")
     p.add_argument("--profile", default="h100", help="with --predict: h100 or h200 (default h100)")
@@ -780,25 +844,33 @@ def main(argv=None):
     # cold first: it must be the process's first GPU work (a cold process), whatever else is asked for
     if "cold" in a.sections:
         doc["cold"] = cold(dev, config, latent, 4 if not a.smoke else 1, precision, sal_batch, smoke=a.smoke, log=log)
-    profile = cost_profile(dev) if {"design", "layers"} & set(a.sections) else None
+    profile = cost_profile(dev) if {"design", "layers", "saliency", "topk"} & set(a.sections) else None
     doc["profile"] = getattr(profile, "name", None)
+    name = doc["device"].split(" (")[0].replace(" ", "_").lower()
+    out = a.out or os.path.join(RESULTS, f"gpu_{name}{'_quick' if quick else ''}.json")
+
+    def checkpoint():   # the result so far, so that a run stopped by a time limit keeps its rows
+        write_json(out, {**doc, "partial": True, "seconds": time.perf_counter() - t0})
     if "design" in a.sections:
-        doc["design"] = design(dev, dtype, (4,) if quick else (4, 16), reps, smoke=a.smoke, log=log, profile=profile)
+        doc["design"] = []
+        design(dev, dtype, (4,) if quick else (4, 16), reps, smoke=a.smoke, log=log, profile=profile,
+               rows=doc["design"], checkpoint=checkpoint)
     if "layers" in a.sections:
-        doc["layers"] = layers(dev, dtype, config, latent, (1,) if quick else (1, 4), (4,) if quick else (4, 16),
-                               reps, limit, log, profile=profile)
+        doc["layers"] = []
+        layers(dev, dtype, config, latent, (1,) if quick else (1, 4), (4,) if quick else (4, 16), reps, limit, log,
+               profile=profile, rows=doc["layers"], checkpoint=checkpoint)
     if "saliency" in a.sections:
         doc["saliency"] = saliency(dev, dtype, config, latent, 8 if not a.smoke else 2, reps, limit, log)
+        saliency_bounds(doc["saliency"], layer_shapes(config, batch=1, latent=latent)[:limit], dtype, profile)
     if "topk" in a.sections:
-        doc["topk"] = topk(dev, config, reps=1 if quick else 5, log=log)
+        doc["topk"] = topk(dev, config, reps=1 if quick else 5, log=log, profile=profile)
     if "step" in a.sections:
-        doc["step"] = step(dev, config, latent, 4 if not a.smoke else 1, max(3, reps // 3), precision, sal_batch, log)
+        doc["step"] = step(dev, config, latent, 4 if not a.smoke else 1, max(3, reps // 3), precision, sal_batch, log,
+                           target_sets=a.step_targets)
     if "run" in a.sections:
         doc["run"] = whole_run(dev, config, latent, 4 if not a.smoke else 1, run_steps, precision, sal_batch, log=log)
     doc["seconds"] = time.perf_counter() - t0
     doc["bound_errors"] = dict(_BOUND_ERRORS)
-    name = doc["device"].split(" (")[0].replace(" ", "_").lower()
-    out = a.out or os.path.join(RESULTS, f"gpu_{name}{'_quick' if quick else ''}.json")
     write_json(out, doc)
     if a.write_table:
         write_table(doc, a.write_table, "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]))

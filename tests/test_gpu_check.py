@@ -109,3 +109,17 @@ def test_predict_prints_the_bounds_of_every_design_shape(capsys):
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "(" in ln and "design shape" not in ln]
     assert len(rows) == 4, out
+
+
+def test_saliency_and_topk_rows_get_their_bounds():
+    cm = getattr(gpu, "_cm", None)
+    if not hasattr(cm, "saliency_passes") or not hasattr(cm, "topk_passes"):
+        pytest.skip("spare_kernels.costmodel has no saliency/top-k passes yet")
+    import torch
+    spec = {"kind": "linear", "n": 4096, "in": 320, "out": 320}
+    rows = [{"batch": 8, "ms": {"sample_abs": 1.0, "gemm": 0.5}}]
+    gpu.saliency_bounds(rows, [spec], torch.bfloat16, cm.H100)
+    b = rows[0]["bound_ms"]
+    assert 0 < b["gemm"] <= b["sample_abs"]          # the per-sample statistic costs at least the one GEMM
+    assert rows[0]["over_bound"]["gemm"] == pytest.approx(0.5 / b["gemm"])
+    assert gpu.saliency_bounds(rows, [spec], torch.bfloat16, None) is None and rows[0]["bound_ms"]["gemm"] is None
