@@ -362,8 +362,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
       // groups: a slice of channels of a grouped conv is not a conv; SD-1.5's convs have one group),
       // on the activations' own dtype: for 16-bit activations the 16-bit wgrad (fp32 accumulation in
       // cuDNN, G rounded to 16 bits on output: half the bytes and twice the rate of an fp32/TF32 wgrad on
-      // upcast copies; the contraction reads it in fp32), for fp32 activations as before. The weight
-      // argument only gives the region's shape.
+      // upcast copies; the contraction reads it in fp32; fp16's range as torch's own fp16 conv backward:
+      // an entry past 65504 becomes inf, which a GradScaler sees and backs off), for fp32 activations as
+      // before. The weight argument only gives the region's shape.
       const int64_t kk = weight.size(2) * weight.size(3);
       std::vector<int64_t> wsz(weight.sizes().begin(), weight.sizes().end());
       auto gregion = [&](int64_t o0, int64_t o1, int64_t c0, int64_t c1) {
