@@ -29,6 +29,7 @@ counts and their scan (``B_cut``: mask bytes of the tensors whose ties are cut) 
 """
 from __future__ import annotations
 
+import math
 import numbers
 import struct
 from collections.abc import Mapping
@@ -352,14 +353,16 @@ def _select(group, k, n_units, keys):
     hist = _histogram(group, keys, 0, None, check_nan=True)
     if k == 0 or k == n_units:
         return _build(group, keys, "none" if k == 0 else "all", None, 0, k)
-    threshold, need = _radix(group, keys, hist, k)
-    return _build(group, keys, "threshold", threshold, need, k)
+    info = {}
+    threshold, need = _radix(group, keys, hist, k, info=info)
+    return _build(group, keys, "threshold", threshold, need, k, n_tied=info["tied"])
 
 
-def _radix(group, keys, hist, k, reduce=None):
+def _radix(group, keys, hist, k, reduce=None, info=None):
     """``(threshold, ties)``: the ``k``-th largest unit score of ``group`` and how many units equal to it
     are on, from the level-0 histogram ``hist``. ``reduce(hist) -> hist`` sums each later level's
-    histogram over the groups of other processes (the distributed top-k); none by default."""
+    histogram over the groups of other processes (the distributed top-k); none by default. ``info``: a
+    dict that receives ``tied``, the number of units equal to the threshold (the last bin's count)."""
     need, prefix = k, None
     for level in range(keys.levels):
         if level:
@@ -372,14 +375,48 @@ def _radix(group, keys, hist, k, reduce=None):
         d = int((at_or_above >= need).sum()) - 1
         need -= int(at_or_above[d]) - int(hist[d])             # minus the units strictly above
         prefix = d - _NBINS // 2 if level == 0 else (prefix << _DIGIT) | d
+    if info is not None:
+        info["tied"] = int(hist[d])
     return torch.tensor(keys.to_float(prefix), dtype=keys.ftype), need
+
+
+# The generic engine on an accelerator (CUDA without the _C_cuda extension, ...) must not wait for the
+# device inside its chunk loops: `.item()`, `bool(t)`, `.cpu()`, `nonzero` and boolean indexing each
+# block the host until the device catches up (~10-50 us a time, ~860 times a pass over SD-1.5's scores).
+# There, histograms, NaN flags, tie ranks and the selected count stay on the device and are read once
+# per pass. The CPU keeps the loops as they were (a "sync" costs nothing there); tests set
+# _SYNC_FREE_ON_CPU to run the device code on CPU tensors.
+_SYNC_FREE_ON_CPU = False
+
+
+def _sync_free(device: torch.device) -> bool:
+    return device.type != "cpu" or _SYNC_FREE_ON_CPU
 
 
 def _histogram(group, keys, level, bounds, check_nan=False):
     hist = torch.zeros(_NBINS, dtype=torch.int64)
+    dev_hist, ones, nan_flags = {}, {}, []   # sync-free: per device a histogram (+ a discard bin); per source a flag
     for s in group:
+        free = _sync_free(s.device)
+        flag = None
         for c, _ in s.chunks():
             c = c.to(keys.ftype)
+            if free:
+                k = keys.keys(c)
+                if check_nan:           # a NaN's key lies beyond ±inf's
+                    bad = ((k > keys.max_key) | (k < keys.min_key)).any()
+                    flag = bad if flag is None else flag | bad
+                dig = keys.digit(k, level)
+                if bounds is not None:  # out of the prefix's range: the discard bin
+                    dig = dig.masked_fill_((c < bounds[0]) | (c > bounds[1]), _NBINS)
+                acc = dev_hist.get(s.device)
+                if acc is None or ones[s.device].numel() < dig.numel():
+                    if acc is None:
+                        acc = dev_hist[s.device] = torch.zeros(_NBINS + 1, dtype=torch.int64, device=s.device)
+                    ones[s.device] = torch.ones(max(dig.numel(), s.chunk), dtype=torch.int64, device=s.device)
+                acc.index_add_(0, dig, ones[s.device][:dig.numel()])
+                del c, k, dig
+                continue
             if bounds is not None:
                 c = c[(c >= bounds[0]) & (c <= bounds[1])]
                 if c.numel() == 0:
@@ -393,15 +430,32 @@ def _histogram(group, keys, level, bounds, check_nan=False):
                                  + ("" if s.g == "element" else f" (a {s.g} mean is NaN)"))
             del c
             hist += h
+        if free and check_nan and flag is not None:
+            nan_flags.append((s, flag))
+    if nan_flags:                      # one read per device: the first source (group order) with a NaN
+        bad = {}
+        for dev in {f.device for _, f in nan_flags}:
+            mine = [i for i, (_, f) in enumerate(nan_flags) if f.device == dev]
+            bad.update(zip(mine, torch.stack([nan_flags[i][1] for i in mine]).cpu().tolist()))
+        for i, (src, _) in enumerate(nan_flags):
+            if bad[i]:
+                raise ValueError(f"scores[{src.name!r}]: contains NaN scores"
+                                 + ("" if src.g == "element" else f" (a {src.g} mean is NaN)"))
+    for acc in dev_hist.values():      # one read per device and pass
+        hist += acc[:_NBINS].cpu()
     return hist
 
 
-def _build(group, keys, mode, threshold, ties, k):
+def _build(group, keys, mode, threshold, ties, k, n_tied=None):
     """Masks of ``group``: all off, all on, or ``score > threshold`` plus the first ``ties`` units
-    equal to it."""
+    equal to it. ``n_tied``: the number of units equal to the threshold, when known (all of them on:
+    no ranking of the ties)."""
     out, total = {}, 0
+    dev_total = {}                     # sync-free: per device the selected count, read once at the end
+    given = {}                         # sync-free: per device the ties given so far (a device scalar)
     for s in group:
         rows, cols, dev = s.rows, s.cols, s.device
+        free = _sync_free(dev)
         if s.g == "element":
             data = torch.zeros(rows, (cols + 7) // 8, dtype=torch.uint8, device=dev)
         elif s.g == "block":
@@ -412,12 +466,29 @@ def _build(group, keys, mode, threshold, ties, k):
             data = torch.zeros((), dtype=torch.bool, device=dev)
         if mode != "none" and s.units:
             flat = data.view(-1) if s.g != "element" else None
+            # a fill, not a host-to-device copy (a pageable copy waits for the stream)
+            thr = None if mode == "all" else torch.full((), float(threshold), dtype=keys.ftype, device=dev)
             for c, slot in s.chunks():
                 if mode == "all":
                     sel = torch.ones(c.numel(), dtype=torch.bool, device=dev)
+                elif free:
+                    c = c.to(keys.ftype)
+                    if ties and n_tied is not None and ties == n_tied:
+                        sel = c >= thr
+                    else:
+                        sel = c > thr
+                        if ties:        # the tie of rank r (1-based, group order) is on iff r <= ties
+                            eq = c == thr
+                            rank = eq.cumsum(0, dtype=torch.int64)
+                            g = given.get(dev)
+                            if g is not None:
+                                rank += g
+                            sel |= eq & (rank <= ties)
+                            given[dev] = rank[-1]
+                            del eq, rank
+                    del c
                 else:
                     c = c.to(keys.ftype)
-                    thr = threshold.to(dev)
                     sel = c > thr
                     if ties:
                         eq = c == thr
@@ -430,7 +501,12 @@ def _build(group, keys, mode, threshold, ties, k):
                             ties = 0
                         del eq
                     del c
-                total += int(torch.count_nonzero(sel))
+                if free:
+                    t = dev_total.get(dev)
+                    n_sel = torch.count_nonzero(sel)
+                    dev_total[dev] = n_sel if t is None else t + n_sel
+                else:
+                    total += int(torch.count_nonzero(sel))
                 if s.g == "element":
                     r0, r1, c0, c1 = slot
                     data[r0:r1, c0 // 8:(c1 + 7) // 8] = fmt.pack_bits(sel.view(r1 - r0, c1 - c0))
@@ -439,6 +515,7 @@ def _build(group, keys, mode, threshold, ties, k):
                 del sel
         kw = {"block": s.block} if s.g == "block" else {}
         out[s.name] = Mask(s.g, s.x.shape, data, **kw)
+    total += sum(int(t) for t in dev_total.values())      # one read per device
     if total != k:  # cannot happen unless a score tensor changed between passes
         raise RuntimeError(f"topk_masks: selected {total} units, expected {k} (scores modified during "
                            f"selection?)")
@@ -447,7 +524,7 @@ def _build(group, keys, mode, threshold, ties, k):
 
 # ===================================================================================== GPU engine
 _DEVICE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # topk_kernels.h Dtype
-_DESC_COLS, _BYTES, _PBLOCK0 = 8, 1, 6                                     # topk_kernels.h DescField
+_DESC_COLS, _BYTES, _PBLOCK0 = 9, 1, 6                                     # topk_kernels.h DescField
 _HIST_COLS, _NAN_BIN = 257, 256
 _NONE_EQUAL, _ALL_EQUAL, _PARTIAL = 0, 1, 2                                # topk_kernels.h Mode
 _U32 = 1 << 32
@@ -458,6 +535,16 @@ _OUT_ALIGN = 16
 # them and reading them in passes 2 and 3 costs 12 bytes a candidate against 2 full reads of the
 # scores without them (break-even at 1/6), and the extra memory stays under 1/8 of the scores'.
 _CAND_FRACTION = 8
+# The window path: a sample of up to 2^20 keys (4 MB; ~15 us of scattered reads at 860 M scores). The
+# window is the sample's ranks p*m ± 6 sigma (sigma = sqrt(m p (1-p)), the binomial spread of the k-th
+# key's rank in the sample): missed with probability ~1e-9 for a random sample (the fallback is exact
+# anyway), and it holds ~12 sigma / m of the entries: 0.26% at p = 0.05, m = 2^20, i.e. 2.2 M of 860 M
+# candidates, 8 bytes each with their tensor: ~21 MB with the capacity's 1.2x slack, ~0.6% of the fp32
+# scores (plus ~4 bytes a candidate of selection temporaries).
+_SAMPLE = 1 << 20
+_WINDOW_SIGMAS = 6
+_WINDOW_SLACK = 1.2
+_WINDOW_PAD = 2          # sample ranks added on each side (the window of a tiny sample is never empty)
 
 
 def _device_ok(t: torch.Tensor) -> bool:
@@ -498,14 +585,52 @@ def _download(*ts: torch.Tensor):
     return outs
 
 
-def _device_topk(scores: dict, density: float, scope: str, ops, config=None, compact=None) -> dict:
+def _window_select(ops, desc, n, total, k, score_bytes, dev, threads, hchunk, hblocks, names):
+    """The window path of a global group: ``(threshold key, ties to take, keys equal to it per tensor)``
+    or None when the k-th key is not in the sampled window (the radix passes then run). Raises on NaN
+    scores. Two syncs: the window pass's counts, the selection's result."""
+    m = min(total, _SAMPLE)
+    p = k / total
+    delta = math.ceil(_WINDOW_SIGMAS * math.sqrt(m * p * (1 - p))) + _WINDOW_PAD
+    hi_pos, lo_pos = math.floor(p * m) - delta, math.ceil(p * m) + delta     # sample ranks from the top
+    frac = (min(lo_pos, m) - max(hi_pos, 0)) / m
+    cap = min(total, math.ceil(_WINDOW_SLACK * frac * total) + 1024)
+    samp = torch.empty(m, dtype=torch.int32, device=dev)
+    ops.topk_sample(desc, samp, total, threads)
+    i32 = torch.iinfo(torch.int32)
+    hi = samp.kthvalue(m - hi_pos).values if hi_pos >= 0 else torch.full((), i32.max, dtype=torch.int32, device=dev)
+    lo = samp.kthvalue(m - lo_pos).values if lo_pos < m else torch.full((), i32.min, dtype=torch.int32, device=dev)
+    win = torch.stack([lo, hi])
+    del samp
+    counts = torch.zeros((n, 2), dtype=torch.int64, device=dev)
+    cursor = torch.zeros(1, dtype=torch.int64, device=dev)
+    cand = torch.empty(cap, dtype=torch.int32, device=dev)
+    cand_t = torch.empty(cap, dtype=torch.int32, device=dev)
+    ops.topk_window(desc, win, counts, cursor, cand, cand_t, threads, hchunk, hblocks)
+    cnt, cur = _download(counts, cursor)
+    bad = cnt[:, 1].nonzero()
+    if bad.numel():
+        raise ValueError(f"scores[{names[int(bad[0, 0])]!r}]: contains NaN scores")
+    above, c = int(cnt[:, 0].sum()), int(cur[0])
+    if not (above < k <= above + c) or c > cap:
+        return None
+    r = k - above                                       # the threshold: the r-th largest candidate
+    cs, ct = cand[:c], cand_t[:c]
+    thr = cs.kthvalue(c - r + 1).values
+    gt = (cs > thr).sum()
+    eq_t = torch.zeros(n, dtype=torch.int32, device=dev).index_add_(0, ct, (cs == thr).to(torch.int32))
+    thr_h, gt_h, eq_h = _download(thr.reshape(1), gt.reshape(1), eq_t)
+    return int(thr_h[0]) + (1 << 31), r - int(gt_h[0]), eq_h.to(torch.int64)
+
+
+def _device_topk(scores: dict, density: float, scope: str, ops, config=None, compact=None, window=None) -> dict:
     """Element masks of ``scores`` (contiguous fp32/fp16/bf16 tensors on one device) by the ``topk_*``
     ops of ``ops``: ``torch.ops.spare_kernels_cuda`` on CUDA tensors, or ``torch.ops.spare_harness``
     (the same kernel bodies run on the host, tests/harness.py) on CPU tensors. ``config``:
     ``(threads, histogram chunk bytes)``, by default ``ops.topk_config()`` (the CUDA kernels take
-    only their own). ``compact``: force (True) or forbid (False) the candidate array; by default it
-    is used when it takes at most 1/8 of the scores' bytes. Arguments are not validated here
-    (:func:`topk_masks` does)."""
+    only their own). ``window``: try (default: for ``global``) or skip the sampled window;
+    ``compact``: force (True) or forbid (False) the radix path's candidate array (default: when it
+    takes at most 1/8 of the scores' bytes). Arguments are not validated here (:func:`topk_masks` does)."""
     names = list(scores)
     xs = list(scores.values())
     dev = xs[0].device
@@ -515,25 +640,22 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None, com
     n = len(xs)
     # The only per-tensor host work: one row of Python ints per tensor; the rest is vectorised.
     shapes = [x.shape for x in xs]
-    meta = torch.tensor([(x.data_ptr(), s[0] if len(s) else 1, s.numel(), _DEVICE_DTYPES[x.dtype], x.element_size())
+    meta = torch.tensor([(x.data_ptr(), s[0], s.numel(), _DEVICE_DTYPES[x.dtype], x.element_size())
                          for x, s in zip(xs, shapes)], dtype=torch.int64).reshape(n, 5)
-    rows = meta[:, 1]
-    cols = torch.where(rows > 0, meta[:, 2] // rows.clamp(min=1), 0)
-    # a (0, c...) tensor: cols from its shape (its mask is (0, ceil(cols/8)) bytes either way)
-    zero = (rows == 0).nonzero()[:, 0].tolist()
-    for i in zero:
+    rows, numel = meta[:, 1], meta[:, 2]
+    cols = torch.where(rows > 0, numel // rows.clamp(min=1), 0)
+    for i in (rows == 0).nonzero()[:, 0].tolist():     # (0, c...): cols from the shape
         cols[i] = _matrix_shape(shapes[i])[1]
     rb = (cols + 7) // 8
     nbytes = rows * rb
     hb, pb = -(-nbytes // hchunk), -(-nbytes // pchunk)
-    hblock0, pblock0 = hb.cumsum(0) - hb, pb.cumsum(0) - pb
     padded = -(-nbytes // _OUT_ALIGN) * _OUT_ALIGN
     out_off = padded.cumsum(0) - padded
     hblocks, pblocks, total_out = int(hb.sum()), int(pb.sum()), int(padded.sum())
-    desc_host = torch.stack([meta[:, 0], nbytes, cols, rb, meta[:, 3], hblock0, pblock0, out_off], 1)
+    desc_host = torch.stack([meta[:, 0], nbytes, cols, rb, meta[:, 3], hb.cumsum(0) - hb, pb.cumsum(0) - pb,
+                             out_off, numel.cumsum(0) - numel], 1)
     desc = _upload(desc_host, dev)
     flat = torch.empty(total_out, dtype=torch.uint8, device=dev)
-    numel = meta[:, 2]
     score_bytes = int((numel * meta[:, 4]).sum())
 
     # groups of tensors selected together: contiguous index ranges
@@ -546,8 +668,59 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None, com
     # the rule of a group that is done: k = 0 -> nothing (no key exceeds 2^32-1), k = n -> all
     thr_g = torch.where(need == 0, _U32 - 1, 0)
     mode_g = torch.where(need == 0, _NONE_EQUAL, _ALL_EQUAL)
-    prefix = torch.zeros_like(need)
     final = torch.zeros_like(active)       # groups whose threshold is a whole key: ties to distribute
+    eq_t = None                            # per tensor: keys equal to its group's threshold (final groups)
+    if not per_module and bool(active[0]) and window is not False:
+        got = _window_select(ops, desc, n, int(size[0]), int(need[0]), score_bytes, dev, threads, hchunk, hblocks,
+                             names)
+        if got is not None:
+            thr, ties, eq_t = got
+            thr_g, need, final = torch.tensor([thr]), torch.tensor([ties]), active.clone()
+            active = torch.zeros_like(active)
+    if eq_t is None:
+        thr_g, mode_g, need, final, eq_t = _radix_passes(ops, desc, n, gid, need, active, thr_g, mode_g, per_module,
+                                                          score_bytes, dev, threads, hchunk, hblocks, cchunk, names,
+                                                          compact)
+
+    thr_t, mode_t = thr_g[gid], mode_g[gid]
+    take = torch.zeros(n, dtype=torch.int64)
+    if bool(final.any()):
+        # ties: the tensors of a group take the tied keys still needed in dict order
+        eq = torch.where(final[gid], eq_t, 0)
+        cum = eq.cumsum(0) - eq
+        before = cum - cum[starts[gid]]
+        take = torch.minimum((need[gid] - before).clamp(min=0), eq)
+        rule = torch.where(take == eq, _ALL_EQUAL, torch.where(take == 0, _NONE_EQUAL, _PARTIAL))
+        mode_t = torch.where(final[gid], rule, mode_t)
+        take = torch.where(mode_t == _PARTIAL, take, 0)
+
+    eq0 = torch.zeros(n, dtype=torch.int64)
+    cut = (mode_t == _PARTIAL).nonzero()[:, 0]
+    if cut.numel():
+        sub = desc_host[cut].clone()
+        chunks = -(-sub[:, _BYTES] // pchunk)
+        offs = chunks.cumsum(0) - chunks
+        sub[:, _PBLOCK0] = offs
+        eq0[cut] = offs
+        counts = torch.zeros(int(chunks.sum()), dtype=torch.int64, device=dev)
+        ops.topk_equal_counts(_upload(sub, dev), _upload(thr_t[cut], dev), counts, threads, pchunk)
+        scan = counts.cumsum(0) - counts
+    else:
+        scan = torch.zeros(1, dtype=torch.int64, device=dev)
+    sel = _upload(torch.stack([thr_t, mode_t, take, eq0], 1), dev)
+    ops.topk_pack(desc, sel, scan, flat, threads, pblocks)
+    # The masks: views of the flat buffer, made while the pack runs.
+    return {nm: Mask._trusted("element", s, flat.as_strided((r, b), (b, 1), o))
+            for nm, s, r, b, o in zip(names, shapes, rows.tolist(), rb.tolist(), out_off.tolist())}
+
+
+def _radix_passes(ops, desc, n, gid, need, active, thr_g, mode_g, per_module, score_bytes, dev, threads, hchunk,
+                  hblocks, cchunk, names, compact):
+    """The radix path: up to 4 passes of 8-bit digits (pass 0 over every score, pass 1 over every score
+    writing the candidates of pass 0's bin, passes 2-3 over those candidates), one sync each. Returns
+    ``(thr_g, mode_g, need, final, eq_t)``."""
+    prefix = torch.zeros_like(need)
+    final = torch.zeros_like(active)
     hist = torch.zeros((n, _HIST_COLS), dtype=torch.int64, device=dev)
     ctab = cand = None
     h = d = None
@@ -572,8 +745,7 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None, com
             use = (4 * total <= score_bytes // _CAND_FRACTION) if compact is None else compact
             use = use and total > 0
             cb = -(-cnt // cchunk)
-            ctab_host = torch.stack([cnt.cumsum(0) - cnt, cnt, cb.cumsum(0) - cb], 1)
-            ctab = _upload(ctab_host, dev)
+            ctab = _upload(torch.stack([cnt.cumsum(0) - cnt, cnt, cb.cumsum(0) - cb], 1), dev)
             cursor = torch.zeros(n, dtype=torch.int64, device=dev)
             cand = torch.empty(total if use else 0, dtype=torch.int32, device=dev)
             ops.topk_compact(desc, tp, hist, ctab, cursor, cand, threads, hchunk, hblocks)
@@ -607,35 +779,5 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None, com
         else:
             final = active
             thr_g = torch.where(final, prefix, thr_g)
-    del cand
-
-    thr_t, mode_t = thr_g[gid], mode_g[gid]
-    take = torch.zeros(n, dtype=torch.int64)
-    if bool(final.any()):
-        # ties: the tensors of a group take the tied keys still needed in dict order
-        eq = torch.where(final[gid], h[torch.arange(n), d[gid]], 0)
-        cum = eq.cumsum(0) - eq
-        before = cum - cum[starts[gid]]
-        take = torch.minimum((need[gid] - before).clamp(min=0), eq)
-        rule = torch.where(take == eq, _ALL_EQUAL, torch.where(take == 0, _NONE_EQUAL, _PARTIAL))
-        mode_t = torch.where(final[gid], rule, mode_t)
-        take = torch.where(mode_t == _PARTIAL, take, 0)
-
-    eq0 = torch.zeros(n, dtype=torch.int64)
-    cut = (mode_t == _PARTIAL).nonzero()[:, 0]
-    if cut.numel():
-        sub = desc_host[cut].clone()
-        chunks = -(-sub[:, _BYTES] // pchunk)
-        offs = chunks.cumsum(0) - chunks
-        sub[:, _PBLOCK0] = offs
-        eq0[cut] = offs
-        counts = torch.zeros(int(chunks.sum()), dtype=torch.int64, device=dev)
-        ops.topk_equal_counts(_upload(sub, dev), _upload(thr_t[cut], dev), counts, threads, pchunk)
-        scan = counts.cumsum(0) - counts
-    else:
-        scan = torch.zeros(1, dtype=torch.int64, device=dev)
-    sel = _upload(torch.stack([thr_t, mode_t, take, eq0], 1), dev)
-    ops.topk_pack(desc, sel, scan, flat, threads, pblocks)
-    # The masks: views of the flat buffer, made while the pack runs.
-    return {nm: Mask._trusted("element", s, flat.as_strided((r, b), (b, 1), o))
-            for nm, s, r, b, o in zip(names, shapes, rows.tolist(), rb.tolist(), out_off.tolist())}
+    eq_t = h[torch.arange(n), d[gid]] if bool(final.any()) else torch.zeros(n, dtype=torch.int64)
+    return thr_g, mode_g, need, final, eq_t

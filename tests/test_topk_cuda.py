@@ -126,14 +126,19 @@ def test_ties_cut_inside_a_tensor_many_chunks(hops, scope):
         for cfg in CONFIGS:
             for compact in (None, False):
                 rec = _Recorder(hops)
-                _assert_same(_device_topk(scores, density, scope, rec, cfg, compact), want)
+                _assert_same(_device_topk(scores, density, scope, rec, cfg, compact, window=False), want)
                 # every key ties: all scores are candidates (> 1/8 of the bytes), so the candidate
                 # array is off unless forced; pass 1 is topk_compact either way
                 assert rec.calls["topk_compact"] == 1 and rec.calls["topk_equal_counts"] == 1
                 assert rec.calls["topk_histogram"] == 3 and "topk_cand_histogram" not in rec.calls
             rec = _Recorder(hops)
-            _assert_same(_device_topk(scores, density, scope, rec, cfg, True), want)
+            _assert_same(_device_topk(scores, density, scope, rec, cfg, True, window=False), want)
             assert rec.calls["topk_histogram"] == 1 and rec.calls["topk_cand_histogram"] == 2
+            if scope == "global":    # the window path: one pass, all keys candidates, the cut found there
+                rec = _Recorder(hops)
+                _assert_same(_device_topk(scores, density, scope, rec, cfg), want)
+                assert rec.calls["topk_window"] == 1 and rec.calls["topk_equal_counts"] == 1
+                assert _passes(rec) == 0
 
 
 def _passes(rec):
@@ -152,7 +157,7 @@ def test_passes_and_launches(hops):
     early = 0
     for density in (0.05, 0.2, 0.5, 0.9):
         rec = _Recorder(hops)
-        _assert_same(_device_topk(scores, density, "global", rec, None, True), topk_masks(scores, density))
+        _assert_same(_device_topk(scores, density, "global", rec, None, True, window=False), topk_masks(scores, density))
         assert rec.calls.get("topk_equal_counts", 0) == 0
         assert rec.calls["topk_histogram"] == 1 and rec.calls["topk_compact"] == 1
         early += _passes(rec) < 4
@@ -184,7 +189,7 @@ def test_compact_writes_exactly_the_keys_of_the_bin(hops, cfg):
     rb = [(c + 7) // 8 for c in cols]
     nbytes = [r * b for r, b in zip(rows, rb)]
     hb = [-(-b // hchunk) for b in nbytes]
-    desc = torch.tensor([[x.data_ptr(), nb, c, b, topk_mod._DEVICE_DTYPES[x.dtype], sum(hb[:i]), 0, 0]
+    desc = torch.tensor([[x.data_ptr(), nb, c, b, topk_mod._DEVICE_DTYPES[x.dtype], sum(hb[:i]), 0, 0, 0]
                          for i, (x, nb, c, b) in enumerate(zip(xs, nbytes, cols, rb))])
     want = [k[(k >> 24) == p] if p >= 0 else k[:0] for k, p in zip(keys, prefix.tolist())]
     cnt = torch.tensor([w.numel() for w in want])
@@ -227,7 +232,7 @@ def test_compaction_on_and_off_give_the_same_masks(hops, scope):
             for compact in (None, True, False):
                 for cfg in ((8, 4), (32, 16)):
                     rec = _Recorder(hops)
-                    _assert_same(_device_topk(scores, density, scope, rec, cfg, compact), want)
+                    _assert_same(_device_topk(scores, density, scope, rec, cfg, compact, window=False), want)
                     if compact is False:
                         assert "topk_cand_histogram" not in rec.calls
                     elif compact is True:
@@ -247,9 +252,9 @@ def test_candidate_rule_follows_the_bytes(hops, monkeypatch):
             return super().__getattr__(name)
     gen = torch.Generator().manual_seed(2)
     spread = {"w": torch.exp(torch.randn(200, 64, generator=gen) * 8)}   # 2^±~16: keys over many bins
-    _assert_same(_device_topk(spread, 0.01, "global", Ops(hops)), topk_masks(spread, 0.01))
+    _assert_same(_device_topk(spread, 0.01, "global", Ops(hops), window=False), topk_masks(spread, 0.01))
     flat = {"w": torch.ones(200, 64)}
-    _assert_same(_device_topk(flat, 0.01, "global", Ops(hops)), topk_masks(flat, 0.01))
+    _assert_same(_device_topk(flat, 0.01, "global", Ops(hops), window=False), topk_masks(flat, 0.01))
     assert 0 < sizes[0] * 4 <= spread["w"].numel() * 4 // 8 and sizes[1] == 0
 
 
@@ -288,8 +293,8 @@ def test_many_tensors_of_odd_sizes(hops):
     for scope in ("global", "per_module"):
         for density in (1 / total, 0.013, 0.25, 0.5, (total - 1) / total):
             want = topk_masks(scores, density, scope=scope)
-            for compact in (True, False):
-                _assert_same(_device_topk(scores, density, scope, hops, (8, 4), compact), want)
+            for compact, window in ((True, False), (False, False), (None, None)):
+                _assert_same(_device_topk(scores, density, scope, hops, (8, 4), compact, window), want)
 
 
 def test_only_empty_tensors(hops):
@@ -305,15 +310,16 @@ def test_deterministic(hops):
     gen = torch.Generator().manual_seed(12)
     scores = {"a": torch.randint(0, 9, (40, 30), generator=gen).half(), "b": torch.randn(333, generator=gen)}
     for scope in ("global", "per_module"):
-        a = _device_topk(scores, 0.37, scope, hops, (8, 4), True)
-        b = _device_topk(scores, 0.37, scope, hops, (8, 4), True)
-        _assert_same(a, b)
+        for window in (None, False):
+            a = _device_topk(scores, 0.37, scope, hops, (8, 4), True, window)
+            b = _device_topk(scores, 0.37, scope, hops, (8, 4), True, window)
+            _assert_same(a, b)
 
 
 def test_schemas_declare_what_the_ops_write(hops):
     """opcheck's schema test: an op that writes an argument not declared (a!) fails it (topk_pack's
     output buffer included)."""
-    x = torch.randn(6, 10)
+    x = torch.randint(0, 3, (6, 10), generator=torch.Generator().manual_seed(0)).float()   # ties: every op runs
     scores = {"x": x}
     rec_args = {}
 
@@ -321,13 +327,15 @@ def test_schemas_declare_what_the_ops_write(hops):
         def __getattr__(self, name):
             f = super().__getattr__(name)
             return lambda *a: (rec_args.setdefault(name, a), f(*a))[1]
-    _device_topk(scores, 0.5, "global", Ops(hops), (8, 4), True)
-    assert {"topk_histogram", "topk_compact", "topk_pack"} <= set(rec_args)
+    _device_topk(scores, 0.5, "global", Ops(hops), (8, 4), True, window=False)
+    _device_topk(scores, 0.5, "global", Ops(hops), (8, 4))
+    assert {"topk_histogram", "topk_compact", "topk_cand_histogram", "topk_equal_counts", "topk_pack",
+            "topk_sample", "topk_window"} <= set(rec_args)
     for name, args in rec_args.items():
         if name == "topk_config":
             continue
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        if name in ("topk_histogram", "topk_pack", "topk_compact", "topk_cand_histogram", "topk_equal_counts"):
+        if name != "topk_config":
             desc_like = args[0].clone()
             if name != "topk_cand_histogram":
                 desc_like[:, 0] = x.data_ptr()      # the clone of desc points at the live scores
@@ -405,6 +413,101 @@ def test_device_engine_declines_what_it_does_not_take():
     assert topk_mod._device_ok(torch.randn(4, 6).bfloat16())
     meta = torch.empty(1 << 20, 1 << 15, device="meta")       # 2^32 mask bytes: beyond the 32-bit offsets
     assert not topk_mod._device_ok(meta)
+
+
+# ----------------------------------------------------------------------------------- window
+def test_sample_reads_one_key_per_stratum(hops):
+    """topk_sample: sample i is an entry of stratum [i*N/m, (i+1)*N/m) of the concatenated entries
+    (empty tensors included), as a signed-order key; m = N reads every entry once."""
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(3, 5, generator=gen), torch.zeros(0, 4), torch.randn(7, generator=gen).half(),
+          torch.randn(2, 2, 3, generator=gen).bfloat16()]
+    numel = [x.numel() for x in xs]
+    e0 = [sum(numel[:i]) for i in range(len(xs))]
+    desc = torch.zeros(len(xs), topk_mod._DESC_COLS, dtype=torch.int64)
+    for i, x in enumerate(xs):
+        desc[i, 0], desc[i, 4], desc[i, 8] = x.data_ptr(), topk_mod._DEVICE_DTYPES[x.dtype], e0[i]
+    keys = torch.cat([_ukeys(x) for x in xs]) - (1 << 31)       # signed-order
+    total = keys.numel()
+    out = torch.empty(total, dtype=torch.int32)
+    hops.topk_sample(desc, out, total, 8)
+    assert torch.equal(out.to(torch.int64), keys)
+    out = torch.empty(5, dtype=torch.int32)
+    hops.topk_sample(desc, out, total, 32)
+    for i in range(5):
+        lo, hi = i * total // 5, (i + 1) * total // 5
+        assert int(out[i]) in keys[lo:hi].tolist()
+
+
+def test_window_pass_counts_and_candidates(hops):
+    """topk_window: per tensor the keys above hi and the NaNs; the keys in [lo, hi] with their tensor
+    (as a multiset), the cursor counting past the capacity."""
+    gen = torch.Generator().manual_seed(10)
+    xs = [torch.randn(40, 9, generator=gen), torch.randint(-3, 4, (300,), generator=gen).half(),
+          torch.zeros(0, 3), torch.randn(5, 5, generator=gen).bfloat16()]
+    xs[0][3, 4] = float("nan")
+    n = len(xs)
+    keys = [_ukeys(torch.where(torch.isnan(x.float()), 0.0, x.float())) for x in xs]
+    lo, hi = int(_ukeys(torch.tensor([-0.5]))[0]), int(_ukeys(torch.tensor([0.75]))[0])
+    win = torch.tensor([lo - (1 << 31), hi - (1 << 31)], dtype=torch.int32)
+    for threads, hchunk in ((8, 4), (32, 16), (256, 2048)):
+        scores = {f"t{i}": x for i, x in enumerate(xs)}
+        desc_rows = []
+        hb0 = 0
+        for x in xs:
+            rows, cols = x.shape[0], (x[0].numel() if x.shape[0] else 3)
+            rb = (cols + 7) // 8
+            desc_rows.append([x.data_ptr(), rows * rb, cols, rb, topk_mod._DEVICE_DTYPES[x.dtype], hb0, 0, 0, 0])
+            hb0 += -(-rows * rb // hchunk)
+        desc = torch.tensor(desc_rows)
+        nan = torch.tensor([int(torch.isnan(x.float()).sum()) for x in xs])
+        want = [k[(k >= lo) & (k <= hi) & ~torch.isnan(x.float().reshape(-1))] for k, x in zip(keys, xs)]
+        above = torch.tensor([int(((k > hi) & ~torch.isnan(x.float().reshape(-1))).sum()) for k, x in zip(keys, xs)])
+        c = sum(w.numel() for w in want)
+        for cap in (c, c - 5):
+            counts, cursor = torch.zeros(n, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+            cand, cand_t = torch.zeros(cap, dtype=torch.int32), torch.zeros(cap, dtype=torch.int32)
+            hops.topk_window(desc, win, counts, cursor, cand, cand_t, threads, hchunk, hb0)
+            assert torch.equal(counts[:, 0], above) and torch.equal(counts[:, 1], nan)
+            assert int(cursor[0]) == c
+            if cap == c:
+                got = cand.to(torch.int64) + (1 << 31)
+                for i, w in enumerate(want):
+                    assert torch.equal(got[cand_t == i].sort().values, w.sort().values), i
+        del scores
+
+
+def test_window_misses_fall_back_exactly(hops, monkeypatch):
+    """A window that misses the k-th key (a 4-key sample, no margin) or overflows its capacity (heavy
+    ties) falls back to the radix passes: same masks; a hit needs no histogram pass."""
+    gen = torch.Generator().manual_seed(13)
+    scores = {"a": torch.randn(50, 20, generator=gen), "b": torch.randint(0, 3, (400,), generator=gen).float(),
+              "c": torch.randn(3, 3, 3, 3, generator=gen).half()}
+    outcomes = set()
+    for sample, sigmas, pad in ((1 << 20, 6, 2), (4, 0, 0), (16, 0, 0)):
+        monkeypatch.setattr(topk_mod, "_SAMPLE", sample)
+        monkeypatch.setattr(topk_mod, "_WINDOW_SIGMAS", sigmas)
+        monkeypatch.setattr(topk_mod, "_WINDOW_PAD", pad)
+        for density in (0.001, 0.05, 0.3, 0.77, 0.999):
+            rec = _Recorder(hops)
+            _assert_same(_device_topk(scores, density, "global", rec, (32, 16)), topk_masks(scores, density))
+            assert rec.calls["topk_window"] == 1
+            outcomes.add(_passes(rec) > 0)
+    assert outcomes == {True, False}
+    monkeypatch.setattr(topk_mod, "_WINDOW_SLACK", 0.0)     # capacity 1024: the 1500 tied zeros overflow it
+    ties = {"z": torch.zeros(30, 50), "y": torch.ones(17)}
+    rec = _Recorder(hops)
+    _assert_same(_device_topk(ties, 0.5, "global", rec), topk_masks(ties, 0.5))
+    assert rec.calls["topk_window"] == 1 and _passes(rec) > 0
+
+
+def test_window_nan_raises_naming_the_first_tensor(hops):
+    scores = {"ok": torch.randn(4, 5), "bad": torch.randn(6, 7), "worse": torch.full((3,), float("nan"))}
+    scores["bad"][1, 1] = float("nan")
+    rec = _Recorder(hops)
+    with pytest.raises(ValueError, match=r"scores\['bad'\]: contains NaN scores"):
+        _device_topk(scores, 0.5, "global", rec)
+    assert rec.calls["topk_window"] == 1 and "topk_histogram" not in rec.calls
 
 
 # ----------------------------------------------------------------------------------- GPU

@@ -87,6 +87,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) cand_histogram_kernel(Ca
   cand_flush(t, p, &sh);
 }
 
+__global__ void __launch_bounds__(kThreads, kMinBlocks) sample_kernel(SampleParams p) { sample_body(this_thread(), p); }
+
+// The window pass: the same grid and round structure as compact_kernel.
+__global__ void __launch_bounds__(kThreads, kMinBlocks) window_kernel(WindowParams p) {
+  __shared__ WindowShared sh;
+  const Thread t = this_thread();
+  window_start(t, p, &sh);
+  __syncthreads();
+  const int32_t rounds = window_rounds(t, &sh);
+  for (int32_t r = 0; r < rounds; ++r) {
+    window_round(t, p, &sh, r);
+    __syncthreads();
+    if (window_should_flush(t, &sh, r, rounds)) {
+      window_reserve(t, p, &sh);
+      __syncthreads();
+      window_copy(t, p, &sh);
+      __syncthreads();
+    }
+  }
+  window_finish(t, p, &sh);
+}
+
 __global__ void __launch_bounds__(kThreads, kMinBlocks) equal_counts_kernel(EqParams p) {
   __shared__ EqShared sh;
   const Thread t = this_thread();
@@ -156,6 +178,35 @@ void topk_cand_histogram(const at::Tensor& ctab, const at::Tensor& prefix, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void topk_sample(const at::Tensor& desc, const at::Tensor& out, int64_t total, int64_t threads) {
+  const int64_t n = check_sample(desc, out, total, c10::DeviceType::CUDA);
+  const int64_t m = out.numel(), nblocks = (m + kThreads - 1) / kThreads;
+  check_launch(threads, nblocks, "topk_sample");
+  if (m == 0 || n == 0) return;
+  c10::cuda::CUDAGuard guard(desc.device());
+  SampleParams p{desc.data_ptr<int64_t>(), n, total, m, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>())};
+  sample_kernel<<<static_cast<unsigned>(nblocks), static_cast<unsigned>(threads), 0,
+                  c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void topk_window(const at::Tensor& desc, const at::Tensor& win, const at::Tensor& counts, const at::Tensor& cursor,
+                 const at::Tensor& cand, const at::Tensor& cand_t, int64_t threads, int64_t chunk_bytes,
+                 int64_t nblocks) {
+  const int64_t n = check_window(desc, win, counts, cursor, cand, cand_t, chunk_bytes, c10::DeviceType::CUDA);
+  check_launch(threads, nblocks, "topk_window");
+  if (nblocks == 0 || n == 0) return;
+  c10::cuda::CUDAGuard guard(desc.device());
+  WindowParams p{desc.data_ptr<int64_t>(), n, win.data_ptr<int32_t>(),
+                 reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
+                 reinterpret_cast<unsigned long long*>(cursor.data_ptr<int64_t>()),
+                 reinterpret_cast<uint32_t*>(cand.data_ptr<int32_t>()), cand_t.data_ptr<int32_t>(), cand.numel(),
+                 chunk_bytes};
+  window_kernel<<<static_cast<unsigned>(nblocks), static_cast<unsigned>(threads), 0,
+                  c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts, int64_t threads,
                        int64_t chunk_bytes) {
   const int64_t n = check_equal_counts(desc, thr, counts, threads, chunk_bytes, c10::DeviceType::CUDA);
@@ -197,6 +248,8 @@ TORCH_LIBRARY_IMPL(spare_kernels_cuda, CUDA, m) {
   m.impl("topk_histogram", &spare::topk::topk_histogram);
   m.impl("topk_compact", &spare::topk::topk_compact);
   m.impl("topk_cand_histogram", &spare::topk::topk_cand_histogram);
+  m.impl("topk_sample", &spare::topk::topk_sample);
+  m.impl("topk_window", &spare::topk::topk_window);
   m.impl("topk_equal_counts", &spare::topk::topk_equal_counts);
   m.impl("topk_pack", &spare::topk::topk_pack);
 }

@@ -23,7 +23,8 @@
 // Tables (all int64, row-major, one row per tensor; see spare_kernels/topk.py):
 //   desc  (n, kDescCols): kPtr, kBytes (rows * row_bytes), kCols, kRowBytes, kDtype, kHBlock0,
 //                         kPBlock0, kOut (the byte offset of the tensor's mask rows in the ONE flat
-//                         output buffer of every mask). kBytes and kRowBytes are below 2^32 (checked by the driver):
+//                         output buffer of every mask), kE0 (its first entry in the concatenated
+//                         order of all tensors: the sample's positions). kBytes and kRowBytes are below 2^32 (checked by the driver):
 //                         byte -> (row, col) takes 32-bit divisions, not 64-bit ones (which cost
 //                         registers and spills in every kernel).
 //   sel   (n, kSelCols):  kThr, kMode, kTake, kEq0  (the pack's per-tensor selection rule)
@@ -46,7 +47,7 @@ namespace spare {
 namespace topk {
 
 // ------------------------------------------------------------------------------------- layout
-enum DescField : int64_t { kPtr = 0, kBytes, kCols, kRowBytes, kDtype, kHBlock0, kPBlock0, kOut, kDescCols };
+enum DescField : int64_t { kPtr = 0, kBytes, kCols, kRowBytes, kDtype, kHBlock0, kPBlock0, kOut, kE0, kDescCols };
 enum SelField : int64_t { kThr = 0, kMode, kTake, kEq0, kSelCols };
 enum CandField : int64_t { kCOff = 0, kCCount, kCBlock0, kCandCols };
 enum Dtype : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -298,19 +299,19 @@ SPARE_HD inline unsigned long long atomic_add_return(unsigned long long* p, unsi
 
 // staged[next free slot] = key for every lane of the warp with `keep`; on the GPU one shared atomic
 // per warp (ballot + popc ranks the lanes). Every lane of the warp must call it. Host: in thread order.
-SPARE_HD inline void warp_stage(Thread t, CompactShared* sh, bool keep, uint32_t key) {
+SPARE_HD inline void warp_stage(Thread t, uint32_t* staged, uint32_t* nstaged, bool keep, uint32_t key) {
 #if defined(__CUDA_ARCH__)
   const uint32_t ballot = __ballot_sync(0xFFFFFFFFu, keep);
   if (!ballot) return;
   const uint32_t lane = static_cast<uint32_t>(t.tid()) & 31u;
   const int leader = __ffs(ballot) - 1;
   uint32_t base = 0;
-  if (static_cast<int>(lane) == leader) base = atomicAdd(&sh->nstaged, static_cast<uint32_t>(__popc(ballot)));
+  if (static_cast<int>(lane) == leader) base = atomicAdd(nstaged, static_cast<uint32_t>(__popc(ballot)));
   base = __shfl_sync(0xFFFFFFFFu, base, leader);
-  if (keep) sh->staged[base + __popc(ballot & ((1u << lane) - 1u))] = key;
+  if (keep) staged[base + __popc(ballot & ((1u << lane) - 1u))] = key;
 #else
   (void)t;
-  if (keep) sh->staged[sh->nstaged++] = key;
+  if (keep) staged[(*nstaged)++] = key;
 #endif
 }
 
@@ -352,15 +353,18 @@ SPARE_HD inline void compact_round(Thread t, const CompactParams& p, CompactShar
     const uint32_t k = ukey(u[j]);  // no NaN here: pass 0 refused them
     const bool keep = base + j * T + tid < ne && (k >> 24) == pre32;
     warp_hist_add(t, sh->bins, keep ? (k >> 16) & 0xFFu : kNoBin);
-    if (stage) warp_stage(t, sh, keep, k);
+    if (stage) warp_stage(t, sh->staged, &sh->nstaged, keep, k);
   }
 }
 
 // After round r (read after a barrier, block-uniform): flush the stage when the next round might not
 // fit, or after the last round.
-SPARE_HD inline bool compact_should_flush(Thread t, const CompactShared* sh, int32_t r, int32_t rounds) {
-  const uint32_t n = sh->nstaged;
+SPARE_HD inline bool stage_full(Thread t, uint32_t n, int32_t r, int32_t rounds) {
   return n > 0 && (r + 1 == rounds || static_cast<int64_t>(n) > kStage - t.nthreads() * kUnroll);
+}
+
+SPARE_HD inline bool compact_should_flush(Thread t, const CompactShared* sh, int32_t r, int32_t rounds) {
+  return stage_full(t, sh->nstaged, r, rounds);
 }
 
 // phase: one thread reserves the staged keys' place in the tensor's segment
@@ -449,6 +453,138 @@ SPARE_HD inline void cand_flush(Thread t, const CandHistParams& p, CandHistShare
   unsigned long long* row = p.hist + sh->t * kHistCols;
   for (int64_t i = t.tid(); i < kBins; i += t.nthreads())
     if (sh->bins[i]) atomic_add(row + i, static_cast<unsigned long long>(sh->bins[i]));
+}
+
+// ------------------------------------------------------------------------------------- sample + window
+// The window path (global scope): a deterministic sample of m keys locates the k-th key within a
+// window [lo, hi] of keys (the driver picks it from the sample's order statistics, on the device); ONE
+// pass over the scores then counts, per tensor, the keys above hi and the NaNs, and writes the keys
+// inside the window (with their tensor) to a candidate array of a fixed capacity. When the k-th key
+// lies in the window (above < k <= above + candidates, no overflow), it is an order statistic of the
+// candidates; otherwise the driver falls back to the radix passes. Exact either way.
+
+// A 32-bit mix (lowbias32): the sample's offset inside its stratum, so that strides never alias with
+// row lengths. Deterministic.
+SPARE_HD inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Candidate and sample keys are stored as signed-order int32 (ukey ^ 2^31): torch sorts them as int32.
+SPARE_HD inline uint32_t signed_order(uint32_t ukey_) { return ukey_ ^ 0x80000000u; }
+
+struct SampleParams {
+  const int64_t* desc;
+  int64_t n;
+  int64_t total;  // entries of all tensors
+  int64_t m;      // samples, 1 <= m <= total
+  uint32_t* out;  // m signed-order keys (a NaN: the largest key; the window pass reports it)
+};
+
+// One thread per sample: entry g of stratum [i*total/m, (i+1)*total/m) of the concatenated entries.
+SPARE_HD inline void sample_body(Thread t, const SampleParams& p) {
+  const int64_t i = t.block.x * t.nthreads() + t.tid();
+  if (i >= p.m) return;
+  const int64_t lo = i * p.total / p.m, hi = (i + 1) * p.total / p.m;  // total < 2^40, m <= 2^22
+  const int64_t g = lo + static_cast<int64_t>(mix32(static_cast<uint32_t>(i)) % static_cast<uint64_t>(hi - lo));
+  int64_t a = 0, b = p.n - 1;  // the last tensor with e0 <= g (empty tensors share their successor's e0)
+  while (a < b) {
+    const int64_t mid = (a + b + 1) / 2;
+    if (p.desc[mid * kDescCols + kE0] <= g) a = mid; else b = mid - 1;
+  }
+  const int64_t* d = p.desc + a * kDescCols;
+  const uint32_t u = load_bits(reinterpret_cast<const void*>(d[kPtr]), d[kDtype], g - d[kE0]);
+  p.out[i] = is_nan_bits(u) ? 0xFFFFFFFFu ^ 0x80000000u : signed_order(ukey(u));
+}
+
+struct WindowParams {
+  const int64_t* desc;
+  int64_t n;
+  const int32_t* win;          // [lo, hi] as signed-order keys (device: picked from the sample there)
+  unsigned long long* counts;  // (n, 2): keys above hi, NaNs
+  unsigned long long* cursor;  // candidates found (may exceed capacity: the driver then falls back)
+  uint32_t* cand;              // capacity signed-order keys
+  int32_t* cand_t;             // their tensors
+  int64_t capacity;
+  int64_t chunk_bytes;         // the histogram's grid
+};
+
+struct WindowShared {
+  Chunk c;
+  uint32_t lo, hi, above, nan, nstaged, flush_n;
+  unsigned long long flush_base;
+  uint32_t staged[kStage];
+};
+
+SPARE_HD inline void window_start(Thread t, const WindowParams& p, WindowShared* sh) {
+  if (t.tid() != 0) return;
+  sh->c = chunk_of(p.desc, p.n, kHBlock0, p.chunk_bytes, t.block.x);
+  sh->lo = signed_order(static_cast<uint32_t>(p.win[0]));
+  sh->hi = signed_order(static_cast<uint32_t>(p.win[1]));
+  sh->above = sh->nan = sh->nstaged = 0;
+}
+
+SPARE_HD inline int32_t window_rounds(Thread t, const WindowShared* sh) {
+  const int64_t per = t.nthreads() * kUnroll, ne = sh->c.e1 - sh->c.e0;
+  return static_cast<int32_t>((ne + per - 1) / per);
+}
+
+SPARE_HD inline void window_round(Thread t, const WindowParams&, WindowShared* sh, int32_t r) {
+  const int64_t dtype = sh->c.dtype;
+  const void* x = entry_ptr(sh->c.x, dtype, sh->c.e0);
+  const int32_t T = static_cast<int32_t>(t.nthreads()), tid = static_cast<int32_t>(t.tid());
+  const int32_t ne = static_cast<int32_t>(sh->c.e1 - sh->c.e0), base = r * T * kUnroll;
+  const uint32_t lo = sh->lo, hi = sh->hi;
+  uint32_t u[kUnroll];
+  SPARE_UNROLL
+  for (int32_t j = 0; j < kUnroll; ++j) {
+    const int32_t e = base + j * T + tid;
+    u[j] = e < ne ? load_bits(x, dtype, e) : 0u;
+  }
+  uint32_t above = 0, nan = 0;
+  SPARE_UNROLL
+  for (int32_t j = 0; j < kUnroll; ++j) {
+    const bool valid = base + j * T + tid < ne, is_nan = is_nan_bits(u[j]);
+    const uint32_t k = ukey(u[j]);
+    nan += valid && is_nan;
+    above += valid && !is_nan && k > hi;
+    warp_stage(t, sh->staged, &sh->nstaged, valid && !is_nan && k >= lo && k <= hi, signed_order(k));
+  }
+  if (above) shared_add(&sh->above, above);
+  if (nan) shared_add(&sh->nan, nan);
+}
+
+SPARE_HD inline bool window_should_flush(Thread t, const WindowShared* sh, int32_t r, int32_t rounds) {
+  return stage_full(t, sh->nstaged, r, rounds);
+}
+
+SPARE_HD inline void window_reserve(Thread t, const WindowParams& p, WindowShared* sh) {
+  if (t.tid() != 0) return;
+  sh->flush_n = sh->nstaged;
+  sh->flush_base = atomic_add_return(p.cursor, sh->flush_n);
+}
+
+// Keys past the capacity are dropped (the cursor still counts them: the driver falls back).
+SPARE_HD inline void window_copy(Thread t, const WindowParams& p, WindowShared* sh) {
+  const int64_t n = sh->flush_n, b = static_cast<int64_t>(sh->flush_base);
+  const int32_t tensor = static_cast<int32_t>(sh->c.t);
+  for (int64_t i = t.tid(); i < n; i += t.nthreads()) {
+    if (b + i < p.capacity) {
+      p.cand[b + i] = sh->staged[i];
+      p.cand_t[b + i] = tensor;
+    }
+  }
+  if (t.tid() == 0) sh->nstaged = 0;  // the others read flush_n, not nstaged
+}
+
+SPARE_HD inline void window_finish(Thread t, const WindowParams& p, WindowShared* sh) {
+  if (t.tid() != 0) return;
+  if (sh->above) atomic_add(p.counts + sh->c.t * 2, static_cast<unsigned long long>(sh->above));
+  if (sh->nan) atomic_add(p.counts + sh->c.t * 2 + 1, static_cast<unsigned long long>(sh->nan));
 }
 
 // ------------------------------------------------------------------------------------- equal counts

@@ -21,6 +21,9 @@
             "Tensor(b!) cursor, Tensor(c!) cand, int threads, int chunk_bytes, int nblocks) -> ()");  \
     (m).def("topk_cand_histogram(Tensor ctab, Tensor prefix, Tensor(a!) hist, Tensor cand, "          \
             "int level, int threads, int chunk, int nblocks) -> ()");                                 \
+    (m).def("topk_sample(Tensor desc, Tensor(a!) out, int total, int threads) -> ()");                 \
+    (m).def("topk_window(Tensor desc, Tensor win, Tensor(a!) counts, Tensor(b!) cursor, "             \
+            "Tensor(c!) cand, Tensor(d!) cand_t, int threads, int chunk_bytes, int nblocks) -> ()");  \
     (m).def("topk_equal_counts(Tensor desc, Tensor thr, Tensor(a!) counts, int threads, "             \
             "int chunk_bytes) -> ()");                                                                \
     (m).def("topk_pack(Tensor desc, Tensor sel, Tensor scan, Tensor(a!) out, int threads, "           \
@@ -89,6 +92,44 @@ inline int64_t check_cand_histogram(const at::Tensor& ctab, const at::Tensor& pr
               op, ": cand must be a contiguous 1-D int32 tensor on ctab's device");
   TORCH_CHECK(level == 2 || level == 3, op, ": level must be 2 or 3, got ", level);
   TORCH_CHECK(chunk > 0 && chunk <= (int64_t{1} << 30), op, ": chunk must be in (0, 2^30], got ", chunk);
+  return n;
+}
+
+inline void check_vector(const at::Tensor& t, at::ScalarType dtype, const char* op, const char* what,
+                         const at::Tensor& desc) {
+  TORCH_CHECK(t.device() == desc.device() && t.scalar_type() == dtype && t.dim() == 1 && t.is_contiguous(), op,
+              ": ", what, " must be a contiguous 1-D ", dtype, " tensor on desc's device, got ", t.scalar_type(), " ",
+              t.sizes(), " on ", t.device());
+}
+
+// out: the m samples (int32); total: the entries of all tensors (the driver's sum, >= m).
+inline int64_t check_sample(const at::Tensor& desc, const at::Tensor& out, int64_t total, c10::DeviceType device) {
+  const char* op = "topk_sample";
+  check_table(desc, kDescCols, op, "desc", device);
+  check_vector(out, at::kInt, op, "out", desc);
+  TORCH_CHECK(out.numel() <= total && total < (int64_t{1} << 40), op, ": need out.numel() <= total < 2^40, got ",
+              out.numel(), " and ", total);
+  TORCH_CHECK(out.numel() <= (int64_t{1} << 22), op, ": at most 2^22 samples, got ", out.numel());
+  TORCH_CHECK(out.numel() == 0 || desc.size(0) > 0, op, ": samples of no tensor");
+  return desc.size(0);
+}
+
+// win: [lo, hi] (int32 signed-order keys); counts (n, 2) int64; cursor: one int64; cand (int32) and
+// cand_t (int32) of one capacity.
+inline int64_t check_window(const at::Tensor& desc, const at::Tensor& win, const at::Tensor& counts,
+                            const at::Tensor& cursor, const at::Tensor& cand, const at::Tensor& cand_t,
+                            int64_t chunk_bytes, c10::DeviceType device) {
+  const char* op = "topk_window";
+  check_table(desc, kDescCols, op, "desc", device);
+  check_vector(win, at::kInt, op, "win", desc);
+  check_table(counts, 2, op, "counts", device, &desc);
+  check_vector(cursor, at::kLong, op, "cursor", desc);
+  check_vector(cand, at::kInt, op, "cand", desc);
+  check_vector(cand_t, at::kInt, op, "cand_t", desc);
+  const int64_t n = desc.size(0);
+  TORCH_CHECK(win.numel() == 2 && cursor.numel() == 1 && counts.size(0) == n && cand.numel() == cand_t.numel(), op,
+              ": need win of 2, cursor of 1, counts of ", n, " rows, cand and cand_t of one size");
+  TORCH_CHECK(chunk_bytes > 0, op, ": chunk_bytes must be positive");
   return n;
 }
 

@@ -101,6 +101,46 @@ void topk_cand_histogram(const at::Tensor& ctab, const at::Tensor& prefix, const
       [&](Thread t) { cand_flush(t, p, &sh); });
 }
 
+void topk_sample(const at::Tensor& desc, const at::Tensor& out, int64_t total, int64_t threads) {
+  const int64_t n = check_sample(desc, out, total, c10::DeviceType::CPU);
+  check_threads(threads, "topk_sample");
+  const int64_t m = out.numel();
+  if (m == 0 || n == 0) return;
+  SampleParams p{desc.data_ptr<int64_t>(), n, total, m, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>())};
+  for_each_thread(Dim3{(m + threads - 1) / threads}, Dim3{threads}, [&](Thread t) { sample_body(t, p); });
+}
+
+void topk_window(const at::Tensor& desc, const at::Tensor& win, const at::Tensor& counts, const at::Tensor& cursor,
+                 const at::Tensor& cand, const at::Tensor& cand_t, int64_t threads, int64_t chunk_bytes,
+                 int64_t nblocks) {
+  const int64_t n = check_window(desc, win, counts, cursor, cand, cand_t, chunk_bytes, c10::DeviceType::CPU);
+  check_threads(threads, "topk_window");
+  if (nblocks == 0 || n == 0) return;
+  WindowParams p{desc.data_ptr<int64_t>(), n, win.data_ptr<int32_t>(),
+                 reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
+                 reinterpret_cast<unsigned long long*>(cursor.data_ptr<int64_t>()),
+                 reinterpret_cast<uint32_t*>(cand.data_ptr<int32_t>()), cand_t.data_ptr<int32_t>(), cand.numel(),
+                 chunk_bytes};
+  auto sh = std::make_unique<WindowShared>();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    auto run = [&](auto&& phase) {
+      for (int64_t tid = 0; tid < threads; ++tid)
+        phase(Thread{Dim3{b, 0, 0}, Dim3{tid, 0, 0}, Dim3{nblocks}, Dim3{threads}});
+    };
+    const Thread t0{Dim3{b, 0, 0}, Dim3{0, 0, 0}, Dim3{nblocks}, Dim3{threads}};
+    run([&](Thread t) { window_start(t, p, sh.get()); });
+    const int32_t rounds = window_rounds(t0, sh.get());
+    for (int32_t r = 0; r < rounds; ++r) {
+      run([&](Thread t) { window_round(t, p, sh.get(), r); });
+      if (window_should_flush(t0, sh.get(), r, rounds)) {
+        run([&](Thread t) { window_reserve(t, p, sh.get()); });
+        run([&](Thread t) { window_copy(t, p, sh.get()); });
+      }
+    }
+    run([&](Thread t) { window_finish(t, p, sh.get()); });
+  }
+}
+
 void topk_equal_counts(const at::Tensor& desc, const at::Tensor& thr, const at::Tensor& counts, int64_t threads,
                        int64_t chunk_bytes) {
   const int64_t n = check_equal_counts(desc, thr, counts, threads, chunk_bytes, c10::DeviceType::CPU);
@@ -160,6 +200,8 @@ TORCH_LIBRARY_IMPL(spare_harness, CPU, m) {
   m.impl("topk_histogram", &topk_histogram);
   m.impl("topk_compact", &topk_compact);
   m.impl("topk_cand_histogram", &topk_cand_histogram);
+  m.impl("topk_sample", &topk_sample);
+  m.impl("topk_window", &topk_window);
   m.impl("topk_equal_counts", &topk_equal_counts);
   m.impl("topk_pack", &topk_pack);
   m.impl("topk_keys", &topk_keys);
