@@ -152,6 +152,24 @@ def test_contract_is_deterministic(h, kind, block):
     torch.testing.assert_close(runs[0][1].double(), wB, rtol=1e-5, atol=1e-5)
 
 
+def test_contract_step(h):
+    """lora.cu's row chunks: each chunk's G and dA partials within the scratch bound, whole row tiles (but
+    for the last chunk), the whole region when it fits."""
+    threads, rows_tile, ranks_tile, _ = h.contract_tile()
+    for rows, gcols, rank, scratch in [(100, 7, 4, 10 ** 6), (1000, 300, 4, 20000), (1000, 300, 64, 60000),
+                                       (37, 5000, 2, 100), (5, 3, 1, 1)]:
+        step = h.contract_step(rows, gcols, rank, scratch)
+        assert 1 <= step <= rows
+        if step < rows:
+            assert step % rows_tile == 0
+            tiles = step // rows_tile
+            fits = tiles * rows_tile * gcols <= scratch and tiles * rank * gcols <= scratch
+            assert fits or tiles == 1, "a chunk past the scratch bound"
+        else:   # one chunk: it fits, or it is a single row tile (the least a launch can take)
+            tiles = -(-rows // rows_tile)
+            assert tiles * max(rows_tile, rank) * gcols <= scratch or tiles == 1
+
+
 def test_block_regions(h):
     """Every on tile inside a region; regions in row order, disjoint; off tile rows skipped where the gap
     reaches merge_rows; columns in whole multiples of the quantum; spans as tight as the tiles allow."""

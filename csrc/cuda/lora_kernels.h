@@ -135,6 +135,16 @@ SPARE_HD inline void contract_phase2(const Thread& t, const ContractParams<TG, T
   p.dB[(p.row0 + o) * p.rank + k] = p.scale * s;
 }
 
+// Rows per chunk of a (rows, gcols) region: its G and its dA partials each within `scratch` entries, a
+// multiple of the row tile (unless the whole region fits), at most kContractMaxRows. Host only.
+inline int64_t contract_step(int64_t rows, int64_t gcols, int64_t rank, int64_t scratch) {
+  // a row tile holds kContractRows·gcols entries of G and rank·gcols dA partials
+  const int64_t per_tile = (gcols > 1 ? gcols : 1) * (rank > kContractRows ? rank : kContractRows);
+  const int64_t tiles = scratch / per_tile > 1 ? scratch / per_tile : 1;
+  const int64_t step = tiles * kContractRows < kContractMaxRows ? tiles * kContractRows : kContractMaxRows;
+  return rows < step ? rows : step;
+}
+
 // dA[k, col0 + c] += s · Σ_{t < tiles} part[t, k, c] for every (k, c) of a region, t in order. Grid-
 // strided over rank · gcols entries (kReduceThreads per block).
 struct ReduceParams {

@@ -81,14 +81,6 @@ void contract_chunk(const at::Tensor& g, int64_t row0, int64_t col0, const at::T
 // (spare::block_regions, from a host copy of the tile mask cached per mask tensor and version).
 std::vector<spare::Region> contract_regions(const at::Tensor& mask, int64_t kind, int64_t block_o, int64_t block_i,
                                             int64_t out, int64_t cols, int64_t quantum);
-// Rows per chunk of a (rows, gcols) region: G and the dA partials each within kScratchEntries, a multiple
-// of the contract kernel's row tile (unless the whole region fits), at most kContractMaxRows.
-inline int64_t contract_step(int64_t rows, int64_t gcols, int64_t rank) {
-  // a row tile holds kContractRows·gcols entries of G and rank·gcols dA partials
-  const int64_t per_tile = std::max<int64_t>(gcols, 1) * std::max<int64_t>(spare::kContractRows, rank);
-  const int64_t tiles = std::max<int64_t>(1, kScratchEntries / per_tile);
-  return std::min({rows, tiles * spare::kContractRows, spare::kContractMaxRows});
-}
 // acc (fp32, numel entries) += Σ_i f(g[i]) over the n rows of g (n, numel).
 void accumulate(at::Tensor& acc, const at::Tensor& g, int64_t stat);
 int64_t stat_code(std::string_view stat);
@@ -99,7 +91,7 @@ void masked_contract(F&& gregion, int64_t out, int64_t cols, const at::Tensor& A
                      int64_t quantum, at::Tensor& dA, at::Tensor& dB) {
   const at::Tensor Af = A2.to(at::kFloat).contiguous(), Bf = B.to(at::kFloat).contiguous();
   for (const spare::Region& r : contract_regions(mask, kind, block_o, block_i, out, cols, quantum)) {
-    const int64_t step = contract_step(r.o1 - r.o0, r.c1 - r.c0, Af.size(0));
+    const int64_t step = spare::contract_step(r.o1 - r.o0, r.c1 - r.c0, Af.size(0), kScratchEntries);
     for (int64_t o0 = r.o0; o0 < r.o1; o0 += step) {
       const int64_t o1 = std::min(r.o1, o0 + step);
       contract_chunk(gregion(o0, o1, r.c0, r.c1), o0, r.c0, Af, Bf, mask, kind, block_o, block_i, scale, dA, dB);

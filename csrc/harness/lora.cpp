@@ -136,6 +136,10 @@ TORCH_LIBRARY_FRAGMENT(spare_harness, m) {
   m.def("block_regions(Tensor tiles, int out, int cols, int block_o, int block_i, int quantum, int merge_rows) "
         "-> int[]");
   m.def("accumulate(Tensor(a!) acc, Tensor g, int stat, int blocks, int threads) -> ()");
+  m.def("contract_step(int rows, int gcols, int rank, int scratch) -> int", [](int64_t rows, int64_t gcols,
+                                                                             int64_t rank, int64_t scratch) {
+    return spare::contract_step(rows, gcols, rank, scratch);
+  });
   m.def("contract_tile() -> int[]", []() -> std::vector<int64_t> {
     return {spare::kContractThreads, spare::kContractRows, spare::kContractRanks, spare::kReduceThreads};
   });
