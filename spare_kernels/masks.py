@@ -48,7 +48,10 @@ def _matrix_shape(shape):
 class Mask:
     """A weight mask at one granularity. Build with :meth:`from_dense` or :func:`topk_masks`."""
 
-    __slots__ = ("granularity", "shape", "block", "data")
+    # _on: a module mask's on/off as a host bool, set with its data (wire() must not read the device on
+    # every forward: bool(tensor) of a CUDA tensor waits for the stream). Replace the data (mask.data = t)
+    # or build a new Mask to change it; an in-place write to a module mask's tensor is not seen.
+    __slots__ = ("granularity", "shape", "block", "_data", "_on")
 
     def __init__(self, granularity: str, shape, data: torch.Tensor, block=(32, 32)):
         self.granularity = _check_granularity(granularity)
@@ -113,6 +116,16 @@ class Mask:
         m.granularity, m.shape, m.block, m.data = granularity, shape, block, data
         return m
 
+    @property
+    def data(self) -> torch.Tensor:
+        return self._data
+
+    @data.setter
+    def data(self, value: torch.Tensor):
+        self._data = value
+        # once per mask made or changed: the only device read of a module mask
+        self._on = bool(value) if getattr(self, "granularity", None) == "module" else None
+
     # ------------------------------------------------------------------------------ views
     @property
     def device(self) -> torch.device:
@@ -135,7 +148,7 @@ class Mask:
             return self.data, fmt.BLOCK, self.block[0], self.block[1]
         if g == "row":
             return self.data, fmt.ROW, 0, 0
-        if bool(self.data):                      # module on: plain LoRA, factored
+        if self._on:                             # module on: plain LoRA, factored (a host bool)
             return None, fmt.NONE, 0, 0
         return torch.zeros(self.shape[0], dtype=torch.bool, device=self.device), fmt.ROW, 0, 0
 
@@ -159,7 +172,7 @@ class Mask:
         if g == "row":
             return int(self.data.sum()) * cols
         if g == "module":
-            return int(self.data) * rows * cols
+            return int(self._on) * rows * cols
         bo, bi = self.block
         sizes = _tile_sizes(rows, cols, bo, bi, self.device)
         return int((sizes * self.data).sum())

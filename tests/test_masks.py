@@ -191,6 +191,40 @@ def test_wire_module_off_and_on():
     assert kind == masks_mod.fmt.ROW and not bool(data.any())
 
 
+def test_module_wire_reads_no_tensor():
+    """A module mask's on/off is a host bool set with its data: wire() and count read no tensor value
+    (on a GPU each read would wait for the stream on every forward); replacing the data updates it,
+    and a pickled mask keeps it."""
+    import io
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "is_nonzero", "item"):
+                Reads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    masks = [Mask("module", (4, 6), torch.tensor(True)), Mask.from_dense(torch.zeros(4, 6, dtype=torch.bool), "module"),
+             topk_masks({"a": torch.randn(3, 3), "b": torch.randn(5)}, 0.5, "module")["b"],
+             Mask._trusted("module", torch.Size((4, 6)), torch.tensor(True))]
+    with Reads():
+        wires = [m.wire() for _ in range(3) for m in masks]
+        counts = [m.count for m in masks]
+    assert Reads.n == 0
+    assert [w[1] for w in wires[:4]] == [masks_mod.fmt.NONE, masks_mod.fmt.ROW, masks[2].wire()[1], masks_mod.fmt.NONE]
+    assert counts == [24, 0, int(masks[2].data) * 5, 24]
+    m = masks[0]
+    m.data = torch.tensor(False)
+    assert m.wire()[1] == masks_mod.fmt.ROW and m.count == 0 and not m.to_dense().any()
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back == m and back.wire()[1] == masks_mod.fmt.ROW and back.count == 0
+
+
 # ----------------------------------------------------------------------------------- topk_masks
 def _distinct_scores(specs, dtype=torch.float32):
     """Score tensors whose values are all distinct (a random permutation of distinct values)."""
