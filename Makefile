@@ -64,9 +64,11 @@ gpu-wheels:
 # Every step of the GPU check that needs no GPU, on the GPU image's packages in a clean venv made anew
 # each time (REHEARSAL_VENV): wheel install offline, imports, the CUDA build's loud refusal, collection
 # of pytest -m gpu, the AOT table under triton 3.6, the cost model's predictions, the benchmark sections
-# on tiny CPU shapes, the plan's 8-minute budget. Downloads (triton 3.6, transformers...): never part of
-# `make test` or CI. torch==2.13.0 exactly (the CPU wheel on local disk; a looser spec would pull a
-# multi-GB CUDA build); the GPU image has torch 2.11 + CUDA and Python 3.12, this machine Python 3.11.
+# on tiny CPU shapes, the plan's 8-minute budget. The AOT table takes ~15-25 min on 2 busy cores the
+# first time; its compiles are cached in .cache/triton-rehearsal for the next run. Downloads (triton 3.6,
+# transformers...): never part of `make test` or CI. torch==2.13.0 exactly (the CPU wheel on local disk;
+# a looser spec would pull a multi-GB CUDA build); the GPU image has torch 2.11 + CUDA and Python 3.12,
+# this machine Python 3.11.
 REHEARSAL_VENV ?= .venv-rehearsal
 REHEARSAL_OUT ?= .cache/gpu-rehearsal
 GPU_IMAGE_PKGS := torch==2.13.0 triton==3.6.0 pytest pytest-benchmark hypothesis safetensors peft accelerate \
@@ -77,7 +79,8 @@ gpu-rehearsal: gpu-wheels
 	$(PYTHON) -m venv $(REHEARSAL_VENV)
 	$(REHEARSAL_VENV)/bin/python -m pip install -q --disable-pip-version-check $(GPU_IMAGE_PKGS)
 	! $(REHEARSAL_VENV)/bin/python -c "import diffusers" 2>/dev/null   # the image lacks it: .whl/ must bring it
-	PYTHON=$(REHEARSAL_VENV)/bin/python benchmarks/gpu_check.sh --rehearsal $(REHEARSAL_OUT)
+	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton-rehearsal PYTHON=$(REHEARSAL_VENV)/bin/python \
+	  benchmarks/gpu_check.sh --rehearsal $(REHEARSAL_OUT)
 
 clean:
 	rm -rf build *.egg-info spare_kernels/_C*.so .cache

@@ -31,7 +31,7 @@ pytest_cuda          40       -  pytest -m gpu without the triton-parametrised t
 pytest_collect        -     180  pytest -m gpu --collect-only: finds the GPU tests, no collection error
 bench_cold           55       -  warmup (or the first call): the Triton JIT compile-and-tune time; then first step vs warm step
 pytest_triton        40       -  pytest -m gpu -k triton
-aot                   -     900  the AOT table (registers, spills, shared memory) under this triton for sm_90
+aot                   -    1500  the AOT table (registers, spills, shared memory) under this triton for sm_90
 predict               -      60  the cost model bounds of the design shapes on an H100
 cpu_smoke             -     300  benchmarks.gpu --device cpu --smoke: the design, cold and topk sections run end to end
 bench_design         40       -  the four design shapes: every scheme, every backend, measured / bound
@@ -101,7 +101,13 @@ step_wheels() {
     echo "export PYTHONPATH=\"\$PYTHONPATH:$STATE.site\"" >>"$STATE"
     export PYTHONPATH="$PYTHONPATH:$STATE.site"
   fi
-  "$PY" -c "import diffusers; from diffusers import UNet2DConditionModel, DDPMScheduler; print('diffusers', diffusers.__version__, diffusers.__file__)"
+  "$PY" -c "import diffusers; from diffusers import UNet2DConditionModel, DDPMScheduler; print('diffusers', diffusers.__version__, diffusers.__file__)" || return 1
+  if [ "$MODE" = rehearsal ]; then   # the GPU run's fallback, tried too: the wheels alone on PYTHONPATH
+    local t; t=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$t" .whl/*.whl &&
+      PYTHONPATH="$t:$PYTHONPATH" "$PY" -c "import diffusers; assert diffusers.__file__.startswith('$t'), diffusers.__file__; from diffusers import UNet2DConditionModel; print('fallback (--no-deps --target) imports', diffusers.__file__)"
+    local rc=$?; rm -rf "$t"; return $rc
+  fi
 }
 
 step_import() {
@@ -209,7 +215,7 @@ step_bench_cold() { _bench cold; }
 step_bench_design() { _bench design; }
 step_bench_saliency() { _bench saliency; }
 step_bench_topk() { _bench topk; }
-step_bench_step() { _bench step; }
+step_bench_step() { _bench step --step-targets all; }   # every Linear and Conv2d: the 0.5x target's set
 step_bench_run() { _bench run --run-steps 10; }
 
 step_report() {
@@ -219,7 +225,8 @@ step_report() {
   local table="$OUT/gpu_table.json"
   [ "$MODE" = rehearsal ] && table="$OUT/gpu_table_cpu_smoke.json"   # a CPU table is no registry input
   "$PY" -m benchmarks.gpu --from "${files[@]}" --out "$OUT/gpu_check.json" --write-table "$table" &&
-    "$PY" -m benchmarks.gpu --report "$OUT/gpu_check.json" | tee "$OUT/table.md" | head -60
+    "$PY" -m benchmarks.gpu --report "$OUT/gpu_check.json" >"$OUT/table.md" || return 1
+  head -60 "$OUT/table.md"   # (not `tee | head`: with pipefail, head's early exit fails the step)
 }
 
 # ------------------------------------------------------------------------------------------ runner
