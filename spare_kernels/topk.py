@@ -10,22 +10,45 @@ Two engines compute the same masks bit for bit:
   ops (``csrc/cuda/topk.cu``; bodies in ``csrc/cuda/topk_kernels.h``).
 
 The GPU engine. Keys are ``_Keys(torch.float32)``'s (order-preserving, ``-0.0 == +0.0``), made
-unsigned. Radix select with 8-bit digits, at most 4 passes, each ONE launch of ``topk_histogram`` over
-all tensors through a device table of descriptors (pointer, bytes, cols, row bytes, dtype, first
-block, output pointer), never a concatenation: per tensor a 256-bin histogram of the digit of the keys
-that match the tensor's prefix so far (pass 0 also counts NaNs, refused with the generic engine's
-error). The host reads the ``(n, 257)`` table once per pass and picks the digit (``global``: summed
-over tensors; ``per_module``: per tensor); a group stops early when the chosen bin holds exactly the
-keys still needed. After the last pass the per-tensor count of keys equal to the threshold is known:
-ties go, in dict order, to the tensors before the one where they run out (all of theirs), none after
-it; for a tensor where they are cut (at most one per group), ``topk_equal_counts`` counts ties per
-chunk, ``cumsum`` scans that small array, and the pack kernel ranks ties within its chunk by a block
-scan. ``topk_pack`` writes the packed uint8 mask rows directly (one thread per output byte).
+unsigned. All tensors go through every launch together, by a device table of descriptors (pointer,
+bytes, cols, row bytes, dtype, first blocks, output offset, first entry), never a concatenation; the
+table is built in one vectorised step (one row of Python ints per tensor), uploaded pinned and
+non-blocking, and the first launch follows it at once. Every mask is a view into ONE flat uint8
+buffer (each tensor's rows at a 16-byte aligned offset); the views are made while the first pass runs.
 
-Launches: 1 (k = 0 or k = n) to 4 histograms, at most 1 equal-count, 1 pack, plus a few tiny torch
-ops (table uploads, a zeroing per pass, the scan). Extra device memory:
-``n·(64 + 257·8 + 8 + 32)`` bytes of tables (``n`` tensors) ``+ 16·ceil(B_cut / 256)`` bytes of tie
-counts and their scan (``B_cut``: mask bytes of the tensors whose ties are cut) ``+`` the output masks.
+- ``global`` (the window path): ``topk_sample`` reads 2^20 keys, one per stratum of the concatenated
+  entries; two order statistics of the sample (a device sort, no sync) bound a window of keys around
+  the k-th (± 6 binomial sigmas of its rank in the sample: ~0.26% of the entries at density 0.05).
+  ONE pass, ``topk_window``, counts per tensor the keys above the window and the NaNs, and writes the
+  window's keys and their tensors to a candidate array. If the k-th key lies in the window (and the
+  array did not overflow), it is the r-th largest candidate: radix passes of ``topk_cand_histogram``
+  over the candidates only (the radix path's rules, 8.8 MB a pass at 860 M scores), then the
+  per-tensor count of keys equal to it. Syncs: 1 + at most 4 small passes + 1. A miss falls back to
+  the radix path: exact either way.
+- the radix path (``per_module``, or a missed window): radix select with 8-bit digits, at most 4
+  passes. Pass 0 (``topk_histogram``): per tensor the 256-bin histogram of the top digit (and NaNs);
+  the host picks the digit (``global``: summed over tensors; ``per_module``: per tensor). Pass 1
+  (``topk_compact``): the histogram of the next digit of the keys in the chosen bin, and those keys
+  written to per-tensor segments of a candidate array (sized exactly from pass 0) when they take at
+  most 1/8 of the scores' bytes; passes 2-3 (``topk_cand_histogram``) then read only the candidates
+  (else ``topk_histogram`` over all scores again). A group stops early when the chosen bin holds
+  exactly the keys still needed. One sync per pass: the host reads the histogram to pick the digit and
+  size the next grid (picking it on the device would need grids sized for the worst case).
+
+Ties (both paths): every key above the threshold is on; the keys equal to it go, in dict order, to the
+tensors before the one where they run out (all of theirs), none after it; for a tensor where they are
+cut (at most one per group), ``topk_equal_counts`` counts ties per chunk, ``cumsum`` scans that small
+array, and the pack kernel ranks ties within its chunk by a block scan. ``topk_pack`` writes the packed
+uint8 mask rows into the flat buffer (one thread per output byte).
+
+Cost at SD-1.5's 860 M fp32 scores in 686 tensors, H100 (~3 TB/s): window path 2 full reads (window
+pass, pack) ≈ 2 × 1.15 ms + the sample and its sort (~0.1 ms) + the candidates' passes (~0.05 ms)
++ ~15 launches and up to 6 syncs (~0.2 ms) + host setup ≈ 0.8 ms before the first launch (measured on this project's CPU
+host: 7.1 ms before, 686 output allocations) ≈ 3.3 ms (predicted; compiled, not yet run on a GPU).
+Extra device memory: tables ``n·(72 + 16 + 257·8)`` bytes; the sample (4 MB, ~12 MB more while it is
+sorted) then the candidates (8 bytes each, capacity 1.2× the expected window: ~21 MB at 860 M) and the
+tie count's temporaries (~5 bytes a candidate): ~32 MB ≈ 0.9% of the fp32 scores; the radix path's candidates at most 1/8 of the
+scores' bytes; ``16·ceil(B_cut / 256)`` bytes of tie counts; plus the output masks (1/32 of fp32 scores).
 """
 from __future__ import annotations
 
@@ -313,10 +336,13 @@ def topk_masks(scores: dict, density: float, granularity: str = "element", scope
     Empty tensors (a dim of size 0) are allowed: they have no units and get an all-off mask.
 
     On a GPU: element masks of contiguous fp32/fp16/bf16 CUDA score tensors (all on one device) are
-    selected by the CUDA kernels of ``spare_kernels_cuda`` when that extension is loaded (4 histogram
-    passes of 8-bit digits over all tensors in one launch each, then one kernel writing the packed
-    masks; module docstring), with the same result bit for bit; anything else takes the engine
-    described above, on the tensors' device.
+    selected by the CUDA kernels of ``spare_kernels_cuda`` when that extension is loaded (``global``: a
+    sampled window, one pass over the scores, then one kernel writing the packed masks into one flat
+    buffer; ``per_module`` or a missed window: radix passes of 8-bit digits; module docstring), with
+    the same result bit for bit; the masks' data are then views into that one buffer (a mask kept
+    alive keeps the buffer, ``torch.save`` of one mask's data writes all of it: ``.clone()`` to
+    detach one). Anything else takes the engine described above, on the tensors' device, reading the
+    device a fixed number of times per pass (never per chunk).
 
     Raises:
         TypeError: ``scores`` not a dict, a key not a str, a value not a floating-point tensor.
@@ -540,7 +566,7 @@ _CAND_FRACTION = 8
 # key's rank in the sample): missed with probability ~1e-9 for a random sample (the fallback is exact
 # anyway), and it holds ~12 sigma / m of the entries: 0.26% at p = 0.05, m = 2^20, i.e. 2.2 M of 860 M
 # candidates, 8 bytes each with their tensor: ~21 MB with the capacity's 1.2x slack, ~0.6% of the fp32
-# scores (plus ~4 bytes a candidate of selection temporaries).
+# scores (plus ~5 bytes a candidate while the ties are counted per tensor).
 _SAMPLE = 1 << 20
 _WINDOW_SIGMAS = 6
 _WINDOW_SLACK = 1.2
@@ -576,8 +602,11 @@ def _upload(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.pin_memory().to(dev, non_blocking=True)
 
 
-def _download(*ts: torch.Tensor):
-    """Host copies of small device tables: the driver's one sync per pass (all of them in one wait)."""
+def _download(*ts: torch.Tensor, idle=None):
+    """Host copies of small device tables: the driver's one sync per pass (all of them in one wait).
+    ``idle``: a list of host jobs run (and removed) before waiting, while the device works."""
+    while idle:
+        idle.pop()()
     if ts[0].device.type != "cuda":
         return tuple(t.clone() for t in ts)
     outs = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in ts)
@@ -585,10 +614,11 @@ def _download(*ts: torch.Tensor):
     return outs
 
 
-def _window_select(ops, desc, n, total, k, score_bytes, dev, threads, hchunk, hblocks, names):
-    """The window path of a global group: ``(threshold key, ties to take, keys equal to it per tensor)``
-    or None when the k-th key is not in the sampled window (the radix passes then run). Raises on NaN
-    scores. Two syncs: the window pass's counts, the selection's result."""
+def _window_select(ops, desc, n, total, k, dev, threads, hchunk, hblocks, cchunk, names, idle):
+    """The window path of a global group: ``(thr_g, mode_g, need, final, eq_t)`` as :func:`_radix_passes`
+    returns them, or None when the k-th key is not in the sampled window (the radix passes then run).
+    Raises on NaN scores. Syncs: the window pass's counts, then one per selection pass over the
+    candidates (<= 4, a few us each) and the per-tensor tie counts."""
     m = min(total, _SAMPLE)
     p = k / total
     delta = math.ceil(_WINDOW_SIGMAS * math.sqrt(m * p * (1 - p))) + _WINDOW_PAD
@@ -597,30 +627,51 @@ def _window_select(ops, desc, n, total, k, score_bytes, dev, threads, hchunk, hb
     cap = min(total, math.ceil(_WINDOW_SLACK * frac * total) + 1024)
     samp = torch.empty(m, dtype=torch.int32, device=dev)
     ops.topk_sample(desc, samp, total, threads)
+    # the window's bounds: order statistics of the sample, on the device (a radix sort; no sync)
+    srt = samp.sort().values
     i32 = torch.iinfo(torch.int32)
-    hi = samp.kthvalue(m - hi_pos).values if hi_pos >= 0 else torch.full((), i32.max, dtype=torch.int32, device=dev)
-    lo = samp.kthvalue(m - lo_pos).values if lo_pos < m else torch.full((), i32.min, dtype=torch.int32, device=dev)
+    hi = srt[m - 1 - hi_pos] if hi_pos >= 0 else torch.full((), i32.max, dtype=torch.int32, device=dev)
+    lo = srt[m - 1 - lo_pos] if lo_pos < m else torch.full((), i32.min, dtype=torch.int32, device=dev)
     win = torch.stack([lo, hi])
-    del samp
+    del samp, srt
     counts = torch.zeros((n, 2), dtype=torch.int64, device=dev)
     cursor = torch.zeros(1, dtype=torch.int64, device=dev)
     cand = torch.empty(cap, dtype=torch.int32, device=dev)
     cand_t = torch.empty(cap, dtype=torch.int32, device=dev)
     ops.topk_window(desc, win, counts, cursor, cand, cand_t, threads, hchunk, hblocks)
-    cnt, cur = _download(counts, cursor)
+    cnt, cur = _download(counts, cursor, idle=idle)
     bad = cnt[:, 1].nonzero()
     if bad.numel():
         raise ValueError(f"scores[{names[int(bad[0, 0])]!r}]: contains NaN scores")
     above, c = int(cnt[:, 0].sum()), int(cur[0])
     if not (above < k <= above + c) or c > cap:
         return None
-    r = k - above                                       # the threshold: the r-th largest candidate
-    cs, ct = cand[:c], cand_t[:c]
-    thr = cs.kthvalue(c - r + 1).values
-    gt = (cs > thr).sum()
-    eq_t = torch.zeros(n, dtype=torch.int32, device=dev).index_add_(0, ct, (cs == thr).to(torch.int32))
-    thr_h, gt_h, eq_h = _download(thr.reshape(1), gt.reshape(1), eq_t)
-    return int(thr_h[0]) + (1 << 31), r - int(gt_h[0]), eq_h.to(torch.int64)
+    # radix select of the (k - above)-th largest candidate: the radix path's rules on one segment
+    cb = -(-c // cchunk)
+    ctab = _upload(torch.tensor([[0, c, 0]], dtype=torch.int64), dev)
+    hist = torch.zeros((1, _HIST_COLS), dtype=torch.int64, device=dev)
+    need, prefix = k - above, 0
+    for level in range(4):
+        if level:
+            hist.zero_()
+        ops.topk_cand_histogram(ctab, _upload(torch.tensor([prefix]), dev), hist, cand, level, threads, cchunk, cb)
+        h, = _download(hist)
+        hg = h[0, :256]
+        at_or_above = hg.flip(0).cumsum(0).flip(0)
+        d = max(int((at_or_above >= need).sum()) - 1, 0)
+        in_bin = int(hg[d])
+        need -= int(at_or_above[d]) - in_bin
+        prefix = (prefix << 8) | d
+        if level < 3 and in_bin == need:        # the bin holds exactly the keys still needed
+            low = prefix << (24 - 8 * level)
+            return (torch.tensor([max(low - 1, 0)]), torch.tensor([_NONE_EQUAL if low > 0 else _ALL_EQUAL]),
+                    torch.tensor([need]), torch.zeros(1, dtype=torch.bool), torch.zeros(n, dtype=torch.int64))
+    # a whole key: the tensors' counts of keys equal to it, for the ties
+    thr32 = prefix - _U32 if prefix >= 1 << 31 else prefix
+    eq = torch.zeros(n, dtype=torch.int32, device=dev).index_add_(0, cand_t[:c], (cand[:c] == thr32).to(torch.int32))
+    eq_t, = _download(eq)
+    return (torch.tensor([prefix]), torch.tensor([_NONE_EQUAL]), torch.tensor([need]), torch.ones(1, dtype=torch.bool),
+            eq_t.to(torch.int64))
 
 
 def _device_topk(scores: dict, density: float, scope: str, ops, config=None, compact=None, window=None) -> dict:
@@ -670,17 +721,20 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None, com
     mode_g = torch.where(need == 0, _NONE_EQUAL, _ALL_EQUAL)
     final = torch.zeros_like(active)       # groups whose threshold is a whole key: ties to distribute
     eq_t = None                            # per tensor: keys equal to its group's threshold (final groups)
+    views = []                             # the masks' views of the flat buffer, made while the first pass runs
+
+    def make_views():
+        views.extend(flat.as_strided((r, b), (b, 1), o) for r, b, o in zip(rows.tolist(), rb.tolist(), out_off.tolist()))
+    idle = [make_views]
     if not per_module and bool(active[0]) and window is not False:
-        got = _window_select(ops, desc, n, int(size[0]), int(need[0]), score_bytes, dev, threads, hchunk, hblocks,
-                             names)
+        got = _window_select(ops, desc, n, int(size[0]), int(need[0]), dev, threads, hchunk, hblocks, cchunk, names,
+                             idle)
         if got is not None:
-            thr, ties, eq_t = got
-            thr_g, need, final = torch.tensor([thr]), torch.tensor([ties]), active.clone()
-            active = torch.zeros_like(active)
+            thr_g, mode_g, need, final, eq_t = got
     if eq_t is None:
         thr_g, mode_g, need, final, eq_t = _radix_passes(ops, desc, n, gid, need, active, thr_g, mode_g, per_module,
                                                           score_bytes, dev, threads, hchunk, hblocks, cchunk, names,
-                                                          compact)
+                                                          compact, idle)
 
     thr_t, mode_t = thr_g[gid], mode_g[gid]
     take = torch.zeros(n, dtype=torch.int64)
@@ -709,13 +763,13 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None, com
         scan = torch.zeros(1, dtype=torch.int64, device=dev)
     sel = _upload(torch.stack([thr_t, mode_t, take, eq0], 1), dev)
     ops.topk_pack(desc, sel, scan, flat, threads, pblocks)
-    # The masks: views of the flat buffer, made while the pack runs.
-    return {nm: Mask._trusted("element", s, flat.as_strided((r, b), (b, 1), o))
-            for nm, s, r, b, o in zip(names, shapes, rows.tolist(), rb.tolist(), out_off.tolist())}
+    while idle:                            # no pass waited on (k = 0 or k = n is still one): now
+        idle.pop()()
+    return {nm: Mask._trusted("element", s, v) for nm, s, v in zip(names, shapes, views)}
 
 
 def _radix_passes(ops, desc, n, gid, need, active, thr_g, mode_g, per_module, score_bytes, dev, threads, hchunk,
-                  hblocks, cchunk, names, compact):
+                  hblocks, cchunk, names, compact, idle):
     """The radix path: up to 4 passes of 8-bit digits (pass 0 over every score, pass 1 over every score
     writing the candidates of pass 0's bin, passes 2-3 over those candidates), one sync each. Returns
     ``(thr_g, mode_g, need, final, eq_t)``."""
@@ -734,7 +788,7 @@ def _radix_passes(ops, desc, n, gid, need, active, thr_g, mode_g, per_module, sc
         tp = _upload(tprefix, dev)
         if level == 0:
             ops.topk_histogram(desc, tp, hist, 0, threads, hchunk, hblocks)
-            h, = _download(hist)
+            h, = _download(hist, idle=idle)
             bad = h[:, _NAN_BIN].nonzero()
             if bad.numel():
                 raise ValueError(f"scores[{names[int(bad[0, 0])]!r}]: contains NaN scores")

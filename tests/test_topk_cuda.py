@@ -138,11 +138,16 @@ def test_ties_cut_inside_a_tensor_many_chunks(hops, scope):
                 rec = _Recorder(hops)
                 _assert_same(_device_topk(scores, density, scope, rec, cfg), want)
                 assert rec.calls["topk_window"] == 1 and rec.calls["topk_equal_counts"] == 1
-                assert _passes(rec) == 0
+                assert _full_passes(rec) == 0 and rec.calls["topk_cand_histogram"] == 4
 
 
 def _passes(rec):
     return sum(rec.calls.get(op, 0) for op in ("topk_histogram", "topk_compact", "topk_cand_histogram"))
+
+
+def _full_passes(rec):
+    """Radix passes over every score (the window path has none)."""
+    return sum(rec.calls.get(op, 0) for op in ("topk_histogram", "topk_compact"))
 
 
 def test_passes_and_launches(hops):
@@ -212,6 +217,14 @@ def test_compact_writes_exactly_the_keys_of_the_bin(hops, cfg):
         hops.topk_cand_histogram(ctab, pre, h, cand, level, threads, 8 * hchunk, int(cb.sum()))
         for i, w in enumerate(want):
             m = w[(w >> (32 - 8 * level)) == pre[i]] if pre[i] >= 0 else w[:0]
+            assert torch.equal(h[i, :256], torch.bincount((m >> (24 - 8 * level)) & 0xFF, minlength=256)), (level, i)
+    # levels 0 and 1 over candidates (the window path's selection): every key at level 0
+    for level in (0, 1):
+        pre = torch.tensor([int(torch.mode(w >> 24).values) if w.numel() and level else 0 for w in want])
+        h = torch.zeros(n, 257, dtype=torch.int64)
+        hops.topk_cand_histogram(ctab, pre, h, cand, level, threads, 8 * hchunk, int(cb.sum()))
+        for i, w in enumerate(want):
+            m = w[(w >> 24) == pre[i]] if level else w
             assert torch.equal(h[i, :256], torch.bincount((m >> (24 - 8 * level)) & 0xFF, minlength=256)), (level, i)
     # count only (no candidate array): the same histogram, no keys written
     h2, cur2 = torch.zeros_like(hist), torch.zeros_like(cursor)
@@ -440,8 +453,8 @@ def test_sample_reads_one_key_per_stratum(hops):
 
 
 def test_window_pass_counts_and_candidates(hops):
-    """topk_window: per tensor the keys above hi and the NaNs; the keys in [lo, hi] with their tensor
-    (as a multiset), the cursor counting past the capacity."""
+    """topk_window: per tensor the keys above hi and the NaNs; the keys in [lo, hi] (unsigned) with
+    their tensor (as a multiset), the cursor counting past the capacity."""
     gen = torch.Generator().manual_seed(10)
     xs = [torch.randn(40, 9, generator=gen), torch.randint(-3, 4, (300,), generator=gen).half(),
           torch.zeros(0, 3), torch.randn(5, 5, generator=gen).bfloat16()]
@@ -471,7 +484,7 @@ def test_window_pass_counts_and_candidates(hops):
             assert torch.equal(counts[:, 0], above) and torch.equal(counts[:, 1], nan)
             assert int(cursor[0]) == c
             if cap == c:
-                got = cand.to(torch.int64) + (1 << 31)
+                got = cand.to(torch.int64) & 0xFFFFFFFF
                 for i, w in enumerate(want):
                     assert torch.equal(got[cand_t == i].sort().values, w.sort().values), i
         del scores
@@ -492,13 +505,13 @@ def test_window_misses_fall_back_exactly(hops, monkeypatch):
             rec = _Recorder(hops)
             _assert_same(_device_topk(scores, density, "global", rec, (32, 16)), topk_masks(scores, density))
             assert rec.calls["topk_window"] == 1
-            outcomes.add(_passes(rec) > 0)
+            outcomes.add(_full_passes(rec) > 0)
     assert outcomes == {True, False}
     monkeypatch.setattr(topk_mod, "_WINDOW_SLACK", 0.0)     # capacity 1024: the 1500 tied zeros overflow it
     ties = {"z": torch.zeros(30, 50), "y": torch.ones(17)}
     rec = _Recorder(hops)
     _assert_same(_device_topk(ties, 0.5, "global", rec), topk_masks(ties, 0.5))
-    assert rec.calls["topk_window"] == 1 and _passes(rec) > 0
+    assert rec.calls["topk_window"] == 1 and _full_passes(rec) > 0
 
 
 def test_window_nan_raises_naming_the_first_tensor(hops):
@@ -537,7 +550,10 @@ def test_cuda_equals_the_cpu_engine(scope, monkeypatch):
             for density in _densities(scores, scope):
                 got = topk_masks(cuda_scores, density, scope=scope)
                 assert all(m.device.type == "cuda" for m in got.values())
-                _assert_same(got, topk_masks(scores, density, scope=scope))
+                want = topk_masks(scores, density, scope=scope)
+                _assert_same(got, want)
+                for compact, window in ((True, False), (False, False)):   # the radix path, both ways
+                    _assert_same(real(cuda_scores, density, scope, _cuda_topk_ops(), None, compact, window), want)
     assert used
     bad = {"a": torch.randn(5, 5, device="cuda"), "b": torch.randn(7, device="cuda")}
     bad["b"][3] = float("nan")

@@ -391,16 +391,17 @@ SPARE_HD inline void compact_flush_hist(Thread t, const CompactParams& p, Compac
 }
 
 // ------------------------------------------------------------------------------------- candidate histogram
-// Passes 2 and 3 over the candidates: hist[t, digit L] += 1 for each candidate key of tensor t whose
-// digits 0..L-1 equal prefix[t] (< 0: skipped). Block b takes `chunk` keys of the segment whose first
-// block kCBlock0 is the last one <= b.
+// Histograms over candidate keys (unsigned keys): the radix path's passes 2 and 3, and every level of
+// the window path's selection (one segment). hist[t, digit L] += 1 for each key of segment t whose
+// digits 0..L-1 equal prefix[t] (< 0: skipped; level 0: every key). Block b takes `chunk` keys of the
+// segment whose first block kCBlock0 is the last one <= b.
 struct CandHistParams {
   const int64_t* ctab;
   int64_t n;
   const int64_t* prefix;
   unsigned long long* hist;
   const uint32_t* cand;
-  int64_t level;  // 2 or 3
+  int64_t level;  // 0..3
   int64_t chunk;  // keys per block
 };
 
@@ -431,7 +432,8 @@ SPARE_HD inline void cand_count(Thread t, const CandHistParams& p, CandHistShare
   const uint32_t* k = p.cand + sh->k0;
   const int32_t ne = static_cast<int32_t>(sh->k1 - sh->k0);
   const int32_t T = static_cast<int32_t>(t.nthreads()), tid = static_cast<int32_t>(t.tid());
-  const int shift_digit = 24 - 8 * static_cast<int>(p.level), shift_prefix = shift_digit + 8;
+  const int level = static_cast<int>(p.level);
+  const int shift_digit = 24 - 8 * level, shift_prefix = shift_digit + 8;  // 32 at level 0: unused
   const uint32_t pre32 = static_cast<uint32_t>(sh->prefix);
   for (int32_t base = 0; base < ne; base += T * kUnroll) {  // the same trip count for every thread
     uint32_t u[kUnroll];
@@ -442,7 +444,7 @@ SPARE_HD inline void cand_count(Thread t, const CandHistParams& p, CandHistShare
     }
     SPARE_UNROLL
     for (int32_t j = 0; j < kUnroll; ++j) {
-      const bool keep = base + j * T + tid < ne && (u[j] >> shift_prefix) == pre32;
+      const bool keep = base + j * T + tid < ne && (level == 0 || (u[j] >> shift_prefix) == pre32);
       warp_hist_add(t, sh->bins, keep ? (u[j] >> shift_digit) & 0xFFu : kNoBin);
     }
   }
@@ -459,9 +461,10 @@ SPARE_HD inline void cand_flush(Thread t, const CandHistParams& p, CandHistShare
 // The window path (global scope): a deterministic sample of m keys locates the k-th key within a
 // window [lo, hi] of keys (the driver picks it from the sample's order statistics, on the device); ONE
 // pass over the scores then counts, per tensor, the keys above hi and the NaNs, and writes the keys
-// inside the window (with their tensor) to a candidate array of a fixed capacity. When the k-th key
-// lies in the window (above < k <= above + candidates, no overflow), it is an order statistic of the
-// candidates; otherwise the driver falls back to the radix passes. Exact either way.
+// inside the window (unsigned keys, with their tensor) to a candidate array of a fixed capacity. When
+// the k-th key lies in the window (above < k <= above + candidates, no overflow), it is an order
+// statistic of the candidates (radix passes of cand_histogram over them); otherwise the driver falls
+// back to the radix passes over the scores. Exact either way.
 
 // A 32-bit mix (lowbias32): the sample's offset inside its stratum, so that strides never alias with
 // row lengths. Deterministic.
@@ -474,7 +477,7 @@ SPARE_HD inline uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// Candidate and sample keys are stored as signed-order int32 (ukey ^ 2^31): torch sorts them as int32.
+// Sample keys are stored as signed-order int32 (ukey ^ 2^31): torch sorts them as int32.
 SPARE_HD inline uint32_t signed_order(uint32_t ukey_) { return ukey_ ^ 0x80000000u; }
 
 struct SampleParams {
@@ -507,7 +510,7 @@ struct WindowParams {
   const int32_t* win;          // [lo, hi] as signed-order keys (device: picked from the sample there)
   unsigned long long* counts;  // (n, 2): keys above hi, NaNs
   unsigned long long* cursor;  // candidates found (may exceed capacity: the driver then falls back)
-  uint32_t* cand;              // capacity signed-order keys
+  uint32_t* cand;              // capacity unsigned keys
   int32_t* cand_t;             // their tensors
   int64_t capacity;
   int64_t chunk_bytes;         // the histogram's grid
@@ -552,7 +555,7 @@ SPARE_HD inline void window_round(Thread t, const WindowParams&, WindowShared* s
     const uint32_t k = ukey(u[j]);
     nan += valid && is_nan;
     above += valid && !is_nan && k > hi;
-    warp_stage(t, sh->staged, &sh->nstaged, valid && !is_nan && k >= lo && k <= hi, signed_order(k));
+    warp_stage(t, sh->staged, &sh->nstaged, valid && !is_nan && k >= lo && k <= hi, k);
   }
   if (above) shared_add(&sh->above, above);
   if (nan) shared_add(&sh->nan, nan);

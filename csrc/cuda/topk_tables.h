@@ -90,7 +90,7 @@ inline int64_t check_cand_histogram(const at::Tensor& ctab, const at::Tensor& pr
   TORCH_CHECK(cand.device() == ctab.device() && cand.scalar_type() == at::kInt && cand.dim() == 1 &&
                   cand.is_contiguous(),
               op, ": cand must be a contiguous 1-D int32 tensor on ctab's device");
-  TORCH_CHECK(level == 2 || level == 3, op, ": level must be 2 or 3, got ", level);
+  TORCH_CHECK(level >= 0 && level < 4, op, ": level must be in [0, 4), got ", level);
   TORCH_CHECK(chunk > 0 && chunk <= (int64_t{1} << 30), op, ": chunk must be in (0, 2^30], got ", chunk);
   return n;
 }
