@@ -105,6 +105,17 @@ def test_weff_is_the_reference_merged_weight_rounded_once(kind, dt):
     assert torch.equal(got[~dense], W[~dense])            # off entries are W exactly
 
 
+def test_weff_past_int32_offsets_is_built_by_torch(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    W, A, B = torch.randn(20, 30, generator=g).half(), torch.randn(4, 30, generator=g), torch.randn(20, 4, generator=g)
+    m, _ = make_mask(ELEMENT, 20, 30, "random", 0, 0, g)
+    kernel = TL.build_weff(W, A, B, m, ELEMENT, 0, 0, 0.5, F16)
+    monkeypatch.setattr(TL, "_WEFF_MAX", 600)
+    torch_built = TL.build_weff(W, A, B, m, ELEMENT, 0, 0, 0.5, F16)
+    assert torch_built.dtype == F16
+    torch.testing.assert_close(torch_built, kernel, rtol=torch.finfo(F16).eps, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- determinism, contract
 @pytest.mark.parametrize("kind", [ELEMENT, BLOCK, ROW], ids=lambda k: fmt.KIND_NAMES[k])
 @pytest.mark.parametrize("dt", [F32, BF16], ids=["fp32", "bf16"])

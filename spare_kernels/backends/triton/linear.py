@@ -361,17 +361,16 @@ def _weff_kernel(w_ptr, a_ptr, b_ptr, mask_ptr, out_ptr, OUT, IN, r, mask_stride
     ri = (pid % n_i) * BI + tl.arange(0, BI)
     o_ok = ro < OUT
     i_ok = ri < IN
-    ro64 = ro.to(tl.int64)
     ok = o_ok[:, None] & i_ok[None, :]
-    offs = ro64[:, None] * IN + ri[None, :]
+    offs = ro[:, None] * IN + ri[None, :]     # int32: the launcher sends weights of 2**31 entries to torch
     w = load_act(w_ptr + offs, ok, W_EMUL).to(tl.float32)
-    on = mask_tile(mask_ptr, mask_stride, ro64, ri, OUT, IN, row_div, col_div, bit_mask)
+    on = mask_tile(mask_ptr, mask_stride, ro, ri, OUT, IN, row_div, col_div, bit_mask)
     if (skip_empty == 0) | any_on(on):   # block masks: a tile with every block off is W alone
         d = tl.zeros((BO, BI), dtype=tl.float32)
         for c in range(0, R_PAD, 16):      # 16 ranks at a time: one chunk of A and B live, not R
             rc = c + tl.arange(0, 16)
             rc_ok = rc < r
-            b = tl.load(b_ptr + ro64[:, None] * r + rc[None, :], mask=o_ok[:, None] & rc_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + ro[:, None] * r + rc[None, :], mask=o_ok[:, None] & rc_ok[None, :], other=0.0)
             a = tl.load(a_ptr + rc[:, None] * IN + ri[None, :], mask=rc_ok[:, None] & i_ok[None, :], other=0.0)
             d += small_dot(b, a, DOT_PREC)
         w = w + tl.where(on, d * scale, 0.0)
@@ -631,10 +630,12 @@ def _wgrad_factored(dy, x, lora_A, lora_B, mask, kind, scale, need_dA, need_dB):
 # weight gives 400 programs, 3 per H100 SM; a 320×320 one 25, launch-bound either way at 0.4 MB);
 # one large tile under the interpreter (it pays per program).
 _WEFF_TILE = (128, 128) if U.INTERPRET else (64, 64)
-_WEFF_WARPS = 4
+_WEFF_WARPS = 8     # 4 warps: 128-231 registers a thread and 16 B of spills (fp32 tf32, rank 32, sm_80)
+_STAGES = 1         # no K loop to pipeline (the rank loop is 1-4 steps of KiB-sized A / B chunks)
 # Mask-and-contract: 8 warps hold the fp32 T×T G tile (16 registers a thread at T 64) and one 16-rank
 # chunk of the epilogue's operands, as the fused weight-gradient kernel's epilogue (``_wgrad_partials``).
 _CONTRACT_WARPS = 8
+_WEFF_MAX = 2 ** 31   # weights of this many entries or more: W_eff built by torch (int32 offsets in the kernel)
 _DENSITY: dict = {}
 
 
@@ -676,6 +677,9 @@ def build_weff(weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, dtyp
     r = lora_A.shape[0]
     A32 = lora_A.reshape(r, cols).to(torch.float32).contiguous()
     B32 = lora_B.to(torch.float32).contiguous()
+    if out * cols >= _WEFF_MAX:   # past the kernel's int32 offsets: torch (fp32, then one rounding)
+        m = fmt.expand(mask, kind, block_o, block_i, out, cols).to(w.device)
+        return (w.to(torch.float32) + (B32 @ A32).mul_(float(scale)).mul_(m)).to(dtype)
     w_eff = torch.empty(out, cols, dtype=dtype, device=w.device)
     m = _mask_u8(mask)
     BO, BI = _WEFF_TILE
@@ -683,7 +687,8 @@ def build_weff(weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, dtyp
         _weff_kernel[(triton.cdiv(out, BO) * triton.cdiv(cols, BI),)](
             w, A32, B32, m, w_eff, out, cols, r, m.stride(0), *U.mask_geometry(kind, block_o, block_i),
             int(kind == BLOCK), float(scale), R_PAD=U.rank_pad(r), W_EMUL=U.bf16_emulated(w.dtype),
-            DOT_PREC=U.dot_precision() if dtype == torch.float32 else "ieee", BO=BO, BI=BI, num_warps=_WEFF_WARPS)
+            DOT_PREC=U.dot_precision() if dtype == torch.float32 else "ieee", BO=BO, BI=BI, num_warps=_WEFF_WARPS,
+            num_stages=_STAGES)
     return w_eff
 
 
@@ -737,7 +742,7 @@ def mask_contract(G, lora_A, lora_B, mask, kind, block_o, block_i, scale, need_d
                                            *U.mask_geometry(kind, block_o, block_i), triton.cdiv(IN, T), n_listed,
                                            R_PAD=R_PAD, G_EMUL=U.bf16_emulated(G.dtype),
                                            DOT_PREC=U.dot_precision() if act_dtype == torch.float32 else "ieee",
-                                           T=T, num_warps=_CONTRACT_WARPS)
+                                           T=T, num_warps=_CONTRACT_WARPS, num_stages=_STAGES)
         if need_dB:
             _reduce_db_kernel[(triton.cdiv(OUT, T),)](pb, rowptr, dB, OUT, r, n_listed, 1, float(scale),
                                                      R_PAD=R_PAD, T=T, num_warps=U.REDUCE_WARPS)
@@ -868,4 +873,30 @@ def aot_specs():
             specs.append(U.make_spec(_reduce_da_kernel, dict(
                 pa_ptr="*fp32", colptr_ptr="*i32", colidx_ptr="*i32", da_ptr="*fp32", IN=i32, r=i32,
                 n_listed=i32, n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 1, lab))
+    return specs + composite_aot_specs()
+
+
+def composite_aot_specs():
+    """The composite path's kernels as the launchers launch them: the W_eff build per activation dtype (the
+    weight's and the output's) × fp32 dot precision (fp32 activations: torch's two settings) × padded rank;
+    the mask-and-contract pass per G dtype (fp32 from linear's GEMM, the activation dtype from conv's wgrad)
+    × precision × padded rank × weight-gradient tile."""
+    specs = []
+    i32, f32 = "i32", "fp32"
+    geo = dict(mask_stride=i32, row_div=i32, col_div=i32, bit_mask=i32)
+    BO, BI = _WEFF_TILE
+    for dt in U.ACT_DTYPES:
+        p, name = U.ptr(dt), U.SIG_DTYPES[dt]
+        for prec in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
+            for R in U.RANK_PADS:
+                specs.append(U.make_spec(_weff_kernel, dict(
+                    w_ptr=p, a_ptr="*fp32", b_ptr="*fp32", mask_ptr="*u8", out_ptr=p, OUT=i32, IN=i32, r=i32,
+                    **geo, skip_empty=i32, scale=f32), dict(R_PAD=R, W_EMUL=False, DOT_PREC=prec, BO=BO, BI=BI),
+                    _WEFF_WARPS, _STAGES, f"{name} {prec} R{R} BO{BO}-BI{BI}-w{_WEFF_WARPS}"))
+                for T in U.WGRAD_TILES:
+                    specs.append(U.make_spec(_mask_contract_kernel, dict(
+                        g_ptr=p, a_ptr="*fp32", b_ptr="*fp32", mask_ptr="*u8", tiles_ptr="*i32", pa_ptr="*fp32",
+                        pb_ptr="*fp32", OUT=i32, IN=i32, r=i32, **geo, n_q=i32, n_listed=i32),
+                        dict(R_PAD=R, G_EMUL=False, DOT_PREC=prec, T=T), _CONTRACT_WARPS, _STAGES,
+                        f"G {name} {prec} R{R} T{T}-w{_CONTRACT_WARPS}"))
     return specs
