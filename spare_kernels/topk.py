@@ -41,14 +41,15 @@ cut (at most one per group), ``topk_equal_counts`` counts ties per chunk, ``cums
 array, and the pack kernel ranks ties within its chunk by a block scan. ``topk_pack`` writes the packed
 uint8 mask rows into the flat buffer (one thread per output byte).
 
-Cost at SD-1.5's 860 M fp32 scores in 686 tensors, H100 (~3 TB/s): window path 2 full reads (window
-pass, pack) ≈ 2 × 1.15 ms + the sample and its sort (~0.1 ms) + the candidates' passes (~0.05 ms)
-+ ~15 launches and up to 6 syncs (~0.2 ms) + host setup ≈ 0.8 ms before the first launch (measured on this project's CPU
-host: 7.1 ms before, 686 output allocations) ≈ 3.3 ms (predicted; compiled, not yet run on a GPU).
-Extra device memory: tables ``n·(72 + 16 + 257·8)`` bytes; the sample (4 MB, ~12 MB more while it is
-sorted) then the candidates (8 bytes each, capacity 1.2× the expected window: ~21 MB at 860 M) and the
-tie count's temporaries (~5 bytes a candidate): ~32 MB ≈ 0.9% of the fp32 scores; the radix path's candidates at most 1/8 of the
-scores' bytes; ``16·ceil(B_cut / 256)`` bytes of tie counts; plus the output masks (1/32 of fp32 scores).
+Cost at SD-1.5's 860 M fp32 scores in 686 tensors, H100 (~3 TB/s), predicted (compiled, not yet run on
+a GPU): the window path reads the scores twice (window pass, pack) ≈ 2 × 1.15 ms, + the sample and its
+sort (~0.1 ms) + the candidates' passes (~0.05 ms) + ~15 launches and up to 6 syncs (~0.2 ms) + the
+host setup before the first launch (0.8 ms measured on this project's CPU host, against 2.5-7 ms
+before: 686 output allocations) ≈ 3.5 ms. Extra device memory: tables ``n·(72 + 16 + 257·8)`` bytes;
+the sample (4 MB, ~12 MB more while it is sorted), then the candidates (8 bytes each, capacity 1.2×
+the expected window: ~21 MB at 860 M) and the tie count's temporaries (~5 bytes a candidate): ~32 MB
+≈ 0.9% of the fp32 scores; the radix path's candidates at most 1/8 of the scores' bytes;
+``16·ceil(B_cut / 256)`` bytes of tie counts; plus the output masks (1/32 of fp32 scores).
 """
 from __future__ import annotations
 
@@ -724,7 +725,8 @@ def _device_topk(scores: dict, density: float, scope: str, ops, config=None, com
     views = []                             # the masks' views of the flat buffer, made while the first pass runs
 
     def make_views():
-        views.extend(flat.as_strided((r, b), (b, 1), o) for r, b, o in zip(rows.tolist(), rb.tolist(), out_off.tolist()))
+        views.extend(flat.as_strided((r, b), (b, 1), o)
+                     for r, b, o in zip(rows.tolist(), rb.tolist(), out_off.tolist()))
     idle = [make_views]
     if not per_module and bool(active[0]) and window is not False:
         got = _window_select(ops, desc, n, int(size[0]), int(need[0]), dev, threads, hchunk, hblocks, cchunk, names,

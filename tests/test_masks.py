@@ -206,7 +206,8 @@ def test_module_wire_reads_no_tensor():
                 Reads.n += 1
             return func(*args, **(kwargs or {}))
 
-    masks = [Mask("module", (4, 6), torch.tensor(True)), Mask.from_dense(torch.zeros(4, 6, dtype=torch.bool), "module"),
+    masks = [Mask("module", (4, 6), torch.tensor(True)),
+             Mask.from_dense(torch.zeros(4, 6, dtype=torch.bool), "module"),
              topk_masks({"a": torch.randn(3, 3), "b": torch.randn(5)}, 0.5, "module")["b"],
              Mask._trusted("module", torch.Size((4, 6)), torch.tensor(True))]
     with Reads():

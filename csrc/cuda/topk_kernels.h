@@ -24,7 +24,8 @@
 //   desc  (n, kDescCols): kPtr, kBytes (rows * row_bytes), kCols, kRowBytes, kDtype, kHBlock0,
 //                         kPBlock0, kOut (the byte offset of the tensor's mask rows in the ONE flat
 //                         output buffer of every mask), kE0 (its first entry in the concatenated
-//                         order of all tensors: the sample's positions). kBytes and kRowBytes are below 2^32 (checked by the driver):
+//                         order of all tensors: the sample's positions). kBytes and kRowBytes are
+//                         below 2^32 (checked by the driver):
 //                         byte -> (row, col) takes 32-bit divisions, not 64-bit ones (which cost
 //                         registers and spills in every kernel).
 //   sel   (n, kSelCols):  kThr, kMode, kTake, kEq0  (the pack's per-tensor selection rule)

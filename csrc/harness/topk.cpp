@@ -4,7 +4,8 @@
 // torch.ops.spare_kernels_cuda.topk_*. spare_kernels/topk.py's driver (_device_topk) runs unchanged
 // on either namespace. Everything of the kernels runs here except the GPU-only instructions inside
 // warp_hist_add and warp_stage (__any_sync/__match_any_sync/__ballot_sync/__shfl_sync warp
-// aggregation, replaced by plain adds giving the same counts and the same staged keys) and the atomics (atomic_add/shared_add: plain adds, blocks and threads in order).
+// aggregation, replaced by plain adds giving the same counts and the same staged keys) and the atomics
+// (atomic_add/shared_add: plain adds, blocks and threads in order).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -46,6 +47,10 @@ void topk_histogram(const at::Tensor& desc, const at::Tensor& prefix, const at::
 // Rows of a table as host int64 rows (the harness can check the device-side contents the CUDA op trusts).
 const int64_t* rows_of(const at::Tensor& t) { return t.data_ptr<int64_t>(); }
 
+bool segment_inside(const int64_t* row, int64_t size) {
+  return row[kCOff] >= 0 && row[kCCount] >= 0 && row[kCOff] + row[kCCount] <= size;
+}
+
 // Pass 1 (compact_kernel of topk.cu, the same phases and barriers, the loop of rounds included).
 void topk_compact(const at::Tensor& desc, const at::Tensor& prefix, const at::Tensor& hist, const at::Tensor& ctab,
                   const at::Tensor& cursor, const at::Tensor& cand, int64_t threads, int64_t chunk_bytes,
@@ -56,8 +61,7 @@ void topk_compact(const at::Tensor& desc, const at::Tensor& prefix, const at::Te
   if (keep) {  // segments inside cand (the CUDA op trusts the driver here)
     const int64_t* c = rows_of(ctab);
     for (int64_t i = 0; i < n; ++i)
-      TORCH_CHECK(c[i * kCandCols + kCOff] >= 0 && c[i * kCandCols + kCOff] + c[i * kCandCols + kCCount] <= cand.numel(),
-                  "topk_compact: ctab row ", i, " lies outside cand");
+      TORCH_CHECK(segment_inside(c + i * kCandCols, cand.numel()), "topk_compact: ctab row ", i, " lies outside cand");
   }
   if (nblocks == 0 || n == 0) return;
   CompactParams p{desc.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
@@ -68,13 +72,15 @@ void topk_compact(const at::Tensor& desc, const at::Tensor& prefix, const at::Te
   auto sh = std::make_unique<CompactShared>();
   for (int64_t b = 0; b < nblocks; ++b) {
     auto run = [&](auto&& phase) {
-      for (int64_t tid = 0; tid < threads; ++tid) phase(Thread{Dim3{b, 0, 0}, Dim3{tid, 0, 0}, Dim3{nblocks}, Dim3{threads}});
+      for (int64_t tid = 0; tid < threads; ++tid)
+        phase(Thread{Dim3{b, 0, 0}, Dim3{tid, 0, 0}, Dim3{nblocks}, Dim3{threads}});
     };
+    const Thread t0{Dim3{b, 0, 0}, Dim3{0, 0, 0}, Dim3{nblocks}, Dim3{threads}};  // block-uniform reads
     run([&](Thread t) { compact_start(t, p, sh.get()); });
-    const int32_t rounds = compact_rounds(Thread{Dim3{b, 0, 0}, Dim3{0, 0, 0}, Dim3{nblocks}, Dim3{threads}}, sh.get());
+    const int32_t rounds = compact_rounds(t0, sh.get());
     for (int32_t r = 0; r < rounds; ++r) {
       run([&](Thread t) { compact_round(t, p, sh.get(), r); });
-      if (compact_should_flush(Thread{Dim3{b, 0, 0}, Dim3{0, 0, 0}, Dim3{nblocks}, Dim3{threads}}, sh.get(), r, rounds)) {
+      if (compact_should_flush(t0, sh.get(), r, rounds)) {
         run([&](Thread t) { compact_reserve(t, p, sh.get()); });
         run([&](Thread t) { compact_copy(t, p, sh.get()); });
       }
@@ -89,8 +95,8 @@ void topk_cand_histogram(const at::Tensor& ctab, const at::Tensor& prefix, const
   check_threads(threads, "topk_cand_histogram");
   const int64_t* c = rows_of(ctab);
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(c[i * kCandCols + kCOff] >= 0 && c[i * kCandCols + kCOff] + c[i * kCandCols + kCCount] <= cand.numel(),
-                "topk_cand_histogram: ctab row ", i, " lies outside cand");
+    TORCH_CHECK(segment_inside(c + i * kCandCols, cand.numel()), "topk_cand_histogram: ctab row ", i,
+                " lies outside cand");
   if (nblocks == 0 || n == 0 || cand.numel() == 0) return;
   CandHistParams p{ctab.data_ptr<int64_t>(), n, prefix.data_ptr<int64_t>(),
                    reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
