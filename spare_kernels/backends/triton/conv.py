@@ -40,6 +40,11 @@ fastest), neighbouring threads then read neighbouring pixels of one channel plan
   rows straddle groups runs its pixel loop once per group it touches, with the other rows masked.
 - Row / no mask ``dA``/``dB``: factored, through torch convs (as the reference), sharing dx's ``dz``.
 
+Composite path (``costmodel.choose_path``, as linear's; ``SPARE_KERNELS_PATH`` forces it): ``W_eff`` of the
+``(out, K)`` matrix built once by linear's ``_weff_kernel``, then ``F.conv2d`` / the input-grad conv with it
+(cuDNN), ``G`` from cuDNN's 16-bit wgrad (rounded to the activation dtype: see ``_composite_backward``)
+and linear's mask-and-contract pass; row / no mask factored through torch convs.
+
 groups > 1 run in the kernels: the forward and dx grids carry the group (tiles never straddle one);
 the weight-gradient and saliency tiles are those of the ``(out, K)`` matrix (see above).
 

@@ -20,6 +20,14 @@ formula, so one compiled variant serves both):
   partials; ``_reduce_db_kernel`` / ``_reduce_da_kernel`` sum the partials in a fixed order. Block masks
   list only the tiles that overlap an on block, so that side's cost falls with density.
 
+Two paths per call, picked by ``spare_kernels.costmodel.choose_path`` (``SPARE_KERNELS_PATH`` forces one):
+"fused" (the kernels above: the W_eff tile rebuilt in registers per token tile, which wins with few token
+tiles and with sparse block masks) and "composite" (many tokens): ``_weff_kernel`` builds ``W_eff`` once
+(memory-bound, ≈ 4 B per weight entry), the forward and ``dx`` are one vendor GEMM each with it (rebuilt
+in backward, not kept), ``G = dyᵀ·x`` is one vendor GEMM with fp32 output, and ``_mask_contract_kernel``
+masks and contracts G into the same partials, reduced by the same kernels. Row / no mask: the factored
+form through vendor GEMMs (``x·Wᵀ + s·(x·Aᵀ)·(diag(m)·B)ᵀ``, no ``out×in`` tensor).
+
 Precision (as ``reference.py``: fp32 accumulation everywhere; fp32 dots at torch's matmul precision,
 ``utils.dot_precision``). With 16-bit activations the effective weight tile is rounded to the activation
 dtype and the main dot runs on 16-bit tensor cores (what ``F.linear(x, W_eff.to(x.dtype))`` computes);
