@@ -670,9 +670,10 @@ def choose(op, kind, n, out, cols, r, mask, x) -> str:
     """``"composite"`` or ``"fused"`` for one call (``spare_kernels.costmodel.choose_path``;
     ``SPARE_KERNELS_PATH`` forces one)."""
     from ... import costmodel
-    density = _block_density(mask) if kind == BLOCK else 1.0
-    return costmodel.choose_path(op, kind, n, out, cols, r, density=density, dtype=x.dtype, device=x.device,
-                                 backend="triton")
+    # A block mask's density is known cheaply (cached); an element mask's would need a popcount per call:
+    # the model's default stands in for it.
+    kw = dict(density=_block_density(mask)) if kind == BLOCK else {}
+    return costmodel.choose_path(op, kind, n, out, cols, r, dtype=x.dtype, device=x.device, backend="triton", **kw)
 
 
 def build_weff(weight, lora_A, lora_B, mask, kind, block_o, block_i, scale, dtype):
