@@ -213,3 +213,30 @@ def test_launchers_ask_the_cost_model(choice, monkeypatch):
                                    True, True, True)
     # n = N·H'·W', cols = C/g·kh·kw
     assert [a for a, _ in calls] == [("conv2d", ELEMENT, 2 * 4 * 3, 10, 18, 3)] * 2
+
+
+@pytest.mark.parametrize("kind", [ELEMENT, ROW], ids=lambda k: fmt.KIND_NAMES[k])
+def test_composite_ignores_an_enclosing_autocast(kind, monkeypatch):
+    """Under an autocast region the composite's torch GEMMs / convs keep the op's own precision (fp32 here),
+    as the reference and the fused kernels do."""
+    monkeypatch.setenv("SPARE_KERNELS_PATH", "composite")
+    g = torch.Generator().manual_seed(4)
+    x, W, A, B = (torch.randn(9, 40, generator=g), torch.randn(30, 40, generator=g), torch.randn(4, 40, generator=g),
+                  torch.randn(30, 4, generator=g))
+    dy = torch.randn(9, 30, generator=g)
+    m, _ = make_mask(kind, 30, 40, "random", 0, 0, g)
+    args = (m, kind, 0, 0, 0.5)
+    plain = TL.masked_lora_linear(x, W, None, A, B, *args), TL.masked_lora_linear_backward(dy, x, W, A, B, *args,
+                                                                                             True, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = TL.masked_lora_linear(x, W, None, A, B, *args), TL.masked_lora_linear_backward(dy, x, W, A, B, *args,
+                                                                                                 True, True, True)
+    assert torch.equal(plain[0], under[0]) and all(torch.equal(a, b) for a, b in zip(plain[1], under[1]))
+    xc, Wc = torch.randn(2, 4, 7, 6, generator=g), torch.randn(10, 4, 3, 3, generator=g)
+    Ac, Bc = torch.randn(3, 4, 3, 3, generator=g), torch.randn(10, 3, generator=g)
+    mc, _ = make_mask(kind, 10, 36, "random", 0, 0, g)
+    cargs = (mc, kind, 0, 0, 0.5, 1, 1, 1, 1)
+    plain = TC.masked_lora_conv2d(xc, Wc, None, Ac, Bc, *cargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = TC.masked_lora_conv2d(xc, Wc, None, Ac, Bc, *cargs)
+    assert under.dtype == torch.float32 and torch.equal(plain, under)

@@ -75,6 +75,7 @@ import triton.language as tl
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ... import maskfmt as fmt
+from ...utils import autocast
 from .. import reference as _ref
 from . import utils as U
 from .linear import (_ba_tile, _dummy_u8, _fallback, _gemm_consts, _kernel_adapters, _mask_u8, _reduce_da_kernel,
@@ -496,7 +497,7 @@ def masked_lora_conv2d(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
         raise ValueError(f"unknown mask kind {kind}")
     x, weight = x.contiguous(), weight.contiguous()
     if choose("conv2d", kind, g.M, g.OUT, g.K, r, mask, x) == "composite":
-        with U.device_guard(x):
+        with U.device_guard(x), autocast.off(x):   # its precision is its own, as the reference's
             return _composite_forward(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, g)
     A, B = _kernel_adapters(lora_A.reshape(r, g.K), lora_B, x.dtype)
     y = torch.empty(g.N, g.OUT, g.OH, g.OW, dtype=x.dtype, device=x.device)
@@ -711,7 +712,7 @@ def masked_lora_conv2d_backward(dy, x, weight, lora_A, lora_B, mask, kind, block
         raise ValueError(f"unknown mask kind {kind}")
     dy, x = dy.contiguous(), x.contiguous()
     if choose("conv2d", kind, g.M, g.OUT, g.K, lora_A.shape[0], mask, x) == "composite":
-        with U.device_guard(x):
+        with U.device_guard(x), autocast.off(x):   # its precision is its own, as the reference's
             grads = _composite_backward(dy, x, weight.contiguous(), lora_A, lora_B, mask, kind, block_o, block_i,
                                         scale, need_dx, need_dA, need_dB, g)
         return _ref._none_to_empty(x, *grads)

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ... import maskfmt as fmt
+from ...utils import autocast
 from .. import reference as _ref
 from . import utils as U
 from .utils import any_on, grouped_tile, load_act, mask_tile, mm_operand, small_dot
@@ -453,7 +454,7 @@ def masked_lora_linear(x, weight, bias, lora_A, lora_B, mask, kind, block_o, blo
     if kind not in (NONE, ELEMENT, BLOCK, ROW):
         raise ValueError(f"unknown mask kind {kind}")
     if choose("linear", kind, N, OUT, IN, r, mask, x) == "composite":
-        with U.device_guard(x):
+        with U.device_guard(x), autocast.off(x):   # its precision is its own, as the reference's
             return _composite_forward(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale)
     x, weight = x.contiguous(), weight.contiguous()
     A, B = _kernel_adapters(lora_A, lora_B, x.dtype)
@@ -817,7 +818,7 @@ def masked_lora_linear_backward(dy, x, weight, lora_A, lora_B, mask, kind, block
         raise ValueError(f"unknown mask kind {kind}")
     dy, x = dy.contiguous(), x.contiguous()
     if choose("linear", kind, x.shape[0], weight.shape[0], x.shape[1], lora_A.shape[0], mask, x) == "composite":
-        with U.device_guard(x):
+        with U.device_guard(x), autocast.off(x):   # its precision is its own, as the reference's
             grads = _composite_backward(dy, x, weight, lora_A, lora_B, mask, kind, block_o, block_i, scale,
                                         need_dx, need_dA, need_dB)
         return _ref._none_to_empty(x, *grads)
