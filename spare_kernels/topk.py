@@ -4,7 +4,9 @@
 Two engines compute the same masks bit for bit:
 
 - the generic engine (any device, every granularity and float dtype): a radix select with 16-bit
-  digits over chunks of at most ``2**20`` units, in torch ops;
+  digits over chunks of at most ``2**20`` units, in torch ops; off the CPU (e.g. CUDA without
+  ``_C_cuda``) its chunk loops never wait for the device: histograms, NaN flags, tie ranks and the
+  selected count stay there and are read a fixed number of times per pass (``_sync_free``);
 - the GPU engine (:func:`_device_topk`), for element masks when every score tensor is a contiguous
   fp32/fp16/bf16 CUDA tensor on one device and ``torch.ops.spare_kernels_cuda`` has the ``topk_*``
   ops (``csrc/cuda/topk.cu``; bodies in ``csrc/cuda/topk_kernels.h``).
@@ -634,7 +636,7 @@ def _window_select(ops, desc, n, total, k, dev, threads, hchunk, hblocks, cchunk
     hi = srt[m - 1 - hi_pos] if hi_pos >= 0 else torch.full((), i32.max, dtype=torch.int32, device=dev)
     lo = srt[m - 1 - lo_pos] if lo_pos < m else torch.full((), i32.min, dtype=torch.int32, device=dev)
     win = torch.stack([lo, hi])
-    del samp, srt
+    del samp, srt, lo, hi                               # (lo and hi are views of the sorted sample)
     counts = torch.zeros((n, 2), dtype=torch.int64, device=dev)
     cursor = torch.zeros(1, dtype=torch.int64, device=dev)
     cand = torch.empty(cap, dtype=torch.int32, device=dev)
