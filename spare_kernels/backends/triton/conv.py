@@ -86,9 +86,10 @@ from .utils import any_on, grouped_tile, load_act, mask_tile, mm_operand, small_
 NONE, ELEMENT, BLOCK, ROW = fmt.NONE, fmt.ELEMENT, fmt.BLOCK, fmt.ROW
 GROUP_M: tl.constexpr = tl.constexpr(8)
 
-# Autotune keys: the layer's geometry (the batch N is not specialised on, as linear's token count).
-_FWD_KEY = ["N", "C", "H", "W", "OUT", "KH", "KW", "sh", "sw", "R_PAD", "DOT_PREC"]
-_DX_KEY = ["N", "C", "HR", "WR", "OUT", "KH", "KW", "sh", "sw", "R_PAD", "DOT_PREC"]
+# Autotune keys: the layer's geometry (the batch N bucketed to a power of two by utils.autotune) and, for the
+# masked kernels, skip_empty (block masks skip off tiles: their own pick; the factored kernels lack it).
+_FWD_KEY = ["N", "C", "H", "W", "OUT", "KH", "KW", "sh", "sw", "R_PAD", "DOT_PREC", "skip_empty"]
+_DX_KEY = ["N", "C", "HR", "WR", "OUT", "KH", "KW", "sh", "sw", "R_PAD", "DOT_PREC", "skip_empty"]
 
 
 # ===================================================================================== kernels

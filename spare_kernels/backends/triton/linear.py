@@ -85,7 +85,7 @@ def _ba_tile(b_ptr, a_ptr, rows, cols, row_ok, col_ok, r, a_stride, EMUL_BF16: t
     return d
 
 
-@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
+@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC", "skip_empty"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
@@ -124,7 +124,7 @@ def _fwd_masked_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
+@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC", "skip_empty"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "x_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
@@ -167,7 +167,7 @@ def _fwd_factored_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, row_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
+@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC", "skip_empty"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "dy_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
@@ -205,7 +205,7 @@ def _dx_masked_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr,
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
 
 
-@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC"],
+@U.autotune(configs=U.gemm_configs(), key=["N", "OUT", "IN", "R_PAD", "DOT_PREC", "skip_empty"],
                  prune_configs_by={"early_config_prune": U.pruner(U.gemm_configs, "dy_ptr")})
 @triton.jit(do_not_specialize=["N"])
 def _dx_factored_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, row_ptr, dx_ptr,
@@ -876,13 +876,13 @@ def aot_specs():
                         dict(base, T=T, BT=BT), warps, stages, f"{name} {prec} R{R} T{T} BT{BT}-w{warps}-s{stages}"))
     for R in U.RANK_PADS:
         for T in U.WGRAD_TILES:
-            lab = f"R{R} T{T}"
+            lab = f"R{R} T{T}"   # 3 stages: the launchers pass none (Triton's default)
             specs.append(U.make_spec(_reduce_db_kernel, dict(
                 pb_ptr="*fp32", rowptr_ptr="*i32", db_ptr="*fp32", OUT=i32, r=i32, n_listed=i32,
-                n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 1, lab))
+                n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 3, lab))
             specs.append(U.make_spec(_reduce_da_kernel, dict(
                 pa_ptr="*fp32", colptr_ptr="*i32", colidx_ptr="*i32", da_ptr="*fp32", IN=i32, r=i32,
-                n_listed=i32, n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 1, lab))
+                n_listed=i32, n_split=i32, scale=f32), dict(R_PAD=R, T=T), U.REDUCE_WARPS, 3, lab))
     return specs + composite_aot_specs()
 
 

@@ -12,6 +12,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner as _Autotuner
 
 from ... import maskfmt as fmt
 from . import interpreting
@@ -90,10 +91,155 @@ def sm_count(t: torch.Tensor) -> int:
 
 
 # ------------------------------------------------------------------------------------- autotune
-def autotune(configs, key, **kwargs):
-    """``triton.autotune`` for this backend's kernels (every autotuned kernel here goes through it, so
-    how tuning keys are bucketed and where results are cached is decided in one place)."""
-    return triton.autotune(configs=configs, key=key, **kwargs)
+# Every autotuned kernel here goes through :func:`autotune`, so how tuning keys are bucketed and where
+# results are cached is decided in one place:
+# - Token counts in a key (linear's ``N`` tokens, saliency's ``T`` tokens per sample, conv's ``N`` batch:
+#   its pixels are ``N·OH·OW`` with the rest of the key fixed) are rounded up to a power of two
+#   (``registry.tokens_bucket``, as the GPU table's keys): a new batch size reuses the pick of its bucket
+#   instead of re-tuning (each tuning benchmarks 2 configs at ~25+100 ms of ``do_bench`` each: ≈ 0.3 s per
+#   kernel and shape, ≈ 80-200 shapes in a SD-1.5 training step). The masked kernels' keys also carry
+#   ``skip_empty`` (block masks skip off tiles, so a block mask's pick is not an element mask's).
+# - Picks are kept on disk across processes (:func:`autotune_dir`), one small JSON file per (kernel source,
+#   bucketed key, GPU name, triton version, candidate configs), written atomically. Triton's own
+#   ``cache_results`` (3.6 and 3.8 both have it) keys on the exact key and the architecture, not the GPU:
+#   an H100 and an H200 (both sm_90) would share picks, and every batch size would still tune once.
+BUCKETED = ("N", "T")
+# What tuned and how, in this process: ``(kernel, bucketed key, source, seconds)``, source one of "tuned",
+# "disk" (a pick from an earlier process), "single" (one candidate after pruning: nothing to tune).
+TUNE_LOG: list = []
+
+
+def autotune_dir() -> str:
+    """Folder of the on-disk autotune picks: ``$SPARE_KERNELS_AUTOTUNE_DIR``, else ``spare_kernels_autotune``
+    under ``$TRITON_CACHE_DIR`` (so the picks travel with the compiled kernels they were measured with),
+    else ``~/.cache/spare_kernels/autotune``."""
+    import os
+    d = os.environ.get("SPARE_KERNELS_AUTOTUNE_DIR")
+    if d:
+        return d
+    t = os.environ.get("TRITON_CACHE_DIR")
+    if t:
+        return os.path.join(t, "spare_kernels_autotune")
+    return os.path.join(os.path.expanduser("~"), ".cache", "spare_kernels", "autotune")
+
+
+def _config_id(cfg) -> str:
+    """A config as text that both triton versions agree on (its kwargs and launch options)."""
+    return repr(sorted((k, v) for k, v in cfg.all_kwargs().items() if v is not None))
+
+
+_DEVICE_NAMES: dict = {}
+
+
+def _device_name() -> str:
+    """Name of the current CUDA device (the launch runs inside ``device_guard``)."""
+    i = torch.cuda.current_device()
+    n = _DEVICE_NAMES.get(i)
+    if n is None:
+        n = _DEVICE_NAMES[i] = torch.cuda.get_device_name(i)
+    return n
+
+
+class BucketedAutotuner(_Autotuner):
+    """``triton``'s ``Autotuner`` with token counts bucketed in the key and picks kept on disk (see above).
+    It decides the config itself and hands triton's ``run`` an exact-key cache entry for it, so triton's
+    own benchmarking runs only when a bucket has no pick yet (same code in triton 3.6 and 3.8)."""
+
+    def __init__(self, *args, bucket=BUCKETED, device_name=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache_results = False       # ours replaces triton's exact-key disk cache
+        self.bucket = tuple(n for n in bucket if n in self.keys)
+        self.picks: dict = {}            # bucketed key -> Config
+        self.device_name = device_name   # None: the current CUDA device's (looked up per pick)
+
+    def _dev(self) -> str:
+        return self.device_name or _device_name()
+
+    def keys_of(self, args, kwargs):
+        """``(exact, bucketed)``: triton's own key for this call (the key arguments' values, then every
+        argument's dtype, in argument order) and the same with token counts bucketed."""
+        from ..registry import tokens_bucket
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        named = {k: v for k, v in named.items() if k in self.arg_names}
+        vals = [(k, named[k]) for k in self.keys if k in named]
+        dts = [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+        exact = tuple([v for _, v in vals] + dts)
+        bucketed = tuple([tokens_bucket(v) if k in self.bucket else v for k, v in vals] + dts)
+        return exact, bucketed
+
+    def _disk_path(self, bkey, candidates):
+        import hashlib
+        import os
+        fn = jit_fn(self.fn)
+        text = "\n".join([fn.__module__, fn.__name__, fn.cache_key, repr(bkey), self._dev(),
+                          triton.__version__] + [_config_id(c) for c in candidates])
+        h = hashlib.sha256(text.encode()).hexdigest()[:32]
+        return os.path.join(autotune_dir(), f"{fn.__name__}-{h}.json")
+
+    def _disk_get(self, bkey, candidates):
+        import json
+        try:
+            with open(self._disk_path(bkey, candidates)) as f:
+                want = json.load(f)["config"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return next((c for c in candidates if _config_id(c) == want), None)
+
+    def _disk_put(self, bkey, candidates, cfg, seconds):
+        import json
+        import os
+        import tempfile
+        path = self._disk_path(bkey, candidates)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"kernel": jit_fn(self.fn).__name__, "key": repr(bkey), "device": self._dev(),
+                           "triton": triton.__version__, "config": _config_id(cfg), "seconds": round(seconds, 3),
+                           "candidates": [_config_id(c) for c in candidates]}, f)
+            os.replace(tmp, path)   # atomic: a concurrent reader sees the old file or the whole new one
+        except OSError as e:        # a read-only home: tuning still works, it is just not kept
+            import warnings
+            warnings.warn(f"spare_kernels: autotune pick not saved to {path}: {e}", stacklevel=3)
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) <= 1:
+            return super().run(*args, **kwargs)
+        exact, bkey = self.keys_of(args, kwargs)
+        cfg = self.picks.get(bkey)
+        if cfg is None:
+            import time
+            name = jit_fn(self.fn).__name__
+            self.nargs = dict(zip(self.arg_names, args))
+            candidates = self.prune_configs(kwargs)
+            if len(candidates) == 1:
+                cfg, source = candidates[0], "single"
+            else:
+                cfg, source = self._disk_get(bkey, candidates), "disk"
+            if cfg is None:   # tune (triton benchmarks each candidate on the device), then launch
+                self.cache.pop(exact, None)
+                t0 = time.perf_counter()
+                ret = super().run(*args, **kwargs)
+                took = time.perf_counter() - t0
+                cfg = self.best_config
+                self.picks[bkey] = cfg
+                self._disk_put(bkey, candidates, cfg, took)
+                TUNE_LOG.append((name, bkey, "tuned", took))
+                return ret
+            self.picks[bkey] = cfg
+            TUNE_LOG.append((name, bkey, source, 0.0))
+        self.cache[exact] = cfg
+        return super().run(*args, **kwargs)
+
+
+def autotune(configs, key, prune_configs_by=None, reset_to_zero=None, restore_value=None, bucket=BUCKETED,
+             **kwargs):
+    """``triton.autotune`` with :class:`BucketedAutotuner`: ``bucket`` names the key arguments that are token
+    counts (bucketed to powers of two; names not in ``key`` are ignored)."""
+    def decorator(fn):
+        return BucketedAutotuner(fn, fn.arg_names, configs, key, reset_to_zero, restore_value,
+                                 prune_configs_by=prune_configs_by, bucket=bucket, **kwargs)
+    return decorator
 
 
 # -------------------------------------------------------------------------------- autotune sets
