@@ -26,7 +26,7 @@ env                  10      30  versions: nvidia-smi, python, torch, triton; th
 wheels               20     120  .whl/ installed offline (diffusers and what it needs); diffusers imports
 import                -      60  spare_kernels, its triton backend, diffusers and peft import; backends per device
 build               100      60  _C and _C_cuda (this GPU arch) built in parallel; no _C_cuda fails loudly. Rehearsal: a required CUDA build refuses this CPU torch
-selfcheck            30       -  python -m spare_kernels.selfcheck --quick: every op on every backend against the reference
+selfcheck            30       -  python -m spare_kernels.selfcheck --quick on cuda (and reference): every op against the reference
 pytest_cuda          40       -  pytest -m gpu without the triton-parametrised tests (the cuda backend: nothing compiled at run time)
 pytest_collect        -     180  pytest -m gpu --collect-only: finds the GPU tests, no collection error
 bench_cold           55       -  warmup (or the first call): the Triton JIT compile-and-tune time; then first step vs warm step
@@ -173,10 +173,14 @@ step_build() {
   [ $rc_cuda -eq 0 ] || tail -40 "$OUT/build_cuda.log"
   [ $rc_cpu -eq 0 ] || tail -20 "$OUT/build_cpu.log"
   _cuda_ext_check || return 1
+  # every backend op defined with a CUDA kernel, the wire format equal to maskfmt.py (make cuda-ext's check)
+  "$PY" tools/check_cuda_ext.py build/gpu-cuda || return 1
   [ $rc_cpu -eq 0 ] && [ $rc_cuda -eq 0 ]
 }
 
-step_selfcheck() { "$PY" -m spare_kernels.selfcheck --quick; }
+# cuda (and the reference, the harness's own check) only: triton's JIT stays cold for bench_cold; the
+# triton backend's grid runs in pytest_triton (tests/test_gpu.py parametrises it over every backend)
+step_selfcheck() { "$PY" -m spare_kernels.selfcheck --quick --backend cuda reference; }
 
 # -m gpu after pyproject's addopts ("-m 'not slow and not interp'"): the last -m is the one pytest takes
 _pytest_gpu() { "$PY" -m pytest -q -m gpu -p no:cacheprovider "$@" tests; }
