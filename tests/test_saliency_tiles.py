@@ -45,12 +45,19 @@ def close(got, want):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("square", [0, 1])
-@pytest.mark.parametrize("S,T,IN,OUT", [(3, 5, 70, 37), (4, 33, 17, 65), (2, 77, 40, 24), (5, 1, 9, 130)], ids=str)
+# IN, OUT multiples of 8 and 16-byte aligned take the 16-byte loads (vec_a / vec_b), the others entry by
+# entry; "misaligned" shifts both by one entry so even multiples of 8 take the entry path.
+@pytest.mark.parametrize("S,T,IN,OUT", [(3, 5, 70, 37), (4, 33, 17, 65), (2, 77, 40, 24), (5, 1, 9, 130),
+                                        (3, 21, 136, 72), (2, 40, 64, 8)], ids=str)
 @pytest.mark.parametrize("target", [NO_SPLIT, 1000], ids=["one-group", "split"])
-def test_linear_tiles(h, dtype, square, S, T, IN, OUT, target):
+@pytest.mark.parametrize("align", ["aligned", "misaligned"])
+def test_linear_tiles(h, dtype, square, S, T, IN, OUT, target, align):
     torch.manual_seed(S * 100 + T)
     x = torch.randn(S, T, IN).to(dtype)
     dy = torch.randn(S, T, OUT).to(dtype)
+    if align == "misaligned":
+        x, dy = (torch.cat([torch.zeros(1, dtype=dtype), t.flatten()])[1:].view(t.shape) for t in (x, dy))
+        assert x.data_ptr() % 16 and dy.data_ptr() % 16
     base = torch.randn(OUT, IN)
     acc = base.clone()
     groups = h.sal_tiles_linear(acc, x, dy, square, target, BIG)
@@ -61,9 +68,11 @@ def test_linear_tiles(h, dtype, square, S, T, IN, OUT, target):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("square", [0, 1])
-@pytest.mark.parametrize("conv", [((3, 6, 9, 8), (5, 6, 3, 3), (1, 1), (1, 1), (1, 1)),
+@pytest.mark.parametrize("conv", [((3, 6, 9, 8), (5, 6, 3, 3), (1, 1), (1, 1), (1, 1)),      # 72 pixels: vec_a
+                                  ((2, 5, 8, 8), (70, 5, 3, 3), (1, 1), (1, 1), (1, 1)),      # 64 pixels: vec_a
                                   ((2, 7, 11, 9), (70, 7, 3, 2), (2, 1), (1, 0), (2, 3)),
-                                  ((4, 3, 6, 6), (9, 3, 1, 1), (1, 1), (0, 0), (1, 1))], ids=str)
+                                  ((4, 3, 6, 6), (9, 3, 1, 1), (1, 1), (0, 0), (1, 1)),
+                                  ((3, 4, 4, 3), (5, 4, 3, 3), (1, 1), (0, 0), (1, 1))], ids=str)   # OW = 1
 @pytest.mark.parametrize("target", [NO_SPLIT, 1000], ids=["one-group", "split"])
 def test_conv_tiles(h, dtype, square, conv, target):
     xs, ws, stride, padding, dilation = conv
@@ -74,7 +83,8 @@ def test_conv_tiles(h, dtype, square, conv, target):
     base = torch.randn(ws)
     acc = base.clone()
     groups = h.sal_tiles_conv(acc, x, dy, list(stride), list(padding), list(dilation), square, target, BIG)
-    assert groups == (1 if target == NO_SPLIT else xs[0])
+    tiles = -(-ws[0] // 64) * -(-(ws[1] * ws[2] * ws[3]) // 64)
+    assert groups == (1 if target == NO_SPLIT else min(xs[0], -(-target // tiles)))
     close(acc - base, want_conv(x, dy, ws, stride, padding, dilation, square))
 
 
@@ -104,8 +114,8 @@ def test_split_matches_one_group(h):
 
 def test_split_rule(h):
     # (S, tiles, numel, target, max_partial) -> [samples per group, groups]
-    assert h.sal_split(8, 25, 320 * 320, 528, BIG) == [1, 8]       # few tiles: one sample per group
-    assert h.sal_split(8, 900, 1280 * 11520, 528, BIG) == [8, 1]   # tiles enough: no partials
+    assert h.sal_split(8, 25, 320 * 320, 396, BIG) == [1, 8]       # few tiles: one sample per group
+    assert h.sal_split(8, 3600, 1280 * 11520, 396, BIG) == [8, 1]  # tiles enough: no partials
     assert h.sal_split(7, 100, 1000, 300, BIG) == [3, 3]           # cdiv(300, 100) = 3 groups of 3, 3, 1
     assert h.sal_split(5, 10, 1000, 1000, BIG) == [1, 5]           # never more groups than samples
     assert h.sal_split(8, 10, 1000, 1000, 2500) == [4, 2]          # partials capped at 2 weights

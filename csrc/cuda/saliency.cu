@@ -89,6 +89,7 @@ struct DeviceBlock {
 };
 
 // grid (tiles, groups), kSalThreads threads; 2 × 4.5 KiB of 16-bit staging + 4 KiB of fragment slots.
+// ptxas -v (nvcc 13): fp16 128 registers, bf16 166 (asking for 4 blocks per SM, i.e. ≤ 128, spilled ≈ 290 B).
 template <typename TG>
 __global__ void __launch_bounds__(spare::kSalThreads) sample_tile_kernel(spare::SampleTileParams<TG> p) {
   __shared__ __align__(32) uint16_t sa[spare::kSalStageElems];

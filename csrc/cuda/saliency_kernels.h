@@ -33,7 +33,7 @@ constexpr int kSalTileO = 64, kSalTileI = 64;     // block tile of the weight
 constexpr int kSalWarpO = 32, kSalWarpI = 32;     // warp sub-tile: 2×2 fragments
 constexpr int kSalFrag = 16;                      // WMMA m = n = k = 16 (bf16 / fp16)
 // Tokens per staged chunk: two WMMA k-steps per barrier pair; 8 KiB of 16-bit staging per chunk. T not a
-// multiple of it is zero-padded (T = 77: 96 tokens of work, 25% extra on cross-attention; 64 pixels: none).
+// multiple of 16 is zero-padded (T = 77: 80 tokens of MMA work, the k-step past T is skipped; 64: none).
 constexpr int kSalStepT = 32;
 // Shared-memory row length in elements: 64 + 8 (a multiple of 8 for WMMA loads; the 16-byte offset
 // staggers the rows over the banks).
@@ -57,6 +57,16 @@ struct SampleTileParams {
   // conv (conv != 0): x (S, C, H, W); column i = (c, r, q) of the (C, KH, KW) kernel; token t = (oh, ow).
   int64_t conv, C, H, W, KH, KW, OW, sh, sw, ph, pw, dh, dw;
   int64_t square;        // 1: g², 0: |g|
+  // 16-byte loads: vec_a when dy's contiguous extent (OUT for linear, OH·OW for conv) is a multiple of 8
+  // and dy is 16-byte aligned; vec_b (linear) when IN is and x is. 8 entries per load instead of 1: the
+  // staging's instruction count, not the tensor cores, bounds the scalar path (≈ 12 instructions per
+  // entry, 32 entries per thread per chunk ≈ 4× the chunk's MMA issue time).
+  int64_t vec_a, vec_b;
+};
+
+template <typename TG>
+struct alignas(16) SalVec8 {
+  TG v[8];
 };
 
 struct SampleReduceParams {
@@ -82,18 +92,23 @@ SPARE_HD inline void warp_sync() {
 // acc update, ≈ 12 B/BW; the tile kernel costs 2T/R_tile and no traffic. Tiles win while
 // T < 6 / (BW · (1/R_tile − 1/R_gemm)); estimates for an H100 (not yet measured): BW 3 TB/s (HBM: the
 // worst case, small weights' scratch stays in the 50 MB L2), R_gemm ≈ 600 TFLOP/s (cuBLAS bf16 at these
-// shapes), R_tile ≈ 250 TFLOP/s (mma.sync reaches ≈ 2/3 of the 990 TFLOP/s dense peak; single-buffered
-// staging with two barriers per 32 tokens costs about a third more) → T < ≈ 860. SD-1.5 at a 64×64 latent:
-// 4096 and 1024 tokens take the ATen path, 256, 77 (cross-attention K/V) and 64 take the tiles.
+// shapes), R_tile ≈ 300 TFLOP/s linear / 250 conv (mma.sync peaks at ≈ 2/3 of the 990 TFLOP/s dense rate;
+// per 64×64×32 block step ≈ 90 clocks of MMA against ≈ 120 (16-byte staging) / 240 (conv gather) issue
+// clocks, single-buffered) → T < ≈ 1200 (linear) / 860 (conv); 768 also keeps 1024-token layers, whose
+// scratch fits L2 (320×320×8 fp32 = 3.3 MB), on the ATen path. SD-1.5 at a 64×64 latent: 4096 and 1024
+// tokens take the ATen path, 256, 77 (cross-attention K/V) and 64 take the tiles.
 // fp32 inputs always take the ATen path: the WMMA path would round them (TF32), the reference does not.
 constexpr int64_t kSalTileMaxTokens = 768;
-// Blocks per SM a split aims at: 128 threads at ≤ 128 registers and 17 KiB of shared memory fit 4 per SM
-// (65536 registers); one full wave, so the sample split never leaves SMs idle for want of tiles.
-constexpr int64_t kSalBlocksPerSM = 4;
+// Blocks per SM a split aims at: 128 threads at 166 registers (bf16; fp16 128) and 13 KiB of shared
+// memory fit 3 per SM (65536 registers); one full wave, so the sample split never leaves SMs idle for
+// want of tiles.
+constexpr int64_t kSalBlocksPerSM = 3;
 
 inline bool sal_use_tiles(int64_t tokens, bool sixteen_bit) {
   return sixteen_bit && tokens > 1 && tokens <= kSalTileMaxTokens;
 }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename TG>
 inline SampleTileParams<TG> sal_linear_params(const TG* x, const TG* dy, int64_t S, int64_t T, int64_t OUT,
@@ -106,6 +121,8 @@ inline SampleTileParams<TG> sal_linear_params(const TG* x, const TG* dy, int64_t
   p.x_ss = T * IN, p.x_st = IN;
   p.square = square;
   p.spg = S, p.groups = 1;
+  p.vec_a = OUT % 8 == 0 && aligned16(dy);
+  p.vec_b = IN % 8 == 0 && aligned16(x);
   return p;
 }
 
@@ -119,6 +136,8 @@ inline SampleTileParams<TG> sal_conv_params(const TG* x, const TG* dy, int64_t S
   SampleTileParams<TG> p = sal_linear_params(x, dy, S, OH * OW, OUT, C * KH * KW, square);
   p.dy_ss = OUT * OH * OW, p.dy_st = 1, p.dy_so = OH * OW;
   p.x_ss = p.x_st = 0;
+  p.vec_a = (OH * OW) % 8 == 0 && aligned16(dy);
+  p.vec_b = 0;   // the unfolded input is gathered entry by entry
   p.conv = 1, p.C = C, p.H = H, p.W = W, p.KH = KH, p.KW = KW, p.OW = OW;
   p.sh = stride[0], p.sw = stride[1], p.ph = padding[0], p.pw = padding[1], p.dh = dilation[0], p.dw = dilation[1];
   return p;
@@ -143,31 +162,74 @@ inline SalSplit sal_split(int64_t S, int64_t tiles, int64_t numel, int64_t targe
 template <typename TG>
 SPARE_HD inline void sal_stage(const SampleTileParams<TG>& p, int64_t s, int64_t t0, int64_t o0, int64_t i0,
                                int64_t tid, TG* sa, TG* sb) {
-  const TG zero = TG(0.f);
+  const TG zero = TG(0, TG::from_bits());   // +0 as bits: no float rounding code (c10::Half / BFloat16)
   // A: dy rows o0.., tokens t0.. as a column-major (o fastest) 64 × 32 tile; lanes along dy's
   // contiguous dim (o for linear, t for conv) so the global loads coalesce.
   const bool o_fast = p.dy_so == 1;
-  for (int64_t e = tid; e < kSalTileO * kSalStepT; e += kSalThreads) {
-    const int64_t o = o_fast ? e % kSalTileO : e / kSalStepT, t = o_fast ? e / kSalTileO : e % kSalStepT;
-    const int64_t go = o0 + o, gt = t0 + t;
-    sa[o + t * kSalLd] = (go < p.OUT && gt < p.T) ? p.dy[s * p.dy_ss + gt * p.dy_st + go * p.dy_so] : zero;
-  }
-  // B: x tokens × columns i0.., row-major (i fastest). A thread keeps one column (kSalThreads is a
-  // multiple of kSalTileI), so a conv's column decomposition is loop-invariant.
-  for (int64_t e = tid; e < kSalStepT * kSalTileI; e += kSalThreads) {
-    const int64_t i = e % kSalTileI, t = e / kSalTileI;
-    const int64_t gi = i0 + i, gt = t0 + t;
-    TG v = zero;
-    if (gi < p.IN && gt < p.T) {
-      if (p.conv == 0) {
-        v = p.x[s * p.x_ss + gt * p.x_st + gi];
+  if (p.vec_a) {   // 8 entries along the contiguous dim: all inside the shapes or all outside
+    constexpr int64_t vo = kSalTileO / 8, vt = kSalStepT / 8;
+    for (int64_t e = tid; e < kSalTileO * kSalStepT / 8; e += kSalThreads) {
+      const int64_t o = o_fast ? e % vo * 8 : e / vt, t = o_fast ? e / vo : e % vt * 8;
+      const int64_t go = o0 + o, gt = t0 + t;
+      SalVec8<TG> v;
+      if (go < p.OUT && gt < p.T) {
+        v = *reinterpret_cast<const SalVec8<TG>*>(p.dy + s * p.dy_ss + gt * p.dy_st + go * p.dy_so);
       } else {
-        const int64_t khw = p.KH * p.KW, c = gi / khw, r = (gi / p.KW) % p.KH, q = gi % p.KW;
-        const int64_t ih = (gt / p.OW) * p.sh - p.ph + r * p.dh, iw = (gt % p.OW) * p.sw - p.pw + q * p.dw;
-        if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) v = p.x[((s * p.C + c) * p.H + ih) * p.W + iw];
+        SPARE_UNROLL for (int j = 0; j < 8; ++j) v.v[j] = zero;
+      }
+      if (o_fast) {
+        *reinterpret_cast<SalVec8<TG>*>(sa + o + t * kSalLd) = v;
+      } else {
+        SPARE_UNROLL for (int j = 0; j < 8; ++j) sa[o + (t + j) * kSalLd] = v.v[j];
       }
     }
+  } else {
+    for (int64_t e = tid; e < kSalTileO * kSalStepT; e += kSalThreads) {
+      const int64_t o = o_fast ? e % kSalTileO : e / kSalStepT, t = o_fast ? e / kSalTileO : e % kSalStepT;
+      const int64_t go = o0 + o, gt = t0 + t;
+      sa[o + t * kSalLd] = (go < p.OUT && gt < p.T) ? p.dy[s * p.dy_ss + gt * p.dy_st + go * p.dy_so] : zero;
+    }
+  }
+  if (p.vec_b) {   // linear x, 8 columns per load
+    for (int64_t e = tid; e < kSalStepT * kSalTileI / 8; e += kSalThreads) {
+      const int64_t i = e % (kSalTileI / 8) * 8, t = e / (kSalTileI / 8);
+      const int64_t gi = i0 + i, gt = t0 + t;
+      SalVec8<TG> v;
+      if (gi < p.IN && gt < p.T) {
+        v = *reinterpret_cast<const SalVec8<TG>*>(p.x + s * p.x_ss + gt * p.x_st + gi);
+      } else {
+        SPARE_UNROLL for (int j = 0; j < 8; ++j) v.v[j] = zero;
+      }
+      *reinterpret_cast<SalVec8<TG>*>(sb + t * kSalLd + i) = v;
+    }
+    return;
+  }
+  // B: x tokens × columns i0.., row-major (i fastest). A thread keeps one column (kSalThreads is a
+  // multiple of kSalTileI) and steps over the rows, so a conv's column decomposition and the pixel's
+  // (oh, ow) division happen once per chunk, not per entry.
+  static_assert(kSalThreads % kSalTileI == 0, "one column per thread");
+  constexpr int64_t rstep = kSalThreads / kSalTileI;
+  const int64_t i = tid % kSalTileI, gi = i0 + i;
+  if (p.conv == 0) {
+    for (int64_t t = tid / kSalTileI; t < kSalStepT; t += rstep) {
+      const int64_t gt = t0 + t;
+      sb[t * kSalLd + i] = (gi < p.IN && gt < p.T) ? p.x[s * p.x_ss + gt * p.x_st + gi] : zero;
+    }
+    return;
+  }
+  const int64_t khw = p.KH * p.KW, c = gi / khw, r = (gi / p.KW) % p.KH, q = gi % p.KW;
+  const TG* xs = p.x + (s * p.C + c) * p.H * p.W;   // this column's input channel of sample s
+  const int64_t rh = r * p.dh - p.ph, qw = q * p.dw - p.pw;
+  int64_t t = tid / kSalTileI, gt = t0 + t, oh = gt / p.OW, ow = gt % p.OW;
+  for (; t < kSalStepT; t += rstep) {
+    TG v = zero;
+    if (gi < p.IN && gt < p.T) {
+      const int64_t ih = oh * p.sh + rh, iw = ow * p.sw + qw;
+      if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) v = xs[ih * p.W + iw];
+    }
     sb[t * kSalLd + i] = v;
+    gt += rstep;
+    for (ow += rstep; ow >= p.OW; ow -= p.OW) ++oh;   // (oh, ow) of gt without a division
   }
 }
 
@@ -197,6 +259,7 @@ SPARE_HD inline void sample_tile_block(Block& b, const SampleTileParams<TG>& p, 
       b.warps([&](int64_t w, auto& st, Lanes) {
         const int64_t wo = (w / 2) * kSalWarpO, wi = (w % 2) * kSalWarpI;
         SPARE_UNROLL for (int kk = 0; kk < kSalStepT; kk += kSalFrag) {
+          if (t0 + kk >= p.T) break;   // an all-padding k-step (uniform over the block): T = 77 costs 80, not 96
           typename Mma::AFrag a[2];
           typename Mma::BFrag bf[2];
           SPARE_UNROLL for (int f = 0; f < 2; ++f) {
@@ -274,7 +337,8 @@ struct ScalarMma {
       }
   }
   static void fold(Frag& tot, const Frag& g, bool square) {
-    for (int e = 0; e < Frag::num_elements; ++e) tot.x[e] += square ? g.x[e] * g.x[e] : (g.x[e] < 0.f ? -g.x[e] : g.x[e]);
+    for (int e = 0; e < Frag::num_elements; ++e)
+      tot.x[e] += square ? g.x[e] * g.x[e] : (g.x[e] < 0.f ? -g.x[e] : g.x[e]);
   }
   static void store(float* dst, int64_t ld, const Frag& f) {
     for (int m = 0; m < kSalFrag; ++m)
