@@ -19,7 +19,8 @@ is in every table. Each layer row also carries the cost model's lower bound of e
   a second GEMM / conv) and ``merged`` (``W + s·M⊙(B·A)`` through autograd). ``benchmarks/baselines.py``.
 - ``saliency``: ``sample_abs`` of batch 8 on each SD-1.5 layer shape against the naive per-sample loop
   (one weight-gradient GEMM per sample, ``|g_i|`` accumulated), ``torch.func`` vmap per-sample
-  gradients (``vmap(grad)``, then ``|·|.sum(0)``), and one plain weight-gradient GEMM of the batch.
+  gradients (``vmap(grad)``, then ``|·|.sum(0)``), and ``gemm``: one weight-gradient GEMM of the batch as
+  the kernels do it, 16-bit in / fp32 out (``torch.mm(..., out_dtype=torch.float32)``; convs: the 16-bit wgrad).
   Each ``ours_*`` scheme also runs under every GPU backend (``triton``, ``cuda`` and ``reference``,
   the plain ATen composition of the same math), side by side: ``<kind>/best`` is the default's time
   over the fastest of them (target ≤ 1.05) and ``choice`` names the fastest, which ``--write-table``
@@ -316,6 +317,15 @@ def design(dev, dtype, ranks, reps, smoke=False, log=print, profile=None, rows=N
 
 
 # ------------------------------------------------------------------------------------------- saliency
+def _dw_gemm(a, b):
+    """The anchor "one dW GEMM": what the kernels do, 16-bit inputs into an fp32 output (cuBLAS's
+    ``mm.dtype``), not an fp32 GEMM of upcast copies (≈ 10× slower on an H100: every ratio would read
+    ≈ 10× too good). ``mm.dtype`` has no CPU kernel: there (the ``--smoke`` path) an fp32 GEMM."""
+    if a.dtype == torch.float32:
+        return a @ b
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+
+
 def _saliency_fns(spec, batch, dev, dtype):
     g = torch.Generator().manual_seed(0)
     if spec["kind"] == "linear":
@@ -328,10 +338,10 @@ def _saliency_fns(spec, batch, dev, dtype):
             return sk.saliency_linear(x, dy, "sample_abs")
 
         def gemm():
-            return dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+            return _dw_gemm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
 
         def per_sample_grad(xi, dyi):
-            return dyi.t().float() @ xi.float()
+            return _dw_gemm(dyi.t(), xi)
 
         def layer_loss(w, xi, dyi):
             return (F.linear(xi, w) * dyi).sum()
@@ -347,7 +357,7 @@ def _saliency_fns(spec, batch, dev, dtype):
         def op():
             return sk.saliency_conv2d(x, dy, tuple(W.shape), "sample_abs", **geo)
 
-        def gemm():
+        def gemm():   # the 16-bit wgrad (cuDNN accumulates in fp32): the conv's one dW GEMM
             return conv2d_weight(x, W.shape, dy, **geo)
 
         def per_sample_grad(xi, dyi):
@@ -387,7 +397,7 @@ def saliency(dev, dtype, config, latent, batch, reps, limit=None, log=print):
         _pick(row, t, ("sample_abs",), cands,
               lambda n: registry.lookup(op, dev.type, dtype, None, key if dev.type == "cuda" else None).backend)
         rows.append(row)
-        log(f"{row['layer']:<36} S{batch}  gemm {row['ms']['gemm']:8.3f} ms  "
+        log(f"{row['layer']:<36} S{batch}  16-bit dW GEMM {row['ms']['gemm']:8.3f} ms  "
             + "  ".join(f"{c} {row[c]:.2f}" for c, *_ in SAL_RATIOS)
             + f"  fastest {row['choice']['sample_abs']} ({row['sample_abs/best']:.2f})")
     return rows
@@ -658,7 +668,7 @@ def report(doc) -> str:
         if doc.get(sec):
             lines += _layer_tables(doc[sec], title)
     if doc.get("saliency"):
-        lines += [f"| layer (saliency, batch {doc['saliency'][0]['batch']}) | gemm ms | sample_abs/gemm (≤1.5) | vmap/sample_abs (≥5) | "
+        lines += [f"| layer (saliency, batch {doc['saliency'][0]['batch']}) | 16-bit-in fp32-out dW GEMM ms | sample_abs/gemm (≤1.5) | vmap/sample_abs (≥5) | "
                   "naive/sample_abs |", "| --- | --- | --- | --- | --- |"]
         for r in doc["saliency"]:
             lines.append(f"| {r['layer']} | {r['ms']['gemm']:.3f} | {_fmt(r['sample_abs/gemm'], 1.5)} | "

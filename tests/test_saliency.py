@@ -85,3 +85,58 @@ def test_sample_stats_differ_from_batch_stats(backend):
     x = torch.randn(4, 3, 10)
     dy = torch.randn(4, 3, 6)
     assert not torch.allclose(sk.saliency_linear(x, dy, "sample_abs"), sk.saliency_linear(x, dy, "grad_abs"))
+
+
+# ------------------------------------------------------------------------------ on a GPU (pytest -m gpu)
+# The GPU paths of the per-sample statistics for 16-bit inputs: the cuda backend's WMMA tile kernel (up to
+# 768 tokens per sample; samples split over blocks when the weight has few tiles) and its ATen path (more
+# tokens, grouped convs); the triton kernels with their sample split. Against the reference in fp64 of
+# the same 16-bit values; two runs bit-identical.
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _gpu_backend_or_skip(b):
+    from spare_kernels.backends import registry
+    if b not in registry.runnable("cuda"):
+        pytest.skip(f"backend {b} does not run on CUDA here")
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("b", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("stat", ["sample_abs", "sample_sq"])
+@pytest.mark.parametrize("S,T,inf,out", [(8, 77, 768, 320), (2, 64, 320, 130), (5, 33, 1000, 20), (3, 1100, 64, 48)],
+                         ids=str)
+def test_sample_stats_16bit_on_gpu(b, dtype, stat, S, T, inf, out):
+    _gpu_backend_or_skip(b)
+    g = torch.Generator(device="cuda").manual_seed(S * T)
+    x = torch.randn(S, T, inf, device="cuda", generator=g).to(dtype)
+    dy = torch.randn(S, T, out, device="cuda", generator=g).to(dtype)
+    with sk.use_backend(b):
+        got = sk.saliency_linear(x, dy, stat)
+        again = sk.saliency_linear(x, dy, stat)
+    assert torch.equal(got, again)
+    want = expected(per_sample_linear_grads(x.cpu(), dy.cpu()), stat)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("b", ["cuda", "triton"])
+@pytest.mark.parametrize("stat", ["sample_abs", "sample_sq"])
+@pytest.mark.parametrize("conv", [((4, 64, 8, 8), (96, 64, 3, 3), 1, 1, 1, 1),
+                                  ((3, 32, 9, 7), (40, 16, 3, 3), 2, 1, 1, 2)], ids=str)
+def test_sample_stats_conv_bf16_on_gpu(b, stat, conv):
+    _gpu_backend_or_skip(b)
+    xs, ws, stride, padding, dilation, groups = conv
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(xs, device="cuda", generator=g).bfloat16()
+    y = F.conv2d(x.float(), torch.zeros(ws, device="cuda"), None, stride, padding, dilation, groups)
+    dy = torch.randn(y.shape, device="cuda", generator=g).bfloat16()
+    with sk.use_backend(b):
+        got = sk.saliency_conv2d(x, dy, ws, stat, stride, padding, dilation, groups)
+        again = sk.saliency_conv2d(x, dy, ws, stat, stride, padding, dilation, groups)
+    assert torch.equal(got, again)
+    want = expected(per_sample_conv_grads(x.cpu(), dy.cpu(), ws, stride, padding, dilation, groups), stat)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
