@@ -622,14 +622,16 @@ def _fmt(v, target=None, above_is_bad=True):
 def _layer_tables(rows, title) -> list[str]:
     """A section's rows: the targets' ratios, the per-backend times, and measured / bound per scheme."""
     t = TARGETS
-    lines = [f"| {title} | b | r | floor ms | elem/bound (≤{BOUND_TARGET}) | elem/spare_ref (≤{t['elem/spare_ref']}) | "
-             f"elem/floor (≤{t['elem/floor']}) | block/floor (≤{t['block/floor']}) | dense/peft (≤{t['dense/peft']}) | "
-             "row/peft |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| {title} | b | r | floor ms | elem/bound (≤{BOUND_TARGET}) | "
+             f"elem/spare_ref (≤{t['elem/spare_ref']}) | elem/floor (≤{t['elem/floor']}) | "
+             f"block/floor (≤{t['block/floor']}) | dense/peft (≤{t['dense/peft']}) | row/peft |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         label = r["layer"] + (f" ({r['why']})" if r.get("why") else "")
         lines.append(f"| {label} | {r['batch']} | {r['rank']} | {r['ms']['floor']:.3f} | "
                      f"{_fmt(r.get('elem/bound'), BOUND_TARGET)} | "
-                     + " | ".join(_fmt(r[c], t[c]) for c in ("elem/spare_ref", "elem/floor", "block/floor", "dense/peft"))
+                     + " | ".join(_fmt(r[c], t[c])
+                                  for c in ("elem/spare_ref", "elem/floor", "block/floor", "dense/peft"))
                      + f" | {_num(r['row/peft'])} |")
     lines.append("")
     cands = sorted({k.split("@")[1] for k in rows[0]["ms"] if "@" in k})
@@ -662,7 +664,8 @@ def report(doc) -> str:
     clock = "CUDA events" if doc.get("cuda") else "wall clock"
     lines = [f"{doc['device']}, torch {doc['torch']}, triton {doc.get('triton')}, {doc['dtype']}, medians of "
              f"{doc['reps']} ({clock}){' — quick run' if doc.get('quick') else ''}; ✗ = misses the target"
-             + (f"; cut short by a time limit: {', '.join(doc['partial']) if isinstance(doc['partial'], list) else 'this run'}"
+             + (f"; cut short by a time limit: "
+                f"{', '.join(doc['partial']) if isinstance(doc['partial'], list) else 'this run'}"
                 if doc.get("partial") else ""), ""]
     for sec, title in (("design", "design shape"), ("layers", "layer")):
         if doc.get(sec):
@@ -775,8 +778,8 @@ def predict(profile_name="h100", ranks=(4,), log=print) -> int:
                 continue
             ratio = {c: b[x] / b[y] for c, x, y, *_ in LAYER_RATIOS}
             log(f"| {describe(spec)} ({spec['why']}) | {r} | " + " | ".join(f"{1e6 * b[n]:.1f}" for n in LAYER_SCHEMES)
-                + " | " + " | ".join(f"{ratio[c]:.2f}" for c in ("elem/floor", "elem/spare_ref", "block/floor", "dense/peft"))
-                + " |")
+                + " | " + " | ".join(f"{ratio[c]:.2f}"
+                                     for c in ("elem/floor", "elem/spare_ref", "block/floor", "dense/peft")) + " |")
     if _BOUND_ERRORS:
         log(f"cost model errors: {_BOUND_ERRORS}")
     return 1 if bad or _BOUND_ERRORS else 0
