@@ -15,6 +15,7 @@ _LAZY = {
     "nn": None,
     "patch_unet": "patch", "unpatch_unet": "patch",
     "use_fused_lora": "nn.dispatch",
+    "warmup": None,   # the module, callable as its function warmup(model, ...) (see spare_kernels/warmup.py)
     **{n: "adapters" for n in ("adapter_names", "disable_adapters", "enable_adapter", "export_lora", "load_adapter",
                                "merge_adapter", "remove_adapter", "save_adapter", "set_active_adapters",
                                "set_adapter_scale", "unmerge_adapter")},
@@ -41,5 +42,5 @@ __all__ = [
     "export_lora", "load_adapter", "masked_lora_conv2d", "masked_lora_linear", "merge_adapter", "nn", "patch_unet",
     "remove_adapter", "saliency_conv2d", "saliency_linear", "save_adapter", "set_active_adapters",
     "set_adapter_scale", "set_backend", "topk_masks", "unmerge_adapter", "unpatch_unet", "use_backend",
-    "use_fused_lora",
+    "use_fused_lora", "warmup",
 ]

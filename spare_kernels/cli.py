@@ -4,7 +4,9 @@
   metrics after), one method or ``--compare`` (all methods, one table);
 - ``unlearn``: the same recipe on a local diffusers model directory, writes the adapter;
 - ``bench``: the benchmark tables (``benchmarks/``, run from a checkout; the GPU one when torch sees a GPU);
-- ``info``: which backend runs each op.
+- ``info``: which backend runs each op;
+- ``warmup``: compile (in parallel) and, on a GPU, tune every Triton kernel a patched UNet's step will
+  launch, so the first step does not (``spare_kernels.warmup``).
 
 Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), ``demo`` and ``unlearn`` train data
 parallel across the ranks (rank 0 evaluates, prints and writes), or, with ``--jobs FILE``, give each
@@ -574,6 +576,41 @@ def _cmd_bench(args):
     return bench_run.main((["--quick"] if args.quick else []) + (["--only"] + only if only else [])) or 0
 
 
+def _cmd_warmup(args):
+    import torch
+
+    from .warmup import DTYPES, build_model, warmup
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise UsageError(f"--resolution: expected a positive multiple of 8 (the VAE's factor), got {args.resolution}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    if not 1 <= args.rank <= 64:
+        raise UsageError(f"--rank: expected 1..64 (the Triton kernels' ranks), got {args.rank}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers: expected >= 1, got {args.workers}")
+    if args.tune and not torch.cuda.is_available():
+        raise UsageError("--tune: needs a CUDA device (tuning benchmarks the kernels on it)")
+    target = None
+    if args.arch is not None:
+        if torch.cuda.is_available():
+            raise UsageError("--arch: only without a GPU (with one, its own architecture is the target)")
+        from triton.backends.compiler import GPUTarget
+        target = GPUTarget("cuda", args.arch, 32)
+    dtype = DTYPES[args.dtype]
+    unet = build_model(args.config, rank=args.rank, mask=args.mask, target_modules=args.targets, dtype=dtype)
+    latent = (args.resolution // 8) if args.resolution else unet.config.sample_size
+    rep = warmup(unet, batch_size=args.batch_size, height=latent, width=latent, dtype=dtype,
+                 backward=not args.no_backward, workers=args.workers, tune=True if args.tune else None,
+                 target=target, progress=not args.quiet)
+    if args.quiet:
+        print(rep.summary())
+    if args.json:
+        from dataclasses import asdict
+        with open(args.json, "w") as f:
+            json.dump(asdict(rep), f, indent=1)
+    return 1 if rep.failed else 0
+
+
 def _cmd_info(args):
     from . import backend_info
     print(json.dumps(backend_info(), indent=2))
@@ -642,6 +679,27 @@ def main(argv=None) -> int:
 
     i = sub.add_parser("info", help="print which backend runs each op on each device")
     i.set_defaults(fn=_cmd_info)
+
+    w = sub.add_parser("warmup", help="compile (in parallel) and, on a GPU, tune every Triton kernel a patched "
+                                      "UNet's training step launches, before the first step")
+    w.add_argument("--config", default="sd15", choices=["sd15", "canvas"],
+                   help="the UNet: SD-1.5's config, or the shipped MiniCanvas model's (default sd15)")
+    w.add_argument("--batch-size", type=int, default=1)
+    w.add_argument("--resolution", type=int, default=None, help="image size (default: the UNet's sample size x 8)")
+    w.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="activations (default bf16)")
+    w.add_argument("--rank", type=int, default=4, help="adapter rank (default 4)")
+    w.add_argument("--mask", default="element", choices=["element", "block", "row", "none"],
+                   help="mask granularity of every adapted layer (default element; none: dense adapters)")
+    w.add_argument("--targets", default="attention", choices=["attention", "all"],
+                   help="adapted layers: attention (to_q/k/v/out, SPARE's) or all Linear and Conv2d")
+    w.add_argument("--no-backward", action="store_true", help="forward kernels only (inference)")
+    w.add_argument("--workers", type=int, default=None, help="compile processes (default: every CPU)")
+    w.add_argument("--tune", action="store_true", help="require tuning (default: tune when a GPU is present)")
+    w.add_argument("--arch", type=int, default=None,
+                   help="without a GPU: the compute capability to compile for (default 90)")
+    w.add_argument("--json", default=None, help="also write the report to this JSON file")
+    w.add_argument("--quiet", action="store_true", help="the summary only")
+    w.set_defaults(fn=_cmd_warmup)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
