@@ -115,6 +115,7 @@ int64_t sm_count(const at::Device& dev) {
 template <typename TG>
 void launch_sample_tiles(at::Tensor& acc, spare::SampleTileParams<TG> p) {
   const int64_t numel = p.OUT * p.IN, tiles = spare::sal_tiles(p.OUT, p.IN);
+  if (numel == 0) return;   // an empty weight: no blocks to launch
   TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "spare_kernels_cuda.saliency: weight too large");
   const spare::SalSplit sp = spare::sal_split(p.S, tiles, numel, spare::kSalBlocksPerSM * sm_count(acc.device()),
                                               kScratchEntries);
