@@ -1,24 +1,32 @@
-"""Ahead-of-time compile every Triton kernel of this backend, in every specialisation its launchers use,
-for the given GPU architectures; no GPU or driver needed.
+"""Ahead-of-time compile every Triton kernel of this backend, in the specialisations its launchers make at
+run time, for the given GPU architectures; no GPU or driver needed.
 
     python -m spare_kernels.backends.triton.aot --arch 80 90 [--jobs N] [--only SUBSTR ...]
 
-Each kernel module in :data:`MODULES` declares its specialisations as data (``aot_specs()`` returning
-``utils.Spec``\\ s: the kernel, its signature, constexprs and launch options). Each is compiled with
-``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))``; its PTX
-is then run through ``ptxas -v`` for that architecture (``sm_80``, ``sm_90a``: without a driver the
-compiled kernel carries no register count) for registers and spills; shared memory is the compiled
-kernel's own figure (Triton's dynamic shared memory). Prints one row per (kernel, specialisation, arch)
-and a summary; exits 1 on any compile error, any spill, or shared memory above the architecture's
-per-block limit.
+The table is what the runtime compiles, not a hand-written approximation of it: :func:`workloads` lists
+representative op calls (SD-1.5's first 320-wide attention projection and 3×3 conv at a 64×64 latent,
+batch 2, and their saliency) for every activation dtype, fp32 dot precision, padded rank, mask kind and
+path; each is replayed through the launchers with the kernels swapped for recorders and each recorded
+launch (every autotune candidate its pruner keeps) is bound by Triton's own binder for the target
+(``spare_kernels.warmup``: ``specs_of``), so integer arguments are specialised exactly as the JIT does it
+(``== 1`` a constant, multiples of 16 ``tt.divisibility``: ``mask_stride`` 40 of a 320-wide element mask is
+not, ``has_bias`` 1 is a constant, ...) and the options are the ones the JIT passes. ``tests/test_triton_aot.py``
+checks the table against Triton's own launch path (``warmup.runtime_specs``) and against every kernel
+and autotune config the modules declare (each module's ``aot_specs()``: kernel, constexprs, warps and
+stages, the coverage the table must reach).
 
-Pointer arguments are compiled as 16-byte aligned, and ``IN`` / ``OUT`` / ``mask_stride`` as multiples of
-16: what the JIT specialises to for every linear layer of an SD UNet (odd shapes get a generic variant
-at run time). Uses only API present in Triton 3.6 (``ASTSource``, ``GPUTarget``, ``triton.compile``).
+Each specialisation is compiled with ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
+target=GPUTarget("cuda", cc, 32), options)``; its PTX then goes through ``ptxas -v`` for that architecture
+(``sm_80``, ``sm_90a``: without a driver the compiled kernel carries no register count) for registers and
+spills; shared memory is the compiled kernel's own figure. Prints one row per (kernel, specialisation,
+arch) and a summary; exits 1 on any compile error, any spill, or shared memory above the architecture's
+per-block limit. Other shapes compile other integer variants at run time (``spare_kernels.warmup``
+compiles a model's own ahead of its first step). Uses only API present in Triton 3.6 and 3.8.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import multiprocessing as mp
 import os
@@ -36,23 +44,176 @@ MODULES = (
     "spare_kernels.backends.triton.conv",
 )
 
-# Integer arguments compiled as multiples of 16 (see the module docstring).
-ALIGNED_INTS = ("IN", "OUT", "mask_stride")
-
 # Per-block shared memory limits (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# SM counts the launchers size their weight-gradient token splits by (the reduce kernels' ``n_split``):
+# A100 108, H100 132 (an H200 also 132).
+SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}
+
+# The representative workload: SD-1.5's first attention projection (to_q: 320 -> 320, no bias) and its
+# first 3×3 conv (320 -> 320, bias) at a 64×64 latent, batch 2 (8192 tokens); ranks 4, 32, 64 (the three
+# padded ranks 16, 32, 64); block masks 32×32 (the weight-gradient tile then matches the blocks).
+TOKENS, BATCH, HW, CH = 8192, 2, 64, 320
+BIG_CH, BIG_HW = 1280, 8
+RANKS = (4, 32, 64)
+KINDS = ("element", "block", "row", "none")
 
 
-def collect(only=()):
-    """Every module's specialisations (those whose ``kernel label`` contains all of ``only``)."""
+def _mask_wire(kind, shape):
+    """A mask of ``kind`` for a weight of ``shape`` as the ops take it (``(data, kind, block_o, block_i)``):
+    real CPU data (every entry on), so the launchers' host-side tile lists are those of a dense pattern."""
+    import torch
+
+    from ...masks import Mask
+    rows, cols = shape[0], 1
+    for d in shape[1:]:
+        cols *= d
+    if kind == "none":
+        return None, 0, 0, 0
+    data = {"element": lambda: torch.full((rows, (cols + 7) // 8), 255, dtype=torch.uint8),
+            "block": lambda: torch.ones(-(-rows // 32), -(-cols // 32), dtype=torch.bool),
+            "row": lambda: torch.ones(rows, dtype=torch.bool)}[kind]()
+    return Mask(kind, shape, data, block=(32, 32)).wire()
+
+
+def workloads():
+    """``[(label, setting, [(op, args)])]``: the op calls of the table, ``setting`` a dict of the fp32 dot
+    precision (``allow_tf32``) and the path forced through ``SPARE_KERNELS_PATH`` (None: the default)."""
+    import torch
+
+    from . import utils as U
+    try:
+        from ...costmodel import PATHS
+    except ImportError:
+        PATHS = (None,)
+    meta = lambda *shape, dt: torch.empty(shape, dtype=dt, device="meta")   # noqa: E731
+    f32 = torch.float32
+    out = []
+    for dt in U.ACT_DTYPES:
+        for prec in (("ieee", "tf32") if dt == f32 else ("ieee",)):
+            tf32 = prec == "tf32"
+            name = f"{U.SIG_DTYPES[dt]} {prec}"
+            for r in RANKS:
+                for kind in KINDS:
+                    for path in (PATHS if kind in ("element", "block") else (None,)):
+                        lin = _mask_wire(kind, (CH, CH))
+                        cnv = _mask_wire(kind, (CH, CH, 3, 3))
+                        x, w = meta(TOKENS, CH, dt=dt), meta(CH, CH, dt=dt)
+                        a, b = meta(r, CH, dt=f32), meta(CH, r, dt=f32)
+                        xc, wc = meta(BATCH, CH, HW, HW, dt=dt), meta(CH, CH, 3, 3, dt=dt)
+                        ac, bias = meta(r, CH, 3, 3, dt=f32), meta(CH, dt=dt)
+                        geo = ([1, 1], [1, 1], [1, 1], 1)
+                        calls = [("masked_lora_linear", (x, w, None, a, b, *lin, 0.5)),
+                                 ("masked_lora_linear_backward", (x, x, w, a, b, *lin, 0.5, True, True, True)),
+                                 ("masked_lora_conv2d", (xc, wc, bias, ac, b, *cnv, 0.5, *geo)),
+                                 ("masked_lora_conv2d_backward",
+                                  (xc, xc, wc, ac, b, *cnv, 0.5, *geo, True, True, True))]
+                        lab = f"{name} r{r} {kind}" + (f" {path}" if path else "")
+                        out.append((lab, dict(tf32=tf32, path=path), calls))
+            # Saliency at the 320-wide layers (few weight tiles: the launcher splits the samples over
+            # programs) and at the 1280-wide ones of the 8×8 blocks (enough tiles for the SMs: no split).
+            for ch, hw in ((CH, HW), (BIG_CH, BIG_HW)):
+                sal = []
+                for stat in ("grad_abs", "signed", "sample_abs", "sample_sq"):
+                    acc = meta(ch, ch, dt=f32)
+                    xs, dys = meta(BATCH, hw * hw, ch, dt=dt), meta(BATCH, hw * hw, ch, dt=dt)
+                    sal.append(("saliency_linear", (acc, xs, dys, stat)))
+                    if stat.startswith("sample_"):   # one token per sample: the rank-one variant
+                        one = meta(BATCH, 1, ch, dt=dt)
+                        sal.append(("saliency_linear", (acc, one, one, stat)))
+                    sal.append(("saliency_conv2d", (meta(ch, ch, 3, 3, dt=f32), meta(BATCH, ch, hw, hw, dt=dt),
+                                                    meta(BATCH, ch, hw, hw, dt=dt), stat, [1, 1], [1, 1], [1, 1], 1)))
+                out.append((f"{name} saliency {ch}", dict(tf32=tf32, path=None), sal))
+    return out
+
+
+@contextlib.contextmanager
+def setting(tf32: bool, path):
+    """torch's fp32 matmul precision (which the launchers read for ``DOT_PREC``) and the forced path."""
+    import torch
+    prev = torch.backends.cuda.matmul.allow_tf32, os.environ.get("SPARE_KERNELS_PATH")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    if path:
+        os.environ["SPARE_KERNELS_PATH"] = path
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev[0]
+        if prev[1] is None:
+            os.environ.pop("SPARE_KERNELS_PATH", None)
+        else:
+            os.environ["SPARE_KERNELS_PATH"] = prev[1]
+
+
+def table_launches(arch: int = 90):
+    """``[(label, [Launch])]`` of every workload (kernels recorded, nothing compiled)."""
+    from ... import warmup as W
+    out = []
+    for lab, st, calls in workloads():
+        with setting(**st):
+            out.append((lab, W.record_launches(calls, SM_COUNT.get(arch, 132))))
+    return out
+
+
+def collect(only=(), arch: int = 90):
+    """The table for ``arch``: distinct ``warmup.KernelSpec`` objects, each labelled with the first workload that
+    launches it (those whose ``kernel label`` contains all of ``only``)."""
+    from triton.backends.compiler import GPUTarget
+
+    from ... import warmup as W
     from . import utils as U
     if U.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET is set: the kernels were decorated as interpreted functions and "
                            "cannot be compiled; run the AOT step without it")
+    target = GPUTarget("cuda", arch, 32)
+    seen, specs, labels = set(), [], set()
+    for lab, launches in table_launches(arch):
+        for s in W.specs_of(launches, target):
+            if s.key in seen:
+                continue
+            seen.add(s.key)
+            s.label = _unique_label(f"{lab} {s.label}{_int_label(s)}", s.name, labels)
+            specs.append(s)
+    return [s for s in specs if all(w in f"{s.name} {s.label}" for w in only)]
+
+
+def _int_label(s) -> str:
+    """The integer arguments the runtime made constants (``== 1``) or left unaligned, for the row label."""
+    names = list(s.fn.arg_names)
+    ones = [names[i[0]] for i, v in s.constexprs.items() if s.signature[names[i[0]]] == "constexpr"
+            and isinstance(v, int) and not isinstance(v, bool) and v == 1 and not names[i[0]].isupper()]
+    plain = [names[i[0]] for i, a in s.attrs.items() if s.signature[names[i[0]]] in ("i32", "i64") and not a]
+    return (f" =1:{','.join(ones)}" if ones else "") + (f" nd:{','.join(plain)}" if plain else "")
+
+
+def _unique_label(lab, name, labels):
+    k, n = lab, 2
+    while (name, k) in labels:
+        k, n = f"{lab} #{n}", n + 1
+    labels.add((name, k))
+    return k
+
+
+def declared(only=()):
+    """Every module's declared coverage (``aot_specs()``: kernel, constexprs, warps, stages): each must be
+    met by some specialisation of the table (checked by the tests)."""
     specs = []
     for name in MODULES:
         specs.extend(importlib.import_module(name).aot_specs())
     return [s for s in specs if all(w in f"{s.name} {s.label}" for w in only)]
+
+
+def covers(table_spec, decl) -> bool:
+    """Whether ``table_spec`` (a ``warmup.KernelSpec``) is a specialisation of the declared ``decl``
+    (``utils.Spec``): same kernel, warps and stages, and every declared constexpr with the same value."""
+    if table_spec.fn is not decl.fn:
+        return False
+    o = table_spec.options
+    if o.num_warps != decl.num_warps or o.num_stages != decl.num_stages:
+        return False
+    names = list(table_spec.fn.arg_names)
+    have = {names[i[0]]: v for i, v in table_spec.constexprs.items()}
+    return all(n in have and have[n] == v for n, v in decl.constexprs.items())
 
 
 def find_ptxas(explicit=None):
@@ -66,13 +227,9 @@ def find_ptxas(explicit=None):
     raise FileNotFoundError("ptxas not found (pass --ptxas or set TRITON_PTXAS_PATH)")
 
 
-def _attrs(spec):
-    return {(i,): [["tt.divisibility", 16]] for i, (n, ty) in enumerate(spec.signature.items())
-            if ty.startswith("*") or n in ALIGNED_INTS}
-
-
 def compile_one(spec, arch, ptxas):
-    """``dict(kernel, spec, arch, regs, spills, smem, seconds, error)`` for one specialisation."""
+    """``dict(kernel, spec, arch, regs, spills, smem, seconds, error)`` for one specialisation (a
+    ``warmup.KernelSpec`` bound for ``arch``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -80,9 +237,8 @@ def compile_one(spec, arch, ptxas):
     row = dict(kernel=spec.name, spec=spec.label, arch=arch, regs=None, spills=None, smem=None, error=None)
     t0 = time.perf_counter()
     try:
-        src = ASTSource(spec.fn, spec.signature, spec.constexprs, _attrs(spec))
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        src = ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options.__dict__)
         row["smem"] = int(k.metadata.shared)
         sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
         with tempfile.TemporaryDirectory() as d:
@@ -114,7 +270,7 @@ _WORK = None
 def _run(i_arch):
     i, arch = i_arch
     specs, ptxas = _WORK
-    return compile_one(specs[i], arch, ptxas)
+    return compile_one(specs[arch][i], arch, ptxas)
 
 
 def problems(row):
@@ -132,9 +288,9 @@ def problems(row):
 def run(archs, only=(), jobs=1, ptxas=None, out=sys.stdout, verbose=True):
     """Compile everything; returns ``(rows, seconds)``. Rows come back in spec order."""
     global _WORK
-    specs = collect(only)
+    specs = {a: collect(only, a) for a in archs}   # (options are per architecture)
     ptxas = find_ptxas(ptxas)
-    work = [(i, a) for i in range(len(specs)) for a in archs]
+    work = [(i, a) for a in archs for i in range(len(specs[a]))]
     _WORK = (specs, ptxas)
     t0 = time.perf_counter()
     if jobs > 1:
