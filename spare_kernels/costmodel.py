@@ -48,6 +48,11 @@ class Device:
     l2: int = 0         # bytes; a tensor that fits stays resident between two passes of one call
     source: str = ""
     threads: int = 0    # CPU: the thread count it was measured with (the cpu engine's token split)
+    # CPU: the GEMM rate by the GEMM's smallest dimension ((dim, FLOP/s), ascending), and the rate at which
+    # a fresh allocation of at least ``fault_min`` bytes is written (its pages faulted in by the OS)
+    gemm_curve: tuple = ()
+    fault_rate: float = 0.0
+    fault_min: float = 32 << 20
 
 
 # H100 SXM5 (132 SMs, 1.98 GHz boost). mma16: 790 TFLOP/s, cuBLAS bf16 at large square sizes as measured
@@ -75,6 +80,7 @@ class Pass:
     bytes: float
     unit: str = "vector"
     mnk: Optional[tuple] = None
+    fresh: float = 0.0     # bytes of the new tensor it writes (a CPU allocation may fault its pages in)
 
 
 # (tile rows, tile cols, per-SM rate relative to 128×128): an estimate (operand bytes per MMA grow as the
@@ -82,9 +88,22 @@ class Pass:
 _GEMM_TILES = ((128, 128, 1.0), (128, 64, 0.85), (64, 64, 0.7))
 
 
+def _curve_rate(curve, dim: float) -> float:
+    """Log-linear in the smallest dimension between the measured points, flat beyond them."""
+    if dim <= curve[0][0]:
+        return curve[0][1]
+    for (d0, r0), (d1, r1) in zip(curve, curve[1:]):
+        if dim <= d1:
+            w = math.log(dim / d0) / math.log(d1 / d0)
+            return r0 * (r1 / r0) ** w
+    return curve[-1][1]
+
+
 def _rate(p: Pass, dev: Device) -> float:
     if p.unit == "vector":
         return dev.vector
+    if dev.gemm_curve and p.mnk:
+        return _curve_rate(dev.gemm_curve, min(p.mnk))
     rate = dev.mma16 if p.unit == "mma16" else dev.gemm32
     if dev.sms and p.mnk:
         # The last wave of 128×128 output tiles leaves SMs idle. A long K (≥ 2048: a weight gradient,
@@ -107,6 +126,12 @@ def _rate(p: Pass, dev: Device) -> float:
 
 def pass_time(p: Pass, dev: Device, overhead: bool = True) -> float:
     t = max(p.flops / _rate(p, dev), p.bytes / dev.bandwidth)
+    if dev.fault_rate and p.fresh >= dev.fault_min:
+        # glibc maps an allocation past its mmap threshold's 32 MiB cap afresh each time: the new tensor's
+        # pages fault in as it is written (measured here: ≈ 4-6 GB/s against 27 GB/s streamed into a
+        # reused tensor). Between 16 and 32 MiB it depends on the allocator's history (the dynamic
+        # threshold, trimming): measured 6-40 GB/s for the same pattern from run to run, not modelled.
+        t += p.fresh / dev.fault_rate
     return t + (dev.overhead if overhead else 0.0)
 
 
@@ -118,17 +143,19 @@ class _Builder:
         self.e, self.passes = e, []
         self.gemm_unit = "mma16" if e == 2 else "gemm32"
 
-    def gemm(self, name, m, n, k, a=None, b=None, c=None):
-        """``C (m×n) = A (m×k) · B (k×n)``; ``a``/``b``/``c`` bytes per element (default: ``e``)."""
+    def gemm(self, name, m, n, k, a=None, b=None, c=None, inplace=False):
+        """``C (m×n) = A (m×k) · B (k×n)``; ``a``/``b``/``c`` bytes per element (default: ``e``; an
+        ``inplace`` update reads and writes C: pass ``c = 2·e``)."""
         a, b, c = a or self.e, b or self.e, c or self.e
-        self.passes.append(Pass(name, 2.0 * m * n * k, m * k * a + k * n * b + m * n * c, self.gemm_unit, (m, n, k)))
+        self.passes.append(Pass(name, 2.0 * m * n * k, m * k * a + k * n * b + m * n * c, self.gemm_unit, (m, n, k),
+                                fresh=0.0 if inplace else m * n * c))
 
-    def vec(self, name, nbytes, flops=0.0):
-        self.passes.append(Pass(name, float(flops), float(nbytes)))
+    def vec(self, name, nbytes, flops=0.0, fresh=0.0):
+        self.passes.append(Pass(name, float(flops), float(nbytes), fresh=float(fresh)))
 
     def ew(self, name, numel, reads, writes=1, e=None):
-        """An elementwise op over ``numel`` entries reading ``reads`` and writing ``writes`` tensors."""
-        self.vec(name, numel * (reads + writes) * (e or self.e), numel)
+        """An elementwise op over ``numel`` entries reading ``reads`` and writing ``writes`` new tensors."""
+        self.vec(name, numel * (reads + writes) * (e or self.e), numel, fresh=numel * writes * (e or self.e))
 
 
 def linear_passes(scheme: str, n: int, out: int, cols: int, rank: int, *, density: float = 0.5,
@@ -203,23 +230,23 @@ def linear_passes(scheme: str, n: int, out: int, cols: int, rank: int, *, densit
         mix = 2.0 * N * r * nbp * nbq
         b.gemm("H_q = X_q·A_qᵀ", N, r, I, c=4)
         b.vec("Hs = mix(H, tiles)", N * r * (nbq + nbp) * 4, mix)
-        b.gemm("y_p += s·Hs_p·B_pᵀ", N, O, r, c=2 * e)
+        b.gemm("y_p += s·Hs_p·B_pᵀ", N, O, r, c=2 * e, inplace=True)
         b.gemm("D_p = dY_p·B_p", N, r, O, c=4)
         b.vec("E = mix(D, tilesᵀ)", N * r * (nbq + nbp) * 4, mix)
         b.gemm("dx = dy·W", N, I, O)
-        b.gemm("dx_q += s·E_q·A_q", N, I, r, c=2 * e)
+        b.gemm("dx_q += s·E_q·A_q", N, I, r, c=2 * e, inplace=True)
         b.gemm("dA_q = s·E_qᵀ·X_q", r, I, N)
         b.gemm("dB_p = s·dY_pᵀ·Hs_p", O, r, N)
     elif scheme in ("ours_dense", "ours_row"):
         # factored (never an out×in tensor): y += s·(x·Aᵀ)·(B⊙m)ᵀ; backward from dys = s·dy⊙m
         b.gemm("h = x·Aᵀ", N, r, I)
-        b.gemm("y += h·(sB)ᵀ", N, O, r, c=2 * e)
+        b.gemm("y += h·(sB)ᵀ", N, O, r, c=2 * e, inplace=True)
         b.ew("dys = s·dy⊙m", N * O, 1)
         b.gemm("dh = dys·B", N, r, O)
         b.gemm("dB = dysᵀ·h", O, r, N)
         b.gemm("dA = dhᵀ·x", r, I, N)
         b.gemm("dx = dy·W", N, I, O)
-        b.gemm("dx += dh·A", N, I, r, c=2 * e)
+        b.gemm("dx += dh·A", N, I, r, c=2 * e, inplace=True)
     else:   # ours_element / ours_block
         frac = density if scheme == "ours_element" else block_density   # weight entries whose delta is on
         # G only on the on tiles (block; ``g_fraction`` overrides: the cuda backend computes G over runs
@@ -444,25 +471,38 @@ def cpu_probes():
             t = t * 1.0
         t.backward()
 
-    return {"probe_gemm32": lambda: torch.mm(a, b), "probe_stream": lambda: torch.add(x, y, out=z),
-            "probe_vector": lambda: [torch.addmm(w, bb, aa, out=o) for _ in range(20)], "probe_overhead": chain}
+    thin = {d: (torch.randn(d, 1280), torch.randn(1280, 1280)) for d in _CURVE_DIMS[:-1]}
+    probes = {"probe_gemm32": lambda: torch.mm(a, b), "probe_stream": lambda: torch.add(x, y, out=z),
+              "probe_vector": lambda: [torch.addmm(w, bb, aa, out=o) for _ in range(20)], "probe_overhead": chain,
+              "probe_fault": lambda: torch.empty(big).fill_(1.0)}
+    for d, (p, q) in thin.items():   # 4 calls: the weight warm in cache, as a layer's own GEMMs see it
+        probes[f"probe_gemm_{d}"] = (lambda p=p, q=q: [torch.mm(p, q) for _ in range(4)])
+    return probes
+
+
+# The smallest GEMM dimensions the CPU profile measures a rate at (d × 1280 · 1280 × 1280, and 1024³):
+# thin GEMMs (few tokens, a rank-sized side) run at a fraction of a square one's rate.
+_CURVE_DIMS = (16, 64, 256, 1024)
 
 
 def profile_from(times: dict, threads: int) -> Device:
     """A CPU :class:`Device` from the medians (s) of :func:`cpu_probes`' closures."""
     import platform
-    return Device(f"CPU {platform.processor() or platform.machine()} ({threads} thread(s))",
-                  mma16=2 * 1024 ** 3 / times["probe_gemm32"], gemm32=2 * 1024 ** 3 / times["probe_gemm32"],
+    g = 2 * 1024 ** 3 / times["probe_gemm32"]
+    curve = tuple((d, 4 * 2.0 * d * 1280 * 1280 / times[f"probe_gemm_{d}"]) for d in _CURVE_DIMS[:-1]) + ((1024, g),)
+    return Device(f"CPU {platform.processor() or platform.machine()} ({threads} thread(s))", mma16=g, gemm32=g,
                   vector=20 * 2 * 4 * 512 * 512 / times["probe_vector"],
                   bandwidth=3 * 4 * (16 << 20) / times["probe_stream"], overhead=times["probe_overhead"] / 40,
-                  source="measured on this machine by spare_kernels.costmodel.cpu_profile", threads=threads)
+                  source="measured on this machine by spare_kernels.costmodel.cpu_profile", threads=threads,
+                  gemm_curve=curve, fault_rate=4 * (16 << 20) / times["probe_fault"])
 
 
 def cpu_profile(threads: Optional[int] = None, reps: int = 7) -> Device:
     """This CPU measured (once per process and thread count, ≈ 1 s): ``gemm32`` an fp32 1024² GEMM's rate
-    (``mma16`` the same: 16-bit GEMMs are not modelled apart on a CPU), ``bandwidth`` a 64 MiB streaming add
-    (3 arrays), ``vector`` a rank-4 update of a cached 512² matrix (a W_eff build's arithmetic),
-    ``overhead`` one tiny op forward and backward in an autograd graph, per op."""
+    (``mma16`` the same: 16-bit GEMMs are not modelled apart on a CPU) and ``gemm_curve`` the rate of thin
+    GEMMs (d × 1280 · 1280 × 1280, d = 16, 64, 256), ``bandwidth`` a 64 MiB streaming add (3 arrays),
+    ``fault_rate`` a fresh 64 MiB tensor filled, ``vector`` a rank-4 update of a cached 512² matrix (a
+    W_eff build's arithmetic), ``overhead`` one tiny op forward and backward in an autograd graph, per op."""
     import torch
     threads = threads or torch.get_num_threads()
     with _LOCK:

@@ -285,8 +285,13 @@ KNOWN_SPILLS = [
     ("_dx_masked_conv_kernel", 80, ("r64", "element", "BM64-BN64-BK32-w8-s3"), 8, ("3.8",)),     # 16-bit
     ("_dx_factored_conv_kernel", 80, ("fp32", "ieee", "r32", "row", "BM64-BN32-BK16-w8-s3"), 20, ("3.8",)),
     ("_saliency_conv_kernel", 80, ("fp32", "ieee", "BO64-BI64-BT16-w8-s3"), 20, ("3.8",)),
-    ("_saliency_conv_kernel", 90, ("fp32", "ieee", "BO64-BI64-BT16-w8-s3"), 188, ("3.8",)),      # split variant
+    ("_saliency_conv_kernel", 90, ("fp32", "ieee", "BO64-BI64-BT16-w8-s3"), 188, ("3.6", "3.8")),  # 3.6: 28 B
     ("_saliency_conv_kernel", 80, ("1280", "BO64-BI64-BT64-w8-s3"), 60, ("3.8",)),               # 16-bit, 8×8
+    # triton 3.6 (the GPU machines; make gpu-rehearsal compiles sm_90 under it): fp32 "ieee" only
+    ("_wgrad_masked_conv_kernel", 90, ("fp32", "ieee", "r4", "block", "w8-s3"), 16, ("3.6",)),
+    ("_wgrad_masked_conv_kernel", 90, ("fp32", "ieee", "r64", "block", "w8-s3"), 8, ("3.6",)),
+    ("_fwd_masked_conv_kernel", 90, ("fp32", "ieee", "r32", "element", "BM64-BN32-BK16-w8-s2"), 8, ("3.6",)),
+    ("_fwd_masked_kernel", 90, ("fp32", "ieee", "r32", "block", "BM64-BN64-BK16-w8-s2"), 8, ("3.6",)),
 ]
 
 
