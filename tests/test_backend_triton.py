@@ -287,7 +287,7 @@ def test_aot_one_specialisation_both_archs(tmp_path):
     out = tmp_path / "aot.json"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "spare_kernels.backends.triton.aot", "--arch", "80", "90", "--jobs", "2",
-           "--only", "_fwd_masked_kernel", "fp16 ieee R16 BM64-BN64", "--json", str(out)]
+           "--only", "_fwd_masked_kernel", "fp16 ieee r4 element fused BM64-BN64", "--json", str(out)]
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads(out.read_text())
