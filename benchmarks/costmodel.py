@@ -52,6 +52,9 @@ def validate(shapes, reps: int = 7, rank: int = 4, quiet: bool = False) -> dict:
 
     from .baselines import layer_schemes, make_layer_case
     backend = registry.backend_for("masked_lora_linear", "cpu")
+    if backend != "cpu":   # the model's element passes are the cpu engine's: validating another is meaningless
+        raise RuntimeError(f"validate --device cpu: the cpu backend must run masked_lora_linear here, "
+                           f"got {backend!r} ({registry.backend_info()['unavailable'].get('cpu', 'forced?')})")
     threads = torch.get_num_threads()
     probes = cm.cpu_probes()
     if not quiet:

@@ -21,6 +21,7 @@ The registry asks :func:`choose_path` (Triton: composite or in-register fused ti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -45,7 +46,6 @@ class Device:
     bandwidth: float    # streaming DRAM bandwidth
     overhead: float     # fixed cost per pass: launch + tail (GPU), dispatch + pool start (CPU)
     sms: int = 0        # GPU: streaming multiprocessors (wave quantisation); 0 on a CPU
-    l2: int = 0         # bytes; a tensor that fits stays resident between two passes of one call
     source: str = ""
     threads: int = 0    # CPU: the thread count it was measured with (the cpu engine's token split)
     # CPU: the GEMM rate by the GEMM's smallest dimension ((dim, FLOP/s), ascending), and the rate at which
@@ -62,11 +62,11 @@ class Device:
 # bandwidth: 3.0 of the 3.35 TB/s HBM3 peak (≈ 90%: what streaming copies reach); overhead: 3 µs, a
 # launch gap plus a tail wave between dependent kernels on one stream.
 H100 = Device("NVIDIA H100 80GB HBM3", mma16=790e12, gemm32=395e12, vector=33.5e12, bandwidth=3.0e12,
-              overhead=3e-6, sms=132, l2=50 << 20,
+              overhead=3e-6, sms=132,
               source="datasheet peaks; bf16 GEMM rate measured (issue 26 review); bandwidth 90% of 3.35 TB/s")
 # H200: the same GH100 compute with HBM3e (4.8 TB/s datasheet, 90% streamed); 141 GB.
 H200 = Device("NVIDIA H200", mma16=790e12, gemm32=395e12, vector=33.5e12, bandwidth=4.3e12, overhead=3e-6,
-              sms=132, l2=50 << 20, source="H100's compute figures; bandwidth 90% of 4.8 TB/s HBM3e")
+              sms=132, source="H100's compute figures; bandwidth 90% of 4.8 TB/s HBM3e")
 DEVICES = {"h100": H100, "h200": H200}
 
 
@@ -249,9 +249,11 @@ def linear_passes(scheme: str, n: int, out: int, cols: int, rank: int, *, densit
         b.gemm("dx += dh·A", N, I, r, c=2 * e, inplace=True)
     else:   # ours_element / ours_block
         frac = density if scheme == "ours_element" else block_density   # weight entries whose delta is on
-        # G only on the on tiles (block; ``g_fraction`` overrides: the cuda backend computes G over runs
-        # of tile rows and their column spans, ≈ all of W for random tiles)
-        g_frac = g_fraction if g_fraction is not None else (1.0 if scheme == "ours_element" else block_density)
+        # The composite computes all of G (Triton: one GEMM; cuda: over runs of on tile rows and their
+        # column spans, ≈ all of W for random tiles); the fused wgrad only the listed (on) tiles.
+        # ``g_fraction`` overrides either.
+        listed = 1.0 if scheme == "ours_element" else block_density
+        g_frac = g_fraction if g_fraction is not None else (1.0 if path == "composite" else listed)
         mask_bytes = W / 8 if scheme == "ours_element" else 0
         build_flops = 2.0 * r * W * (1.0 if scheme == "ours_element" else block_density) + 3.0 * W
         if resident and N <= 4:
@@ -274,8 +276,9 @@ def linear_passes(scheme: str, n: int, out: int, cols: int, rank: int, *, densit
             b.vec("dA, dB = contract(M⊙G)", W * g_frac * (g_out + r / 2) + mask_bytes, 4.0 * r * W * frac)
         else:
             # the K loop rebuilds each W_eff tile once per 128-token tile: ≈ 20 vector instructions per
-            # weight entry (rank-16 chunk dots, mask bit gather, select, add, round), i.e. ≈ 40 FLOP-slots
-            rebuild = 40.0 * W * frac * math.ceil(N / 128)
+            # weight entry (rank-16 chunk dots, mask bit gather, select, add, round) at the vector rate
+            # (an issue slot each); every entry for element masks, the on tiles' for block masks
+            rebuild = 20.0 * W * listed * math.ceil(N / 128)
             b.passes[0] = Pass("y = x·W_effᵀ (fused)", b.passes[0].flops, b.passes[0].bytes, b.gemm_unit,
                                b.passes[0].mnk)
             b.vec("W_eff tiles rebuilt per token tile (fwd)", mask_bytes * math.ceil(N / 128), rebuild)
@@ -352,16 +355,16 @@ def _total(scheme, n, out, cols, rank, dev, overhead, path=None, **kw) -> float:
     def t(pth):
         return sum(pass_time(p, dev, overhead) for p in linear_passes(scheme, n, out, cols, rank, path=pth, **kw))
     if path is None and scheme in ("ours_element", "ours_block") and not kw.get("resident"):
-        return min(t(p) for p in PATHS + (("factored",) if scheme == "ours_block" else ()))
+        return min(t(p) for p in PATHS)   # the paths a GPU backend runs ("factored": ask for it by name)
     return t(path or "composite")
 
 
 def bound(scheme: str, n: int, out: int, cols: int, rank: int, *, device=H100, e: int = 2, path=None,
           **kw) -> float:
     """Lower bound (s) of one Linear forward + backward under ``scheme`` on ``device``: every pass at the
-    device's rates, no fixed costs. Our masks take the fastest path unless ``path`` names one (element:
-    the composite's 3 GEMM-sized passes + two W_eff builds + the contraction, or fused tiles; block masks
-    also factored per block)."""
+    device's rates, no fixed costs. Our masks take the faster of the GPU paths (composite: 3 GEMM-sized
+    passes + two W_eff builds + the contraction; fused tiles) unless ``path`` names one (block masks also
+    ``"factored"``, the cpu backend's form)."""
     return _total(scheme, n, out, cols, rank, _device(device), False, path, e=e, **kw)
 
 
@@ -381,6 +384,7 @@ def gemm_time(n: int, out: int, cols: int, *, device=H100, e: int = 2, fp32_out:
 # ----------------------------------------------------------------------------------------- choices
 def choose_path(op: str, kind: int, n: int, out: int, cols: int, rank: int, *, density: float = 0.5,
                 dtype=None, device="cuda", backend: str = "triton") -> str:
+    # (``backend``: the asking backend; only Triton has two paths today)
     """``"composite"`` (one memory-bound ``W_eff`` build, vendor GEMMs, G in fp32, one mask-and-contract
     pass) or ``"fused"`` (in-register ``W_eff`` tiles in the GEMMs' K loops, G only on listed tiles) for one
     call of ``op`` (``"linear"`` / ``"conv2d"``: tokens ``n`` = N·H'·W', ``cols`` = C/g·kh·kw) with mask
@@ -392,8 +396,13 @@ def choose_path(op: str, kind: int, n: int, out: int, cols: int, rank: int, *, d
         raise ValueError(f"SPARE_KERNELS_PATH: expected one of {PATHS + ('auto',)}, got {forced!r}")
     if kind not in (fmt.ELEMENT, fmt.BLOCK):
         return "fused"     # row masks and no mask are factored on every path
-    dev = _gpu_device(device)
     e = 4 if dtype is not None and getattr(dtype, "itemsize", 2) == 4 else 2
+    return _choose_path(kind, int(n), int(out), int(cols), int(rank), round(float(density), 3), e,
+                        _gpu_device(device))
+
+
+@functools.lru_cache(maxsize=4096)   # called per op call by the launchers: the model runs once per shape
+def _choose_path(kind, n, out, cols, rank, density, e, dev) -> str:
     scheme = "ours_element" if kind == fmt.ELEMENT else "ours_block"
     kw = dict(density=density, block_density=density, e=e)
     t = {p: sum(pass_time(q, dev) for q in linear_passes(scheme, n, out, cols, rank, path=p, **kw)) for p in PATHS}
@@ -416,8 +425,7 @@ def choose_backend(op: str, kind: int, n: int, out: int, cols: int, rank: int, c
     def t(path, **extra):
         return sum(pass_time(q, dev) for q in linear_passes(scheme, n, out, cols, rank, path=path, **kw, **extra))
 
-    # cuda: G over runs of on tile rows and their spans (≈ all of W for random tiles: the worst case)
-    cost = {"cuda": t("composite", g_fraction=1.0), "triton": min(t(p) for p in PATHS), "reference": float("inf")}
+    cost = {"cuda": t("composite"), "triton": min(t(p) for p in PATHS), "reference": float("inf")}
     best = min(cost.get(c, float("inf")) for c in candidates)
     return next(c for c in candidates if cost.get(c, float("inf")) <= best * 1.02)
 
@@ -427,13 +435,22 @@ def _gpu_device(device) -> Device:
     through Triton's interpreter, is modelled as an H100: the choice depends on ratios, not absolutes)."""
     if isinstance(device, Device):
         return device
-    name = ""
     try:
         import torch
         d = torch.device(device) if not isinstance(device, torch.device) else device
-        if d.type == "cuda" and torch.cuda.is_available():
-            name = torch.cuda.get_device_name(d)
     except (RuntimeError, TypeError, ValueError):
+        return H100
+    return _gpu_by_index(d.type, d.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_by_index(kind: str, index) -> Device:
+    name = ""
+    try:
+        import torch
+        if kind == "cuda" and torch.cuda.is_available():
+            name = torch.cuda.get_device_name(index)
+    except (RuntimeError, AssertionError):
         pass
     return H200 if "H200" in name else H100
 

@@ -488,28 +488,28 @@ def runtime_specs(fn, target=None, sm_count: int = 132):
     saved_jit = {i: j.__dict__.get("device_caches") for i, j in jits.items()}
     saved_at = [(k, dict(k.cache), dict(getattr(k, "picks", {}))) for k in kernels if isinstance(k, Autotuner)]
     from collections import defaultdict
-    for j in jits.values():
-        j.device_caches = defaultdict(j.create_binder)
 
     class _Forget(dict):
         def __setitem__(self, k, v):
             pass
 
-    for k, _, _ in saved_at:
-        if hasattr(k, "picks"):
-            k.picks = _Forget()
     prev_hook, prev_name = knobs.runtime.jit_cache_hook, U._device_name
     disk = (U.BucketedAutotuner._disk_get, U.BucketedAutotuner._disk_put)
-    U.BucketedAutotuner._disk_get = lambda self, *a: None   # no pick read or written
-    U.BucketedAutotuner._disk_put = lambda self, *a: None
     prev_driver = driver._active   # (reset_active() would create the default driver: none without a GPU)
-    driver.set_active(_Driver())
-    knobs.runtime.jit_cache_hook = hook
-    U._device_name = lambda: "capture"
     saved_u = (U.device_guard, U.sm_count)
-    U.device_guard = lambda t: contextlib.nullcontext()
-    U.sm_count = lambda t: sm_count
-    try:
+    try:   # every patch inside: whatever fails half-way, the finally restores all of it
+        for j in jits.values():
+            j.device_caches = defaultdict(j.create_binder)
+        for k, _, _ in saved_at:
+            if hasattr(k, "picks"):
+                k.picks = _Forget()
+        U.BucketedAutotuner._disk_get = lambda self, *a: None   # no pick read or written
+        U.BucketedAutotuner._disk_put = lambda self, *a: None
+        driver.set_active(_Driver())
+        knobs.runtime.jit_cache_hook = hook
+        U._device_name = lambda: "capture"
+        U.device_guard = lambda t: contextlib.nullcontext()
+        U.sm_count = lambda t: sm_count
         fn()
     finally:
         U.device_guard, U.sm_count = saved_u
@@ -633,6 +633,9 @@ def warmup(model, *, batch_size: int = 1, height: int = 64, width: int = 64, dty
       CPU); ``tune``: benchmark the autotuned kernels (default: when a CUDA device is present; needs one);
       ``target``: a triton ``GPUTarget`` (default: the GPU's, else sm_90); ``sm_count``: the SM count the
       launchers size their splits by (default: the GPU's, else 132, an H100's).
+
+    Not thread-safe: while it lists the specialisations it swaps the launchers' kernels for recorders
+    process-wide, so run it before training starts, never beside a thread that launches kernels.
     """
     _check(batch_size, height, width, dtype, workers, tokens)
     if inputs is not None:

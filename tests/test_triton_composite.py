@@ -240,3 +240,32 @@ def test_composite_ignores_an_enclosing_autocast(kind, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = TC.masked_lora_conv2d(xc, Wc, None, Ac, Bc, *cargs)
     assert under.dtype == torch.float32 and torch.equal(plain, under)
+
+
+def test_cudnn_deterministic_scope_is_shared_by_overlapping_calls():
+    """The composite conv wgrad's ``cudnn.deterministic`` scope: overlapping calls (one backward thread per
+    device) all run with it on, and the last one out restores the user's setting."""
+    import threading
+    c = torch.backends.cudnn
+    before = c.deterministic
+    inside, go, done = [], threading.Event(), threading.Event()
+
+    def other():
+        with TC._cudnn_deterministic():
+            go.set()
+            done.wait(5)
+            inside.append(c.deterministic)
+
+    try:
+        c.deterministic = False
+        t = threading.Thread(target=other)
+        t.start()
+        go.wait(5)
+        with TC._cudnn_deterministic():
+            inside.append(c.deterministic)
+        inside.append(c.deterministic)      # the other call is still inside: still on
+        done.set()
+        t.join(5)
+        assert inside == [True, True, True] and c.deterministic is False
+    finally:
+        c.deterministic = before

@@ -39,13 +39,15 @@ def table_key(x: Tensor, weight: Tensor, lora_A: Tensor, kind: int) -> str:
     """The GPU table's key of a call (registry.lookup): mask kind, out, cols, rank, tokens (x's rows, or
     N·H·W of a conv input) rounded up to a power of two."""
     tokens = x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[1])
-    return registry.shape_key(kind, weight.shape[0], weight[0].numel(), lora_A.shape[0],
+    return registry.shape_key(kind, weight.shape[0], weight.numel() // max(1, weight.shape[0]), lora_A.shape[0],
                               registry.tokens_bucket(tokens))
 
 
 def _impl(op: str, x: Tensor, lora_A: Tensor, weight: Optional[Tensor] = None, kind: int = 0) -> Entry:
-    # on CUDA the shape picks the backend (a measured table's entry, else the cost model's choice)
-    shape = table_key(x, weight, lora_A, kind) if weight is not None and x.device.type == "cuda" else None
+    # on CUDA the shape picks the backend (a measured table's entry, else the cost model's choice), unless
+    # a backend is forced (then the key would be thrown away)
+    shape = (table_key(x, weight, lora_A, kind)
+             if weight is not None and x.device.type == "cuda" and registry.get_forced_backend() is None else None)
     return lookup(op, x.device.type, x.dtype, lora_A.dtype, shape)
 
 

@@ -67,6 +67,7 @@ dtype and the main dots run on 16-bit tensor cores; ``G`` and its contractions w
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -650,18 +651,32 @@ def _conv_kw(g: _Geom):
     return dict(stride=(g.sh, g.sw), padding=(g.ph, g.pw), dilation=(g.dh, g.dw), groups=g.groups)
 
 
+_DET_LOCK = threading.Lock()
+_det_depth = 0
+_det_saved = False
+
+
 @contextlib.contextmanager
 def _cudnn_deterministic():
     """cuDNN's wgrad picks algorithms with atomics unless told not to: dA / dB must be bitwise repeatable
-    (DESIGN §4), so the composite's wgrad runs with ``cudnn.deterministic`` on (process-global for the call;
-    the deterministic algorithms may be slower: not measured, no GPU here)."""
+    (DESIGN §4), so the composite's wgrad runs with ``cudnn.deterministic`` on (the deterministic algorithms
+    may be slower: not measured, no GPU here). The flag is process-global and autograd runs one backward
+    thread per device: the first caller in saves it and the last out restores it, under a lock, so that
+    overlapping calls neither see it off nor leave it on."""
+    global _det_depth, _det_saved
     c = torch.backends.cudnn
-    old = c.deterministic
-    c.deterministic = True
+    with _DET_LOCK:
+        if _det_depth == 0:
+            _det_saved = c.deterministic
+        _det_depth += 1
+        c.deterministic = True
     try:
         yield
     finally:
-        c.deterministic = old
+        with _DET_LOCK:
+            _det_depth -= 1
+            if _det_depth == 0:
+                c.deterministic = _det_saved
 
 
 def _composite_forward(x, weight, bias, lora_A, lora_B, mask, kind, block_o, block_i, scale, g: _Geom):
