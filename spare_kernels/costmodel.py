@@ -333,7 +333,7 @@ def topk_passes(n_scores: int, n_tensors: int, *, compacted: bool = True) -> lis
 
 def passes_time(passes, device=H100, overhead: bool = False) -> float:
     """Sum of :func:`pass_time` over ``passes``."""
-    dev = _device(device)
+    dev = device_profile(device)
     return sum(pass_time(p, dev, overhead) for p in passes)
 
 
@@ -343,14 +343,6 @@ def conv_as_linear(n_batch: int, h_out: int, w_out: int, out: int, cin_per_group
 
 
 # ----------------------------------------------------------------------------------------- totals
-def _device(device) -> Device:
-    if isinstance(device, Device):
-        return device
-    if isinstance(device, str) and device.lower() in DEVICES:
-        return DEVICES[device.lower()]
-    return device_profile(device)
-
-
 def _total(scheme, n, out, cols, rank, dev, overhead, path=None, **kw) -> float:
     def t(pth):
         return sum(pass_time(p, dev, overhead) for p in linear_passes(scheme, n, out, cols, rank, path=pth, **kw))
@@ -365,20 +357,20 @@ def bound(scheme: str, n: int, out: int, cols: int, rank: int, *, device=H100, e
     device's rates, no fixed costs. Our masks take the faster of the GPU paths (composite: 3 GEMM-sized
     passes + two W_eff builds + the contraction; fused tiles) unless ``path`` names one (block masks also
     ``"factored"``, the cpu backend's form)."""
-    return _total(scheme, n, out, cols, rank, _device(device), False, path, e=e, **kw)
+    return _total(scheme, n, out, cols, rank, device_profile(device), False, path, e=e, **kw)
 
 
 def predict(scheme: str, n: int, out: int, cols: int, rank: int, *, device=H100, e: int = 2, path=None,
             **kw) -> float:
     """Predicted time (s): :func:`bound` plus each pass's fixed cost."""
-    return _total(scheme, n, out, cols, rank, _device(device), True, path, e=e, **kw)
+    return _total(scheme, n, out, cols, rank, device_profile(device), True, path, e=e, **kw)
 
 
 def gemm_time(n: int, out: int, cols: int, *, device=H100, e: int = 2, fp32_out: bool = False) -> float:
     """Bound of one ``n × out × cols`` GEMM (the unit of DESIGN §3)."""
     b = _Builder(e)
     b.gemm("gemm", n, out, cols, c=4 if fp32_out else None)
-    return pass_time(b.passes[0], _device(device), overhead=False)
+    return pass_time(b.passes[0], device_profile(device), overhead=False)
 
 
 # ----------------------------------------------------------------------------------------- choices
