@@ -448,10 +448,14 @@ def _unlearn_settings(args):
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution: expected a positive multiple of 8 (the VAE's factor), got {args.resolution}")
     try:
-        check_model_dir(args.model)
-        return _recipe_config(args, "spare")
+        layout = check_model_dir(args.model)
+        cfg = _recipe_config(args, "spare")
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.resolution is not None and args.resolution % layout.multiple:
+        raise UsageError(f"--resolution: the {layout.pipeline} needs a multiple of {layout.multiple} (its VAE factor, "
+                         f"patch and size checks), got {args.resolution}")
+    return cfg
 
 
 def _cmd_unlearn(args):
@@ -500,16 +504,16 @@ def _cmd_unlearn(args):
     if main:
         _writable_dir(args.out, "--out")
     from .unlearn import run
-    unet, task = diffusers_task(args.model, forget, args.surrogate_prompt, retain, images_dir=args.forget_images,
-                                n_generate=args.n_generate, seed=args.seed, resolution=args.resolution,
-                                device=device, progress=not args.quiet and main, pipe=pipe)
+    model, task = diffusers_task(args.model, forget, args.surrogate_prompt, retain, images_dir=args.forget_images,
+                                 n_generate=args.n_generate, seed=args.seed, resolution=args.resolution,
+                                 device=device, progress=not args.quiet and main, pipe=pipe)
     if world.distributed:   # rank 0's samples for all: generation on another GPU may round differently
         from .distributed import broadcast_object
         keys = ("x_forget", "c_forget", "c_surrogate", "x_retain", "c_retain", "c_null")
         got = broadcast_object({k: getattr(task, k).cpu() for k in keys} if main else None, world, "task broadcast")
         for k in keys:
             setattr(task, k, got[k].to(device))
-    r = run(unet, task, cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    r = run(model, task, cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     if not main:
         return 0
     from .utils.io import write_json
@@ -545,13 +549,13 @@ def _unlearn_jobs(args):
     from .unlearn import run
 
     def do_job(job, d, resume):
-        unet, task = diffusers_task(args.model, job["forget_prompts"], job["surrogate_prompt"], job["retain_prompts"],
-                                    images_dir=job.get("forget_images"), n_generate=args.n_generate, seed=args.seed,
-                                    resolution=args.resolution, device=device, progress=False, pipe=pipe)
+        model, task = diffusers_task(args.model, job["forget_prompts"], job["surrogate_prompt"], job["retain_prompts"],
+                                     images_dir=job.get("forget_images"), n_generate=args.n_generate, seed=args.seed,
+                                     resolution=args.resolution, device=device, progress=False, pipe=pipe)
         try:
-            r = run(unet, task, cfg, out_dir=d, resume=resume, progress=False)
+            r = run(model, task, cfg, out_dir=d, resume=resume, progress=False)
         finally:
-            unpatch_unet(unet)   # the pipeline's UNet, as loaded, for the next job
+            unpatch_unet(model)   # the pipeline's UNet or transformer, as loaded, for the next job
         return {"target": task.target, "surrogate": task.surrogate, "method": "spare", "seconds": r["seconds"],
                 "steps": r["steps"], "peak_mem_mb": r["peak_mem_mb"], "adapter": r["adapter"],
                 "per_rank_batch": r["per_rank_batch"], "config": r["config"]}
@@ -643,8 +647,11 @@ def main(argv=None) -> int:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
 
-    u = sub.add_parser("unlearn", help="the SPARE recipe on a local diffusers model directory")
-    u.add_argument("model", help="a diffusers pipeline directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    u = sub.add_parser("unlearn", help="the SPARE recipe on a local diffusers model directory (Stable Diffusion "
+                                       "1.x/2.x, SDXL, SD3/SD3.5, Flux, PixArt-alpha/-Sigma, Sana)")
+    u.add_argument("model", help="a local diffusers pipeline directory (model_index.json and its components): a "
+                                 "StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, PixArtAlpha, PixArtSigma "
+                                 "or Sana pipeline; it says which before loading")
     u.add_argument("--forget-prompt", action="append", help="a prompt naming the concept (repeatable)")
     u.add_argument("--forget-prompts-file")
     u.add_argument("--surrogate-prompt", help="the prompt the forget prompts should behave like")
@@ -653,7 +660,8 @@ def main(argv=None) -> int:
     u.add_argument("--forget-images", help="folder of forget images (png/jpg)")
     u.add_argument("--data-free", action="store_true", help="generate the forget images with the model")
     u.add_argument("--n-generate", type=int, default=4, help="generated images per prompt (data-free / retain)")
-    u.add_argument("--resolution", type=int, default=None, help="image size (default: the UNet's sample size x 8)")
+    u.add_argument("--resolution", type=int, default=None,
+                   help="image size (default: the pipeline's, its denoiser's sample size x the VAE factor)")
     _recipe_args(u)
     u.add_argument("--out", required=True, help="output directory (adapter.safetensors, run.json)")
     u.add_argument("--resume", action="store_true")
