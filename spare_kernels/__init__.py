@@ -13,7 +13,9 @@ from .saliency import SaliencyCollector
 # saliency stay a torch-only import.
 _LAZY = {
     "nn": None,
-    "patch_unet": "patch", "unpatch_unet": "patch",
+    # the module, callable as its function patch(model, ...) (see spare_kernels/patch.py)
+    "patch": None, "unpatch": "patch", "patch_unet": "patch", "unpatch_unet": "patch",
+    **{n: "targets" for n in ("cross_attention_params", "family_of")},
     "use_fused_lora": "nn.dispatch",
     "warmup": None,   # the module, callable as its function warmup(model, ...) (see spare_kernels/warmup.py)
     **{n: "adapters" for n in ("adapter_names", "disable_adapters", "enable_adapter", "export_lora", "load_adapter",
@@ -38,9 +40,9 @@ def __dir__():
 
 
 __all__ = [
-    "Mask", "STATS", "SaliencyCollector", "adapter_names", "backend_info", "disable_adapters", "enable_adapter",
-    "export_lora", "load_adapter", "masked_lora_conv2d", "masked_lora_linear", "merge_adapter", "nn", "patch_unet",
-    "remove_adapter", "saliency_conv2d", "saliency_linear", "save_adapter", "set_active_adapters",
-    "set_adapter_scale", "set_backend", "topk_masks", "unmerge_adapter", "unpatch_unet", "use_backend",
-    "use_fused_lora", "warmup",
+    "Mask", "STATS", "SaliencyCollector", "adapter_names", "backend_info", "cross_attention_params",
+    "disable_adapters", "enable_adapter", "export_lora", "family_of", "load_adapter", "masked_lora_conv2d",
+    "masked_lora_linear", "merge_adapter", "nn", "patch", "patch_unet", "remove_adapter", "saliency_conv2d",
+    "saliency_linear", "save_adapter", "set_active_adapters", "set_adapter_scale", "set_backend", "topk_masks",
+    "unmerge_adapter", "unpatch", "unpatch_unet", "use_backend", "use_fused_lora", "warmup",
 ]

@@ -1,5 +1,6 @@
-"""``patch_unet`` / ``unpatch_unet``: make a denoiser's LoRA layers the fused ones, adding an adapter
-through peft where it has none.
+"""``patch`` / ``unpatch`` (``patch_unet`` / ``unpatch_unet``, their first names): make a denoiser's LoRA
+layers the fused ones, adding an adapter through peft where it has none. Presets of ``target_modules``
+resolve for the model's family (:func:`spare_kernels.targets.family_of`), under either name.
 
 A patched model is, to peft and diffusers, a peft model (``peft_config``, ``lora.Linear`` layers,
 peft's state-dict keys) whose LoRA layers run the fused kernels: see :mod:`spare_kernels.nn.lora`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 import warnings
 from typing import Optional
 
@@ -18,21 +20,24 @@ from torch import nn
 from .masks import Mask, as_mask
 from .nn.dispatch import is_lora_layer, use_fused_lora, why_not_fused
 from .nn.lora import INITS, _Fused, adopt, delete_quietly, draw_factors, iter_patched, release, unfusable_reason
-from .targets import ATTENTION_TARGETS, PRESETS, Targets, target_predicate  # noqa: F401 (re-exported)
+from .targets import ATTENTION_TARGETS, PRESETS, Targets, family_of, preset_entries, target_predicate  # noqa: F401
 
-_RECORD = "_spare_kernels_patch"   # what this library did to a model, for unpatch_unet
+_RECORD = "_spare_kernels_patch"   # what this library did to a model, for unpatch
 
 
-def check_unet(unet) -> nn.Module:
+def check_unet(unet, arg: str = "unet") -> nn.Module:
+    """``unet`` if it is a module, else a TypeError naming ``arg`` (and the pipeline's denoiser)."""
     if not isinstance(unet, nn.Module):
-        hint = "; pass pipe.unet" if hasattr(unet, "unet") else ""
-        raise TypeError(f"unet: expected a torch.nn.Module such as diffusers' UNet2DConditionModel, "
+        hint = ("; pass pipe.unet" if hasattr(unet, "unet") else "; pass pipe.transformer"
+                if hasattr(unet, "transformer") else "")
+        raise TypeError(f"{arg}: expected a torch.nn.Module such as diffusers' UNet2DConditionModel or a "
+                        f"transformer denoiser (SD3Transformer2DModel, FluxTransformer2DModel, ...), "
                         f"got {type(unet).__name__}{hint}")
     return unet
 
 
 def record(unet: nn.Module) -> dict:
-    """What patch_unet / load_adapter changed, kept on the model: the parameters' ``requires_grad`` flags
+    """What patch / load_adapter changed, kept on the model: the parameters' ``requires_grad`` flags
     before, the layers created on plain modules, the adapters added, whether a peft config existed."""
     rec = unet.__dict__.get(_RECORD)
     if rec is None:
@@ -123,7 +128,7 @@ def normalise_masks(masks, unet: nn.Module, carriers: dict[str, torch.Tensor], a
         warnings.warn(f"masks: {ignored} of {len(masks)} entries name parameters outside the layers that carry "
                       f"adapter {adapter_name!r} (biases, norms, layers not targeted) and are ignored; they select "
                       f"{ignored_on} entries. Widen target_modules to adapt more of those layers.", UserWarning,
-                      stacklevel=3)
+                      stacklevel=4)
     return out
 
 
@@ -174,15 +179,15 @@ def _check_keep(cands, names, rank, alpha, init, target_modules, pred):
                              f"{less[:3]}){hint}")
 
 
-def _plan_adopt(cands, masked) -> dict[str, str]:
+def _plan_adopt(cands, masked, arg="unet") -> dict[str, str]:
     """The peft LoRA layers that must keep peft's own code, with the reason; raises where that cannot
     be (a mask asked for on one, merged adapters)."""
     stay = {}
     for n, m in cands.items():
         if is_lora_layer(m) and not isinstance(m, _Fused):
             if m.merged_adapters:
-                raise ValueError(f"unet: peft LoRA layer {n!r} has merged adapters {m.merged_adapters}; unmerge them "
-                                 "(unet.unfuse_lora() / unmerge_adapter()) before patching")
+                raise ValueError(f"{arg}: peft LoRA layer {n!r} has merged adapters {m.merged_adapters}; unmerge them "
+                                 f"({arg}.unfuse_lora() / unmerge_adapter()) before patching")
             why = why_not_fused(m)
             if why is not None:
                 stay[n] = why
@@ -204,14 +209,14 @@ def _adopt_all(cands, stay) -> list:
     return done
 
 
-def _say_unfused(stay: dict, what: str) -> None:
+def _say_unfused(stay: dict, what: str, fn: str = "patch_unet") -> None:
     if stay:
         ex = "; ".join(f"{n}: {w}" for n, w in list(stay.items())[:3])
-        warnings.warn(f"patch_unet: {len(stay)} {what} keep peft's own (unfused) LoRA code: {ex}", UserWarning,
-                      stacklevel=3)
+        warnings.warn(f"{fn}: {len(stay)} {what} keep peft's own (unfused) LoRA code: {ex}", UserWarning,
+                      stacklevel=4)
 
 
-def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, rec):
+def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, rec, fn="patch_unet"):
     """Add ``adapter_name`` on exactly ``targeted`` through peft (fused where the op computes it), with
     this library's init and dtype; other adapters stay active with their flags. The caller undoes it if
     anything fails."""
@@ -245,7 +250,7 @@ def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, 
         layers[n] = m
     extra = [n for n, m in unet.named_modules() if is_lora_layer(m) and adapter_name in m.lora_A and n not in layers]
     if extra:
-        raise RuntimeError(f"patch_unet: peft adapted modules that were not targeted: {extra[:3]}")
+        raise RuntimeError(f"{fn}: peft adapted modules that were not targeted: {extra[:3]}")
     for n, (act, flags) in before.items():   # peft's set_adapter made the new one the only active adapter
         m = unet.get_submodule(n)
         for p, f in flags:
@@ -254,7 +259,7 @@ def _add(unet, cands, targeted, adapter_name, rank, alpha, init, adapter_dtype, 
     for n, m in layers.items():
         if n not in before:
             m._active_adapter = [adapter_name]
-    _say_unfused({n: why_not_fused(m) for n, m in layers.items() if not isinstance(m, _Fused)}, "targeted layer(s)")
+    _say_unfused({n: why_not_fused(m) for n, m in layers.items() if not isinstance(m, _Fused)}, "targeted layer(s)", fn)
     return layers
 
 
@@ -296,10 +301,12 @@ def _drop_config(unet, adapter_name) -> None:
         cfg.pop(adapter_name)
 
 
-def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int] = None,
-               alpha: Optional[float] = None, target_modules: Targets = None, init: Optional[str] = None,
-               adapter_name: Optional[str] = None, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Make ``unet``'s LoRA layers the fused ones, in place; returns ``unet``.
+def patch(model: nn.Module, masks: Optional[dict] = None, rank: Optional[int] = None,
+          alpha: Optional[float] = None, target_modules: Targets = None, init: Optional[str] = None,
+          adapter_name: Optional[str] = None, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Make ``model``'s LoRA layers the fused ones, in place; returns ``model``. ``model``: a diffusers
+    denoiser (UNet2DConditionModel, SD3/Flux/PixArt/Sana transformer) or any module with Linear/Conv2d
+    layers; ``spare_kernels.patch(model)`` calls this function.
 
     - **A peft model** (``unet.add_adapter(LoraConfig(...))``, ``load_lora_weights``): every peft
       ``lora.Linear`` / ``lora.Conv2d`` becomes the fused class in place (same object, parameters, hooks
@@ -307,28 +314,44 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int
       if given, must describe them (else a ``ValueError``: they cannot be honoured without changing the
       user's adapter); a new ``adapter_name`` adds a new adapter instead.
     - **A plain model**, or a new ``adapter_name``: adds the adapter (``"default"`` when none is named)
-      through peft (``unet.peft_config[adapter_name]``; the layers are peft layers) on ``target_modules``:
-      ``None``/``"attention"`` = to_q, to_k, to_v, to_out.0 (as SPARE); ``"all"`` = every Linear and
-      Conv2d; a list of names, a regex, or ``callable(name, module)``. ``rank`` 4 by default, scale =
-      ``alpha / rank`` (``alpha=None``: 1.0). ``init`` (default ``gaussian``): ``gaussian`` (B = 0, the
-      output is unchanged until trained), ``kaiming`` (peft's default), ``random`` (non-zero, for
-      benchmarks). Adapters are ``adapter_dtype`` (fp32 by default, also under a bf16/fp16 base); the
-      other adapters stay active (stacked).
-    - ``masks``: parameter name (``unet.named_parameters()`` style, with or without ``.base_layer``, as
+      through peft (``model.peft_config[adapter_name]``; the layers are peft layers) on ``target_modules``:
+      the presets ``None``/``"attention"`` (every attention projection; on a UNet to_q, to_k, to_v,
+      to_out.0 as SPARE), ``"attention+mlp"`` and ``"all"`` (on a UNet every Linear and Conv2d; on a
+      transformer all but the modulation layers), resolved for the model's family (see
+      :mod:`spare_kernels.targets`); a list of names, a regex, or ``callable(name, module)``. ``rank`` 4
+      by default, scale = ``alpha / rank`` (``alpha=None``: 1.0). ``init`` (default ``gaussian``):
+      ``gaussian`` (B = 0, the output is unchanged until trained), ``kaiming`` (peft's default),
+      ``random`` (non-zero, for benchmarks). Adapters are ``adapter_dtype`` (fp32 by default, also
+      under a bf16/fp16 base); the other adapters stay active (stacked).
+    - ``masks``: parameter name (``model.named_parameters()`` style, with or without ``.base_layer``, as
       ``topk_masks`` returns) -> ``Mask`` or bool/uint8 tensor, for the adapter named (or the model's only
       one). **A layer with no entry gets a dense (unmasked) adapter.** Entries for other parameters of
       the model (SPARE's masks cover every parameter) are ignored with a warning that counts them; a
       key naming no parameter is an error.
     - Adding an adapter freezes every other parameter, as peft's ``add_adapter`` does; a peft model's own
-      adapters keep the flags they have (``unpatch_unet`` restores the flags from before).
+      adapters keep the flags they have (``unpatch`` restores the flags from before).
     Every check runs before anything changes; a failure on the way (peft's own refusals) undoes it all.
     """
-    check_unet(unet)
+    return _patch(model, masks, rank, alpha, target_modules, init, adapter_name, adapter_dtype, "model", "patch")
+
+
+def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int] = None,
+               alpha: Optional[float] = None, target_modules: Targets = None, init: Optional[str] = None,
+               adapter_name: Optional[str] = None, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """:func:`patch` under its first name (messages name ``unet``). Presets resolve for the model's family
+    here too: on a UNet (or any other model) exactly as before, on a transformer as :func:`patch`."""
+    return _patch(unet, masks, rank, alpha, target_modules, init, adapter_name, adapter_dtype, "unet", "patch_unet")
+
+
+def _patch(unet, masks, rank, alpha, target_modules, init, adapter_name, adapter_dtype, arg, fn):
+    """patch / patch_unet; ``arg`` and ``fn`` name the argument and the function in messages."""
+    check_unet(unet, arg)
     _check_args(rank, alpha, init, adapter_name, adapter_dtype)
-    pred = target_predicate(target_modules)
+    family = family_of(unet)
+    pred = target_predicate(target_modules, family=family)
     cands = candidates(unet)
     if not cands:
-        raise ValueError(f"unet: expected a UNet-like module with nn.Linear/nn.Conv2d layers, "
+        raise ValueError(f"{arg}: expected a denoiser (UNet-like or transformer) with nn.Linear/nn.Conv2d layers, "
                          f"found none in {type(unet).__name__}")
     existing = _existing(cands)
     if adapter_name is None and existing:
@@ -341,20 +364,19 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int
     if keep is not None:
         _check_keep(cands, keep, rank, alpha, init, target_modules, pred)
         if masks is not None and len(keep) > 1:
-            raise ValueError(f"adapter_name: masks apply to one adapter, and the unet has {keep}; name it")
+            raise ValueError(f"adapter_name: masks apply to one adapter, and the {arg} has {keep}; name it")
         name = keep[0]
         carriers = {n: _base(m).weight for n, m in cands.items() if is_lora_layer(m) and name in m.lora_A}
         targeted = {}
     else:
         targeted = {n: m for n, m in cands.items() if pred(n, _base(m))}
         if not targeted:
-            words = ([target_modules] if isinstance(target_modules, str) else ["<callable>"]
-                     if callable(target_modules) else list(target_modules or ATTENTION_TARGETS))
-            raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear/nn.Conv2d of the unet; "
-                             f"nearest module names: {_nearest([str(w) for w in words], list(cands))}")
+            raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear/nn.Conv2d of the {arg} "
+                             f"({family} family); nearest module names: "
+                             f"{_nearest(_words(target_modules, family), list(cands))}")
         carriers = {n: _base(m).weight for n, m in targeted.items()}
     mask_map = normalise_masks(masks, unet, carriers, name)
-    stay = _plan_adopt(cands, mask_map)   # all checks pass before anything changes
+    stay = _plan_adopt(cands, mask_map, arg)   # all checks pass before anything changes
     if keep is not None:
         merged = [n for n in mask_map if name in cands[n].merged_adapters]
         if merged:
@@ -367,7 +389,7 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int
     try:
         adopted = _adopt_all(cands, stay)
         if keep is None:   # peft freezes every other parameter, as its add_adapter does
-            layers = _add(unet, cands, targeted, name, rank or 4, alpha, init or "gaussian", adapter_dtype, rec)
+            layers = _add(unet, cands, targeted, name, rank or 4, alpha, init or "gaussian", adapter_dtype, rec, fn)
         else:              # the user's peft model: flags as they are
             layers = {n: unet.get_submodule(n) for n in carriers}
         for n, m in mask_map.items():
@@ -386,17 +408,40 @@ def patch_unet(unet: nn.Module, masks: Optional[dict] = None, rank: Optional[int
         if fresh:
             unet.__dict__.pop(_RECORD, None)
         raise
-    _say_unfused(stay, "peft LoRA layer(s)")
+    _say_unfused(stay, "peft LoRA layer(s)", fn)
     return unet
 
 
-def unpatch_unet(unet: nn.Module) -> nn.Module:
+def _words(target_modules, family) -> list[str]:
+    """What a spec that matched nothing asked for, to find the nearest module names."""
+    if target_modules is None or target_modules in PRESETS:
+        try:
+            return list(preset_entries(family, target_modules or "attention"))
+        except ValueError:
+            return [str(target_modules)]
+    if isinstance(target_modules, str):
+        return [target_modules]
+    if callable(target_modules):
+        return ["<callable>"]
+    return [str(w) for w in target_modules]
+
+
+def unpatch(model: nn.Module) -> nn.Module:
     """Undo what this library did, in place: every merge undone (bit-exactly), the adapters it added
     removed, the layers it created on plain modules replaced by those modules (the very objects), every
     other fused layer peft's own class again (same object), the ``requires_grad`` flags restored.
     Masks on adapters that stay (peft's, from before the patch) are dropped with a warning: peft's own
-    layers compute the unmasked ``B·A``."""
-    check_unet(unet)
+    layers compute the unmasked ``B·A``. ``unpatch_unet`` is its first name."""
+    return _unpatch(model, "model", "unpatch")
+
+
+def unpatch_unet(unet: nn.Module) -> nn.Module:
+    """:func:`unpatch` under its first name (messages name ``unet``)."""
+    return _unpatch(unet, "unet", "unpatch_unet")
+
+
+def _unpatch(unet, arg, fn):
+    check_unet(unet, arg)
     rec = unet.__dict__.get(_RECORD)
     fused = list(iter_patched(unet))
     for _, m in fused:
@@ -420,11 +465,22 @@ def unpatch_unet(unet: nn.Module) -> nn.Module:
     if rec is not None:
         _tidy(unet, rec)
     if dropped:
-        warnings.warn(f"unpatch_unet: masks on adapter(s) {sorted(dropped)} are dropped: peft's own layers compute "
-                      "the unmasked B·A (sk.save_adapter keeps them)", UserWarning, stacklevel=2)
+        warnings.warn(f"{fn}: masks on adapter(s) {sorted(dropped)} are dropped: peft's own layers compute "
+                      "the unmasked B·A (sk.save_adapter keeps them)", UserWarning, stacklevel=3)
     if rec is not None:
         unet.__dict__.pop(_RECORD)
         for n, p in unet.named_parameters():
             if n in rec["flags"]:
                 p.requires_grad_(rec["flags"][n])
     return unet
+
+
+# ``spare_kernels.patch`` is this module (an import of the submodule sets the package attribute to it, so
+# the package cannot also export the function under the same name): calling the module calls the function,
+# so ``spare_kernels.patch(model)`` is ``spare_kernels.patch.patch(model)``.
+class _CallableModule(type(sys)):
+    def __call__(self, *args, **kwargs):
+        return patch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
