@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .backends import get_forced_backend, use_backend
 from .ops import STATS, saliency_conv2d, saliency_linear
 from .ops.masked_lora import conv_padding
-from .targets import target_predicate, unmatched_entries
+from .targets import family_of, target_predicate, unmatched_entries
 
 PATCHED_ATTR = "_spare_kernels_patched"
 
@@ -374,7 +374,7 @@ def _select(root: nn.Module, spec: TargetSpec) -> List[_Target]:
                         f"callable (name, module) -> bool, got {type(spec).__name__}")
     # The shared rule (targets.py), with "all" for None; a name matches as the logical (wrapper) name
     # or the weight layer's own, except for a callable, which sees the logical name.
-    pred = target_predicate(spec, default="all", where="SaliencyCollector: target_modules")
+    pred = target_predicate(spec, default="all", where="SaliencyCollector: target_modules", family=family_of(root))
     if callable(spec):
         chosen = [c for c in cands if pred(c[0], c[3])]
     else:

@@ -729,8 +729,8 @@ def build_model(config: str = "sd15", *, rank: int = 4, mask: str = "element", t
     masks = None
     if mask != "none":
         from .patch import candidates as _cands
-        from .targets import target_predicate
-        pred = target_predicate(target_modules)
+        from .targets import family_of, target_predicate
+        pred = target_predicate(target_modules, family=family_of(unet))
         masks = {}
         for name, m in _cands(unet).items():
             if not pred(name, m):

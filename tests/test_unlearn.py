@@ -410,7 +410,7 @@ def test_bad_input_is_rejected_with_the_valid_names(task):
                     (dict(block=(32,)), "block: expected a pair"), (dict(block=(8, True)), "block: expected a pair"),
                     (dict(mix=1.5), "mix"), (dict(mix=float("nan")), "mix"), (dict(lr=-1e-3), "lr"),
                     (dict(alpha=0), "alpha"), (dict(w_retain=-1), "w_retain"),
-                    (dict(targets="attn"), "targets: expected one of all, attention, got 'attn'")):
+                    (dict(targets="attn"), "targets: expected one of all, attention, attention\\+mlp, got 'attn'")):
         with pytest.raises(ValueError, match=msg):
             Config(**kw)
     assert Config(block=[16, 8]).block == (16, 8)    # a CLI / JSON list compares equal to a checkpoint's tuple

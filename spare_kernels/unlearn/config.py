@@ -13,7 +13,10 @@ from ..ops.saliency import STATS
 METHODS = ("spare", "spare-reference", "lora", "salun", "esd")
 PRECISIONS = ("fp32", "bf16")   # fp16 would need loss scaling
 TIMESTEPS = ("critical", "uniform")
-TARGETS = ("all", "attention")   # every Linear and Conv2d; to_q/to_k/to_v/to_out.0 (SPARE's choice)
+# Presets of the model's family (spare_kernels.targets): on a UNet "all" is every Linear and Conv2d and
+# "attention" to_q/to_k/to_v/to_out.0 (SPARE's choice); on a transformer "attention" is every attention
+# projection of both streams and "all" every Linear but the AdaLN modulation.
+TARGETS = ("all", "attention", "attention+mlp")
 _DEFAULT_LR = {"spare": 1e-2, "spare-reference": 1e-2, "lora": 1e-2, "salun": 3e-4, "esd": 3e-4}
 
 
@@ -49,7 +52,7 @@ class Config:
     seed: int = 0
     checkpoint_every: int = 0             # 0: no checkpoints
     precision: str = "fp32"               # or "bf16": forwards under torch.autocast (weights, adapters fp32)
-    targets: str = "all"                  # or "attention" (to_q/to_k/to_v/to_out.0); esd ignores it
+    targets: str = "all"                  # or "attention", "attention+mlp" (the family's presets); esd ignores it
 
     def __post_init__(self):
         if self.method not in METHODS:

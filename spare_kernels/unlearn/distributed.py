@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from typing import List, Optional
 
 import torch
@@ -79,6 +80,7 @@ def fingerprint(unet, task, cfg) -> dict:
     data = _digest([task.x_forget, task.c_forget, task.c_surrogate, task.x_retain, task.c_retain, task.c_null])
     return {"config": dataclasses.asdict(cfg), "model": model.hexdigest()[:16],
             "task": f"{task.target}->{task.surrogate} {data[:16]}",
+            "objective": json.dumps([task.objective.describe(), task.denoiser.describe()], sort_keys=True),
             "device type": next(unet.parameters()).device.type,
             "versions": f"spare_kernels {spare_kernels.__version__}, torch {torch.__version__}"}
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +37,13 @@ from ..distributed import World, broadcast_object, sharded_saliency, sharded_top
 from ..masks import Mask, topk_masks
 from ..patch import patch_unet
 from ..saliency import SaliencyCollector
-from ..targets import target_predicate
+from ..targets import cross_attention_params, family_of, target_predicate
 from . import reference as ref
 from .distributed import shard
 from .timesteps import TimestepSampler, probe
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _eps(unet, x, t, c):
-    return unet(x, t.to(x.device), encoder_hidden_states=c).sample   # t is drawn on the CPU
 
 
 def _forget_batches(task, sampler, cfg, gen, world: World = World()):
@@ -62,9 +61,10 @@ def _forget_batches(task, sampler, cfg, gen, world: World = World()):
         yield xt[s], t[s], task.c_forget[idx[s]], noise[s], (s.stop - s.start) / n
 
 
-def _diffusion_loss(unet, batch):
-    xt, t, c, noise = batch[:4]
-    loss = F.mse_loss(_eps(unet, xt, t, c), noise)
+def _diffusion_loss(task, unet, batch):
+    """The model's own training loss on a batch: MSE to the objective's target (noise, velocity...)."""
+    xt, t, c, target = batch[:4]
+    loss = F.mse_loss(task.predict(unet, xt, t, c), target)
     return loss * batch[4] if len(batch) > 4 else loss   # a rank's share of the batch mean
 
 
@@ -86,13 +86,14 @@ def _seeded(seed):
 
 
 def _linear_conv_names(unet, targets: str = "all"):
-    """The Linear / Conv2d modules of ``targets`` (``Config.targets``), in ``named_modules`` order."""
-    names = [n for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    if targets == "attention":
-        pred = target_predicate("attention")
-        names = [n for n in names if pred(n, None)]
-        if not names:
-            raise ValueError("targets: 'attention' matched no to_q/to_k/to_v/to_out.0 layer of the UNet")
+    """The Linear / Conv2d modules of ``targets`` (``Config.targets``, a preset of the model's family:
+    see :mod:`spare_kernels.targets`), in ``named_modules`` order."""
+    family = family_of(unet)
+    pred = target_predicate(targets, family=family, where="targets")
+    names = [n for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and pred(n, m)]
+    if not names:
+        raise ValueError(f"targets: {targets!r} matched no Linear/Conv2d layer of the {family} model "
+                         f"{type(unet).__name__}")
     return names
 
 
@@ -115,16 +116,23 @@ class _Method:
         self.runner = None   # an _Overlap, set by Trainer for methods with overlap = True
 
     def sampler(self):
-        return TimestepSampler(self.task.num_train_timesteps)
+        return TimestepSampler(self.task.num_train_timesteps, base=self.task.objective.draw)
+
+    def loss_fn(self):
+        """``loss_fn(model, batch)``: the model's training loss (saliency stage)."""
+        return functools.partial(_diffusion_loss, self.task)
+
+    def predict(self, model, x, t, c):
+        return self.task.predict(model, x, t, c)
 
     def student_teacher(self, xt, t, c_student, c_teacher):
         """(student prediction, teacher prediction) with one forward each."""
         def teacher():
             with torch.no_grad(), self.teacher():
-                return _eps(self.teacher_model or self.unet, xt, t, c_teacher)
+                return self.predict(self.teacher_model or self.unet, xt, t, c_teacher)
 
         def student():
-            return _eps(self.unet, xt, t, c_student)
+            return self.predict(self.unet, xt, t, c_student)
         # Autocast is thread-local: a worker would run the teacher without it.
         if self.runner is not None and not torch.is_autocast_enabled("cpu"):
             return self.runner(teacher, student)
@@ -136,7 +144,7 @@ class _Method:
         i_f = torch.randint(task.x_forget.shape[0], (cfg.batch_forget,), generator=gen)
         i_r = torch.randint(task.x_retain.shape[0], (cfg.batch_retain,), generator=gen)
         t_f = sampler.sample(cfg.batch_forget, gen)
-        t_r = torch.randint(0, task.num_train_timesteps, (cfg.batch_retain,), generator=gen)
+        t_r = task.objective.draw(cfg.batch_retain, gen)   # the model's own training draw (DDPM: uniform)
         x_f, _ = task.noised(task.x_forget[i_f], t_f, gen)
         x_r, _ = task.noised(task.x_retain[i_r], t_r, gen)
         # Across ranks: the same global batch on every rank, each computing its share.
@@ -175,7 +183,7 @@ class _Method:
                 if r is not g:   # reduced on the backend's device
                     g.copy_(r)
         return ref.full_grad_saliency(self.unet, _forget_batches(self.task, self.sampler(), self.cfg, gen, world),
-                                      _diffusion_loss, sync=sync if world.distributed else None)
+                                      self.loss_fn(), sync=sync if world.distributed else None)
 
 
 class _Spare(_Method):
@@ -183,12 +191,12 @@ class _Spare(_Method):
         cfg, task, unet, world = self.cfg, self.task, self.unet, self.world
         if restored is not None:   # a resumed run: the checkpoint's curve and masks
             self.curve, self.masks = restored["curve"], restored["masks"]
-            self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix)
+            self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix, base=task.objective.draw)
         else:
             if cfg.timesteps == "critical":   # one rank probes, every rank gets its curve
                 curve = probe(unet, task, cfg.probe_bins, cfg.probe_per_bin, seed=cfg.seed) if world.is_main else None
                 self.curve = broadcast_object(curve, world, "timestep probe")
-            self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix)
+            self._sampler = TimestepSampler(task.num_train_timesteps, self.curve, cfg.mix, base=task.objective.draw)
             self.masks = self._localise(gen)
         with _seeded(cfg.seed):
             patch_unet(unet, masks=self.masks, rank=cfg.rank, alpha=cfg.alpha, init=cfg.init,
@@ -201,14 +209,16 @@ class _Spare(_Method):
         the top-k runs on those shards (spare_kernels.distributed). ``grad_abs`` is ``|Σ g|`` of the
         global batch: ranks collect ``signed`` sums, reduced and made absolute batch by batch."""
         cfg, task, unet, world = self.cfg, self.task, self.unet, self.world
-        # "all": every Linear / Conv2d the collector finds (None), as before the setting existed.
-        layers = None if cfg.targets == "all" else _linear_conv_names(unet, cfg.targets)
+        # "all" on a UNet: every Linear / Conv2d the collector finds (None), as before the setting existed;
+        # on a transformer the preset leaves the AdaLN modulation out.
+        plain = cfg.targets == "all" and family_of(unet) in ("unet", "generic")
+        layers = None if plain else _linear_conv_names(unet, cfg.targets)
         if not world.distributed:
             with SaliencyCollector(unet, stat=cfg.saliency_stat, target_modules=layers) as col:
                 for batch in _forget_batches(task, self._sampler, cfg, gen):
-                    _diffusion_loss(unet, batch).backward()
+                    _diffusion_loss(task, unet, batch).backward()
             return topk_masks(col.scores(), cfg.density, cfg.granularity, cfg.scope, cfg.block)
-        owned, plan = sharded_saliency(unet, _forget_batches(task, self._sampler, cfg, gen, world), _diffusion_loss,
+        owned, plan = sharded_saliency(unet, _forget_batches(task, self._sampler, cfg, gen, world), self.loss_fn(),
                                        cfg.saliency_stat, layers, world)
         return sharded_topk_masks(owned, plan, cfg.density, world, cfg.granularity, cfg.scope, cfg.block)
 
@@ -245,10 +255,10 @@ class _SpareReference(_Method):
     def distill(self, x_f, t_f, i_f, x_r, t_r, i_r):
         task, unet, cfg = self.task, self.unet, self.cfg      # SPARE's code: four separate forwards
         with torch.no_grad(), self.teacher():
-            tgt_f = _eps(unet, x_f, t_f, task.c_surrogate[i_f])
-            tgt_r = _eps(unet, x_r, t_r, task.c_retain[i_r])
-        pf = _eps(unet, x_f, t_f, task.c_forget[i_f])
-        pr = _eps(unet, x_r, t_r, task.c_retain[i_r])
+            tgt_f = self.predict(unet, x_f, t_f, task.c_surrogate[i_f])
+            tgt_r = self.predict(unet, x_r, t_r, task.c_retain[i_r])
+        pf = self.predict(unet, x_f, t_f, task.c_forget[i_f])
+        pr = self.predict(unet, x_r, t_r, task.c_retain[i_r])
         return _mse(pf, tgt_f, cfg.batch_forget), _mse(pr, tgt_r, cfg.batch_retain)
 
 
@@ -304,14 +314,15 @@ class _Salun(_Method):
 
 
 class _Esd(_Method):
-    # Config.targets does not apply: ESD-x is every cross-attention parameter by definition.
+    # Config.targets does not apply: ESD-x is every cross-attention parameter by definition; on an MMDiT
+    # (SD3, Flux), whose text meets the image in joint attention, every joint-attention parameter
+    # (spare_kernels.targets.cross_attention_params).
     def setup(self, gen, restored=None):
         unet = self.unet
+        names = set(cross_attention_params(unet))   # raises, naming the family, when there are none
         self.teacher_model = copy.deepcopy(unet).requires_grad_(False)
         unet.requires_grad_(False)
-        params = [p for n, p in unet.named_parameters() if ".attn2." in n]
-        if not params:
-            raise ValueError("esd: the UNet has no cross-attention (attn2) parameters to fine-tune")
+        params = [p for n, p in unet.named_parameters() if n in names]
         for p in params:
             p.requires_grad_(True)
         return params
@@ -323,12 +334,14 @@ class _Esd(_Method):
         xt, _ = task.noised(task.x_forget[i_f], t, gen)
         s = shard(cfg.batch_forget, self.world)
         xt, t, c_f = xt[s], t[s], task.c_forget[i_f[s]]
+        # Negative guidance in the model's own prediction space (noise or velocity). Flux has no
+        # unconditional branch (guidance-distilled): its "∅" is the empty prompt's conditional pass.
         with torch.no_grad():
-            e = _eps(self.teacher_model, torch.cat([xt, xt]), torch.cat([t, t]),
-                     torch.cat([task.c_null.expand_as(c_f), c_f]))
+            e = self.predict(self.teacher_model, torch.cat([xt, xt]), torch.cat([t, t]),
+                             torch.cat([task.c_null.expand_as(c_f), c_f]))
             e0, ef = e.chunk(2)
             target = e0 - cfg.esd_eta * (ef - e0)
-        loss = _mse(_eps(self.unet, xt, t, c_f), target, cfg.batch_forget)
+        loss = _mse(self.predict(self.unet, xt, t, c_f), target, cfg.batch_forget)
         return loss, torch.zeros(())
 
 

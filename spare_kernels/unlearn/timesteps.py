@@ -23,28 +23,30 @@ def probe(unet, task, bins: int = 10, per_bin: int = 8, seed: int = 0) -> dict:
                    for b in range(bins)])
     xt, _ = task.noised(task.x_forget[idx], t, g)
     c = torch.cat([task.c_forget[idx], task.c_surrogate[idx]])
-    eps = unet(torch.cat([xt, xt]), torch.cat([t, t]).to(xt.device), encoder_hidden_states=c).sample
-    ef, es = eps.chunk(2)
+    pred = task.predict(unet, torch.cat([xt, xt]), torch.cat([t, t]), c)
+    ef, es = pred.chunk(2)
     gap = (ef.float() - es.float()).pow(2).flatten(1).mean(1).cpu()
     score = gap.view(bins, per_bin).mean(1)
     return {"edges": edges, "score": score.tolist()}
 
 
 class TimestepSampler:
-    """Draws timesteps: with probability ``mix`` a bin by the probe curve, else uniform over [0, T)."""
+    """Draws timesteps: with probability ``mix`` a bin by the probe curve, else from ``base(n, generator)``
+    (the model's own training draw; default uniform over [0, T), DDPM's)."""
 
-    def __init__(self, num_train_timesteps: int, curve: dict | None = None, mix: float = 0.5):
+    def __init__(self, num_train_timesteps: int, curve: dict | None = None, mix: float = 0.5, base=None):
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix: expected a weight in [0, 1], got {mix}")
         self.T = int(num_train_timesteps)
         self.mix = float(mix) if curve is not None else 0.0
         self.edges = torch.tensor(curve["edges"]) if curve is not None else None
+        self.base = base
         if curve is not None:
             s = torch.tensor(curve["score"], dtype=torch.float64).clamp_min(0)
             self.p = s / s.sum() if s.sum() > 0 else torch.full_like(s, 1 / len(s))
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        t = torch.randint(0, self.T, (n,), generator=generator)
+        t = torch.randint(0, self.T, (n,), generator=generator) if self.base is None else self.base(n, generator)
         if self.mix > 0:
             use = torch.rand(n, generator=generator) < self.mix
             b = torch.multinomial(self.p, n, replacement=True, generator=generator)
