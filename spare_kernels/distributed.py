@@ -16,14 +16,28 @@ rank, computed by the same code in the same order as on one process, so the mask
 **Reduction.** :func:`reduce_scatter_scores` sums each bucket over the ranks with one reduce-scatter
 (each rank receives only what it owns; a bucket of one tensor is a reduce to its owner): a rank
 holds ``1/N`` of the reduced scores instead of all of them, and sends ``(N-1)/N`` of the score bytes
-instead of an all-reduce's ``2(N-1)/N``.
+instead of an all-reduce's ``2(N-1)/N``. :func:`sharded_saliency` does it during each backward
+(:class:`_Stream`): a bucket goes out as soon as its layers' statistics are complete and the
+collector's accumulators for it are freed, so the local statistics held at once are the buckets
+still in progress (FLUX.1-dev, every layer but the modulation: 0.23-0.30 GB instead of the full
+34.5 GB fp32 on every rank; ``python -m benchmarks.distributed bytes``).
 
 **Top-k** (:func:`sharded_topk_masks`): ``scope="global"`` runs the generic engine's radix select on
 each rank's own tensors, with each level's histogram (65536 int64 bins, 512 KiB) all-reduced, so every
 rank finds the same threshold; the units equal to it are counted per tensor and all-reduced, which
 gives each tensor its share of the ties in dict order, exactly as on one process.
-``scope="per_module"`` needs no exchange at all. Each rank then packs its masks and one all-gather
-gives every rank all of them (element masks: 1 bit per weight entry).
+``scope="per_module"`` needs no exchange at all. Its working set besides its own scores is a few
+chunk-sized temporaries (keys, bool flags, ~20 MiB) and its own masks. Each rank then packs its masks
+and all-gathers them (element masks: 1 bit per weight entry), in rounds of ``GATHER_BYTES`` per rank
+copied into each mask's own buffer: every rank ends with the whole mask set (FLUX.1-dev, every layer
+but the modulation: 1.08 GB), plus its own packed share and one round while gathering, never a second
+copy of the set.
+
+**What a rank holds.** The plan assigns whole tensors greedily to the least loaded rank, so a rank
+owns at most ``total // N`` plus the largest tensor's entries (FLUX.1-dev at N = 8: 1.02x the even
+share); in the reduction, its owned shard plus the buckets in progress and one bucket's pieces; in
+the top-k, its shard and the temporaries above. The whole model's weights and, after the gather, the
+whole mask set are on every rank: data parallelism replicates them.
 
 **Faults.** A collective that fails (a rank died, or stopped with an error) raises
 :class:`DistributedError` naming this rank and the step, instead of hanging; a rank that is alive but
@@ -39,6 +53,7 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -53,6 +68,12 @@ DEFAULT_TIMEOUT_S = 600.0
 # received share; 2**25 entries (128 MiB) keeps it far below SD-1.5's 3.4 GB of scores while the
 # bucket count stays small (28 for SD-1.5's 860M entries).
 BUCKET_ELEMS = 1 << 25
+# Bytes per rank per round of the mask all-gather: a round's buffer is N x 32 MiB (256 MiB at N = 8)
+# while every rank fills the whole mask set (FLUX.1-dev, every layer but the modulation: 1.08 GB of
+# element masks), where one all-gather needed the N x share buffer and then a copy of every mask out
+# of it (at N = 8: 1.37 GB besides the set, now 0.54 GB: the round, this rank's masks and its packed
+# share); SD-1.5's 107 MB of masks are one round from N = 4 on.
+GATHER_BYTES = 1 << 25
 
 
 class DistributedError(RuntimeError):
@@ -306,6 +327,61 @@ def _all_gather(world, out, inp, what):
     _run(world, what, fn, out, inp)
 
 
+def _deliverer(plan: ShardPlan, out: dict, transform):
+    """``deliver(name, flat, own)``: a reduced tensor (flat) into ``out``, through ``transform``, added to
+    what ``out`` holds; ``own``: the memory of ``flat`` is the caller's to give (kept without a copy)."""
+    where = {n: i for i, n in enumerate(plan.names)}
+
+    def deliver(name, v, own):
+        v = v.view(plan.shapes[where[name]])
+        if transform is not None:
+            t = transform(v)
+            own = own or t.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+            v = t
+        if name in out:
+            out[name] += v
+        else:
+            out[name] = v if own else v.clone()
+    return deliver
+
+
+def _reduce_bucket(world: World, plan: ShardPlan, b: tuple, get: Callable, deliver: Callable, what: str,
+                   own: bool = False) -> None:
+    """Sum bucket ``b`` (plan indices) over the ranks, each tensor to its owner. ``get(i)``: this rank's
+    tensor of index ``i`` (consumed: a reduce works in place on it); ``deliver(name,
+    flat, own)`` receives this rank's sums; ``own``: ``get``'s tensors are ours to keep."""
+    if not world.distributed:
+        for i in b:
+            deliver(plan.names[i], get(i).float().reshape(-1), own)
+        return
+    if len(b) == 1:   # one tensor: a reduce to its owner (no padded pieces for the others)
+        i = b[0]
+        n, r = plan.names[i], plan.owner[i]
+        x = _on(world, get(i).detach().float().contiguous().view(-1))
+        _run(world, f"{what} ({n})", dist.reduce, x, dst=r)
+        if world.rank == r:
+            deliver(n, x, own)
+        return
+    mine = {r: [i for i in b if plan.owner[i] == r] for r in range(world.size)}
+    length = max(sum(plan.numel(i) for i in ix) for ix in mine.values())
+    dev = world.device
+    inp = torch.zeros(world.size, length, dtype=torch.float32, device=dev)
+    for r, ix in mine.items():
+        o = 0
+        for i in ix:
+            k = plan.numel(i)
+            inp[r, o:o + k].copy_(get(i).detach().reshape(-1))
+            o += k
+    got = torch.empty(length, dtype=torch.float32, device=dev)
+    _reduce_scatter(world, got, inp.view(-1), what)
+    del inp
+    o = 0
+    for i in mine[world.rank]:
+        k = plan.numel(i)
+        deliver(plan.names[i], got[o:o + k], False)
+        o += k
+
+
 def reduce_scatter_scores(scores: Dict[str, torch.Tensor], world: World, plan: ShardPlan,
                           into: Optional[Dict[str, torch.Tensor]] = None,
                           transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -315,88 +391,202 @@ def reduce_scatter_scores(scores: Dict[str, torch.Tensor], world: World, plan: S
     applied to each reduced tensor (e.g. ``abs`` per batch); with ``into`` (a previous result), the
     results are added to it in place. ``scores`` is consumed (a reduce may use it as scratch)."""
     out = {} if into is None else into
+    deliver = _deliverer(plan, out, transform)
     if not world.distributed:
         for n in plan.names:
             v = scores[n].float()
-            v = transform(v) if transform is not None else v
-            if n in out:
-                out[n] += v
-            else:
-                out[n] = v if v is not scores[n] else v.clone()
+            deliver(n, v.reshape(-1), v is not scores[n])
         return out
-
-    where = {n: i for i, n in enumerate(plan.names)}
-
-    def deliver(name, v):
-        v = v.view(plan.shapes[where[name]])
-        v = transform(v) if transform is not None else v
-        if name in out:
-            out[name] += v
-        else:
-            out[name] = v.clone()
-
     for b in plan.buckets:
-        if len(b) == 1:   # one tensor: a reduce to its owner (no padded pieces for the others)
-            i = b[0]
-            n, r = plan.names[i], plan.owner[i]
-            x = _on(world, scores[n].detach().float().contiguous().view(-1))
-            _run(world, f"{what} ({n})", dist.reduce, x, dst=r)
-            if world.rank == r:
-                deliver(n, x)
-            continue
-        mine = {r: [i for i in b if plan.owner[i] == r] for r in range(world.size)}
-        length = max(sum(plan.numel(i) for i in ix) for ix in mine.values())
-        dev = world.device
-        inp = torch.zeros(world.size, length, dtype=torch.float32, device=dev)
-        for r, ix in mine.items():
-            o = 0
-            for i in ix:
-                k = plan.numel(i)
-                inp[r, o:o + k].copy_(scores[plan.names[i]].detach().reshape(-1))
-                o += k
-        got = torch.empty(length, dtype=torch.float32, device=dev)
-        _reduce_scatter(world, got, inp.view(-1), what)
-        del inp
-        o = 0
-        for i in mine[world.rank]:
-            k = plan.numel(i)
-            deliver(plan.names[i], got[o:o + k])
-            o += k
+        _reduce_bucket(world, plan, b, lambda i: scores[plan.names[i]], deliver, what)
     return out
 
 
-def sharded_saliency(module, batches, loss_fn, stat: str, target_modules, world: World):
+def _graph_task_id() -> int:
+    f = getattr(torch._C, "_current_graph_task_id", None)   # private; -1 outside a backward
+    return f() if f is not None else -1
+
+
+class _Stream:
+    """Reduces a :class:`~spare_kernels.saliency.SaliencyCollector`'s statistics bucket by bucket
+    while each backward runs, so a rank never holds the full-size local statistics.
+
+    A forward hook on every target (after the collector's own) counts the layer's calls and hooks its
+    output after the collector's gradient hook: when a layer's last call of the forward has been
+    reduced into its accumulator, the layer is complete. Buckets are launched in one fixed order,
+    the plan's reversed (a backward reaches the last layers first), each as soon as it and every
+    bucket before it in that order are complete, so every rank issues the same collectives whatever
+    order its hooks fire in; the bucket's accumulators are taken from the collector (freed once
+    reduced). After the backward, the rest are launched in the same order (a layer no backward
+    reached on this rank sends zeros). The buckets, and what each sums, are those of
+    :func:`reduce_scatter_scores`: the same sums, bit for bit.
+
+    A layer's calls made inside a backward (gradient checkpointing's recomputation) are not counted;
+    where their outputs get a gradient (reentrant checkpointing) the layer waits for the end of the
+    backward, and one whose bucket went out already raises (its sum would be incomplete)."""
+
+    def __init__(self, col, plan: ShardPlan, world: World, transform, what: str):
+        self.col, self.plan, self.world, self.what = col, plan, world, what
+        self.index = {n: i for i, n in enumerate(plan.names)}
+        self.bucket_of = {i: j for j, b in enumerate(plan.buckets) for i in b}
+        self.order = list(reversed(range(len(plan.buckets))))
+        self.owned: Dict[str, torch.Tensor] = {}
+        self.hit = set()
+        self.deliver = _deliverer(plan, self.owned, transform)
+        dev = {t.key: t.layer.weight.device for t in col.targets}
+        self.devices = [dev[n] for n in plan.names]
+        self.local_peak_bytes = 0       # most bytes of local accumulators held at once
+        self.in_backward_buckets = 0    # buckets launched from the hooks, during a backward
+        self.launched_buckets = 0
+        self._active = False
+        self._handles = [t.hooked.register_forward_hook(partial(self._forward, self.index[t.key]), with_kwargs=True)
+                         for t in col.targets]
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _begin(self):
+        n, nb = len(self.plan.names), len(self.plan.buckets)
+        self.calls, self.fired = [0] * n, [0] * n
+        self.waits, self.done = [False] * n, [False] * n
+        self.missing = [len(b) for b in self.plan.buckets]
+        self.launched = [False] * nb
+        self.next = 0
+
+    def backward(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a forward and its backward), streaming the reductions; then launch the rest."""
+        self._begin()
+        self._active = True
+        try:
+            fn()
+        finally:
+            self._active = False
+        while self.next < len(self.order):
+            self._launch(self.order[self.next])
+            self.next += 1
+        self.col.reset()
+
+    def _forward(self, i, module, args, kwargs, output):
+        if not self._active or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) \
+                or not output.requires_grad:
+            return None
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if not isinstance(x, torch.Tensor):
+            return None
+        rerun = _graph_task_id() != -1
+        if not rerun:
+            self.calls[i] += 1
+        output.register_hook(partial(self._grad, i, rerun, [False]))
+        return None
+
+    def _grad(self, i, rerun, fired, grad):
+        if fired[0] or not self._active:
+            return None
+        fired[0] = True
+        b = self.bucket_of[i]
+        if rerun:   # a recomputed forward that gets a gradient: count it at the end of the backward
+            if self.launched[b]:
+                raise RuntimeError(f"sharded_saliency: {self.plan.names[i]!r} received a gradient through a "
+                                   f"forward recomputed in the backward after its statistic was reduced "
+                                   f"(reentrant checkpointing of a layer also called outside it); use "
+                                   f"non-reentrant checkpointing (use_reentrant=False)")
+            if self.done[i]:
+                self.done[i] = False
+                self.missing[b] += 1
+            self.waits[i] = True
+            return None
+        self.fired[i] += 1
+        if not self.waits[i] and not self.done[i] and self.fired[i] == self.calls[i]:
+            self.done[i] = True
+            self.missing[b] -= 1
+            while self.next < len(self.order) and self.missing[self.order[self.next]] == 0:
+                self._launch(self.order[self.next])
+                self.in_backward_buckets += 1
+                self.next += 1
+        return None
+
+    def _take(self, i):
+        # The collector's accumulator, handed over (it no longer holds it); zeros for a layer this
+        # rank's backward did not reach, as scores(all_targets=True) gives them.
+        name = self.plan.names[i]
+        v = self.col._acc.pop(name, None)
+        if v is None:
+            return torch.zeros(self.plan.shapes[i], dtype=torch.float32, device=self.devices[i])
+        self.hit.add(name)
+        return v
+
+    def _launch(self, b):
+        live = sum(v.numel() * v.element_size() for v in self.col._acc.values())
+        self.local_peak_bytes = max(self.local_peak_bytes, live)
+        self.launched[b] = True
+        self.launched_buckets += 1
+        _reduce_bucket(self.world, self.plan, self.plan.buckets[b], self._take, self.deliver, self.what, own=True)
+
+
+def sharded_saliency(module, batches, loss_fn, stat: str, target_modules, world: World, stream: bool = True,
+                     stats: Optional[dict] = None, bucket_elems: int = BUCKET_ELEMS):
     """Saliency of ``module`` over ``batches`` (this rank's share of each global batch; every rank
     the same number of batches), summed over the ranks into this rank's shard of the scores:
     ``(owned scores, plan)``, for the layers whose backward ran on some rank (as
-    ``SaliencyCollector.scores()`` on one process). ``loss_fn(module, batch)`` must weight the rank's loss by its share of
-    the batch, so the sums are one process's on the whole batches. ``grad_abs`` is ``|Σ g|`` of each
-    global batch: the ranks collect ``signed`` sums, reduce-scattered and made absolute batch by
-    batch (for a layer called several times in one forward that is ``|Σ_calls G|``, where one process
-    takes ``Σ_calls |G|``; a diffusers UNet calls each layer once); the other statistics are
-    reduce-scattered once at the end."""
+    ``SaliencyCollector.scores()`` on one process). ``loss_fn(module, batch)`` must weight the rank's
+    loss by its share of the batch, so the sums are one process's on the whole batches.
+
+    ``stream=True`` (default): each batch's statistics are reduced during its backward, bucket by
+    bucket, as soon as the layers of a bucket are done (:class:`_Stream`), so a rank holds its owned
+    share plus the accumulators of the buckets not yet complete, never the full-size local
+    statistics. ``grad_abs`` is ``|Σ g|`` of each global batch: the ranks collect ``signed`` sums,
+    made absolute once reduced (for a layer called several times in one forward that is
+    ``|Σ_calls G|``, where one process takes ``Σ_calls |G|``; a diffusers UNet or transformer calls
+    each layer once). The other statistics are reduced batch by batch too and the batches' sums added
+    in batch order (one process adds every sample into one buffer: equal up to float rounding).
+
+    ``stream=False``: the whole local statistics are collected first (a full-size fp32 buffer per
+    rank), then reduced (``grad_abs``: after every batch; the others once, after the last batch).
+    For ``grad_abs``, or one batch, both give the same sums bit for bit; for the other statistics
+    over several batches they differ in the order of the float additions only.
+
+    ``stats``: a dict that receives ``local_peak_bytes`` (the most local accumulator bytes held at a
+    bucket's launch), ``buckets`` and ``in_backward_buckets`` (launched from the hooks).
+    ``bucket_elems``: :func:`shard_plan`'s."""
     from .saliency import SaliencyCollector
     per_batch = stat == "grad_abs"
     owned, hit = None, set()
     with SaliencyCollector(module, stat="signed" if per_batch else stat, target_modules=target_modules) as col:
         # the shapes from the weights themselves: no score buffer is allocated before the first backward
-        plan = shard_plan({t.key: tuple(t.layer.weight.shape) for t in col.targets}, world.size)
-        for batch in batches:
-            loss_fn(module, batch).backward()
-            hit.update(col.scores())   # layers whose backward ran: one process scores only those
-            if per_batch:
-                owned = reduce_scatter_scores(col.scores(all_targets=True), world, plan, into=owned,
-                                              transform=torch.abs)
-                col.reset()
-        if not per_batch or owned is None:
-            owned = reduce_scatter_scores(col.scores(all_targets=True), world, plan)
+        plan = shard_plan({t.key: tuple(t.layer.weight.shape) for t in col.targets}, world.size, bucket_elems)
+        if stream:
+            st = _Stream(col, plan, world, torch.abs if per_batch else None, "saliency reduce-scatter")
+            try:
+                for batch in batches:
+                    st.backward(lambda: loss_fn(module, batch).backward())
+            finally:
+                st.close()
+            owned, hit = st.owned, st.hit
+            if stats is not None:
+                stats.update(local_peak_bytes=st.local_peak_bytes, buckets=st.launched_buckets,
+                             in_backward_buckets=st.in_backward_buckets)
+        else:
+            for batch in batches:
+                loss_fn(module, batch).backward()
+                hit.update(col.scores())   # layers whose backward ran: one process scores only those
+                if per_batch:
+                    owned = reduce_scatter_scores(col.scores(all_targets=True), world, plan, into=owned,
+                                                  transform=torch.abs)
+                    col.reset()
+            if not per_batch or owned is None:
+                owned = reduce_scatter_scores(col.scores(all_targets=True), world, plan)
+            if stats is not None:
+                stats.update(local_peak_bytes=4 * sum(plan.numel(i) for i in range(len(plan.names))),
+                             buckets=0, in_backward_buckets=0)
     # A layer no rank's backward reached has no score on one process either: drop it everywhere.
     flags = all_reduce(torch.tensor([int(n in hit) for n in plan.names], dtype=torch.int64), world, "saliency layers")
     if not bool(flags.all()):
         keep = [i for i, f in enumerate(flags.tolist()) if f]
         plan = ShardPlan(tuple(plan.names[i] for i in keep), tuple(plan.shapes[i] for i in keep),
                          tuple(plan.owner[i] for i in keep), (), plan.size)
-        owned = {n: v for n, v in owned.items() if n in plan.names}
+    owned = {n: owned[n] for n in plan.owned(world.rank) if n in owned}
     return owned, plan
 
 
@@ -419,15 +609,16 @@ def _mask_payload(m) -> torch.Tensor:
 
 
 def _mask_from_payload(flat: torch.Tensor, shape, granularity, block) -> Mask:
+    """The ``Mask`` of its payload bytes ``flat`` (an element mask keeps ``flat``'s memory)."""
     rows, cols = _matrix_shape(tuple(shape))
     if granularity == "element":
-        return Mask._trusted("element", torch.Size(shape), flat.view(rows, (cols + 7) // 8).clone())
+        return Mask._trusted("element", torch.Size(shape), flat.view(rows, (cols + 7) // 8))
     if granularity == "block":
         grid = (-(-rows // block[0]), -(-cols // block[1]))
-        return Mask("block", torch.Size(shape), flat.view(grid).clone().bool(), block=block)
+        return Mask("block", torch.Size(shape), flat.view(grid).bool(), block=block)
     if granularity == "row":
-        return Mask("row", torch.Size(shape), flat.clone().bool())
-    return Mask("module", torch.Size(shape), flat.view(()).clone().bool())
+        return Mask("row", torch.Size(shape), flat.bool())
+    return Mask("module", torch.Size(shape), flat.view(()).bool())
 
 
 def masks_digest(masks: dict) -> str:
@@ -441,32 +632,46 @@ def masks_digest(masks: dict) -> str:
 
 
 def gather_masks(owned: Dict[str, Mask], plan: ShardPlan, granularity: str, block, world: World,
-                 device=None) -> Dict[str, Mask]:
-    """Every rank's masks on every rank (one all-gather of the packed bits), in the plan's order."""
+                 device=None, round_bytes: Optional[int] = None) -> Dict[str, Mask]:
+    """Every rank's masks on every rank, in the plan's order: each rank's packed masks, all-gathered
+    in rounds of at most ``round_bytes`` (default :data:`GATHER_BYTES`) per rank, each round's pieces
+    copied into the masks' own buffers. A rank holds the whole mask set (its result) plus its own
+    packed share and one round's ``N × round_bytes``, never a second copy of the set."""
     if not world.distributed:
         return {n: owned[n] for n in plan.names}
+    step = GATHER_BYTES if round_bytes is None else int(round_bytes)
+    if step < 1:
+        raise ValueError(f"round_bytes: expected a positive number of bytes, got {round_bytes!r}")
     sizes = [_mask_bytes(s, granularity, block) for s in plan.shapes]
-    per = [sum(sizes[i] for i, o in enumerate(plan.owner) if o == r) for r in range(world.size)]
-    length = max(max(per), 1)
+    streams = [[i for i, o in enumerate(plan.owner) if o == r] for r in range(world.size)]
+    length = max(max(sum(sizes[i] for i in ix) for ix in streams), 1)
     dev = world.device
     mine = torch.zeros(length, dtype=torch.uint8, device=dev)
     o = 0
-    for i, n in enumerate(plan.names):
-        if plan.owner[i] == world.rank:
-            mine[o:o + sizes[i]].copy_(_mask_payload(owned[n]))
-            o += sizes[i]
-    every = torch.empty(world.size * length, dtype=torch.uint8, device=dev)
-    _all_gather(world, every, mine, "mask all-gather")
-    every = every.view(world.size, length)
-    if device is not None:
-        every = every.to(device)
-    offs = [0] * world.size
-    out = {}
-    for i, n in enumerate(plan.names):
-        r = plan.owner[i]
-        out[n] = _mask_from_payload(every[r, offs[r]:offs[r] + sizes[i]], plan.shapes[i], granularity, block)
-        offs[r] += sizes[i]
-    return out
+    for i in streams[world.rank]:
+        mine[o:o + sizes[i]].copy_(_mask_payload(owned[plan.names[i]]))
+        o += sizes[i]
+    out_dev = dev if device is None else torch.device(device)
+    bufs = [torch.empty(k, dtype=torch.uint8, device=out_dev) for k in sizes]
+    step = min(step, length)
+    every = torch.empty(world.size * step, dtype=torch.uint8, device=dev)
+    pos, start = [0] * world.size, [0] * world.size   # per rank: its next mask, and where that one begins
+    for lo in range(0, length, step):
+        hi = min(length, lo + step)
+        got = every[:world.size * (hi - lo)]
+        _all_gather(world, got, mine[lo:hi], "mask all-gather")
+        got = got.view(world.size, hi - lo)
+        for r, ix in enumerate(streams):
+            while pos[r] < len(ix):
+                i = ix[pos[r]]
+                a, e = start[r], start[r] + sizes[i]
+                if max(a, lo) < min(e, hi):
+                    bufs[i][max(a, lo) - a:min(e, hi) - a].copy_(got[r, max(a, lo) - lo:min(e, hi) - lo])
+                if e > hi:
+                    break
+                pos[r], start[r] = pos[r] + 1, e
+    del every, mine
+    return {n: _mask_from_payload(bufs[i], plan.shapes[i], granularity, block) for i, n in enumerate(plan.names)}
 
 
 def sharded_topk_masks(owned: Dict[str, torch.Tensor], plan: ShardPlan, density: float, world: World,
@@ -551,7 +756,8 @@ def _global_select(mine: Dict[str, torch.Tensor], plan, density, granularity, bl
     return out
 
 
-__all__ = ["BUCKET_ELEMS", "DEFAULT_TIMEOUT_S", "DistributedError", "ShardPlan", "TIMEOUT_ENV", "World",
+__all__ = ["BUCKET_ELEMS", "DEFAULT_TIMEOUT_S", "GATHER_BYTES", "DistributedError", "ShardPlan", "TIMEOUT_ENV", "World",
            "agree", "all_gather_object", "all_reduce", "broadcast_object", "check_same",
            "current_world", "gather_masks", "init_from_env", "launched", "local", "local_device",
-           "masks_digest", "reduce_scatter_scores", "shard_plan", "sharded_saliency", "sharded_topk_masks", "timeout_seconds"]
+           "masks_digest", "reduce_scatter_scores", "shard_plan", "sharded_saliency", "sharded_topk_masks",
+           "timeout_seconds"]

@@ -215,3 +215,77 @@ def gradsync_worker(rank, n, cfg_kw, bucket_bytes):
             tr.sync.finish()
         return {"launched_in_backward": launched, "buckets": buckets,
                 "grads": [p.grad.clone() for p in tr.params]}
+
+
+def tiny_flux():
+    """A FluxTransformer2DModel from a small config (2 double-stream + 2 single-stream blocks), frozen,
+    with fixed weights, and two batches of its inputs (image tokens, text tokens, noise)."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                   pooled_projection_dim=12, axes_dims_rope=(4, 6, 6)).requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 16, 4, generator=g), torch.randn(4, 8, 24, generator=g), torch.randn(4, 12, generator=g),
+                torch.rand(4, generator=g), torch.randn(4, 16, 4, generator=g)) for _ in range(2)]
+    return model, batches
+
+
+def flux_loss(model, batch):
+    x, ctx, pooled, t, noise = batch[:5]
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    img_ids = img_ids.reshape(-1, 3)
+    out = model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                img_ids=img_ids, txt_ids=torch.zeros(ctx.shape[1], 3), return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(out, noise)
+    return loss * batch[5] if len(batch) > 5 else loss
+
+
+def stream_worker(rank, n, stats, bucket_elems):
+    """Each rank: its share of tiny_flux's two batches, the statistics reduced while the backward runs
+    (stream) and after it (the full local buffer); -> {stat: {mode: (owned, plan names, stats)}}."""
+    from spare_kernels.distributed import current_world, sharded_saliency
+    world = current_world()
+    model, batches = tiny_flux()
+
+    def mine():
+        for b in batches:
+            s = slice(rank * b[0].shape[0] // n, (rank + 1) * b[0].shape[0] // n)
+            yield tuple(v[s] for v in b) + ((s.stop - s.start) / b[0].shape[0],)
+    out = {}
+    for stat in stats:
+        for stream in (True, False):
+            st = {}
+            owned, plan = sharded_saliency(model, mine(), flux_loss, stat, None, world, stream=stream, stats=st,
+                                           bucket_elems=bucket_elems)
+            total = sum(plan.numel(i) for i in range(len(plan.names)))
+            out.setdefault(stat, {})[stream] = ({k: v.clone() for k, v in owned.items()}, plan.owned(rank), st, total)
+    return out
+
+
+def many_scores(seed=0):
+    """Several hundred score tensors of varied shapes (a few large), with many ties, the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(300):
+        big = i % 97 == 5
+        rows = int(torch.randint(1, 40, (1,), generator=g)) * (40 if big else 1)
+        cols = int(torch.randint(1, 70, (1,), generator=g)) * (3 if big else 1)
+        out[f"blocks.{i}.weight"] = torch.randint(0, 200, (rows, cols), generator=g).float() / 16
+    return out
+
+
+def bound_worker(rank, n, densities, round_bytes):
+    """The exact distributed top-k over many tensors (rank 0 holds the scores, the others zeros: the sums
+    are exact): -> this rank's owned numel, the plan's total and largest tensor, and the masks."""
+    from spare_kernels import distributed as D
+    world = D.current_world()
+    full = many_scores()
+    part = {k: (v.clone() if rank == 0 else torch.zeros_like(v)) for k, v in full.items()}
+    plan = D.shard_plan({k: v.shape for k, v in full.items()}, n, bucket_elems=20000)
+    owned = D.reduce_scatter_scores(part, world, plan)
+    D.GATHER_BYTES = round_bytes   # many all-gather rounds
+    masks = {d: {k: m.data.clone() for k, m in D.sharded_topk_masks(owned, plan, d, world).items()} for d in densities}
+    sizes = [plan.numel(i) for i in range(len(plan.names))]
+    return {"owned_numel": sum(v.numel() for v in owned.values()), "plan_owned_numel": plan.owned_numel(rank),
+            "total": sum(sizes), "largest": max(sizes), "masks": masks}

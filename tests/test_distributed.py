@@ -293,3 +293,140 @@ def test_gradient_buckets_go_out_during_the_backward_and_sum_to_one_process(tmp_
     for a, b, c in zip(res[0]["grads"], res[1]["grads"], one["grads"]):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6 * float(c.abs().max()) + 1e-12)
+
+
+# ------------------------------------------------------------------ streamed saliency, bounded shards
+def _one_process_flux(stat):
+    from distworkers import flux_loss, tiny_flux
+    from spare_kernels.saliency import SaliencyCollector
+    model, batches = tiny_flux()
+    with SaliencyCollector(model, stat=stat) as col:
+        for b in batches:
+            flux_loss(model, b).backward()
+    return col.scores()
+
+
+def test_streamed_saliency_holds_a_fraction_and_sums_as_before(tmp_path):
+    # 2 ranks on a tiny FLUX transformer, buckets of 3000 entries (24 of them): the statistics are
+    # reduced from the backward's hooks, bucket by bucket, and the local accumulators held at once are a
+    # fraction of the full-size buffer; grad_abs equals the full-buffer path bit for bit, and both
+    # statistics equal one process's
+    stats = ("grad_abs", "sample_sq")
+    codes, res, errs = spawn("stream_worker", 2, str(tmp_path), stats, 3000)
+    _ok(codes, errs)
+    torch.set_num_threads(1)
+    for stat in stats:
+        want = _one_process_flux(stat)
+        got = {}
+        for r in range(2):
+            owned, names, st, total = res[r][stat][True]
+            full, _, st_full, _ = res[r][stat][False]
+            assert st["buckets"] > 40 and st["in_backward_buckets"] == st["buckets"], st
+            assert st["local_peak_bytes"] <= 0.25 * 4 * total < st_full["local_peak_bytes"], (st, total)
+            assert set(owned) == set(names) == set(full) and not set(got) & set(owned)
+            if stat == "grad_abs":
+                assert all(torch.equal(owned[k], full[k]) for k in owned), stat
+            got.update(owned)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5 * float(want[k].abs().max()) + 1e-12,
+                                       msg=lambda m: f"{stat} {k}: {m}")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_streamed_saliency_on_one_rank_is_the_collector(checkpointing):
+    # One rank: the stream hands each accumulator over as it is: grad_abs is the collector's bit for
+    # bit (sample_abs adds each batch's sum to the total, where the collector adds sample by sample:
+    # equal to rounding), also under diffusers' gradient checkpointing (non-reentrant), streamed from
+    # the hooks all the same
+    from distworkers import flux_loss, tiny_flux
+    from spare_kernels.distributed import sharded_saliency
+    torch.set_num_threads(1)
+    for stat in ("grad_abs", "sample_abs"):
+        want = _one_process_flux(stat)
+        model, batches = tiny_flux()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        st = {}
+        owned, plan = sharded_saliency(model, batches, flux_loss, stat, None, World(), stats=st, bucket_elems=3000)
+        assert list(owned) == list(want) == list(plan.names)
+        for k in want:
+            if stat == "grad_abs":
+                assert torch.equal(owned[k], want[k]), (stat, k)
+            else:
+                torch.testing.assert_close(owned[k], want[k], rtol=1e-5, atol=1e-6 * float(want[k].abs().max()))
+        assert st["in_backward_buckets"] == st["buckets"] > 40, st
+
+
+def test_streamed_saliency_under_reentrant_checkpointing_waits_for_the_end_of_the_backward():
+    # Reentrant checkpointing reruns each block's forward inside the backward and backpropagates that:
+    # those layers' sums go out after the backward; a layer also called outside its checkpoint (whose
+    # bucket may have gone out) raises instead of giving an incomplete sum
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    from spare_kernels.distributed import sharded_saliency
+    from spare_kernels.saliency import SaliencyCollector
+
+    class Net(nn.Module):
+        def __init__(self, shared=False):
+            super().__init__()
+            self.inp = nn.Linear(6, 8)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)) for _ in range(3))
+            self.out = nn.Linear(8, 2)
+            self.shared = shared
+
+        def forward(self, x):
+            x = self.inp(x)
+            for b in self.blocks:
+                x = checkpoint(b, x, use_reentrant=True)
+            if self.shared:   # the last block again, outside its checkpoint
+                x = self.blocks[-1](x)
+            return self.out(x)
+    torch.manual_seed(0)
+    net = Net().requires_grad_(False)
+    batches = [torch.randn(4, 6) for _ in range(2)]
+
+    def loss(m, x):
+        return m(x).square().mean()
+    with SaliencyCollector(net, stat="grad_abs") as col:
+        for x in batches:
+            loss(net, x).backward()
+    want = col.scores()
+    st = {}
+    owned, _ = sharded_saliency(net, batches, loss, "grad_abs", None, World(), stats=st, bucket_elems=1)
+    assert list(owned) == list(want) and all(torch.equal(owned[k], want[k]) for k in want)
+    assert 0 < st["in_backward_buckets"] < st["buckets"], st
+    net.shared = True
+    with pytest.raises(RuntimeError, match="blocks.2.2.weight.*use_reentrant=False"):
+        sharded_saliency(net, batches, loss, "grad_abs", None, World(), bucket_elems=1)
+
+
+def test_plan_owns_at_most_an_even_share_plus_the_largest_tensor():
+    from distworkers import many_scores
+    shapes = {k: v.shape for k, v in many_scores().items()}
+    for n in (2, 3, 5, 8):
+        for bucket in (20000, 1 << 25):
+            plan = shard_plan(shapes, n, bucket_elems=bucket)
+            sizes = [plan.numel(i) for i in range(len(shapes))]
+            assert max(plan.owned_numel(r) for r in range(n)) <= sum(sizes) // n + max(sizes), (n, bucket)
+
+
+def test_sharded_topk_over_many_tensors_owns_a_share_and_equals_topk_masks(tmp_path):
+    # 300 tensors over 2 ranks: each rank owns at most total // 2 + the largest tensor (the plan's
+    # greedy bound), and the masks, all-gathered in rounds of 100 bytes, are topk_masks' bit for bit
+    from distworkers import many_scores
+    dens = (0.01, 0.1, 0.5)
+    codes, res, errs = spawn("bound_worker", 2, str(tmp_path), dens, 100)
+    _ok(codes, errs)
+    full = many_scores()
+    for r in range(2):
+        x = res[r]
+        assert x["owned_numel"] == x["plan_owned_numel"] <= x["total"] // 2 + x["largest"], x
+    assert res[0]["owned_numel"] + res[1]["owned_numel"] == res[0]["total"]
+    for d in dens:
+        ref = topk_masks(full, d)
+        for r in range(2):
+            got = res[r]["masks"][d]
+            assert list(got) == list(ref)
+            assert all(torch.equal(got[k], ref[k].data) for k in ref), (d, r)
