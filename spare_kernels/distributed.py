@@ -511,14 +511,14 @@ class _Stream:
         # The collector's accumulator, handed over (it no longer holds it); zeros for a layer this
         # rank's backward did not reach, as scores(all_targets=True) gives them.
         name = self.plan.names[i]
-        v = self.col._acc.pop(name, None)
+        v = self.col.take(name)
         if v is None:
             return torch.zeros(self.plan.shapes[i], dtype=torch.float32, device=self.devices[i])
         self.hit.add(name)
         return v
 
     def _launch(self, b):
-        live = sum(v.numel() * v.element_size() for v in self.col._acc.values())
+        live = self.col.held_bytes
         self.local_peak_bytes = max(self.local_peak_bytes, live)
         self.launched[b] = True
         self.launched_buckets += 1

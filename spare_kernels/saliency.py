@@ -12,7 +12,7 @@ import threading
 import warnings
 import weakref
 from functools import partial
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -216,6 +216,17 @@ class SaliencyCollector:
             if t.key in self._acc:
                 out[t.key] = self._acc[t.key]
         return out
+
+    def take(self, key: str) -> Optional[Tensor]:
+        """Remove and return weight ``key``'s accumulator (None if no gradient reached it since the last
+        reset): a caller that reduces scores as they complete frees them here."""
+        with self._lock:
+            return self._acc.pop(key, None)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the accumulators held now."""
+        return sum(v.numel() * v.element_size() for v in list(self._acc.values()))
 
     def _unique_targets(self):
         seen = set()
