@@ -146,3 +146,36 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path, capsys):
 
 
 # benchmarks/gpu_check.sh's plan and budget: tests/test_gpu_check.py
+
+
+@pytest.mark.parametrize("config", ["tiny-flux", "tiny-sd3"])
+def test_dit_step_smoke(tmp_path, config):
+    """benchmarks.dit_step on a few-k-parameter transformer: every scheme runs on the same adapters
+    (peft == ours_dense, spare_ref == ours_element50 before timing) and the JSON has every ratio."""
+    from benchmarks import dit_step
+
+    out = tmp_path / "dit.json"
+    dit_step.main(["--config", config, "--reps", "1", "--warmup", "0", "--sal-batch", "2", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["flush_denormal"] in (True, False) and res["tokens"] == {"image": 16, "text": 4}
+    assert res["targets"]["count"] == (12 if config == "tiny-flux" else 15)   # attention projections in the blocks
+    assert "proj_out" not in res["targets"]["names"]                           # the final projection is no target
+    assert all(v < 1e-5 for k, v in res["agreement"].items() if k != "ours_dense~floor")
+    assert res["agreement"]["ours_dense~floor"] > 0                             # the adapters do something
+    assert set(res["step"]["ms"]) == set(dit_step.STEP_SCHEMES)
+    assert set(res["saliency"]["seconds"]) == set(dit_step.SAL_SCHEMES)
+    assert all(v > 0 for sec in ("step", "saliency") for v in res[sec]["ratios"].values())
+
+
+def test_dit_step_saliency_schemes_agree():
+    """The collector's grad_abs on the targets is SPARE's loop on the whole batch (|sum of grads|)."""
+    import torch
+    from benchmarks import dit_step
+
+    model = dit_step.build("tiny-flux")
+    names, _, _ = dit_step.attention_targets(model, "flux")
+    fns = dit_step.saliency_fns(model, names, *dit_step.make_inputs("tiny-flux", 2))
+    ours, ref = fns["grad_abs"](), fns["spare_loop_batch"]()
+    assert set(ours) == {f"{n}.weight" for n in names}
+    for k, v in ours.items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-7)
