@@ -16,7 +16,10 @@ import os
 import tempfile
 
 from spare_kernels import canvas
+import torch
+
 from spare_kernels.unlearn import METHODS, Config, canvas_task, run
+from spare_kernels.unlearn.config import TARGETS
 from spare_kernels.utils.io import write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -48,13 +51,21 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None, help="every method's learning rate (default: each method's own)")
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=("unet", "dit"), default="unet",
+                   help="the shipped UNet or MiniCanvas-DiT (an SD3 MMDiT, rectified flow)")
+    p.add_argument("--targets", choices=TARGETS, default="all", help="Config.targets of every method")
+    p.add_argument("--spare-modes", nargs="+", choices=("critical", "uniform"), default=["critical", "uniform"],
+                   help="spare's timestep samplers to run (the baselines sample as their code does)")
     p.add_argument("--out", default=os.path.join(RESULTS, "unlearn_ablation.json"))
     a = p.parse_args(argv)
-    task = canvas_task(a.target, seed=a.seed)
-    base = canvas.evaluate(canvas.load_model(), target=a.target, surrogate=task.surrogate, n_per_prompt=a.n_per_prompt,
+    task = canvas_task(a.target, seed=a.seed, model=a.model)
+    load = canvas.load_model
+    if a.model == "dit":
+        from spare_kernels.canvas.dit import load_dit as load
+    base = canvas.evaluate(load(), target=a.target, surrogate=task.surrogate, n_per_prompt=a.n_per_prompt,
                            seed=a.seed, progress=False)
 
-    runs = [(m, mode) for m in a.methods for mode in (("critical", "uniform") if m == "spare" else ("uniform",))]
+    runs = [(m, mode) for m in a.methods for mode in (a.spare_modes if m == "spare" else ("uniform",))]
     rows, reach = [], {}
     for method, mode in runs:
         label = f"{method} {mode}" if method == "spare" else method
@@ -62,8 +73,9 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as d:
             prev, seconds = 0, 0.0
             for steps in sorted(a.steps):
-                unet = canvas.load_model()
-                cfg = Config(method=method, steps=steps, timesteps=mode, seed=a.seed, checkpoint_every=steps, lr=a.lr)
+                unet = load()
+                cfg = Config(method=method, steps=steps, timesteps=mode, seed=a.seed, checkpoint_every=steps, lr=a.lr,
+                             targets=a.targets)
                 r = run(unet, task, cfg, out_dir=d, resume=prev > 0, progress=False)
                 seconds += r["stage_seconds"]["train"] + (r["stage_seconds"]["localise"] if prev == 0 else 0.0)
                 ev = canvas.evaluate(unet, target=a.target, surrogate=task.surrogate, n_per_prompt=a.n_per_prompt,
@@ -85,7 +97,8 @@ def main(argv=None):
         cell = [f"{v[k]} ({v[s]:.1f} s)" if v[s] is not None else "None"
                 for k, s in (("steps", "seconds"), ("steps_bar", "seconds_bar"))]
         print(f"  {label:<16} {cell[0]:>18} {cell[1]:>30}")
-    write_json(a.out, {"target": a.target, "surrogate": task.surrogate, "base": {"ira": base["ira"], "cra": base["cra"]},
+    write_json(a.out, {"target": a.target, "surrogate": task.surrogate, "model": a.model, "targets": a.targets,
+                       "threads": torch.get_num_threads(), "base": {"ira": base["ira"], "cra": base["cra"]},
                        "rows": rows, "steps_to_ua95": reach})
     print(f"wrote {a.out}")
 

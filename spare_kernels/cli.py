@@ -225,10 +225,10 @@ def _demo_jobs(args):
     def do_job(job, d, resume):
         ev = dict(target=job["target"], surrogate=job["surrogate"], n_per_prompt=args.n_per_prompt, seed=args.seed,
                   progress=False)
-        base = canvas.evaluate(canvas.load_model(), **ev)
+        base = canvas.evaluate(_canvas_model(args.model), **ev)
         task = canvas_task(job["target"], job["surrogate"], seed=args.seed, data_free=args.data_free,
-                           unet=canvas.load_model() if args.data_free else None)
-        unet = canvas.load_model()
+                           unet=_canvas_model(args.model) if args.data_free else None, model=args.model)
+        unet = _canvas_model(args.model)
         r = run(unet, task, _recipe_config(args, args.method), out_dir=d, resume=resume, progress=False)
         after = canvas.evaluate(unet, **ev)
         return {"target": job["target"], "surrogate": job["surrogate"], "method": args.method, "ua": after["ua"],
@@ -239,6 +239,15 @@ def _demo_jobs(args):
 
 
 # ------------------------------------------------------------------------------------------- demo
+def _canvas_model(kind):
+    """A fresh copy of the shipped MiniCanvas model of ``kind``: ``"unet"`` or ``"dit"``."""
+    from . import canvas
+    if kind == "dit":
+        from .canvas.dit import load_dit
+        return load_dit()
+    return canvas.load_model()
+
+
 def _recipe_args(p):
     """The recipe's settings that ``demo`` and ``unlearn`` share: ``Config`` fields, with its defaults."""
     import dataclasses
@@ -259,9 +268,11 @@ def _recipe_args(p):
     p.add_argument("--saliency-stat", default=d["saliency_stat"], choices=STATS)
     p.add_argument("--timesteps", default=d["timesteps"], choices=TIMESTEPS)
     p.add_argument("--targets", default=d["targets"], choices=TARGETS,
-                   help=f"layers the methods change: every Linear and Conv2d, or the attention projections "
-                        f"to_q/to_k/to_v/to_out.0 as SPARE's code (default {d['targets']}; esd: cross-attention "
-                        f"whatever this says)")
+                   help=f"layers the methods change, a preset of the model's family: on a UNet every Linear "
+                        f"and Conv2d, or the attention projections to_q/to_k/to_v/to_out.0 as SPARE's code; on a "
+                        f"transformer every attention projection of both streams, +mlp, or every Linear but "
+                        f"the AdaLN modulation (default {d['targets']}; esd: its cross-attention set whatever "
+                        f"this says)")
     p.add_argument("--mix", type=float, default=d["mix"],
                    help=f"weight of the concept curve in the timestep mixture (default {d['mix']})")
     p.add_argument("--lr", type=float, default=None,
@@ -301,6 +312,12 @@ def _cmd_demo(args):
         raise UsageError(str(e)) from None
     if args.n_per_prompt < 1:
         raise UsageError(f"--n-per-prompt: expected >= 1, got {args.n_per_prompt}")
+    if args.model == "dit":
+        from .canvas.dit import load_dit_meta
+        try:
+            load_dit_meta()
+        except ValueError as e:
+            raise UsageError(f"--model dit: {e}") from None
     if args.jobs:
         return _demo_jobs(args)
     world = _world("cpu")
@@ -321,10 +338,11 @@ def _cmd_demo(args):
     methods = list(METHODS) if args.compare else [args.method]
     ev = dict(target=args.target, surrogate=surrogate, n_per_prompt=args.n_per_prompt, seed=args.seed,
               progress=not args.quiet)
-    say(f"MiniCanvas: erase {args.target!r} (surrogate {surrogate!r}); methods: {', '.join(methods)}; "
+    say(f"MiniCanvas{'-DiT' if args.model == 'dit' else ''}: erase {args.target!r} (surrogate {surrogate!r}); "
+        f"methods: {', '.join(methods)}; "
         f"targets {args.targets}; {args.steps} steps; {torch.get_num_threads()} threads"
         + (f"; {world.size} ranks" if world.distributed else ""), flush=True)
-    base_model = canvas.load_model()
+    base_model = _canvas_model(args.model)
     # Evaluation and sample grids: rank 0 only (the others go on to the run and wait for it there).
     base = canvas.evaluate(base_model, **ev) if main else None
     if main:
@@ -335,10 +353,10 @@ def _cmd_demo(args):
     # One task for every method: its tensors are only read, and data-free samples come from the
     # shipped model, which base_model is.
     task = canvas_task(args.target, surrogate, seed=args.seed, data_free=args.data_free,
-                       unet=base_model if args.data_free else None)
+                       unet=base_model if args.data_free else None, model=args.model)
     rows, results = [], {}
     for method in methods:
-        unet = canvas.load_model()
+        unet = _canvas_model(args.model)
         out = os.path.join(args.out, method) if args.out and args.compare else args.out
         if out and main:
             os.makedirs(out, exist_ok=True)
@@ -352,7 +370,9 @@ def _cmd_demo(args):
                "fidelity_psnr": after["fidelity_psnr"], "seconds": r["seconds"], "steps": r["steps"],
                "peak_mem_mb": r["peak_mem_mb"], "surrogate_rate": after["surrogate_rate"],
                "stage_seconds": r["stage_seconds"], "data_free": args.data_free, "timesteps": args.timesteps,
-               "targets": "cross-attention" if method == "esd" else args.targets,   # esd: ESD-x's own set
+               # esd: ESD-x's own set (the DiT's joint attention)
+               "targets": ("joint-attention" if args.model == "dit" else "cross-attention") if method == "esd"
+               else args.targets, "model": args.model,
                "world_size": r["world_size"], "per_rank_batch": r["per_rank_batch"]}
         rows.append(row)
         results[method] = r
@@ -633,6 +653,8 @@ def main(argv=None) -> int:
     d.add_argument("--surrogate", default=None, help="concept of the same domain to map the target to")
     d.add_argument("--method", default="spare", choices=METHODS)
     d.add_argument("--compare", action="store_true", help="run every method, one table")
+    d.add_argument("--model", default="unet", choices=("unet", "dit"),
+                   help="the shipped UNet (DDPM), or MiniCanvas-DiT (an SD3 MMDiT trained with rectified flow)")
     _recipe_args(d)
     d.add_argument("--data-free", action="store_true", help="forget images generated by the model (PECKER)")
     d.add_argument("--n-per-prompt", type=int, default=4, help="evaluation images per prompt")

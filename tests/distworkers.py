@@ -289,3 +289,18 @@ def bound_worker(rank, n, densities, round_bytes):
     sizes = [plan.numel(i) for i in range(len(plan.names))]
     return {"owned_numel": sum(v.numel() for v in owned.values()), "plan_owned_numel": plan.owned_numel(rank),
             "total": sum(sizes), "largest": max(sizes), "masks": masks}
+
+
+def dit_run_worker(rank, n, cfg_kw):
+    """``run`` of the spare recipe on a tiny MiniCanvas-DiT (SD3 MMDiT, rectified flow); -> adapters,
+    masks and the result."""
+    from test_flow_recipe import tiny_dit
+
+    from spare_kernels.unlearn import Config, canvas_task, run
+    torch.manual_seed(1234 + rank)
+    dit = tiny_dit()
+    task = canvas_task("style:dots", n_forget=8, n_retain=16, model="dit")
+    res = run(dit, task, Config(**cfg_kw), progress=False)
+    params = {k: v.detach().clone() for k, v in dit.named_parameters() if v.requires_grad}
+    return {"params": params, "history": res["history"], "world_size": res["world_size"],
+            "mask_density": res["mask_density"]}

@@ -180,3 +180,103 @@ def test_resume_on_the_dit_gives_the_uninterrupted_adapter(task, tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------- every family, by hand
+def _family_task(family, model, scheduler, denoiser, x):
+    from spare_kernels.unlearn.task import Task
+    g = torch.Generator().manual_seed(5)
+    n = x.shape[0]
+    if family in ("sd3", "flux"):
+        cfg = model.config
+        seq, pooled = torch.randn(n, 5, cfg.joint_attention_dim, generator=g), torch.randn(n, cfg.pooled_projection_dim, generator=g)
+        c = denoiser.pack(seq=seq, pooled=pooled)
+    else:
+        seq, mask = torch.randn(n, 5, model.config.caption_channels, generator=g), torch.ones(n, 5)
+        mask[0, -2:] = 0
+        c = denoiser.pack(seq=seq, mask=mask)
+    return Task(x_forget=x, c_forget=c, c_surrogate=c, x_retain=x, c_retain=c, c_null=c[:1], scheduler=scheduler,
+                denoiser=denoiser)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "pixart", "sana"])
+def test_recipe_loss_by_hand_on_every_family(family):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from test_families import build
+
+    from spare_kernels.unlearn.methods import _diffusion_loss
+    model = build(family)
+    if family == "flux":
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        x = torch.randn(2, 2, 6, 6)            # 2 latent channels -> 8 packed, 3x3 tokens
+        den = Denoiser("flux", (("seq", (5, 20)), ("pooled", (12,))), guidance=3.5)
+    elif family == "pixart":
+        sched = DDPMScheduler(num_train_timesteps=1000)
+        x = torch.randn(2, 4, 6, 6)
+        den = Denoiser("pixart", (("seq", (5, 20)), ("mask", (5,))))
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        x = torch.randn(2, 4, 6, 6) if family == "sd3" else torch.randn(2, 4, 3, 3)
+        den = Denoiser(family, (("seq", (5, 20)), ("pooled", (12,))) if family == "sd3" else (("seq", (5, 20)), ("mask", (5,))))
+    task = _family_task(family, model, sched, den, x)
+    t = torch.tensor([100, 800])
+    xt, target = task.noised(x, t, torch.Generator().manual_seed(9))
+    got = _diffusion_loss(task, model, (xt, t, task.c_forget, target))
+    # by hand: the scheduler's own quantities and the pipeline's own call
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    p = den.unpack(task.c_forget)
+    if family == "pixart":
+        assert torch.equal(xt, sched.add_noise(x, eps, t))
+        out = model(xt, encoder_hidden_states=p["seq"], encoder_attention_mask=p["mask"], timestep=t,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        want = F.mse_loss(out.chunk(2, dim=1)[0], eps)     # learned sigma: the pipeline's first half
+    else:
+        base = (t + 1).double() / 1000
+        if family == "flux":
+            mu = flux_mu(9, sched.config)
+            sigma = (math.exp(mu) / (math.exp(mu) + (1 / base - 1))).float()
+        else:
+            sigma = (3 * base / (1 + 2 * base)).float()
+        s = sigma.view(-1, 1, 1, 1)
+        torch.testing.assert_close(xt, (1 - s) * x + s * eps)
+        if family == "flux":
+            xp = xt.view(2, 2, 3, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 9, 8)
+            ids = torch.stack(torch.meshgrid(torch.arange(3.), torch.arange(3.), indexing="ij"), -1).reshape(9, 2)
+            ids = torch.cat([torch.zeros(9, 1), ids], 1)
+            o = model(hidden_states=xp, timestep=sigma, guidance=torch.full((2,), 3.5), encoder_hidden_states=p["seq"],
+                      pooled_projections=p["pooled"], txt_ids=torch.zeros(5, 3), img_ids=ids).sample
+            out = o.view(2, 3, 3, 2, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(2, 2, 6, 6)
+        elif family == "sd3":
+            out = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=p["seq"],
+                        pooled_projections=p["pooled"]).sample
+        else:
+            out = model(xt, encoder_hidden_states=p["seq"], encoder_attention_mask=p["mask"], timestep=sigma * 1000).sample
+        want = F.mse_loss(out, eps - x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_two_gloo_ranks_train_the_dit_adapter_of_one_process(tmp_path):
+    from distworkers import dit_run_worker, spawn
+    cfg = dict(steps=2, batch_forget=4, batch_retain=4, saliency_batches=2, saliency_batch=4, probe_bins=2,
+               probe_per_bin=2, targets="attention", density=0.25)
+    torch.set_num_threads(1)
+    one = dit_run_worker(0, 1, cfg)
+    codes, res, errs = spawn("dit_run_worker", 2, str(tmp_path), cfg)
+    assert codes == [0, 0], errs
+    for r in res:
+        assert r["world_size"] == 2 and r["mask_density"] == one["mask_density"]   # the same masks
+        for k, v in one["params"].items():   # the same adapter up to float rounding (Adam: see test_distributed)
+            assert float((r["params"][k] - v).abs().max()) <= 2e-3, k
+    for k in res[0]["params"]:
+        assert torch.equal(res[0]["params"][k], res[1]["params"][k])
+
+
+def test_canvas_sampling_and_the_demo_flag_on_the_dit(tmp_path, monkeypatch, capsys):
+    from spare_kernels import canvas
+    from spare_kernels.canvas import model as cm
+    from spare_kernels.cli import main
+    imgs = canvas.sample(tiny_dit(), ["a circle in dots style", "a star in pastel style"], steps=2)
+    assert imgs.shape == (2, 3, 32, 32) and 0 <= float(imgs.min()) and float(imgs.max()) <= 1
+    monkeypatch.setattr(cm, "WEIGHTS_DIR", str(tmp_path))   # no dit.json there: refused before any work
+    assert main(["demo", "--model", "dit", "--steps", "1"]) == 2
+    assert "--model dit" in capsys.readouterr().err

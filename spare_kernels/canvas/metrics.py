@@ -56,18 +56,25 @@ def classifier():
     return _CACHE["classifier"]
 
 
-def _reference_key():
-    f = os.path.join(WEIGHTS_DIR, "unet.safetensors")
+def _reference_key(kind="unet"):
+    f = os.path.join(WEIGHTS_DIR, f"{kind}.safetensors")
     st = os.stat(f)
     return (f, st.st_mtime_ns, st.st_size)
 
 
-def reference_generations(prompt_list, n_per_prompt, seed, steps, guidance, batch_size=64, progress=False):
-    """Generations of the shipped (original) model, (len(prompt_list) * n_per_prompt, 3, 32, 32),
-    prompt-major. Cached in memory per prompt, so only missing prompts are ever generated."""
-    ref = _reference_key()
+def reference_generations(prompt_list, n_per_prompt, seed, steps, guidance, batch_size=64, progress=False,
+                          kind="unet"):
+    """Generations of the shipped (original) model of ``kind`` (``"unet"`` or ``"dit"``),
+    (len(prompt_list) * n_per_prompt, 3, 32, 32), prompt-major. Cached in memory per prompt, so only
+    missing prompts are ever generated."""
+    ref = _reference_key(kind)
     if _CACHE["reference"] is None or _CACHE["reference"][0] != ref:
-        _CACHE["reference"] = (ref, load_model())
+        if kind == "dit":
+            from .dit import load_dit
+            model = load_dit()
+        else:
+            model = load_model()
+        _CACHE["reference"] = (ref, model)
         _CACHE["generations"] = {}
     gens = _CACHE["generations"]
     key = lambda p: (p, n_per_prompt, seed, steps, float(guidance))  # noqa: E731
@@ -102,7 +109,8 @@ def evaluate(unet, target=None, surrogate=None, n_per_prompt: int = DEFAULT_N_PE
     - ``cra`` = other-domain-head accuracy over all 36 prompts (cross-domain retention: for a style
       target the object accuracy, target-style prompts included);
     - ``fidelity_psnr`` = mean PSNR (dB) of the retain prompts' generations (prompts not naming the
-      target) against the shipped model's generations with the same seeds (cached in memory);
+      target) against the shipped model's (of the same kind: UNet or DiT) generations with the same
+      seeds (cached in memory);
     - ``surrogate_rate`` = fraction of the target prompts' generations classified as ``surrogate``
       by the D head (None without a surrogate);
     - ``per_class`` = {"style": {name: style-head accuracy on the prompts naming that style},
@@ -146,7 +154,9 @@ def evaluate(unet, target=None, surrogate=None, n_per_prompt: int = DEFAULT_N_PE
         if sur is not None:
             out["surrogate_rate"] = (pred[is_t] == names.index(sur)).float().mean().item()
         retain = [p for s, o, p in table if (s if domain == "style" else o) != name]
-        ref = reference_generations(retain, n_per_prompt, seed, steps, guidance, batch_size, progress)
+        from .dit import is_dit
+        ref = reference_generations(retain, n_per_prompt, seed, steps, guidance, batch_size, progress,
+                                    kind="dit" if is_dit(unet) else "unet")
         out["fidelity_psnr"] = psnr(images[~is_t], ref)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out

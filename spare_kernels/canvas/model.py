@@ -138,7 +138,8 @@ def _check_int(value, arg, lo):
 
 def _check_unet(unet):
     if not isinstance(unet, torch.nn.Module) or not hasattr(unet, "config"):
-        raise ValueError(f"unet: expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
+        raise ValueError(f"unet: expected a diffusers UNet2DConditionModel or MiniCanvas-DiT's "
+                         f"SD3Transformer2DModel, got {type(unet).__name__}")
     p = next(unet.parameters(), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
@@ -162,7 +163,8 @@ def noise_for(prompts, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def sample(unet, prompts, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
            batch_size: int = 64, progress: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """DDIM (eta = 0) samples for ``prompts`` with classifier-free guidance ``guidance`` (1 = off).
+    """DDIM (eta = 0) samples for ``prompts`` with classifier-free guidance ``guidance`` (1 = off); for
+    MiniCanvas-DiT (an ``SD3Transformer2DModel``) Euler steps on its flow.
     -> images float32 in [0, 1], (B, 3, 32, 32), on the CPU. Seeded per image (see ``noise_for``)."""
     from tqdm import tqdm
 
@@ -180,6 +182,11 @@ def sample(unet, prompts, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: f
     cond_all = encode(prompts)
     null = encode([""])
     x_all = noise_for(prompts, seed) if noise is None else noise.float().cpu()
+    from .dit import is_dit, sample_flow
+    if is_dit(unet):   # MiniCanvas-DiT: Euler on its rectified flow, the same noise, prompts and guidance
+        n_batches = (len(prompts) + batch_size - 1) // batch_size
+        with tqdm(total=n_batches * steps, disable=not progress, desc="canvas sample", dynamic_ncols=True) as bar:
+            return sample_flow(unet, cond_all, null, x_all, steps, guidance, batch_size, bar)
     sched = ddim_scheduler()
     sched.set_timesteps(steps)
     cfg = float(guidance) != 1.0

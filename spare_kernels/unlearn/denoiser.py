@@ -84,6 +84,8 @@ class Denoiser:
         kw = {"encoder_attention_mask": mask} if mask is not None else {}
         if f == "pixart":
             kw["added_cond_kwargs"] = self._pixart_added(model, x)
+        else:   # Sana's pipeline scales its timesteps by the model's timestep_scale (1.0 in today's configs)
+            t = t * getattr(model.config, "timestep_scale", 1.0)
         out = model(x, encoder_hidden_states=p["seq"], timestep=t, **kw).sample
         if out.shape[1] == 2 * x.shape[1]:   # learned variance (PixArt): the first half is the prediction
             out = out[:, :x.shape[1]]
