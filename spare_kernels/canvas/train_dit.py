@@ -17,7 +17,7 @@ import torch
 
 from ..utils.io import atomic_path
 from .data import dataset
-from .dit import DIT_CONFIG, FLOW_SCHEDULER_CONFIG, build_dit, predict, save_dit
+from .dit import FLOW_SCHEDULER_CONFIG, build_dit, predict, save_dit
 from .model import WEIGHTS_DIR
 from .text import TextEncoder
 from .train import lr_at
