@@ -249,6 +249,11 @@ def saliency_fns(model: nn.Module, names, kw, target) -> dict:
             "spare_loop_batch": lambda: full_grad_saliency(model, [(kw, target)], _loss), "floor": floor}
 
 
+def _denormals_flushed() -> bool:
+    """Whether denormals are flushed now (torch has no getter): the smallest one survives a multiply unless."""
+    return float(torch.tensor([1e-45]) * 1.0) == 0.0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=sorted(CONFIGS), default="flux-small")
@@ -267,54 +272,58 @@ def main(argv=None):
         ap.error("--reps, --sal-batch and --rank: expected >= 1; --delta-rel: expected > 0")
     if a.threads:
         torch.set_num_threads(a.threads)
+    was = _denormals_flushed()   # a process-wide CPU setting: put back as found (tests run after main)
     flush = torch.set_flush_denormal(not a.no_flush_denormal) and not a.no_flush_denormal
-    c = CONFIGS[a.config]
-    model = build(a.config)
-    names, entries, source = attention_targets(model, c["family"])
-    tok = tokens(a.config)
-    print(f"dit_step --config {a.config}: {type(model).__name__}, {c['note']}; {tok['image']} image + "
-          f"{tok['text']} text tokens; {len(names)} attention targets ({source}); rank {a.rank}, "
-          f"||B@A|| = {a.delta_rel:g} ||W||; {torch.get_num_threads()} threads; flush denormals: {flush}; "
-          f"medians of {a.reps} interleaved reps")
-    res = {"config": a.config, "family": c["family"], "model_class": type(model).__name__, "model_config": c["model"],
-           "note": c["note"], "params": sum(p.numel() for p in model.parameters()), "tokens": tok,
-           "targets": {"entries": entries, "source": source, "count": len(names), "names": names},
-           "rank": a.rank, "scale": 1.0, "delta_rel_fro": a.delta_rel, "mask_density": 0.5, "reps": a.reps,
-           "warmup": a.warmup, "threads": torch.get_num_threads(), "flush_denormal": flush,
-           "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-           "shared_machine": SHARED_MACHINE, "loadavg_1min": {"start": os.getloadavg()[0]},
-           "backend": sk.backend_info()["ops"]["masked_lora_linear"]}
-    fmt = lambda rows: "  ".join(f"{k} {v:.3f}" for k, v in rows.items())  # noqa: E731
-    if "step" in a.sections:
-        kw, target = make_inputs(a.config, 1)
-        values = adapter_values(model, names, a.rank, a.delta_rel)
-        models = variants(model, names, values, a.rank)
-        res["agreement"] = agreement(models, kw)
-        fns = {k: step_fn(m, kw, target, needs_dx=(k == "floor")) for k, m in models.items()}
-        t = time_side_by_side(with_progress(fns, a.reps + a.warmup) if a.progress else fns, a.reps, a.warmup)
-        res["step"] = {"batch": 1, "ms": {k: 1e3 * v for k, v in t.items()},
-                       "per_floor": {k: v / t["floor"] for k, v in t.items()},
-                       "ratios": {"ours_element50/spare_ref": t["ours_element50"] / t["spare_ref"],
-                                  "ours_dense/peft": t["ours_dense"] / t["peft"]}}
-        print(f"step, batch 1 (floor {1e3 * t['floor']:.0f} ms): / floor: {fmt(res['step']['per_floor'])}")
-        print(f"  {fmt(res['step']['ratios'])}   agreement (max rel diff): "
-              + "  ".join(f"{k} {v:.1e}" for k, v in res["agreement"].items()))
-        del models, fns
-    if "saliency" in a.sections:
-        kw, target = make_inputs(a.config, a.sal_batch, seed=3)
-        fns = saliency_fns(model, names, kw, target)
-        t = time_side_by_side(with_progress(fns, a.reps + a.warmup) if a.progress else fns, a.reps, a.warmup)
-        res["saliency"] = {"batch": a.sal_batch, "seconds": t, "per_floor": {k: v / t["floor"] for k, v in t.items()},
-                           "ratios": {"grad_abs/spare_loop": t["grad_abs"] / t["spare_loop"],
-                                      "sample_abs/spare_loop": t["sample_abs"] / t["spare_loop"],
-                                      "grad_abs/spare_loop_batch": t["grad_abs"] / t["spare_loop_batch"]}}
-        print(f"saliency, batch {a.sal_batch} (floor {t['floor']:.2f} s): / floor: {fmt(res['saliency']['per_floor'])}")
-        print(f"  {fmt(res['saliency']['ratios'])}")
-    res["loadavg_1min"]["end"] = os.getloadavg()[0]   # > threads + 1: other jobs shared the cores
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    path = write_json(a.out or os.path.join(folder, f"dit_step_{a.config}.json"), res)
-    print(f"wrote {path}")
-    return res
+    try:
+        c = CONFIGS[a.config]
+        model = build(a.config)
+        names, entries, source = attention_targets(model, c["family"])
+        tok = tokens(a.config)
+        print(f"dit_step --config {a.config}: {type(model).__name__}, {c['note']}; {tok['image']} image + "
+              f"{tok['text']} text tokens; {len(names)} attention targets ({source}); rank {a.rank}, "
+              f"||B@A|| = {a.delta_rel:g} ||W||; {torch.get_num_threads()} threads; flush denormals: {flush}; "
+              f"medians of {a.reps} interleaved reps")
+        res = {"config": a.config, "family": c["family"], "model_class": type(model).__name__, "model_config": c["model"],
+               "note": c["note"], "params": sum(p.numel() for p in model.parameters()), "tokens": tok,
+               "targets": {"entries": entries, "source": source, "count": len(names), "names": names},
+               "rank": a.rank, "scale": 1.0, "delta_rel_fro": a.delta_rel, "mask_density": 0.5, "reps": a.reps,
+               "warmup": a.warmup, "threads": torch.get_num_threads(), "flush_denormal": flush,
+               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+               "shared_machine": SHARED_MACHINE, "loadavg_1min": {"start": os.getloadavg()[0]},
+               "backend": sk.backend_info()["ops"]["masked_lora_linear"]}
+        fmt = lambda rows: "  ".join(f"{k} {v:.3f}" for k, v in rows.items())  # noqa: E731
+        if "step" in a.sections:
+            kw, target = make_inputs(a.config, 1)
+            values = adapter_values(model, names, a.rank, a.delta_rel)
+            models = variants(model, names, values, a.rank)
+            res["agreement"] = agreement(models, kw)
+            fns = {k: step_fn(m, kw, target, needs_dx=(k == "floor")) for k, m in models.items()}
+            t = time_side_by_side(with_progress(fns, a.reps + a.warmup) if a.progress else fns, a.reps, a.warmup)
+            res["step"] = {"batch": 1, "ms": {k: 1e3 * v for k, v in t.items()},
+                           "per_floor": {k: v / t["floor"] for k, v in t.items()},
+                           "ratios": {"ours_element50/spare_ref": t["ours_element50"] / t["spare_ref"],
+                                      "ours_dense/peft": t["ours_dense"] / t["peft"]}}
+            print(f"step, batch 1 (floor {1e3 * t['floor']:.0f} ms): / floor: {fmt(res['step']['per_floor'])}")
+            print(f"  {fmt(res['step']['ratios'])}   agreement (max rel diff): "
+                  + "  ".join(f"{k} {v:.1e}" for k, v in res["agreement"].items()))
+            del models, fns
+        if "saliency" in a.sections:
+            kw, target = make_inputs(a.config, a.sal_batch, seed=3)
+            fns = saliency_fns(model, names, kw, target)
+            t = time_side_by_side(with_progress(fns, a.reps + a.warmup) if a.progress else fns, a.reps, a.warmup)
+            res["saliency"] = {"batch": a.sal_batch, "seconds": t, "per_floor": {k: v / t["floor"] for k, v in t.items()},
+                               "ratios": {"grad_abs/spare_loop": t["grad_abs"] / t["spare_loop"],
+                                          "sample_abs/spare_loop": t["sample_abs"] / t["spare_loop"],
+                                          "grad_abs/spare_loop_batch": t["grad_abs"] / t["spare_loop_batch"]}}
+            print(f"saliency, batch {a.sal_batch} (floor {t['floor']:.2f} s): / floor: {fmt(res['saliency']['per_floor'])}")
+            print(f"  {fmt(res['saliency']['ratios'])}")
+        res["loadavg_1min"]["end"] = os.getloadavg()[0]   # > threads + 1: other jobs shared the cores
+        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        path = write_json(a.out or os.path.join(folder, f"dit_step_{a.config}.json"), res)
+        print(f"wrote {path}")
+        return res
+    finally:
+        torch.set_flush_denormal(was)
 
 
 if __name__ == "__main__":

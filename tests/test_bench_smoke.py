@@ -179,3 +179,14 @@ def test_dit_step_saliency_schemes_agree():
     assert set(ours) == {f"{n}.weight" for n in names}
     for k, v in ours.items():
         torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-7)
+
+
+
+def test_dit_step_puts_the_denormal_setting_back(tmp_path):
+    """main flushes denormals for its timing; the process-wide setting must be as found afterwards (a
+    later test's 1e-45 scores would otherwise tie with zero)."""
+    from benchmarks import dit_step
+    assert not dit_step._denormals_flushed()
+    dit_step.main(["--config", "tiny-sd3", "--reps", "1", "--warmup", "0", "--sections", "step",
+                   "--out", str(tmp_path / "r.json")])
+    assert not dit_step._denormals_flushed()
