@@ -63,6 +63,18 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def optimize(model, ema, opt, loss, step, ema_rate):
+    """One step: backward, clip at 1.0, the optimizer, then the EMA (its rate warmed up over the first steps)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    d = min(ema_rate, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - d)
+
+
 def main(argv=None):
     from tqdm import tqdm
 
@@ -141,14 +153,7 @@ def main(argv=None):
             snr = a.flatten() / (1 - a).flatten()
             err = err * snr.clamp(max=args.min_snr) / snr
         loss = err.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
+        optimize(unet, ema, opt, loss, step, args.ema)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr_at(step, args):.1e}")
         if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:

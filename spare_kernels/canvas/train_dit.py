@@ -20,7 +20,7 @@ from .data import dataset
 from .dit import FLOW_SCHEDULER_CONFIG, build_dit, predict, save_dit
 from .model import WEIGHTS_DIR
 from .text import TextEncoder
-from .train import lr_at
+from .train import lr_at, optimize
 
 
 def parse_args(argv=None):
@@ -111,14 +111,7 @@ def main(argv=None):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             v = predict(dit, xt, sigma * 1000, cond)
         loss = (v.float() - (eps - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), dit.parameters()):
-                pe.lerp_(p, 1 - d)
+        optimize(dit, ema, opt, loss, step, args.ema)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr_at(step, args):.1e}")
         if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
