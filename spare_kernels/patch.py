@@ -200,13 +200,12 @@ def _plan_adopt(cands, masked, arg="unet") -> dict[str, str]:
     return {n: w for n, w in stay.items() if is_lora_layer(cands[n])}
 
 
-def _adopt_all(cands, stay) -> list:
-    """Every peft LoRA layer the op can run becomes fused (returned); the others keep peft's code."""
-    done = []
+def _adopt_all(cands, stay, done: list) -> None:
+    """Every peft LoRA layer the op can run becomes fused (appended to ``done`` as it is, so that a failure
+    at the n-th layer leaves the caller the n-1 to release); the others keep peft's code."""
     for n, m in cands.items():
         if is_lora_layer(m) and not isinstance(m, _Fused) and n not in stay:
             done.append(adopt(m))
-    return done
 
 
 def _say_unfused(stay: dict, what: str, fn: str = "patch_unet") -> None:
@@ -370,6 +369,9 @@ def _patch(unet, masks, rank, alpha, target_modules, init, adapter_name, adapter
         targeted = {}
     else:
         targeted = {n: m for n, m in cands.items() if pred(n, _base(m))}
+        if "" in targeted:   # peft wraps children only: the root would be wrapped inside itself
+            raise ValueError(f"{arg}: the root module ({type(unet).__name__}) cannot be a target: patch a model "
+                             f"that holds it, e.g. nn.Sequential(layer), or target its sub-layers")
         if not targeted:
             raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear/nn.Conv2d of the {arg} "
                              f"({family} family); nearest module names: "
@@ -387,7 +389,7 @@ def _patch(unet, masks, rank, alpha, target_modules, init, adapter_name, adapter
     old_masks = [(m, dict(m.masks)) for _, m in iter_patched(unet)]
     adopted = []
     try:
-        adopted = _adopt_all(cands, stay)
+        _adopt_all(cands, stay, adopted)
         if keep is None:   # peft freezes every other parameter, as its add_adapter does
             layers = _add(unet, cands, targeted, name, rank or 4, alpha, init or "gaussian", adapter_dtype, rec, fn)
         else:              # the user's peft model: flags as they are
