@@ -30,6 +30,7 @@ import math
 import numbers
 import threading
 import warnings
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -53,6 +54,10 @@ _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}   # an integer view of 
 # Layers whose adapters are off in the current thread only (disable_adapters(..., this_thread=True)):
 # a teacher forward in a worker thread while the student runs the same modules in another.
 _THREAD = threading.local()
+
+# id(base weight) -> weakref of the fused layer whose merges it carries: a second layer merging into
+# the same (tied) weight is refused, since its delta would reach the first layer's output too.
+_MERGED_INTO: dict = {}
 
 
 def thread_disabled() -> dict:
@@ -110,7 +115,8 @@ class _Fused:
 
     @staticmethod
     def _check_geometry(base: nn.Module) -> None:
-        """Raise for a base layer whose peft LoRA the op does not compute (convs: see check_base)."""
+        """Raise for a base layer whose peft LoRA the op does not compute (see :func:`check_base`)."""
+        check_base(base)
 
     def _init_empty(self, base: nn.Module) -> None:
         """What peft's constructor would set besides the adapter."""
@@ -145,12 +151,16 @@ class _Fused:
         rank = int(rank)
         scale = chk.scale("", scale)
         a_shape, b_shape = factor_shapes(self.get_base_layer(), rank)
-        if lora_A is None or lora_B is None:
+        if (lora_A is None) != (lora_B is None):   # one alone would be dropped for a drawn pair
+            raise ValueError(f"lora_A/lora_B: expected both factors or neither, got only "
+                             f"{'lora_A' if lora_B is None else 'lora_B'}")
+        if lora_A is None:
             if init not in INITS:
                 raise ValueError(f"init: expected one of {INITS}, got {init!r}")
-        elif tuple(lora_A.shape) != a_shape or tuple(lora_B.shape) != b_shape:
-            raise ValueError(f"lora_A/lora_B: expected shapes {a_shape} and {b_shape}, "
-                             f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+            if dtype not in chk.FLOAT_DTYPES:
+                raise TypeError(f"dtype: expected a floating-point dtype {chk.FLOAT_DTYPES}, got {dtype!r}")
+        else:
+            self._check_factors(lora_A, lora_B, a_shape, b_shape)
         if mask is not None:
             mask = as_mask(mask, self.weight.shape, self.weight.device)
         flags = [(p, p.requires_grad) for p in self._adapter_params()]
@@ -171,6 +181,27 @@ class _Fused:
         self.masks[name] = mask
         self._sk_adapters.add(name)
         self._active_adapter = prev + [name] if active else prev
+
+    def _check_factors(self, A, B, a_shape, b_shape) -> None:
+        """Given factors the forward can run: float tensors of one dtype (the op multiplies them together;
+        peft's own code fails on a mix too), of the layer's shapes; a Parameter (kept as it is, not moved)
+        on the weight's device."""
+        for key, t in (("lora_A", A), ("lora_B", B)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{key}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in chk.FLOAT_DTYPES:
+                raise TypeError(f"{key}: expected a floating-point tensor, got {t.dtype}")
+        if A.dtype != B.dtype:
+            raise TypeError(f"lora_A/lora_B: expected one dtype for both factors, got lora_A {A.dtype} and "
+                            f"lora_B {B.dtype}; convert one (e.g. lora_B.to({A.dtype}))")
+        if tuple(A.shape) != a_shape or tuple(B.shape) != b_shape:
+            raise ValueError(f"lora_A/lora_B: expected shapes {a_shape} and {b_shape}, "
+                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
+        dev = self.weight.device
+        for key, t in (("lora_A", A), ("lora_B", B)):
+            if isinstance(t, nn.Parameter) and t.device != dev:
+                raise ValueError(f"{key}: a Parameter is used as it is: expected it on the weight's device {dev}, "
+                                 f"got {t.device}")
 
     def _adapter_params(self):
         return [p for d in (self.lora_A, self.lora_B) for m in d.values() for p in m.parameters()]
@@ -261,9 +292,10 @@ class _Fused:
                             f"peft's, merge(safe_merge=False, adapter_names=None): use "
                             f"merge(adapter_names=[{safe_merge!r}])")
         base = self.get_base_layer()
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.lora_A:
-                continue
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
+        if names:
+            self._refuse_tied_merge(base.weight)
+        for name in names:
             W = base.weight
             if name in getattr(self, "lora_variant", {}):
                 new = self.lora_variant[name].merge_safe(self, name, W.detach().clone()).to(W.dtype)
@@ -283,6 +315,16 @@ class _Fused:
             if new_b is not None:
                 base.bias.copy_(new_b)
             self.merged_adapters.append(name)
+            _MERGED_INTO[id(W)] = weakref.ref(self)
+
+    def _refuse_tied_merge(self, W) -> None:
+        ref = _MERGED_INTO.get(id(W))
+        other = ref() if ref is not None else None
+        if (other is not None and other is not self and other.merged_adapters
+                and other.get_base_layer().weight is W):
+            raise ValueError(f"merge: this layer's base weight is shared with another patched layer (tied weights) "
+                             f"that has {other.merged_adapters} merged into it: a second merge would reach both "
+                             "layers' outputs; untie the weights (give one a copy) or keep the adapter unmerged")
 
     @torch.no_grad()
     def unmerge(self, adapter_name: Optional[str] = None) -> None:
@@ -293,6 +335,7 @@ class _Fused:
         if not self.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self.check_unmerge(adapter_name)   # every record fits before the first is restored
         base = self.get_base_layer()
         while self.merged_adapters:
             last = self.merged_adapters[-1]
@@ -305,11 +348,38 @@ class _Fused:
             self._caches.pop(f"{last}-weight_norm", None)   # a DoRA merge's cache, peft's unmerge would pop
             if last == adapter_name:
                 break
+        ref = _MERGED_INTO.get(id(base.weight))
+        if not self.merged_adapters and ref is not None and ref() is self:
+            del _MERGED_INTO[id(base.weight)]
+
+    def check_unmerge(self, adapter_name: Optional[str] = None) -> None:
+        """Raise (changing nothing) where :meth:`unmerge` could not restore the merges it would undo
+        (``None``: all): a record missing, or the base weight or bias replaced since by one of another
+        shape. Callers that unmerge several layers check them all first."""
+        merged = list(self.merged_adapters)
+        if adapter_name is not None:
+            if adapter_name not in merged:
+                raise RuntimeError(f"adapter {adapter_name!r} is not merged")
+            merged = merged[merged.index(adapter_name):]
+        base = self.get_base_layer()
+        for name in merged:
+            parts = self._merge_backup.get(name)
+            if parts is None:
+                raise RuntimeError(f"unmerge: adapter {name!r} is marked merged but this layer holds no record of the "
+                                   "values its merge changed")
+            for what, t, part in zip(("weight", "bias"), (base.weight, base.bias), parts):
+                if part is not None and (t is None or tuple(part[0].shape) != tuple(t.shape)):
+                    now = None if t is None else tuple(t.shape)
+                    raise RuntimeError(f"unmerge: adapter {name!r}: the base {what} is now {now}, merged it was "
+                                       f"{tuple(part[0].shape)}: it was replaced after merging, so the merge "
+                                       "cannot be undone")
 
     @torch.no_grad()
     def unmerged_weight(self) -> Tensor:
         """A copy of the base weight with every merge undone (newest first, as :meth:`unmerge`); the
         layer is left as it is."""
+        if self.merged_adapters:
+            self.check_unmerge()
         W = self.weight.detach().clone()
         for name in reversed(self.merged_adapters):
             where, values = self._merge_backup[name][0]
@@ -518,10 +588,6 @@ class MaskedLoRAConv2d(_Fused, peft_lora.Conv2d):
 
     _PLAIN_FORWARD = nn.Conv2d
 
-    @staticmethod
-    def _check_geometry(base: nn.Module) -> None:
-        check_base(base)
-
     def _init_empty(self, base: nn.Module) -> None:
         self._kernel_dim = base.weight.dim()
         self.conv_fn = F.conv2d
@@ -593,6 +659,13 @@ def unfusable_reason(base_layer: nn.Module) -> Optional[str]:
     """Why peft's LoRA on ``base_layer`` is not what the fused layers compute (``None``: it is)."""
     if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
         return f"a {type(base_layer).__name__}, not an nn.Linear or nn.Conv2d"
+    # An empty weight: nothing for the op to compute (its reductions need in > 0); peft's own code
+    # computes the layer (the base's output, an empty delta).
+    sizes = (("in_features", "out_features") if isinstance(base_layer, nn.Linear)
+             else ("in_channels", "out_channels"))
+    empty = [f"{k}={getattr(base_layer, k)}" for k in sizes if getattr(base_layer, k) == 0]
+    if empty:
+        return f"{' and '.join(empty)} (an empty weight)"
     if isinstance(base_layer, nn.Conv2d):
         c = base_layer
         if c.padding_mode != "zeros":
@@ -614,6 +687,32 @@ def check_base(base_layer: nn.Module) -> None:
     if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"base_layer: expected nn.Linear or nn.Conv2d, got {type(base_layer).__name__}")
     raise ValueError(f"base_layer: {why} is not supported")
+
+
+def _storage_key(t: Tensor):
+    ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+    return (t.device, ptr) if ptr else ("id", id(t))
+
+
+def check_untied(model: nn.Module, layers, op: str = "merge_adapter") -> None:
+    """Raise (a ``ValueError`` naming both) where a LoRA layer of ``layers`` (``(name, layer)`` pairs of
+    ``model``) has a base weight or bias that another module of ``model`` holds too (tied weights, or views
+    of one storage): a merge would add the delta to that module as well, so the merged model would not
+    compute the adapted one. Call it before the first merge."""
+    owners: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(_storage_key(p), []).append(n)
+    for name, m in layers:
+        base = m.get_base_layer()
+        for what in ("weight", "bias"):
+            t = getattr(base, what, None)
+            if not isinstance(t, Tensor) or t.numel() == 0:
+                continue
+            others = [o for o in owners.get(_storage_key(t), ()) if name and not o.startswith(name + ".")]
+            if others:
+                raise ValueError(f"{op}: layer {name!r}: its base {what} is shared with {others[0]!r} (tied "
+                                 f"weights): merging would add the delta to both; untie them (give one a copy) "
+                                 "or keep the adapter unmerged")
 
 
 def wrap(base_layer: nn.Module) -> _Fused:
