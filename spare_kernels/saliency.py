@@ -105,7 +105,8 @@ class SaliencyCollector:
       timestep embedding of integer timesteps, tensors the model builds itself) are made graph entries
       the same way by the layer's forward hook, so *every* targeted layer that runs is scored. These
       aliases are leaves: their ``.grad`` is freed as soon as it is accumulated. Consequence: the
-      model must not modify such an input or first-layer output in place (autograd raises).
+      model must not modify such an input or first-layer output in place (autograd raises). An
+      input made under ``torch.inference_mode()`` (which cannot enter a graph) is copied instead.
     * **Mechanism.** A forward hook on each target keeps its input ``x`` and registers a hook on the
       output; when the output's gradient arrives, the op reduces ``(x, grad)`` into the weight's fp32
       accumulator (allocated lazily on the weight's device) and ``x`` is dropped. ``x`` is owned by
@@ -153,6 +154,8 @@ class SaliencyCollector:
         self._handles = []
         self._collecting = False
         self._lock = threading.Lock()
+        # one per weight: backward passes in several threads add into one accumulator (a read-modify-write)
+        self._locks = {t.key: threading.Lock() for t in self.targets}
         self._last_task = None
         self.num_forwards = 0    # top-level forwards run while collecting with grad enabled
         self.num_backwards = 0   # backward passes that delivered at least one layer gradient (0 if torch lacks the task id)
@@ -220,7 +223,9 @@ class SaliencyCollector:
     def take(self, key: str) -> Optional[Tensor]:
         """Remove and return weight ``key``'s accumulator (None if no gradient reached it since the last
         reset): a caller that reduces scores as they complete frees them here."""
-        with self._lock:
+        if key not in self._locks:
+            return None
+        with self._locks[key], self._lock:   # not while a backward adds into it
             return self._acc.pop(key, None)
 
     @property
@@ -258,6 +263,8 @@ class SaliencyCollector:
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         if not isinstance(x, Tensor):
             return None
+        if x.is_inference():   # e.g. a tensor the model keeps, made under inference_mode: no version counter
+            x = x.clone()
         replaced = None
         if not output.requires_grad:
             # nothing upstream needs a gradient: make the output a graph entry (alias, no copy)
@@ -277,22 +284,24 @@ class SaliencyCollector:
             raise RuntimeError(f"SaliencyCollector: the input of {t.name!r} was modified in place between "
                                f"forward and backward; its saliency would be wrong")
         task = _graph_task_id()
-        if task is not None and task != self._last_task:
-            self._last_task = task
-            self.num_backwards += 1
         if x.dtype != grad.dtype:
             x = x.to(grad.dtype)
-        acc = self._buffer(t)
-        with use_backend(pending.backend):
-            if t.conv is None:
-                if x.dim() == 1:  # unbatched input: one sample
-                    x, grad = x[None], grad[None]
-                saliency_linear(x, grad, self.stat, out=acc)
-            else:
-                if x.dim() == 3:
-                    x, grad = x[None], grad[None]
-                saliency_conv2d(x, grad, tuple(t.layer.weight.shape), self.stat, *t.conv, out=acc)
-        self.num_updates += 1
+        with self._locks[t.key]:   # the op adds into the buffer in place: one update at a time per weight
+            acc = self._buffer(t)
+            with use_backend(pending.backend):
+                if t.conv is None:
+                    if x.dim() == 1:  # unbatched input: one sample
+                        x, grad = x[None], grad[None]
+                    saliency_linear(x, grad, self.stat, out=acc)
+                else:
+                    if x.dim() == 3:
+                        x, grad = x[None], grad[None]
+                    saliency_conv2d(x, grad, tuple(t.layer.weight.shape), self.stat, *t.conv, out=acc)
+        with self._lock:
+            if task is not None and task != self._last_task:
+                self._last_task = task
+                self.num_backwards += 1
+            self.num_updates += 1
         return None
 
     def __repr__(self):
@@ -307,8 +316,10 @@ def _graph_task_id():
 
 def _alias(obj):
     if isinstance(obj, Tensor):
-        if obj.is_floating_point() and not obj.requires_grad and not obj.is_inference():
-            a = obj.detach().requires_grad_()
+        if obj.is_floating_point() and not obj.requires_grad:
+            # a tensor made under torch.inference_mode() has no version counter and cannot enter a graph:
+            # a copy (made here, outside inference mode) can; inputs are small next to the model
+            a = (obj.clone() if obj.is_inference() else obj.detach()).requires_grad_()
             a.register_post_accumulate_grad_hook(_drop_grad)
             return a
         return obj

@@ -288,6 +288,9 @@ def _validate(scores, density, granularity, scope, block):
         if t.dim() == 0:
             raise ValueError(f"scores[{name!r}]: expected a tensor with at least one dim (a weight's "
                              f"shape), got a 0-dim tensor")
+        if t.is_meta:   # e.g. scores of a model built under init_empty_weights / device="meta"
+            raise ValueError(f"scores[{name!r}]: expected a tensor with values, got one on device 'meta' (shape "
+                             f"{tuple(t.shape)}, no data to rank); compute the scores on a cpu or cuda device")
     if (isinstance(density, bool) or not isinstance(density, numbers.Real)
             or not (0.0 < float(density) <= 1.0)):
         raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
@@ -349,7 +352,7 @@ def topk_masks(scores: dict, density: float, granularity: str = "element", scope
 
     Raises:
         TypeError: ``scores`` not a dict, a key not a str, a value not a floating-point tensor.
-        ValueError: empty ``scores``, a 0-dim tensor, NaN scores (naming the tensor), ``density``
+        ValueError: empty ``scores``, a 0-dim or meta tensor, NaN scores (naming the tensor), ``density``
             not in ``(0, 1]``, unknown ``granularity``/``scope``, a bad ``block``.
     """
     bo_bi = _validate(scores, density, granularity, scope, block)

@@ -87,3 +87,85 @@ def test_patch_unet_root_module_refused(root):
     held = nn.Sequential(root)
     sk.patch_unet(held, target_modules="all")
     assert [n for n, _ in iter_patched(held)] == ["0"]
+
+
+# --------------------------------------------------------------------- finding 3: threads
+def test_collector_two_threads_backward_lose_no_update():
+    """Two threads running backward through one collector add exactly what the same passes add one after
+    the other (integer-valued data: every sum is exact in fp32, whatever its order)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024)).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape))
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(-2, 3, (4, 1024), generator=g).float(), torch.randint(-2, 3, (4, 1024), generator=g).float())
+            for _ in range(60)]
+
+    def passes(part):
+        for x, c in part:
+            (model(x) * c).sum().backward()
+    with SaliencyCollector(model) as seq:
+        passes(data)
+    with SaliencyCollector(model) as par:
+        threads = [threading.Thread(target=passes, args=(data[i::2],)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    want, got = seq.scores(), par.scores()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), f"{k}: {int((got[k] != want[k]).sum())} entries differ"
+    assert par.num_updates == seq.num_updates == 120
+
+
+# --------------------------------------------------------------------- finding 4: inference mode
+class _Cached(nn.Module):
+    """A model whose layer runs on a tensor it keeps, made under inference_mode."""
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(6, 5), nn.Linear(5, 3)
+        with torch.inference_mode():
+            self.cache = torch.randn(2, 6)
+
+    def forward(self, x):
+        return self.out(self.lin(self.cache) * x)
+
+
+def test_collector_inference_mode_inputs():
+    """Latents and text embeddings made under torch.inference_mode() give the scores of ordinary ones (they
+    are copied into the graph), as does a layer input the model keeps from inference mode."""
+    from unets import run, tiny_inputs
+    unet = tiny_unet().requires_grad_(False)
+
+    def scores(inputs):
+        with SaliencyCollector(unet) as col:
+            run(unet, inputs).pow(2).mean().backward()
+        return col.scores()
+    want = scores(tiny_inputs())
+    with torch.inference_mode():
+        frozen = tiny_inputs()
+    assert all(t.is_inference() for t in frozen)
+    got = scores(frozen)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    model = _Cached().requires_grad_(False)
+    x = torch.randn(2, 5)
+    with SaliencyCollector(model) as col:
+        model(x).sum().backward()
+    twin = _Cached()   # the same model on an ordinary copy of the cache, unfrozen: its .grad
+    twin.load_state_dict(model.state_dict())
+    twin.cache = model.cache.clone()
+    twin(x).sum().backward()
+    torch.testing.assert_close(col.scores()["lin.weight"], twin.lin.weight.grad.abs())
+    torch.testing.assert_close(col.scores()["out.weight"], twin.out.weight.grad.abs())
+
+
+# --------------------------------------------------------------------- finding 5: meta tensors
+@pytest.mark.parametrize("granularity", ["element", "row"])
+def test_topk_masks_meta_tensor_refused(granularity):
+    scores = {"a.weight": torch.rand(8, 8), "b.weight": torch.empty(4, 4, device="meta")}
+    with pytest.raises(ValueError, match=r"scores\['b.weight'\].*meta") as e:
+        sk.topk_masks(scores, 0.5, granularity=granularity)
+    assert "cpu or cuda" in str(e.value)
