@@ -38,6 +38,21 @@ def _check_block(block):
     return int(block[0]), int(block[1])
 
 
+def _check_padding(data: torch.Tensor, cols: int) -> None:
+    """The padding bits of a packed element mask (past column ``cols`` in each row's last byte) must be
+    zero: the kernels ignore them, but ``count`` / ``density`` would count them. Reads only the last
+    byte column, and only where there is padding (``cols % 8``; none for most real layers)."""
+    pad = (-cols) % 8
+    if not pad or data.numel() == 0 or data.device.type == "meta":
+        return
+    hit = (data[:, -1] >> (8 - pad)) != 0            # the top ``pad`` bits (LSB first: bit b = column 8j+b)
+    if bool(hit.any()):
+        row = int(hit.nonzero()[0])
+        raise ValueError(f"data: expected zero padding bits (bits {8 - pad}..7 of each row's last byte: the "
+                         f"weight has {cols} columns), got nonzero padding bits in row {row} "
+                         f"(byte {int(data[row, -1]):#04x})")
+
+
 def _matrix_shape(shape):
     shape = tuple(int(s) for s in shape)
     if len(shape) == 0:
@@ -70,6 +85,8 @@ class Mask:
         if tuple(data.shape) != expected[0] or data.dtype != expected[1]:
             raise ValueError(f"data: expected {expected[1]} of shape {expected[0]} for a {granularity} mask "
                              f"of {tuple(self.shape)}, got {data.dtype} of shape {tuple(data.shape)}")
+        if granularity == "element":
+            _check_padding(data, cols)
         self.data = data
 
     # ------------------------------------------------------------------------------ building
@@ -85,7 +102,7 @@ class Mask:
         rows, cols = _matrix_shape(t.shape)
         m = t.reshape(rows, cols) != 0
         if granularity == "element":
-            return cls("element", t.shape, fmt.pack_bits(m))
+            return cls._trusted("element", torch.Size(t.shape), fmt.pack_bits(m))   # zero padding
         if granularity == "module":
             on = bool(m.any())
             if on and not bool(m.all()):
@@ -182,7 +199,8 @@ class Mask:
         return self.count / max(self.numel, 1)
 
     def to(self, device) -> "Mask":
-        return Mask(self.granularity, self.shape, self.data.to(device), self.block or (32, 32))
+        # the data was checked when this mask was made: no second check (no device read)
+        return Mask._trusted(self.granularity, self.shape, self.data.to(device), self.block)
 
     def __eq__(self, other):
         return (isinstance(other, Mask) and self.granularity == other.granularity

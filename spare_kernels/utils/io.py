@@ -3,10 +3,44 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
 import tempfile
+
+
+def as_path(path, name: str = "path") -> str:
+    """``path`` (a str, bytes or os.PathLike of either) as a str, or a ``TypeError`` / ``ValueError``
+    naming ``name``. Bytes are decoded as the OS would (``os.fsdecode``), so any valid path works."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name}: expected a str or os.PathLike (or bytes), got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
+    if not path:
+        raise ValueError(f"{name}: expected a file path, got an empty one")
+    return path
+
+
+def ends_with_sep(path: str) -> bool:
+    return path.endswith(tuple(s for s in (os.sep, os.altsep) if s))
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, ValueError, OSError):   # no pathconf (Windows) or no answer: the common limit
+        return 255
+
+
+def _tmp_tag(base: str, limit: int) -> str:
+    """The part of a temporary's name that stands for ``base``: ``base`` itself, or where
+    ``.<base>.<pid>.<random>.tmp`` would pass the file system's name limit (``limit`` bytes for the tag),
+    a prefix of it plus a hash of the whole (distinct names keep distinct tags)."""
+    raw = os.fsencode(base)
+    if len(raw) <= limit:
+        return base
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return os.fsdecode(raw[:max(0, limit - len(digest) - 1)]) + "~" + digest
 
 
 def _alive(pid: int) -> bool:
@@ -20,9 +54,9 @@ def _alive(pid: int) -> bool:
 
 
 def _remove_orphans(folder: str, base: str) -> None:
-    """Remove temporaries of ``base`` left by writers that died before renaming them. The name is
-    ``.<base>.<pid>.<mkstemp's random part>.tmp``; matched in full, so another path's (``base.1``,
-    say) never is."""
+    """Remove temporaries of ``base`` (a file name, or its :func:`_tmp_tag`) left by writers that died
+    before renaming them. The name is ``.<base>.<pid>.<mkstemp's random part>.tmp``; matched in full,
+    so another path's (``base.1``, say) never is."""
     rx = re.compile(re.escape(f".{base}.") + r"(\d+)\.[a-z0-9_]+\.tmp")
     for entry in os.listdir(folder):
         hit = rx.fullmatch(entry)
@@ -47,17 +81,30 @@ def _fsync(path: str, folder: bool = False) -> None:
 def atomic_path(path):
     """Yield a temporary path in ``path``'s folder; on success it is synced to disk and renamed over
     ``path`` (then the folder is synced), on any error it is removed and ``path`` is left as it was.
-    Temporaries of ``path`` left by dead writers (killed mid-write) are removed first."""
-    path = os.fspath(path)
+    Temporaries of ``path`` left by dead writers (killed mid-write) are removed first. ``path``: a str,
+    bytes or os.PathLike naming a file (a trailing separator or an existing folder is a ``ValueError``);
+    a file name near the file system's limit gets a temporary name shortened to fit."""
+    path = as_path(path)
+    if ends_with_sep(path):
+        raise ValueError(f"path: {path!r} ends with {path[-1]!r}, so it names a folder; expected a file path "
+                         f"(drop the trailing {path[-1]!r})")
+    if os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a folder; expected a file path")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"path: folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"path: folder {folder!r} is not writable")
     base = os.path.basename(path)
-    _remove_orphans(folder, base)
+    name_max, pid = _name_max(folder), str(os.getpid())
+    if len(os.fsencode(base)) > name_max:
+        raise ValueError(f"path: file name {base[:40]!r}... is {len(os.fsencode(base))} bytes; the file system "
+                         f"takes at most {name_max}")
+    # '.' tag '.' pid '.' + mkstemp's 8 random characters + '.tmp'
+    tag = _tmp_tag(base, name_max - len(pid) - 15)
+    _remove_orphans(folder, tag)
     # The writer's pid in the name tells a later writer whether this file is an orphan.
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{tag}.{pid}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield tmp
@@ -80,4 +127,4 @@ def write_json(path, obj) -> str:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
-    return os.fspath(path)
+    return as_path(path)
