@@ -17,8 +17,9 @@ An adapter may carry a mask (``masks[name]``: ``None`` or a :class:`~spare_kerne
 are not in the state dict (``save_adapter`` stores them, bit-packed), so peft's state dict is exactly a
 stock layer's. ``merge`` keeps the original values of every entry it changes, so ``unmerge`` restores
 the base weight bit-exactly (the records follow ``.to()``/``.half()``; a second layer merging into a
-weight it shares with another, tied, is refused: :func:`check_untied` checks a whole model). Layers given an adapter that peft runs with its own variant code (DoRA,
-``lora_bias``, ...) turn back into peft's own class, as long as they hold no mask.
+weight it shares with another, tied, is refused: :func:`check_untied` checks a whole model). Layers
+given an adapter that peft runs with its own variant code (DoRA, ``lora_bias``, ...) turn back into
+peft's own class, as long as they hold no mask.
 
 Like peft's, these layers are not ``nn.Linear`` / ``nn.Conv2d`` instances; they expose the base
 layer's geometry (``in_features``, ``out_features``; ``in_channels``, ``kernel_size``, ``stride``, ...)
