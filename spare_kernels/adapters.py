@@ -20,19 +20,55 @@ from .nn.lora import (MaskedLoRAConv2d, _Fused, check_base, delete_quietly, fact
                       why_not_fused, wrap)
 from .ops import _checks as chk
 from .patch import check_unet, mark_peft_loaded, record, set_module
-from .utils.io import atomic_path
+from .utils.io import as_path, atomic_path, ends_with_sep
 
 FORMAT = "spare_kernels.adapter/1"
 _SAMPLES = 4096
 
 
+def _samples(weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // _SAMPLES)][:_SAMPLES].cpu()
+
+
+def _hash(shape, dtype, samples: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{tuple(shape)}|{dtype}".encode())
+    h.update(samples.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(weight: torch.Tensor) -> str:
     """Cheap identity of a base weight: shape, dtype and 4096 evenly strided values (sha256, 16 hex)."""
-    flat = weight.detach().reshape(-1)
-    step = max(1, flat.numel() // _SAMPLES)
-    h = hashlib.sha256(f"{tuple(weight.shape)}|{weight.dtype}".encode())
-    h.update(flat[::step][:_SAMPLES].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return _hash(weight.shape, weight.dtype, _samples(weight))
+
+
+# A base saved in one float dtype and loaded in another is the same base when its values agree once
+# both are rounded to the lower precision of the two. The file keeps, next to the exact fingerprint,
+# those of the sampled values rounded to each lower-precision dtype (the dtype in the hash is the
+# rounding's): a model in one of them is compared there, a model of higher precision is rounded to
+# the file's own dtype and compared with the exact one.
+_PRECISION = {torch.float64: 3, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
+
+
+def _fingerprints(weight: torch.Tensor) -> dict[str, str]:
+    """``{dtype name: fingerprint of the samples rounded to it}`` for every float dtype of lower
+    precision than ``weight``'s (``{}`` for a half-precision or non-float weight)."""
+    s, p = _samples(weight), _PRECISION.get(weight.dtype, 0)
+    return {str(d): _hash(weight.shape, d, s.to(d)) for d, q in _PRECISION.items() if q < p}
+
+
+def _same_base(weight: torch.Tensor, info: dict) -> bool:
+    """Whether ``weight`` is the base the module ``info`` was saved from, whatever the two dtypes."""
+    here = fingerprint(weight)
+    if here == info["fingerprint"]:
+        return True
+    lower = info.get("fingerprints") or {}
+    if str(weight.dtype) in lower:                          # the file's base rounded to this model's dtype
+        return here == lower[str(weight.dtype)]
+    saved = getattr(torch, str(info.get("dtype", "")).replace("torch.", ""), None)
+    if isinstance(saved, torch.dtype) and saved.is_floating_point and saved != weight.dtype:
+        return _hash(weight.shape, saved, _samples(weight).to(saved)) == info["fingerprint"]
+    return False
 
 
 def _base_weight(m: nn.Module) -> torch.Tensor:
@@ -72,10 +108,21 @@ def adapter_names(unet) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- save / load
-def save_adapter(unet: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default") -> str:
+def save_adapter(unet: nn.Module, path: Union[str, bytes, os.PathLike],
+                 adapter_name: Optional[str] = "default") -> str:
     """Write one adapter to ``path`` (safetensors): A, B, bit-packed masks, scale, targets and a
     fingerprint of each base weight. Written to a temporary file in the same folder, then renamed:
-    a crash never leaves a half-written adapter at ``path``."""
+    a crash never leaves a half-written adapter at ``path``. Returns the path as a str.
+
+    ``adapter_name=None``: the unet's only adapter (a ``ValueError`` listing them if it has several)."""
+    path = as_path(path)
+    if adapter_name is None:
+        names = adapter_names(unet)
+        if len(names) != 1:
+            raise ValueError(f"adapter_name: None means the unet's only adapter, but it has {len(names)}: "
+                             f"{names}; name the one to save")
+        adapter_name = names[0]
+    _check_name(adapter_name)
     layers = _layers(unet, adapter_name)
     _fused_only(layers, "save_adapter", "save this adapter with peft's get_peft_model_state_dict / save_lora_weights")
     tensors, modules = {}, {}
@@ -91,13 +138,14 @@ def save_adapter(unet: nn.Module, path: Union[str, os.PathLike], adapter_name: s
             "rank": int(m.lora_A[adapter_name].weight.shape[0]),
             "scale": m.scaling[adapter_name],
             "mask": None if mask is None else {"granularity": mask.granularity, "block": mask.block},
-            "fingerprint": fingerprint(m.unmerged_weight()),   # the base's, whatever is merged now
             "active": adapter_name in m.active_adapters,
         }
+        base = m.unmerged_weight()                              # the base's, whatever is merged now
+        modules[name].update(fingerprint=fingerprint(base), fingerprints=_fingerprints(base), dtype=str(base.dtype))
     meta = {"format": FORMAT, "adapter_name": adapter_name, "modules": json.dumps(modules)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-    return os.fspath(path)
+    return path
 
 
 _FIELDS = ("kind", "weight_shape", "rank", "scale", "mask", "fingerprint")   # "active" may be absent
@@ -149,12 +197,20 @@ def _check_module(info, bad) -> None:
         raise bad("fingerprint", "null or a string", repr(info["fingerprint"]))
     if not isinstance(info.get("active", True), bool):
         raise bad("active", "true or false", repr(info["active"]))
+    lower = info.get("fingerprints", {})   # optional (files before it)
+    if not isinstance(lower, dict) or not all(isinstance(v, str) for v in lower.values()):
+        raise bad("fingerprints", "an object of dtype name -> string", repr(lower)[:80])
+    if not isinstance(info.get("dtype", ""), str):
+        raise bad("dtype", "a dtype name", repr(info["dtype"]))
 
 
 def _read(path, op: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{op}: path: expected a str or os.PathLike, got {type(path).__name__}")
-    path = os.fspath(path)
+    path = as_path(path, f"{op}: path")
+    if ends_with_sep(path):
+        raise ValueError(f"{op}: path: {path!r} ends with {path[-1]!r}, so it names a folder; expected an "
+                         f"adapter file (drop the trailing {path[-1]!r})")
+    if os.path.isdir(path):
+        raise ValueError(f"{op}: path: {path!r} is a folder; expected an adapter file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no adapter file at {path!r}")
     try:
@@ -186,7 +242,7 @@ def _read(path, op: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(path: Union[str, bytes, os.PathLike]) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(metadata with parsed 'modules', tensors)`` of an adapter file; the metadata is validated
     (a ``ValueError`` names the file, the module and the field), the tensors by :func:`load_adapter`."""
     return _read(path, "read_adapter")
@@ -226,19 +282,22 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
 
     Checks every target exists with the saved weight shape, that every module's factors, mask, scale
     and rank are whole and fit its layer (always), and that the base weights carry the saved
-    fingerprints (``strict=False`` turns a mismatch into a warning). Nothing changes until every check
-    has passed, and a failure while applying undoes what was applied. Tensors in the file that no
-    module uses are ignored with a warning. ``adapter_name`` renames the adapter on load."""
+    fingerprints (``strict=False`` turns a mismatch into a warning); a base in another float dtype
+    than the saved one matches where the values agree once rounded to the lower precision of the two
+    (fp32 <-> bf16 / fp16 / fp64; fp16 and bf16 cannot be compared with each other). Nothing changes
+    until every check has passed, and a failure while applying undoes what was applied. Tensors in the
+    file that no module uses are ignored with a warning. ``adapter_name`` renames the adapter on load.
+    ``path``: a str, bytes or os.PathLike."""
     check_unet(unet)
     if adapter_name is not None:
         _check_name(adapter_name)
     meta, tensors = _read(path, "load_adapter")
-    path = os.fspath(path)
+    path = as_path(path)
     name = adapter_name if adapter_name is not None else meta["adapter_name"]
     modules = dict(unet.named_modules())
     # Names inside an adapted layer (its base_layer, peft's lora_A.<name>) are not targets.
     owners = [n for n, m in modules.items() if is_lora_layer(m)]
-    missing, wrong, foreign, clash = [], [], [], []
+    missing, wrong, foreign, clash, dtypes = [], [], [], [], set()
     for mod, info in meta["modules"].items():
         m = modules.get(mod)
         base = getattr(m, "base_layer", m)
@@ -267,14 +326,24 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
         plan[mod] = _plan_module(mod, info, getattr(m, "base_layer", m), tensors, _complaint(where))
         if isinstance(m, _Fused) and name in m.lora_A:
             clash.append(mod)
-        elif info["fingerprint"] and fingerprint(_base_weight(m)) != info["fingerprint"]:
+        elif info["fingerprint"] and not _same_base(w := _base_weight(m), info):
             foreign.append(mod)
+            if info.get("dtype", str(w.dtype)) != str(w.dtype):
+                dtypes.add((info["dtype"], str(w.dtype)))
     if clash:
         raise ValueError(f"adapter_name: {name!r} already exists on {clash[:3]}...; remove_adapter() it or "
                          "pass another adapter_name")
     if foreign:
         msg = (f"load_adapter: base weights differ from those the adapter was trained on "
                f"(fingerprint mismatch) in {len(foreign)} module(s), e.g. {foreign[:3]}")
+        if dtypes:
+            saved, here = sorted(dtypes)[0]
+            p = [_PRECISION.get(getattr(torch, d.replace("torch.", ""), None), 0) for d in (saved, here)]
+            msg += (f" (saved from {saved} weights, the unet's are {here}: "
+                    + ("the values differ even once rounded to the lower precision of the two)" if p[0] != p[1]
+                       else "neither dtype is a rounding of the other, so copies of one model in the two "
+                            "cannot be told from different models; an adapter saved from float32 weights "
+                            "loads into either)"))
         if strict:
             raise ValueError(msg + "; pass strict=False to load anyway")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -444,6 +513,9 @@ def set_active_adapters(unet: nn.Module, adapter_names_: Union[str, Iterable[str
         names = list(adapter_names_)
     else:
         raise TypeError(f"adapter_names: expected a name or a list of names, got {adapter_names_!r}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:   # peft's forward would add such an adapter's delta once per mention
+        raise ValueError(f"adapter_names: {twice[0]!r} given more than once in {names}; name each adapter once")
     known = adapter_names(unet)
     unknown = [n for n in names if n not in known]
     if unknown:
