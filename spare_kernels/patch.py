@@ -446,6 +446,12 @@ def _unpatch(unet, arg, fn):
     check_unet(unet, arg)
     rec = unet.__dict__.get(_RECORD)
     fused = list(iter_patched(unet))
+    for n, m in fused:   # every merge record fits before the first is restored
+        if m.merged_adapters:
+            try:
+                m.check_unmerge()
+            except RuntimeError as e:
+                raise RuntimeError(f"{fn}: layer {n!r}: {e}") from None
     for _, m in fused:
         if m.merged_adapters:
             m.unmerge()
