@@ -14,9 +14,6 @@ pytest.importorskip("peft")
 from peft.tuners.lora.layer import Conv2d as PeftConv2d  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 
-# adapters.py (helper P3) must check every layer before the first change for these to pass in full
-NEEDS_P3 = pytest.mark.xfail(reason="needs sk.merge_adapter / unmerge_adapter to check every layer first "
-                                    "(check_untied, check_unmerge: adapters.py)", strict=False)
 
 
 def small(seed=0):
@@ -94,7 +91,6 @@ def test_unmerge_checks_every_record_before_restoring():
     assert not layer.merged_adapters
 
 
-@NEEDS_P3
 def test_unmerge_adapter_checks_every_layer_first():
     m = small()
     sk.merge_adapter(m)
@@ -135,7 +131,6 @@ def test_tied_weights_merge_is_refused():
     assert torch.equal(m[0].weight, w0)
 
 
-@NEEDS_P3
 def test_tied_weights_merge_adapter_refused_before_any_change():
     m = tied()
     w0 = m[0].weight.detach().clone()
