@@ -7,7 +7,7 @@ UnlearnCanvas metrics (UA, IRA, CRA, retain fidelity, surrogate hit rate). Weigh
 ``spare_kernels/canvas/weights``; nothing is downloaded or trained on import.
 
     from spare_kernels import canvas
-    unet = canvas.load_model()
+    unet = canvas.load_model()          # canvas.load_dit(): MiniCanvas-DiT, an SD3Transformer2DModel
     imgs = canvas.sample(unet, canvas.prompts(style="dots"), seed=0)     # (6, 3, 32, 32) in [0, 1]
     canvas.evaluate(unet, target="style:dots", surrogate="pastel")
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from .classifier import Classifier, load_classifier
 from .data import OBJECTS, STYLES, Batch, dataset, render, save_grid
+from .dit import load_dit
 from .metrics import all_prompts, evaluate, parse_target, psnr
 from .model import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULER_CONFIG, UNET_CONFIG, WEIGHTS_DIR, build_unet,
                     ddim_scheduler, encode, load_model, noise_for, noise_scheduler, sample)
@@ -44,7 +45,7 @@ def make_images(n: int, seed: int = 0, split: str = "train", style: str | None =
 __all__ = [
     "Batch", "Classifier", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "MAX_LEN", "OBJECTS", "SCHEDULER_CONFIG",
     "STYLES", "TextEncoder", "UNET_CONFIG", "VOCAB", "WEIGHTS_DIR", "all_prompts", "build_unet",
-    "dataset", "ddim_scheduler", "encode", "evaluate", "load_classifier", "load_model", "make_images",
+    "dataset", "ddim_scheduler", "encode", "evaluate", "load_classifier", "load_dit", "load_model", "make_images",
     "noise_for", "noise_scheduler", "parse_target", "prompts", "psnr", "render", "sample", "save_grid",
     "tokenize",
 ]
