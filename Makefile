@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 
-.PHONY: install test test-slow test-interp demo bench cuda-ext gpu-wheels gpu-rehearsal clean
+.PHONY: install test test-slow test-interp test-dist dist docs demo bench cuda-ext gpu-wheels gpu-rehearsal clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/common/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel ninja
+	$(PY) -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
 	touch $@
 
@@ -32,6 +32,25 @@ test-slow: $(STAMP)
 # the triton backend forced on CPU tensors through Triton's interpreter (~6 min).
 test-interp: $(STAMP)
 	$(PY) -m pytest -q -m interp
+
+# The sdist and a portable CPU wheel (no -march=native) into dist/, the wheel built from the sdist (which
+# proves the sdist complete). --no-isolation: built against .venv's torch (see setup.py).
+dist: $(STAMP)
+	$(PY) -c "import build" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check build
+	rm -rf dist
+	SPARE_KERNELS_NATIVE=0 $(PY) -m build --no-isolation -o dist
+
+# make dist, then its wheel installed in a clean venv (torch==2.13.0 from local disk, the rest resolved
+# by pip) passes the self-check outside the repository (tests/test_packaging.py, marker dist).
+test-dist: dist
+	SPARE_KERNELS_DIST_WHEEL="$$(ls dist/spare_kernels-*.whl)" $(PY) -m pytest -q -s -m dist tests/test_packaging.py
+
+# The documentation site into .cache/site; --strict fails on any warning (broken links, missing pages).
+# The docs extra's pins are read from pyproject.toml (one place for them).
+DOCS_PINS = $(shell $(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs']))")
+docs: $(STAMP)
+	$(PY) -c "import mkdocs, material" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check $(DOCS_PINS)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d .cache/site
 
 demo: $(STAMP)
 	$(PY) -m spare_kernels demo
@@ -83,4 +102,4 @@ gpu-rehearsal: gpu-wheels
 	  benchmarks/gpu_check.sh --rehearsal $(REHEARSAL_OUT)
 
 clean:
-	rm -rf build *.egg-info spare_kernels/_C*.so .cache
+	rm -rf build dist *.egg-info spare_kernels/_C*.so spare_kernels/_build_info.json .cache

@@ -1,4 +1,12 @@
-"""Builds the optional native extensions of spare_kernels, each on its own.
+"""Builds the optional native extensions of spare_kernels, each on its own, against the torch installed.
+
+Install: ``pip install --no-build-isolation .`` (torch first; ``-v`` shows the build's messages, pip
+hides them otherwise). Without ``--no-build-isolation`` pip builds in a fresh environment without torch:
+the build stops with one line saying so (pyproject.toml lists no torch to build with on purpose: the
+extensions must match the torch they run with). ``python -m build --no-isolation`` makes the sdist and
+the wheel (``make dist``). What was built, skipped or failed, and against which torch, is recorded in
+``spare_kernels/_build_info.json``: the backends' load messages and ``python -m spare_kernels.selfcheck``
+report it.
 
 - ``spare_kernels._C``      : the CPU kernels, ``csrc/cpu/*.cpp`` (``torch.ops.spare_kernels_cpu``).
 - ``spare_kernels._C_cuda`` : the CUDA kernels, ``csrc/cuda/*.cu`` + ``csrc/cuda/*.cpp``
@@ -18,6 +26,12 @@ depends on, defaults first)::
         │                                  1: required: no CUDA torch, no nvcc or a failed build is an error
         └── SPARE_KERNELS_CUDA_ARCHS=80;90 compute capabilities, ';' or ',' separated: 80, 86, 89, 90,
                                            90a, ... each becomes -gencode arch=compute_XX,code=sm_XX
+    MAX_JOBS=<cores>                       parallel compile jobs (torch's BuildExtension passes it to ninja);
+                                           lower it when nvcc runs out of memory (each job ~2-4 GB)
+
+Every way ``_C_cuda`` ends up not built prints one line ``spare_kernels: spare_kernels._C_cuda is not
+built: <why>`` (switched off, CPU torch, no nvcc, toolkit that does not fit torch's CUDA, no compiler);
+a failed compile prints the compiler's messages and a banner starting with that line.
 
 nvcc is looked up as torch does (``CUDA_HOME`` / ``CUDA_PATH``, else ``nvcc`` on ``PATH``); when the
 directory above ``nvcc`` is not a CUDA toolkit (a wrapper script), the toolkit root nvcc reports is used.
@@ -41,8 +55,58 @@ _FALSE = ("0", "false", "no", "off")
 _TRUE = ("1", "true", "yes", "on")
 
 
+# Commands that compile (anything else, e.g. egg_info, dist_info or sdist, needs only the metadata: no
+# torch, so that pip's metadata step and an sdist work anywhere).
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "bdist", "editable_wheel", "develop", "install"}
+# What this build did to each extension, for spare_kernels/_build_info.json ("built", "skipped: why",
+# "failed: why"); an extension a switch leaves alone is not listed (an in-place build keeps its record).
+_RECORD = {}
+
+
 def _say(msg):
     print(f"spare_kernels: {msg}", file=sys.stderr, flush=True)
+
+
+def _skip(ext, why, record=True):
+    """The one line that says ``ext`` is not built, and why."""
+    _say(f"{ext} is not built: {why}")
+    if record:
+        _RECORD[ext.rsplit(".", 1)[-1]] = f"skipped: {why}"
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            "spare_kernels: torch is not importable in this build environment (pip's build isolation hides the "
+            "installed one): install torch first, then `pip install --no-build-isolation .` (or "
+            "SPARE_KERNELS_BUILD_EXT=0 for the pure-PyTorch backend only)") from None
+    return torch
+
+
+def _write_build_info(pkg_dir, torch):
+    """Merge this build's record into ``pkg_dir/_build_info.json`` (atomically: gpu_check.sh builds _C and
+    _C_cuda in place side by side). An older record made with another torch is dropped."""
+    import json
+    import tempfile
+    path = os.path.join(pkg_dir, "_build_info.json")
+    info = {}
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        pass
+    if not isinstance(info, dict) or info.get("torch") != torch.__version__:
+        info = {}
+    info.update(torch=torch.__version__, cuda=torch.version.cuda)
+    info["extensions"] = {**info.get("extensions", {}), **_RECORD}
+    os.makedirs(pkg_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=pkg_dir, prefix="._build_info.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def _flag(name, default="1"):
@@ -120,9 +184,10 @@ def _fix_cuda_home():
 
 def _cuda_banner(what, err, cpu):
     bar = "!" * 100
+    _RECORD["_C_cuda"] = f"failed: {what}: {err}"
     cpu = (f"The CPU kernels ({CPU_EXT}) are built regardless" if cpu else
            f"{CPU_EXT} is switched off (SPARE_KERNELS_BUILD_CPU=0)")
-    print(f"\n{bar}\nspare_kernels: the CUDA extension {CUDA_EXT} was NOT built: {what}\n"
+    print(f"\n{bar}\nspare_kernels: {CUDA_EXT} is not built: {what}\n"
           f"  error: {err}\n"
           f"  {cpu}; the install goes on without the `cuda` backend.\n"
           f"  SPARE_KERNELS_BUILD_CUDA=1 makes this an error, SPARE_KERNELS_BUILD_CUDA=0 skips _C_cuda.\n{bar}\n",
@@ -130,8 +195,10 @@ def _cuda_banner(what, err, cpu):
 
 
 def _extensions():
+    if not _BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return [], {}
     if not _flag("SPARE_KERNELS_BUILD_EXT"):
-        _say("SPARE_KERNELS_BUILD_EXT=0, skipping the native extensions")
+        _say(f"{CPU_EXT} and {CUDA_EXT} are not built: SPARE_KERNELS_BUILD_EXT=0 (the pure-PyTorch backend only)")
         return [], {}
     build_cpu = _flag("SPARE_KERNELS_BUILD_CPU")
     cuda_mode = _cuda_mode()
@@ -142,18 +209,18 @@ def _extensions():
     cpu_srcs = sorted(glob.glob("csrc/cpu/*.cpp")) if build_cpu else []
     cuda_srcs = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")) if cuda_mode != "off" else []
     if not build_cpu:
-        _say(f"SPARE_KERNELS_BUILD_CPU=0, skipping {CPU_EXT}")
+        _skip(CPU_EXT, "SPARE_KERNELS_BUILD_CPU=0", record=False)
     if cuda_mode == "off":
-        _say(f"SPARE_KERNELS_BUILD_CUDA=0, skipping {CUDA_EXT}")
+        _skip(CUDA_EXT, "SPARE_KERNELS_BUILD_CUDA=0", record=False)
     if not cpu_srcs and not cuda_srcs:
         return [], {}
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
-        _say(f"no C++ compiler ({cxx}) found, skipping the native extensions")
         if cuda_mode == "required":
             raise SystemExit(f"spare_kernels: SPARE_KERNELS_BUILD_CUDA=1 but no C++ compiler ({cxx}) is found")
+        _say(f"{CPU_EXT} and {CUDA_EXT} are not built: no C++ compiler ({cxx}) found")
         return [], {}
-    import torch
+    torch = _import_torch()
     if cuda_srcs:
         _fix_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -179,7 +246,7 @@ def _extensions():
         elif cuda_mode == "required":
             raise SystemExit(f"spare_kernels: SPARE_KERNELS_BUILD_CUDA=1 but {why}")
         else:
-            _say(f"{why}: {CUDA_EXT} is not built (CPU kernels only)")
+            _skip(CUDA_EXT, why)
     elif cuda_mode == "required":
         raise SystemExit("spare_kernels: SPARE_KERNELS_BUILD_CUDA=1 but csrc/cuda has no sources")
 
@@ -196,13 +263,23 @@ def _extensions():
                 except ImportError:
                     pass
                 except Exception as e:  # noqa: BLE001  (any failure: report it, build the rest)
-                    _cuda_banner("the CUDA toolkit does not fit this torch", e, bool(cpu_srcs))
+                    _skip(CUDA_EXT, f"the CUDA toolkit at {CUDA_HOME} does not fit torch {torch.__version__} "
+                          f"(CUDA {torch.version.cuda}): {' '.join(str(e).split())} (SPARE_KERNELS_BUILD_CUDA=1 "
+                          "makes this an error)")
                     self.extensions = [x for x in self.extensions if x.name != CUDA_EXT]
             self._failed = []
             super().build_extensions()
             # What failed has no output: drop it, so that neither the in-place copy (editable installs)
             # nor the wheel's file list looks for it.
             self.extensions = [x for x in self.extensions if x.name not in self._failed]
+            for x in self.extensions:
+                _RECORD[x.name.rsplit(".", 1)[-1]] = "built"
+
+        def run(self):
+            super().run()
+            _write_build_info(os.path.join(self.build_lib, "spare_kernels"), torch)
+            if self.inplace:   # build_ext --inplace, editable installs: the package is the source tree
+                _write_build_info(os.path.join(ROOT, "spare_kernels"), torch)
 
         def build_extension(self, ext):
             if ext.name != CUDA_EXT or cuda_mode == "required":

@@ -1,7 +1,7 @@
 """spare_kernels: fused masked sparse-LoRA and saliency kernels for concept unlearning in diffusion UNets."""
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .backends import backend_info, set_backend, use_backend
 from .masks import Mask

@@ -1,6 +1,8 @@
 """``python -m spare_kernels.selfcheck``: every op on every backend of a device against the reference.
 
-On the GPU at hand (or ``--device cpu``): each backend the registry runs there (the reference included,
+First it says which backends are live on which device and why the others are not (with what the build
+recorded: the extensions built, skipped or failed, and the torch they were built against); ``--info``
+stops there. Then, on the GPU at hand (or ``--device cpu``): each backend the registry runs there (the reference included,
 as a check of the harness) runs the public ops on a fixed grid (odd linear and conv shapes, ranks, every
 mask kind, fp32 and bf16, forward and every gradient, every saliency statistic); each result is held to
 the reference run in float64 on the same inputs with a flash-attention style bound,
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from . import _version
 from .backends import registry
 from .masks import Mask
 from .ops import STATS, masked_lora_conv2d, masked_lora_linear, saliency_conv2d, saliency_linear
@@ -198,6 +201,37 @@ def run(device: str, backends=None, quick: bool = False, out=None) -> int:
     return failures
 
 
+# the native extension behind each compiled backend (triton compiles at run time, reference is PyTorch)
+_EXTENSIONS = {"cpu": "_C", "cuda": "_C_cuda"}
+
+
+def backend_report() -> list[str]:
+    """Lines saying which backends are live on which device (the default one per device marked) and why
+    each other backend is not, with the build's record of the native extensions."""
+    info = registry.backend_info()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    built = _version.build_info()
+    record = (f"extensions built against torch {built['torch']}" if built.get("torch") else
+              "no build record (extensions built before the record existed, or SPARE_KERNELS_BUILD_EXT=0)")
+    lines = [f"spare_kernels {_version.__version__}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
+             f"{torch.cuda.device_count()} GPU(s) visible); {record}"]
+    for b in registry.BACKENDS:
+        live = [d for d in devices if b in registry.runnable(d)]
+        default = [d for d in live if all(info["ops"][op].get(d) == b for op in registry.OPS)]
+        ext = _EXTENSIONS.get(b)
+        state = built.get("extensions", {}).get(ext) if ext else None
+        if live:
+            where = ", ".join(d + (" (default)" if d in default else "") for d in live)
+            lines.append(f"  {b:<10} live on {where}" + (f"; spare_kernels.{ext} loaded" if ext else ""))
+        else:
+            why = info["unavailable"].get(b, "no implementation for the devices here")
+            lines.append(f"  {b:<10} not live: {why}" + (f"; spare_kernels.{ext}: {state}" if state else ""))
+        problem = _version.extension_problem(ext) if ext and live else None
+        if problem:   # loaded, but built against another torch
+            lines.append(f"  {'':<10} warning: {problem}")
+    return lines
+
+
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
@@ -210,8 +244,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda[:N] or cpu (default: cuda if torch sees a GPU, else cpu)")
     p.add_argument("--backend", nargs="+", choices=registry.BACKENDS, default=None,
                    help="backends to check (default: every backend the registry runs on the device)")
-    p.add_argument("--quick", action="store_true", help="one shape per layer kind")
+    p.add_argument("--quick", action="store_true", help="one shape per layer kind (~10 s on one CPU thread)")
+    p.add_argument("--info", action="store_true", help="only say which backends are live, and why not the others")
     args = p.parse_args(argv)
+    print("\n".join(backend_report()), flush=True)
+    if args.info:
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print(f"selfcheck: error: --device {device}: torch {torch.__version__} sees no CUDA device", file=sys.stderr)

@@ -3,6 +3,7 @@ import io
 
 import torch
 
+import spare_kernels
 from conftest import available_backends, override_entry
 from spare_kernels import selfcheck
 from spare_kernels.backends import registry
@@ -37,3 +38,18 @@ def test_selfcheck_refuses_an_unavailable_device_or_backend(capsys):
     if "triton" not in available_backends("cpu"):
         assert selfcheck.main(["--device", "cpu", "--backend", "triton"]) == 2
         assert "triton" in capsys.readouterr().err
+
+
+def test_selfcheck_says_which_backends_are_live_and_why_not(capsys):
+    assert selfcheck.main(["--info"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"spare_kernels {spare_kernels.__version__}, torch {torch.__version__}")
+    rows = {ln.split()[0]: ln for ln in out[1:] if not ln.split()[0] == "warning:"}
+    assert set(rows) == set(registry.BACKENDS)
+    info = registry.backend_info()
+    for b in registry.BACKENDS:
+        if b in registry.runnable("cpu"):
+            assert "live on cpu" in rows[b], rows[b]
+        else:
+            assert "not live: " + info["unavailable"][b] in rows[b], rows[b]
+    assert "live on cpu (default)" in rows[info["ops"]["masked_lora_linear"]["cpu"]]
