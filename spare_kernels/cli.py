@@ -58,10 +58,12 @@ def _writable_file(path, arg):
     return path
 
 
-def _common_checks(args, out_dirs, check_files=True):
+def _common_checks(args, out_dirs, check_files=True, cfg=None):
     """Checks ``demo`` and ``unlearn`` share, before any work: thread count, checkpoint and resume flags
     (``out_dirs``: the run directories that will hold checkpoint.pt; ``check_files``: whether this
-    process reads them, rank 0 alone across ranks)."""
+    process reads them, rank 0 alone across ranks). With ``--resume`` and ``cfg`` (the run's Config),
+    each checkpoint is read as the run will read it: one that does not load, was made with other
+    settings or is past ``--steps`` is refused now, not after the model and data are loaded."""
     if args.threads < 0:
         raise UsageError(f"--threads: expected >= 0 (0: torch's default), got {args.threads}")
     if args.checkpoint_every and not out_dirs:
@@ -72,6 +74,13 @@ def _common_checks(args, out_dirs, check_files=True):
         missing = [d for d in out_dirs if check_files and not os.path.isfile(os.path.join(d, "checkpoint.pt"))]
         if missing:
             raise UsageError(f"--resume: no checkpoint.pt in {missing[0]!r} to resume from")
+        if check_files and cfg is not None:
+            from .unlearn.checkpoints import read_checkpoint
+            for d in out_dirs:
+                try:
+                    read_checkpoint(os.path.join(d, "checkpoint.pt"), cfg)
+                except ValueError as e:
+                    raise UsageError("--" + str(e)) from None   # its messages start "resume: "
 
 
 def _threads(n):
@@ -326,7 +335,7 @@ def _cmd_demo(args):
         _writable_file(args.json, "--json")
     # resume continues the method named by --method (its folder under --out with --compare)
     _common_checks(args, [os.path.join(args.out, args.method) if args.compare else args.out] if args.out else [],
-                   check_files=main)
+                   check_files=main, cfg=_recipe_config(args, args.method))
     if args.out and main:
         _writable_dir(args.out, "--out")
     _threads(args.threads)
@@ -475,7 +484,49 @@ def _unlearn_settings(args):
     if args.resolution is not None and args.resolution % layout.multiple:
         raise UsageError(f"--resolution: the {layout.pipeline} needs a multiple of {layout.multiple} (its VAE factor, "
                          f"patch and size checks), got {args.resolution}")
-    return cfg
+    return cfg, layout
+
+
+def _available_bytes(device):
+    """Memory free for this run on ``device``: CUDA's free memory, or the CPU's available memory
+    (/proc/meminfo's MemAvailable, within a cgroup's limit); None where it cannot be told."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    avail = []
+    try:
+        with open("/proc/meminfo") as f:
+            avail += [int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(used) as g:
+                avail.append(int(f.read()) - int(g.read()))
+        except (OSError, ValueError):   # no such cgroup, or "max": no limit
+            pass
+    return min(avail) if avail else None
+
+
+def _check_memory(args, cfg, layout, device, ranks=1):
+    """Refuse an image size whose training step cannot fit: a lower bound of the step's memory from
+    the folder's configs (:func:`~spare_kernels.unlearn.diffusers_task.step_memory`), against what
+    ``device`` has free, before anything is loaded (an allocator error deep in the first forward
+    otherwise). ``ranks``: how many ranks share each batch."""
+    from .unlearn.diffusers_task import step_memory
+    batch = -(-max(cfg.batch_forget + cfg.batch_retain, cfg.saliency_batch) // ranks)   # the most a rank holds
+    need = step_memory(layout, args.resolution, batch, 2 if cfg.precision == "bf16" else 4)
+    have = _available_bytes(device)
+    if need is None or have is None or need["total"] <= have:
+        return
+    gib = 2 ** 30
+    asked = f"--resolution {args.resolution}" if args.resolution else f"the default resolution {need['size']}"
+    raise UsageError(f"{asked}: a training step at {need['size']}x{need['size']} px needs at least "
+                     f"{need['total'] / gib:,.1f} GiB on {device} (activations of {batch} samples at a "
+                     f"{need['latent']}x{need['latent']} latent: {need['activations'] / gib:,.1f} GiB; weights: "
+                     f"{need['weights'] / gib:,.1f} GiB), and {have / gib:,.1f} GiB is available; "
+                     f"give a smaller --resolution")
 
 
 def _cmd_unlearn(args):
@@ -495,16 +546,21 @@ def _cmd_unlearn(args):
     if bool(args.forget_images) == bool(args.data_free):
         raise UsageError("forget images: give exactly one of --forget-images DIR or --data-free")
     if args.forget_images:
-        from .unlearn.diffusers_task import image_files
+        from .unlearn.diffusers_task import check_images, image_files
         if not os.path.isdir(args.forget_images):
             raise UsageError(f"--forget-images: not a directory: {args.forget_images!r}")
         if not image_files(args.forget_images):
             raise UsageError(f"forget set: empty: no images in {args.forget_images!r}")
-    cfg = _unlearn_settings(args)
+        try:   # every one decodes: a broken file must not fail the run after --out is made
+            check_images(args.forget_images, "--forget-images")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    cfg, layout = _unlearn_settings(args)
     device = _device(args.device)
     world = _world(device.type)
     main = world.is_main
-    _common_checks(args, [args.out], check_files=main)
+    _common_checks(args, [args.out], check_files=main, cfg=cfg)
+    _check_memory(args, cfg, layout, device, world.size)
     if args.precision == "bf16" and device.type == "cuda":
         import torch
         with torch.cuda.device(device):
@@ -544,7 +600,7 @@ def _cmd_unlearn(args):
 
 
 def _unlearn_jobs(args):
-    from .unlearn.diffusers_task import diffusers_task, image_files, load_pipeline
+    from .unlearn.diffusers_task import check_images, diffusers_task, image_files, load_pipeline
     given = [f for f, v in (("--forget-prompt", args.forget_prompt), ("--forget-prompts-file", args.forget_prompts_file),
                             ("--retain-prompt", args.retain_prompt), ("--retain-prompts-file", args.retain_prompts_file),
                             ("--surrogate-prompt", args.surrogate_prompt), ("--forget-images", args.forget_images),
@@ -553,11 +609,18 @@ def _unlearn_jobs(args):
         raise UsageError(f"--jobs: each job gives its own prompts and images; not taken with {', '.join(given)}")
     jobs = _read_jobs(args.jobs, "unlearn")
     for j in jobs:
-        if j.get("forget_images") and not image_files(j["forget_images"]):
+        if not j.get("forget_images"):
+            continue
+        if not image_files(j["forget_images"]):
             raise UsageError(f"--jobs: job {j['name']!r}: no images in {j['forget_images']!r}")
-    cfg = _unlearn_settings(args)
+        try:   # every one decodes, before --out is made
+            check_images(j["forget_images"], f"--jobs: job {j['name']!r}: forget_images")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    cfg, layout = _unlearn_settings(args)
     _common_checks(args, [args.out])   # --checkpoint-every: each job's folder; --resume is refused above
     device = _device(args.device)
+    _check_memory(args, cfg, layout, device)   # each rank runs whole jobs: the whole batch
     _writable_dir(args.out, "--out")
     _threads(args.threads)
     world = _world(device.type, timeout_s=JOBS_TIMEOUT_S)

@@ -35,10 +35,32 @@ def _save_checkpoint(path, step, params, opt, gen, history, cfg, extra=None):
         torch.save(state, tmp)
 
 
+# What _save_checkpoint writes (method_state and world_size: only checkpoints of newer versions).
+CHECKPOINT_KEYS = ("step", "params", "optimizer", "rng", "history", "config")
+
+
 def read_checkpoint(path, cfg) -> dict:
-    """The checkpoint at ``path``, refused (``ValueError`` naming each setting) when it was made with
-    other settings than ``cfg`` (``steps`` and ``checkpoint_every`` may change)."""
-    state = torch.load(path, weights_only=False, map_location="cpu")   # copy_/load_state_dict place it
+    """The checkpoint at ``path``, refused with a ``ValueError`` naming the file when it does not load
+    or lacks what :func:`_save_checkpoint` writes, when it was made with other settings than ``cfg``
+    (each named; ``steps`` and ``checkpoint_every`` may change), or when it is past ``cfg.steps``
+    (resuming would report fewer steps than the adapter had)."""
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")   # copy_/load_state_dict place it
+    except Exception as e:   # pickle, zip, EOF, OS errors alike: the file is not a checkpoint
+        raise ValueError(f"resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).strip() or 'no message'}); remove it to start afresh") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"resume: {path} is not a checkpoint (it holds a {type(state).__name__}, expected a dict)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"resume: {path} is not a complete checkpoint (no {', '.join(missing)})")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(state["config"], dict):
+        raise ValueError(f"resume: {path} is not a valid checkpoint (step {step!r}, config of type "
+                         f"{type(state['config']).__name__})")
+    if step > cfg.steps:
+        raise ValueError(f"resume: {path} is already at step {step}, past steps={cfg.steps}: give steps >= {step}, "
+                         "or another output directory to start afresh")
     want, default = dataclasses.asdict(cfg), dataclasses.asdict(Config(method=cfg.method))
     saved = {k: state["config"].get(k, default[k]) for k in want}   # settings added since: their defaults
     saved["block"] = _check_block(saved["block"])   # saved as a list before Config made it a tuple

@@ -125,19 +125,26 @@ def _size_multiple(family: str, vae_factor: int, patch: int) -> int:
     return math.lcm(_PIPELINE_MULTIPLE.get(family, 1), vae_factor * (2 if family == "flux" else patch))
 
 
+def _config(path: str, sub: str) -> dict:
+    """``sub/config.json`` of a pipeline folder, or {} where it is missing or unreadable."""
+    try:
+        with open(os.path.join(path, sub, "config.json")) as f:
+            out = json.load(f)
+        return out if isinstance(out, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _vae_factor(path: str) -> int:
+    """The VAE's downsampling factor from its config (8 where it does not say)."""
+    vae = _config(path, "vae")
+    blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels")
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
+
+
 def _multiple(path: str, family: str, denoiser: str) -> int:
     """:func:`_size_multiple` from the folder's configs (a VAE factor of 8 where they do not say)."""
-    def cfg(sub):
-        try:
-            with open(os.path.join(path, sub, "config.json")) as f:
-                out = json.load(f)
-            return out if isinstance(out, dict) else {}
-        except (OSError, ValueError):
-            return {}
-    vae = cfg("vae")
-    blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels")
-    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
-    return _size_multiple(family, factor, int(cfg(denoiser).get("patch_size") or 1))
+    return _size_multiple(family, _vae_factor(path), int(_config(path, denoiser).get("patch_size") or 1))
 
 
 def check_model_dir(path: str) -> Layout:
@@ -196,6 +203,89 @@ def _legacy_layout(path: str) -> Layout:
             raise ValueError(f"model: {path!r} has no {sub}/ (a full Stable Diffusion pipeline directory is needed)")
     return Layout(path, "StableDiffusionPipeline", "unet", {"unet": cls, **{s: "?" for s in _SD_TEXT}},
                   multiple=_multiple(path, "unet", "unet"), note=" (no model_index.json)")
+
+
+# ------------------------------------------------------------------------------ memory, up front
+def _with_class_defaults(cfg: dict) -> dict:
+    """A denoiser's config.json with its class's defaults where it says nothing (what from_pretrained
+    builds)."""
+    import diffusers
+    cls = getattr(diffusers, str(cfg.get("_class_name")), None)
+    if cls is None:
+        return dict(cfg)
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty} | cfg
+
+
+def _per_level(v, n):
+    """A UNet config value given once or per level, as a list of ``n``."""
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+def activation_bytes(family: str, cfg: dict, latent: int, batch: int, bytes_per_value: int) -> int:
+    """A lower bound of the activations one training forward of the denoiser (``cfg``: its config)
+    keeps for the backward, at a ``latent`` x ``latent`` grid for ``batch`` samples, counting only
+    tensors of the grid's size times the width: on a UNet six per ResNet (norm, SiLU and convolution
+    inputs) and sixteen per attention layer (norms, projections, q/k/v, the feed-forward), on a
+    transformer twelve of tokens x hidden size per block. Measured on small models the real peak is
+    2-3x this; it grows with the pixels, which is what refuses a size far past the memory at hand."""
+    area = float(latent) * latent
+    if family in ("unet", "sdxl"):
+        chans = list(cfg.get("block_out_channels") or ())
+        n = len(chans)
+        layers = _per_level(cfg.get("layers_per_block", 2), n)
+        depth = _per_level(cfg.get("transformer_layers_per_block", 1), n)
+        down, up = list(cfg.get("down_block_types") or ()), list(cfg.get("up_block_types") or ())[::-1]
+        per = 0.0
+        for i, (c, lpb) in enumerate(zip(chans, layers)):
+            # a level: its down ResNets and one more on the way up, at a quarter of the grid above's;
+            # attention after each ResNet of a cross-attention block
+            attn = lpb * ("CrossAttn" in str(down[i:i + 1])) + (lpb + 1) * ("CrossAttn" in str(up[i:i + 1]))
+            d = depth[i] if isinstance(depth[i], int) else 1
+            per += c * area / 4 ** i * (6 * (2 * lpb + 1) + 16 * attn * d)
+    else:
+        patch = 2 if family == "flux" else int(cfg.get("patch_size") or 1)   # Flux packs 2x2 latents
+        tokens = area / (patch * patch)
+        hidden = int(cfg.get("num_attention_heads") or 0) * int(cfg.get("attention_head_dim") or 0)
+        blocks = int(cfg.get("num_layers") or 0) + int(cfg.get("num_single_layers") or 0)
+        per = 12 * tokens * hidden * blocks
+    return int(per * batch * bytes_per_value)
+
+
+def _weight_bytes(path: str, subs) -> int:
+    """The size on disk of the weights of the components ``subs``: in each folder the smallest set
+    (safetensors or bin, each variant apart) of those from_pretrained may pick."""
+    total = 0
+    for sub in subs:
+        groups: Dict[tuple, int] = {}
+        d = os.path.join(path, sub)
+        for name in (os.listdir(d) if os.path.isdir(d) else ()):
+            stem, ext = os.path.splitext(name)
+            if ext not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
+                continue
+            variant = stem.rsplit(".", 1)[1] if "." in stem else None
+            key = (ext == ".safetensors", variant)
+            groups[key] = groups.get(key, 0) + os.path.getsize(os.path.join(d, name))
+        total += min(groups.values(), default=0)
+    return total
+
+
+def step_memory(layout: Layout, size: Optional[int], batch: int, bytes_per_value: int = 4) -> Optional[dict]:
+    """What one training step on the pipeline folder of ``layout`` needs at least, from its configs
+    and before anything is loaded: ``{"size", "latent", "activations", "weights", "total"}`` in bytes
+    (``size``: the image size, None for the pipeline's default; -> None where the configs do not
+    tell it)."""
+    cfg = _with_class_defaults(_config(layout.path, layout.denoiser))
+    factor = _vae_factor(layout.path)
+    if size is None:   # the pipeline's default: its denoiser's sample size (Flux's pipeline: 128) x the VAE factor
+        sample = 128 if layout.family == "flux" else cfg.get("sample_size")
+        if not isinstance(sample, int):
+            return None
+        size = sample * factor
+    latent = size // factor
+    act = activation_bytes(layout.family, cfg, latent, batch, bytes_per_value)
+    weights = _weight_bytes(layout.path, layout.used)
+    return {"size": size, "latent": latent, "activations": act, "weights": weights, "total": act + weights}
 
 
 def _failing_component(path: str, layout: Layout):
@@ -280,15 +370,36 @@ def image_files(folder: str) -> list:
     return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(_IMAGE_EXT))
 
 
-def _load_images(folder: str, size: int) -> torch.Tensor:
+def _open_rgb(path: str, what: str = "forget images"):
+    """The image at ``path``, decoded whole, as RGB; ValueError naming the file where it does not decode."""
     from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise ValueError(f"{what}: {path!r} is not a readable image ({type(e).__name__}: "
+                         f"{str(e).strip() or 'no message'})") from None
 
+
+def check_images(folder: str, what: str = "forget images") -> int:
+    """Decode every image file of ``folder`` (what :func:`diffusers_task` will load), before anything
+    is loaded or written: ValueError naming the first that does not decode, or the folder where it holds
+    none. -> how many there are."""
+    files = image_files(folder)
+    if not files:
+        raise ValueError(f"{what}: no {'/'.join(_IMAGE_EXT)} files in {folder!r} (empty forget set)")
+    for f in files:
+        _open_rgb(f, what)
+    return len(files)
+
+
+def _load_images(folder: str, size: int) -> torch.Tensor:
     files = image_files(folder)
     if not files:
         raise ValueError(f"forget images: no {'/'.join(_IMAGE_EXT)} files in {folder!r} (empty forget set)")
     out = []
     for f in files:
-        im = Image.open(f).convert("RGB")
+        im = _open_rgb(f)
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size))
@@ -479,6 +590,6 @@ def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, 
     return model, task
 
 
-__all__ = ["Layout", "PIPELINES", "check_model_dir", "default_size", "denoiser_model", "diffusers_task",
-           "encode_parts", "family_denoiser", "generated_latents", "image_files", "load_pipeline",
-           "pipeline_family", "size_multiple", "supported", "vae_latents"]
+__all__ = ["Layout", "PIPELINES", "activation_bytes", "check_images", "check_model_dir", "default_size",
+           "denoiser_model", "diffusers_task", "encode_parts", "family_denoiser", "generated_latents", "image_files",
+           "load_pipeline", "pipeline_family", "size_multiple", "step_memory", "supported", "vae_latents"]

@@ -1,0 +1,184 @@
+"""The second probe's findings in ``spare-kernels unlearn`` (issue 28): a resume with fewer --steps than
+its checkpoint, a damaged checkpoint, an unreadable forget image and a resolution far past the
+memory at hand are refused with exit status 2 naming what is wrong, before the pipeline is loaded
+and before --out is made or changed. A tiny offline SD pipeline from tests/pipelines.py."""
+import os
+
+import pytest
+import torch
+
+from pipelines import SIZE, build
+from spare_kernels.cli import main
+from spare_kernels.unlearn import diffusers_task as dt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return build("sd", str(tmp_path_factory.mktemp("probe2") / "sd"))
+
+
+@pytest.fixture(scope="module")
+def trained(sd, tmp_path_factory):
+    """A 3-step run of the tiny pipeline with a checkpoint at every step."""
+    out = tmp_path_factory.mktemp("probe2_run") / "out"
+    assert main(argv(sd, out, "--steps", "3", "--checkpoint-every", "1")) == 0
+    return out
+
+
+def argv(model, out, *flags, data_free=True):
+    return (["unlearn", str(model), "--forget-prompt", "a photo of a cat", "--surrogate-prompt", "a photo of a dog",
+             "--retain-prompt", "a painting of a tree", "--n-generate", "1", "--resolution", str(SIZE),
+             "--out", str(out), "--quiet", "--threads", "1"] + (["--data-free"] if data_free else []) + list(flags))
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def load(*a, **k):
+        raise AssertionError("the pipeline was loaded before the flags and files were checked")
+    monkeypatch.setattr(dt, "load_pipeline", load)
+
+
+def _files(folder):
+    return {p: (folder / p).read_bytes() for p in sorted(os.listdir(folder))}
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint(trained, sd, no_load, capsys):
+    """Finding: --resume --steps 1 on a 3-step checkpoint exited 0, run.json saying 1 step over the
+    3-step adapter. Now refused naming both numbers, the run's files untouched."""
+    before = _files(trained)
+    assert main(argv(sd, trained, "--steps", "1", "--resume", "--checkpoint-every", "1")) == 2
+    err = capsys.readouterr().err
+    assert "steps=1" in err and "at step 3" in err and "checkpoint.pt" in err, err
+    assert _files(trained) == before
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_in_the_library(trained):
+    """The same refusal from read_checkpoint, so ``run(resume=True)`` and a jobs sweep give it too."""
+    from spare_kernels.unlearn import Config
+    from spare_kernels.unlearn.checkpoints import read_checkpoint
+    path = str(trained / "checkpoint.pt")
+    cfg = dict(steps=1, checkpoint_every=1)
+    with pytest.raises(ValueError, match=r"at step 3, past steps=1"):
+        read_checkpoint(path, Config(**cfg))
+    assert read_checkpoint(path, Config(steps=3))["step"] == 3   # as many steps: nothing left to run, accepted
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "not_a_dict", "missing_keys"])
+def test_resume_with_a_damaged_checkpoint(trained, sd, no_load, tmp_path, capsys, damage):
+    """Finding: a damaged checkpoint.pt gave a raw unpickling traceback not naming the file, after the
+    pipeline and data were loaded. Now exit 2 naming the file, before loading anything."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    ckpt = out / "checkpoint.pt"
+    if damage == "garbage":
+        ckpt.write_bytes(b"this is not a checkpoint\n" * 10)
+    elif damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    elif damage == "not_a_dict":
+        torch.save([1, 2, 3], str(ckpt))
+    else:
+        state = torch.load(str(ckpt), weights_only=False)
+        del state["optimizer"], state["rng"]
+        torch.save(state, str(ckpt))
+    before = _files(out)
+    assert main(argv(sd, out, "--steps", "4", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("spare-kernels unlearn: error: --resume: ") and str(ckpt) in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    if damage == "missing_keys":
+        assert "optimizer" in err[-1] and "rng" in err[-1]
+    assert _files(out) == before
+
+
+def test_resume_with_other_settings_is_refused_before_loading(trained, sd, no_load, tmp_path, capsys):
+    """A checkpoint made with other settings is refused at the same early point (it named them before,
+    but only after loading the pipeline and generating the data)."""
+    assert main(argv(sd, trained, "--steps", "4", "--resume", "--rank", "8")) == 2
+    assert "rank=4 (now 8)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["garbage", "truncated", "directory"])
+def test_forget_images_with_an_unreadable_image(sd, no_load, tmp_path, capsys, bad):
+    """Finding: an unreadable image in --forget-images failed deep in PIL after --out was made. Now
+    exit 2 naming the file, before loading and before --out exists."""
+    from PIL import Image
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (20, 24), (200, 10, 10)).save(images / "a_good.png")
+    broken = images / "b_broken.png"
+    if bad == "garbage":
+        broken.write_bytes(b"not an image at all")
+    elif bad == "truncated":
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.jpg")
+        broken = images / "b_broken.jpg"
+        broken.write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
+    else:
+        broken.mkdir()
+    out = tmp_path / "out"
+    assert main(argv(sd, out, "--forget-images", str(images), data_free=False)) == 2
+    err = capsys.readouterr().err
+    assert "--forget-images" in err and str(broken) in err, err
+    assert not out.exists()
+
+
+def test_forget_images_unreadable_in_a_jobs_file(sd, no_load, tmp_path, capsys):
+    import json
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"name": "j", "forget_prompts": ["a cat"], "surrogate_prompt": "a dog",
+                                "retain_prompts": ["a tree"], "forget_images": str(images)}) + "\n")
+    out = tmp_path / "out"
+    assert main(["unlearn", str(sd), "--jobs", str(jobs), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "job 'j'" in err and str(images / "x.png") in err, err
+    assert not out.exists()
+
+
+def test_forget_images_load_names_the_file(tmp_path):
+    """The library's own loader names the file too (a file broken after the CLI's check)."""
+    (tmp_path / "x.png").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="x.png"):
+        dt._load_images(str(tmp_path), 16)
+
+
+@pytest.mark.parametrize("res", [65536, 16384])
+def test_resolution_past_the_memory_at_hand(sd, no_load, tmp_path, capsys, res):
+    """Finding: --resolution 65536 ended in an allocator traceback. Now an estimate up front: exit 2
+    saying what was asked, the estimate and what the device has, before loading or making --out."""
+    out = tmp_path / "out"
+    assert main(argv(sd, out, "--resolution", str(res), "--device", "cpu")) == 2
+    err = capsys.readouterr().err
+    assert f"--resolution {res}" in err and "GiB" in err and "available" in err, err
+    assert not out.exists()
+
+
+def test_memory_estimate_is_a_lower_bound_that_passes_ordinary_runs(sd):
+    """SD-1.5's UNet at 512 px, batch 16: well under an 80 GB card (an ordinary GPU run is not refused);
+    64x the pixels is 64x the activations. SD3-medium at 1024 px in bf16, one sample: a few GiB. The
+    tiny folder: its default size, its weights' bytes on disk."""
+    unet = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+    a = dt.activation_bytes("unet", unet, latent=64, batch=16, bytes_per_value=4)
+    assert 4 * 2**30 < a < 40 * 2**30
+    assert dt.activation_bytes("unet", unet, latent=512, batch=16, bytes_per_value=4) == 64 * a
+    sd3 = {"num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64, "patch_size": 2}
+    b = dt.activation_bytes("sd3", sd3, latent=128, batch=1, bytes_per_value=2)
+    assert 0.5 * 2**30 < b < 8 * 2**30
+    got = dt.step_memory(dt.check_model_dir(sd), None, batch=2)
+    assert (got["size"], got["latent"]) == (SIZE, SIZE // 2)
+    on_disk = sum(os.path.getsize(os.path.join(sd, sub, f)) for sub in ("unet", "vae", "text_encoder")
+                  for f in os.listdir(os.path.join(sd, sub)) if f.endswith(".safetensors"))
+    assert got["weights"] == on_disk and got["total"] == got["weights"] + got["activations"] > on_disk
+
+
+def test_resolution_checks_kept(sd, no_load, tmp_path, capsys):
+    for res, said in (("0", "positive multiple of 8"), ("-16", "positive multiple of 8"), ("20", "multiple of 8")):
+        assert main(argv(sd, tmp_path / "out", "--resolution", res)) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
