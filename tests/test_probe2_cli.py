@@ -182,3 +182,15 @@ def test_resolution_checks_kept(sd, no_load, tmp_path, capsys):
         assert main(argv(sd, tmp_path / "out", "--resolution", res)) == 2
         assert said in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_resume_with_a_damaged_checkpoint(tmp_path, capsys, monkeypatch):
+    """demo reads the checkpoint at the same early point: before the MiniCanvas model is loaded."""
+    from spare_kernels import canvas
+    monkeypatch.setattr(canvas, "load_model", lambda *a, **k: pytest.fail("loaded before the checkpoint was read"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x80\x02 broken")
+    assert main(["demo", "--resume", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: " in err and str(out / "checkpoint.pt") in err, err
