@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/common/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja
+	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel ninja
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
 	touch $@
 
