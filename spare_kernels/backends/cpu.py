@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from .._version import extension_problem
 from .registry import OPS, note_unavailable, register
 
 # The kernels widen bf16 on load and compute in fp32; fp16 and fp64 are not compiled.
@@ -19,11 +20,15 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 try:
     _C = importlib.import_module("spare_kernels._C")  # registers torch.ops.spare_kernels_cpu
-except ImportError as e:  # built with SPARE_KERNELS_BUILD_EXT=0, or no compiler
+    _why = extension_problem("_C")   # loaded, but built against another torch (another C++ ABI): not used
+    if _why is not None:
+        _C = None
+except ImportError as e:  # built with SPARE_KERNELS_BUILD_EXT=0, no compiler, or against another torch
     _C = None
-    _why = f"not built: the native extension spare_kernels._C is missing ({e})"
+    _why = extension_problem("_C", e)
+if _C is None:
     note_unavailable("cpu", _why)
-    warnings.warn(f"spare_kernels: the cpu backend is {_why}; using the pure-PyTorch reference backend on CPU. "
+    warnings.warn(f"spare_kernels: the cpu backend is unavailable ({_why}); using the pure-PyTorch reference backend on CPU. "
                   "Reinstall with a C++ compiler (and SPARE_KERNELS_BUILD_EXT unset) for the fast kernels.",
                   RuntimeWarning, stacklevel=2)
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .._version import extension_problem
 from .registry import OPS, note_unavailable, register
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,8 +37,12 @@ def _load():
     try:
         importlib.import_module("spare_kernels._C_cuda")   # registers torch.ops.spare_kernels_cuda
     except ImportError as e:
-        _WHY = (f"not built: the extension spare_kernels._C_cuda is missing ({e}); reinstall with torch's "
-                "CUDA build and nvcc on PATH (SPARE_KERNELS_BUILD_CUDA unset)")
+        _WHY = (f"{extension_problem('_C_cuda', e)}; reinstall with torch's CUDA build and nvcc on "
+                "PATH (pip install -v --no-build-isolation . shows why the build skipped it)")
+        return None
+    problem = extension_problem("_C_cuda")   # loaded, but built against another torch (another C++ ABI)
+    if problem is not None:
+        _WHY = problem
         return None
     _LIB = torch.ops.spare_kernels_cuda
     return _LIB
