@@ -35,7 +35,7 @@ a failed compile prints the compiler's messages and a banner starting with that 
 
 nvcc is looked up as torch does (``CUDA_HOME`` / ``CUDA_PATH``, else ``nvcc`` on ``PATH``); when the
 directory above ``nvcc`` is not a CUDA toolkit (a wrapper script), the toolkit root nvcc reports is used.
-Runtime variables (not build switches) are in README.md: ``SPARE_KERNELS_BACKEND`` and the CPU engine's
+Runtime variables (not build switches) are in docs/backends.md: ``SPARE_KERNELS_BACKEND`` and the CPU engine's
 tuning variables ``SPARE_KERNELS_QF`` etc.
 """
 import glob

@@ -8,7 +8,7 @@
   measured median and their ratio for each; exits 1 when a ratio falls outside [0.65, 1.35].
 ``python -m benchmarks.costmodel table [--device h100|h200] [--latent 64] [--batch 1] [--rank 4]``
   prints the bound of every scheme on every SD-1.5 Linear shape (bf16) and the ratios the GPU targets
-  are stated in (the README's table); ``--json PATH`` writes it.
+  are stated in (docs/backends.md's table); ``--json PATH`` writes it.
 """
 from __future__ import annotations
 

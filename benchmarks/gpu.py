@@ -47,7 +47,7 @@ spare-reference; the whole run ≤ 60 s. Issue 17: what runs by default within 1
 triton, cuda and the ATen composition on every op and shape.
 ``--write-table PATH`` (with ``--from RESULT ...`` to reuse result files) writes the per-shape choice;
 ``--from RESULT ... --out PATH`` merges result files of separate runs (one per section, as
-``benchmarks/gpu_check.sh`` runs them). ``--report PATH`` prints the README's markdown of a result file,
+``benchmarks/gpu_check.sh`` runs them). ``--report PATH`` prints the markdown (docs/benchmarks.md) of a result file,
 with measured, bound and measured/bound per op and shape. ``--predict [--profile h100|h200]`` prints the
 cost model's bounds of the design shapes and the ratios they imply (no GPU needed).
 ``--device cpu --smoke`` runs every section on tiny shapes (the CPU test of this script).
@@ -660,7 +660,7 @@ def _layer_tables(rows, title) -> list[str]:
 
 
 def report(doc) -> str:
-    """The README's markdown of a result file."""
+    """The markdown (docs/benchmarks.md) of a result file."""
     clock = "CUDA events" if doc.get("cuda") else "wall clock"
     lines = [f"{doc['device']}, torch {doc['torch']}, triton {doc.get('triton')}, {doc['dtype']}, medians of "
              f"{doc['reps']} ({clock}){' — quick run' if doc.get('quick') else ''}; ✗ = misses the target"

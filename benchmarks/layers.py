@@ -64,7 +64,7 @@ def format_row(r):
 
 
 def report(doc) -> str:
-    """Markdown for the README: every Linear row, then the Conv2d rows summarised per ratio."""
+    """Markdown for docs/benchmarks.md: every Linear row, then the Conv2d rows summarised per ratio."""
     rows = doc["rows"]
     lines = [f"{doc['threads']} thread(s), backend `{doc['backend']}`, medians of {doc['reps']}; "
              "targets: elem/spare_ref ≤ 0.70, elem/merged ≤ 1.00, block/peft ≤ 1.15 (Linear); ✗ = missed", "",
@@ -94,7 +94,7 @@ def main(argv=None):
     p.add_argument("--kinds", nargs="+", default=["linear", "conv2d"], choices=["linear", "conv2d"])
     p.add_argument("--limit", type=int, default=None, help="first N shapes per batch (smoke runs)")
     p.add_argument("--out", default=os.path.join(RESULTS, "layers.json"))
-    p.add_argument("--report", action="store_true", help="print the README markdown of --out's JSON and exit")
+    p.add_argument("--report", action="store_true", help="print the docs markdown of --out's JSON and exit")
     a = p.parse_args(argv)
     if a.report:
         import json

@@ -263,7 +263,7 @@ def linear_passes(scheme: str, n: int, out: int, cols: int, rank: int, *, densit
             b.vec("dx, dA, dB (streamed rows)", W * e + mask_bytes, build_flops + 2.0 * N * W + 4.0 * r * W * frac)
             return b.passes
         if resident and threads > 1 and N >= 1024:
-            build_flops *= threads   # token split: every thread builds every tile (README, CPU tuning)
+            build_flops *= threads   # token split: every thread builds every tile (docs/backends.md, CPU tuning)
         if path == "composite":
             w_write = 0 if resident else W * e
             b.passes.insert(0, Pass("W_eff = W + s·M⊙(B·A)", build_flops, W * e + mask_bytes + w_write))

@@ -127,7 +127,7 @@ def test_unlearn_ablation_smoke(tmp_path, capsys, monkeypatch):
 
 def test_gpu_benchmark_smoke_on_cpu(tmp_path, capsys):
     """benchmarks.gpu runs every section end to end (tiny shapes, wall clock on the CPU) and writes a
-    result its --report turns into the README's tables."""
+    result its --report turns into the tables of docs/benchmarks.md."""
     from benchmarks import gpu
 
     out = tmp_path / "gpu.json"

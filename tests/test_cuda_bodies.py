@@ -3,7 +3,7 @@ over small grids by the host harness (csrc/harness/lora.cpp, tests/harness.py), 
 formulas. Same bodies, same indexing and arithmetic as on the GPU; the grids are small and odd so every
 edge (partial column blocks, grid-strided rows, partial row and rank tiles, chunks starting at a
 non-zero row) is crossed. What this cannot run (the ATen host code of lora.cu / saliency.cu and the
-launches themselves) is named in the README."""
+launches themselves) is named in docs/backends.md."""
 import itertools
 import os
 import shutil

@@ -20,7 +20,7 @@ def same_state(a, b):
 
 
 def assert_unchanged(y, y0, backend):
-    """The README's promise for a zero delta: bit for bit where the base GEMM is torch's own (reference,
+    """The docs' promise (docs/api.md) for a zero delta: bit for bit where the base GEMM is torch's own (reference,
     cpu), to float rounding on the fused Triton kernels (they sum x·W_eff in their own order; under the
     interpreter numpy's matmul, whose order differs from torch's by CPU)."""
     if backend == "triton":

@@ -4,7 +4,7 @@ compiles (issues 16, 26; CI has no GPU).
 - ``test_every_kernel_compiles_for_sm80_and_sm90_without_spills``: one subprocess runs ``python -m
   spare_kernels.backends.triton.aot --arch 80 90``: the test fails on any compile error, shared memory over
   the per-block limit, or spill not in ``aot.KNOWN_SPILLS`` (the findings of the runtime-exact table, to fix).
-  The table and its JSON land in ``.cache/aot/`` (the README's figures).
+  The table and its JSON land in ``.cache/aot/`` (docs/backends.md's figures).
 - ``test_aot_table_is_what_the_runtime_compiles``: the table (``aot.collect``, derived through
   ``warmup.specs_of``) against the compile requests of Triton's own launch path for the same op calls
   (``warmup.runtime_specs``: ``JITFunction.run`` and the autotuner's ``run`` on a stand-in driver), per

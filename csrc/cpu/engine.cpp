@@ -19,7 +19,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace spare {
 
 namespace {
-// Tuning knobs (README "CPU tuning variables"), read once per process from the environment; defaults
+// Tuning knobs (docs/backends.md, "CPU tuning variables"), read once per process from the environment; defaults
 // chosen on the dev machine. SPARE_KERNELS_QF / _BF are the forward tile width (columns) / size (floats),
 // _QFL / _BFL the same from 512 tokens on, SPARE_KERNELS_QB / _BB the backward ones,
 // SPARE_KERNELS_TOKEN_SPLIT the token count from which threads split tokens (0: never). An unset or empty

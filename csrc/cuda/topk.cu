@@ -31,7 +31,7 @@ static_assert(kThreads <= kMaxThreads && kThreads % 32 == 0, "block size");
 // Blocks per SM asked of ptxas (__launch_bounds__): 8 x 256 = 2048 threads, the whole SM on sm_80 and
 // sm_90, i.e. at most 32 registers per thread. The kernels are bound by memory latency (one pass
 // over the scores each, little arithmetic), so resident warps matter more than registers; ptxas
-// fits every kernel in 32 without spilling (ptxas -v, README).
+// fits every kernel in 32 without spilling (ptxas -v, docs/backends.md).
 constexpr int kMinBlocks = 8;
 
 // Output bytes (8 scores each) per histogram block: 2048 bytes = 16384 scores = 64 per thread in 16

@@ -172,7 +172,7 @@ def _choose(op: str, device: str, dtype, adapter_dtype, forced) -> Entry:
 # ------------------------------------------------------------------- per-shape GPU choice
 # Where two GPU backends (and the reference, the plain ATen composition) serve an op, the faster one per
 # shape is data: the table that `python -m benchmarks.gpu --write-table PATH` writes from its measured
-# layer and saliency sections (README, "Choosing between triton and cuda"), read from
+# layer and saliency sections (docs/backends.md, "Choosing between triton and cuda"), read from
 # ``SPARE_KERNELS_GPU_TABLE`` or, if unset, the package's ``backends/gpu_table.json``. A shape it does
 # not list (or no table) takes the priority order of BACKENDS.
 _TABLE_FILE = os.path.join(os.path.dirname(__file__), "gpu_table.json")

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="start from the weights in this folder (fine-tune, new LR schedule)")
     p.add_argument("--no-text-time", action="store_true",
                    help="the earlier architecture without the text-time embedding (to reproduce the shipped "
-                        "weights' first two stages, see README)")
+                        "weights' first two stages, see docs/unlearning.md)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--keep-state", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -1,4 +1,4 @@
-"""The recipe across the ranks of ``torch.distributed`` (data parallel; see README "Several GPUs").
+"""The recipe across the ranks of ``torch.distributed`` (data parallel; see docs/distributed.md).
 
 - **Batches.** Every rank draws the same global batch from the run's generator (indices, timesteps,
   noise) and keeps its contiguous share (:func:`shard`): rank ``r`` of ``N`` takes rows
