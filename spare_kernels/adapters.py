@@ -20,7 +20,7 @@ from .nn.lora import (MaskedLoRAConv2d, _Fused, check_base, check_untied, delete
                       thread_disabled, why_not_fused, wrap)
 from .ops import _checks as chk
 from .patch import check_unet, mark_peft_loaded, record, set_module
-from .utils.io import as_path, atomic_path, ends_with_sep
+from .utils.io import atomic_path, file_path
 
 FORMAT = "spare_kernels.adapter/1"
 _SAMPLES = 4096
@@ -48,6 +48,7 @@ def fingerprint(weight: torch.Tensor) -> str:
 # rounding's): a model in one of them is compared there, a model of higher precision is rounded to
 # the file's own dtype and compared with the exact one.
 _PRECISION = {torch.float64: 3, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
+_DTYPES = {str(d): d for d in _PRECISION}   # a file's "dtype" field: one of these names
 
 
 def _fingerprints(weight: torch.Tensor) -> dict[str, str]:
@@ -65,8 +66,10 @@ def _same_base(weight: torch.Tensor, info: dict) -> bool:
     lower = info.get("fingerprints") or {}
     if str(weight.dtype) in lower:                          # the file's base rounded to this model's dtype
         return here == lower[str(weight.dtype)]
-    saved = getattr(torch, str(info.get("dtype", "")).replace("torch.", ""), None)
-    if isinstance(saved, torch.dtype) and saved.is_floating_point and saved != weight.dtype:
+    # Rounding the model to the file's dtype compares only where that is the lower precision: fp16 and
+    # bf16 each keep bits the other drops, so a different fp16 model can round onto a bf16 file's values.
+    saved = _DTYPES.get(info.get("dtype"))
+    if saved is not None and _PRECISION[saved] < _PRECISION.get(weight.dtype, 0):
         return _hash(weight.shape, saved, _samples(weight).to(saved)) == info["fingerprint"]
     return False
 
@@ -115,7 +118,7 @@ def save_adapter(unet: nn.Module, path: Union[str, bytes, os.PathLike],
     a crash never leaves a half-written adapter at ``path``. Returns the path as a str.
 
     ``adapter_name=None``: the unet's only adapter (a ``ValueError`` listing them if it has several)."""
-    path = as_path(path)
+    path = file_path(path)   # a folder is refused before any work
     if adapter_name is None:
         names = adapter_names(unet)
         if len(names) != 1:
@@ -200,19 +203,15 @@ def _check_module(info, bad) -> None:
     lower = info.get("fingerprints", {})   # optional (files before it)
     if not isinstance(lower, dict) or not all(isinstance(v, str) for v in lower.values()):
         raise bad("fingerprints", "an object of dtype name -> string", repr(lower)[:80])
-    if not isinstance(info.get("dtype", ""), str):
-        raise bad("dtype", "a dtype name", repr(info["dtype"]))
+    if "dtype" in info and (not isinstance(info["dtype"], str) or info["dtype"] not in _DTYPES):   # optional
+        raise bad("dtype", f"one of {sorted(_DTYPES)}", repr(info["dtype"])[:80])
 
 
-def _read(path, op: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    path = as_path(path, f"{op}: path")
-    if ends_with_sep(path):
-        raise ValueError(f"{op}: path: {path!r} ends with {path[-1]!r}, so it names a folder; expected an "
-                         f"adapter file (drop the trailing {path[-1]!r})")
-    if os.path.isdir(path):
-        raise ValueError(f"{op}: path: {path!r} is a folder; expected an adapter file")
+def _read(path, op: str) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """``(path as a str, validated metadata, tensors)`` of an adapter file."""
+    path = file_path(path, f"{op}: path", "an adapter file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: no adapter file at {path!r}")
+        raise FileNotFoundError(f"{op}: path: no adapter file at {path!r}")
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -239,13 +238,13 @@ def _read(path, op: str) -> tuple[dict, dict[str, torch.Tensor]]:
     for mod, info in modules.items():
         _check_module(info, _complaint(f"{op}: {path!r}: module {mod!r}"))
     meta["modules"] = modules
-    return meta, tensors
+    return path, meta, tensors
 
 
 def read_adapter(path: Union[str, bytes, os.PathLike]) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(metadata with parsed 'modules', tensors)`` of an adapter file; the metadata is validated
     (a ``ValueError`` names the file, the module and the field), the tensors by :func:`load_adapter`."""
-    return _read(path, "read_adapter")
+    return _read(path, "read_adapter")[1:]
 
 
 def _plan_module(mod, info, base, tensors, bad) -> dict:
@@ -291,8 +290,7 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
     check_unet(unet)
     if adapter_name is not None:
         _check_name(adapter_name)
-    meta, tensors = _read(path, "load_adapter")
-    path = as_path(path)
+    path, meta, tensors = _read(path, "load_adapter")
     name = adapter_name if adapter_name is not None else meta["adapter_name"]
     modules = dict(unet.named_modules())
     # Names inside an adapted layer (its base_layer, peft's lora_A.<name>) are not targets.
@@ -338,7 +336,7 @@ def load_adapter(unet: nn.Module, path, adapter_name: Optional[str] = None, stri
                f"(fingerprint mismatch) in {len(foreign)} module(s), e.g. {foreign[:3]}")
         if dtypes:
             saved, here = sorted(dtypes)[0]
-            p = [_PRECISION.get(getattr(torch, d.replace("torch.", ""), None), 0) for d in (saved, here)]
+            p = [_PRECISION.get(_DTYPES.get(d), 0) for d in (saved, here)]
             msg += (f" (saved from {saved} weights, the unet's are {here}: "
                     + ("the values differ even once rounded to the lower precision of the two)" if p[0] != p[1]
                        else "neither dtype is a rounding of the other, so copies of one model in the two "

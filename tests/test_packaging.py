@@ -9,6 +9,7 @@ import sys
 import tarfile
 import time
 import venv
+import warnings
 
 import pytest
 import torch
@@ -95,6 +96,67 @@ def test_extension_problem_names_the_torch_it_was_built_against(tmp_path, monkey
     assert _version.extension_problem("_C_cuda", ImportError("x")) == "not built: setup.py skipped spare_kernels._C_cuda (no nvcc)"
     assert _version.extension_problem("_C") is None
     assert "does not load (boom)" in _version.extension_problem("_C", ImportError("boom"))
+
+
+
+@pytest.mark.parametrize("built, running, problem, warns", [
+    ("2.13.0+cpu", "2.13.0+cu128", False, False),   # the portable wheel on a CUDA torch: the same ABI
+    ("2.13.0", "2.13.1+cpu", False, True),           # a patch release: used, said once
+    ("2.13.0+cpu", "2.12.1+cpu", True, False),       # another minor release: another C++ ABI
+    ("2.13.0", "3.13.0", True, False),
+    ("nightly", "2.13.0", True, False),              # unreadable: only the same string is trusted
+])
+def test_extension_problem_compares_the_minor_release(tmp_path, monkeypatch, built, running, problem, warns):
+    path = tmp_path / "_build_info.json"
+    monkeypatch.setattr(_version, "BUILD_INFO", str(path))
+    monkeypatch.setattr(_version, "_warned_patch", False)
+    monkeypatch.setattr(torch, "__version__", running)
+    path.write_text(json.dumps({"torch": built, "extensions": {"_C": "built", "_C_cuda": "skipped: no nvcc"}}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        msg = _version.extension_problem("_C")
+        assert _version.extension_problem("_C_cuda") is None      # skipped: the import's error says why
+        assert _version.extension_problem("_C") == msg             # the warning is not repeated
+    if problem:
+        assert f"built against torch {built} but torch {running} is imported" in msg and "--no-build-isolation" in msg
+    else:
+        assert msg is None
+    said = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == int(warns), said
+    if warns:
+        assert f"built against torch {built} and torch {running}" in said[0]
+
+
+def test_the_record_is_checked_before_the_extension_is_imported(tmp_path, monkeypatch):
+    """Importing an extension runs its op registrations: one built against another minor release of
+    torch is never imported (cpu and cuda backends)."""
+    from spare_kernels.backends import cpu, cuda
+
+    imported = []
+
+    class Importlib:
+        @staticmethod
+        def import_module(name):
+            imported.append(name)
+            raise ImportError("not here")
+
+    path = tmp_path / "_build_info.json"
+    monkeypatch.setattr(_version, "BUILD_INFO", str(path))
+    monkeypatch.setattr(cpu, "importlib", Importlib)
+    monkeypatch.setattr(cuda, "importlib", Importlib)
+    monkeypatch.setattr(cuda, "_LIB", None)
+    monkeypatch.setattr(cuda, "_WHY", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    path.write_text(json.dumps({"torch": "1.0.0", "extensions": {"_C": "built", "_C_cuda": "built"}}))
+    C, why = cpu._load()
+    assert C is None and "built against torch 1.0.0" in why
+    assert cuda._load() is None and "built against torch 1.0.0" in cuda.why_unavailable()
+    assert imported == []
+    path.write_text(json.dumps({"torch": torch.__version__, "extensions": {"_C": "built", "_C_cuda": "built"}}))
+    monkeypatch.setattr(cuda, "_WHY", None)
+    assert cpu._load() == (None, "not built: spare_kernels._C is missing or does not load (not here)")
+    assert cuda._load() is None and "does not load (not here)" in cuda.why_unavailable()
+    assert imported == ["spare_kernels._C", "spare_kernels._C_cuda"]
 
 
 # ----------------------------------------------------------------------------------------- the sdist

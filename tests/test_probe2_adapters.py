@@ -1,5 +1,7 @@
 """Second probe's findings in adapters, adapter files, masks and the atomic-write helpers (issue 28)."""
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from safetensors.torch import save_file
 import spare_kernels as sk
 from spare_kernels.adapters import read_adapter
 from spare_kernels.nn import iter_patched
-from spare_kernels.utils.io import atomic_path, write_json
+from spare_kernels.utils import io
+from spare_kernels.utils.io import atomic_path, file_path, write_json
 from unets import run, tiny_inputs, tiny_unet
 
 
@@ -160,3 +163,64 @@ def test_half_dtypes_cannot_be_compared_and_say_so(tmp_path):
         sk.load_adapter(target, path)
     with pytest.warns(RuntimeWarning, match="fingerprint"):
         sk.load_adapter(target, path, strict=False)
+
+
+
+def test_a_bf16_file_is_not_compared_with_an_fp16_model_by_rounding(tmp_path):
+    """Rounding the model to the file's dtype compares only where the file's is the lower precision: a
+    different fp16 model rounds onto a bf16 file's values (here every weight moved by 2^-10 relative:
+    within fp16's precision, under half a bf16 step), so fp16 <-> bf16 stays refused."""
+    path = sk.save_adapter(patched(dtype=torch.bfloat16), tmp_path / "a.safetensors")
+    other = tiny_unet(dtype=torch.bfloat16).float()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1 + 2 ** -10)
+    other = other.half()
+    same = tiny_unet(dtype=torch.bfloat16).half()
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert not torch.equal(other.get_submodule(q).weight, same.get_submodule(q).weight)
+    with pytest.raises(ValueError, match="torch.bfloat16 weights, the unet's are torch.float16: neither dtype"):
+        sk.load_adapter(other, path)
+    assert not list(iter_patched(other))
+
+
+@pytest.mark.parametrize("dtype", ["torch.__dict__", "torch.int8", "float32", ["torch.float32"], 3])
+def test_a_crafted_dtype_field_is_a_value_error(tmp_path, dtype):
+    good = sk.save_adapter(patched(), tmp_path / "good.safetensors")
+    with safe_open(good, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    modules = json.loads(meta["modules"])
+    mod = sorted(modules)[0]
+    modules[mod]["dtype"] = dtype
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, metadata={**meta, "modules": json.dumps(modules)})
+    msg = rf"bad\.safetensors': module '{re.escape(mod)}': dtype: expected one of \['torch.bfloat16'"
+    with pytest.raises(ValueError, match="^read_adapter: '.*" + msg):
+        read_adapter(bad)
+    fresh = tiny_unet()
+    with pytest.raises(ValueError, match="^load_adapter: '.*" + msg):
+        sk.load_adapter(fresh, bad)
+    assert not list(iter_patched(fresh))
+
+
+def test_one_folder_check_for_adapter_files_and_atomic_writes(tmp_path, monkeypatch):
+    """utils.io.file_path is the one check (same message but for what is expected), load_adapter reads
+    its path once, and a missing file names the operation."""
+    folder = str(tmp_path) + os.sep
+    msgs = []
+    for call in (lambda: file_path(folder), lambda: atomic_path(folder).__enter__(),
+                 lambda: sk.save_adapter(patched(), folder), lambda: read_adapter(folder),
+                 lambda: sk.load_adapter(tiny_unet(), folder)):
+        with pytest.raises(ValueError, match="names a folder") as e:
+            call()
+        msgs.append(str(e.value))
+    assert len({m.replace("an adapter file", "a file path").split("path: ", 1)[1] for m in msgs}) == 1, msgs
+    assert msgs[4].startswith("load_adapter: path: ") and msgs[3].startswith("read_adapter: path: ")
+    path = sk.save_adapter(patched(), tmp_path / "a.safetensors")
+    calls = []
+    real = io.as_path
+    monkeypatch.setattr(io, "as_path", lambda *a: calls.append(a) or real(*a))
+    sk.load_adapter(tiny_unet(), path)
+    assert len(calls) == 1
+    with pytest.raises(FileNotFoundError, match="load_adapter: path: no adapter file at"):
+        sk.load_adapter(tiny_unet(), tmp_path / "missing.safetensors")

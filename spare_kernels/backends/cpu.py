@@ -18,14 +18,21 @@ from .registry import OPS, note_unavailable, register
 # The kernels widen bf16 on load and compute in fp32; fp16 and fp64 are not compiled.
 DTYPES = (torch.float32, torch.bfloat16)
 
-try:
-    _C = importlib.import_module("spare_kernels._C")  # registers torch.ops.spare_kernels_cpu
-    _why = extension_problem("_C")   # loaded, but built against another torch (another C++ ABI): not used
-    if _why is not None:
-        _C = None
-except ImportError as e:  # built with SPARE_KERNELS_BUILD_EXT=0, no compiler, or against another torch
-    _C = None
-    _why = extension_problem("_C", e)
+
+def _load():
+    """``(spare_kernels._C, None)``, or ``(None, why it is not used)``."""
+    # The record first: importing the extension runs its op registrations, which must not run
+    # against another minor release of torch (another C++ ABI).
+    why = extension_problem("_C")
+    if why is not None:
+        return None, why
+    try:
+        return importlib.import_module("spare_kernels._C"), None   # registers torch.ops.spare_kernels_cpu
+    except ImportError as e:  # built with SPARE_KERNELS_BUILD_EXT=0, no compiler, or against another torch
+        return None, extension_problem("_C", e)
+
+
+_C, _why = _load()
 if _C is None:
     note_unavailable("cpu", _why)
     warnings.warn(f"spare_kernels: the cpu backend is unavailable ({_why}); using the pure-PyTorch reference backend on CPU. "

@@ -34,15 +34,17 @@ def _load():
     if not torch.cuda.is_available():
         _WHY = "no CUDA device"
         return None
+    # The record first: importing the extension runs its op registrations, which must not run
+    # against another minor release of torch (another C++ ABI).
+    problem = extension_problem("_C_cuda")
+    if problem is not None:
+        _WHY = problem
+        return None
     try:
         importlib.import_module("spare_kernels._C_cuda")   # registers torch.ops.spare_kernels_cuda
     except ImportError as e:
         _WHY = (f"{extension_problem('_C_cuda', e)}; reinstall with torch's CUDA build and nvcc on "
                 "PATH (pip install -v --no-build-isolation . shows why the build skipped it)")
-        return None
-    problem = extension_problem("_C_cuda")   # loaded, but built against another torch (another C++ ABI)
-    if problem is not None:
-        _WHY = problem
         return None
     _LIB = torch.ops.spare_kernels_cuda
     return _LIB

@@ -25,6 +25,18 @@ def ends_with_sep(path: str) -> bool:
     return path.endswith(tuple(s for s in (os.sep, os.altsep) if s))
 
 
+def file_path(path, name: str = "path", expected: str = "a file path") -> str:
+    """:func:`as_path`, and a ``ValueError`` naming ``name`` when it names a folder (a trailing separator,
+    or an existing folder) rather than ``expected``."""
+    path = as_path(path, name)
+    if ends_with_sep(path):
+        raise ValueError(f"{name}: {path!r} ends with {path[-1]!r}, so it names a folder; expected {expected} "
+                         f"(drop the trailing {path[-1]!r})")
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {path!r} is a folder; expected {expected}")
+    return path
+
+
 def _name_max(folder: str) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
@@ -84,12 +96,7 @@ def atomic_path(path):
     Temporaries of ``path`` left by dead writers (killed mid-write) are removed first. ``path``: a str,
     bytes or os.PathLike naming a file (a trailing separator or an existing folder is a ``ValueError``);
     a file name near the file system's limit gets a temporary name shortened to fit."""
-    path = as_path(path)
-    if ends_with_sep(path):
-        raise ValueError(f"path: {path!r} ends with {path[-1]!r}, so it names a folder; expected a file path "
-                         f"(drop the trailing {path[-1]!r})")
-    if os.path.isdir(path):
-        raise ValueError(f"path: {path!r} is a folder; expected a file path")
+    path = file_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"path: folder {folder!r} does not exist")
