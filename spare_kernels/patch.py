@@ -19,7 +19,8 @@ from torch import nn
 
 from .masks import Mask, as_mask
 from .nn.dispatch import is_lora_layer, use_fused_lora, why_not_fused
-from .nn.lora import INITS, _Fused, adopt, delete_quietly, draw_factors, iter_patched, release, unfusable_reason
+from .nn.lora import (INITS, _Fused, adopt, check_unmerge_all, delete_quietly, draw_factors, iter_patched, release,
+                      unfusable_reason)
 from .targets import ATTENTION_TARGETS, PRESETS, Targets, family_of, preset_entries, target_predicate  # noqa: F401
 
 _RECORD = "_spare_kernels_patch"   # what this library did to a model, for unpatch
@@ -446,12 +447,7 @@ def _unpatch(unet, arg, fn):
     check_unet(unet, arg)
     rec = unet.__dict__.get(_RECORD)
     fused = list(iter_patched(unet))
-    for n, m in fused:   # every merge record fits before the first is restored
-        if m.merged_adapters:
-            try:
-                m.check_unmerge()
-            except RuntimeError as e:
-                raise RuntimeError(f"{fn}: layer {n!r}: {e}") from None
+    check_unmerge_all(fused, fn)   # every merge record fits before the first is restored
     for _, m in fused:
         if m.merged_adapters:
             m.unmerge()

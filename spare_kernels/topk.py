@@ -545,8 +545,8 @@ def _build(group, keys, mode, threshold, ties, k, n_tied=None):
                 else:
                     flat[slot[0]:slot[1]] = sel
                 del sel
-        kw = {"block": s.block} if s.g == "block" else {}
-        out[s.name] = Mask(s.g, s.x.shape, data, **kw)
+        # consistent by construction (shape, dtype, zero padding bits): no check, no device read per mask
+        out[s.name] = Mask._trusted(s.g, torch.Size(s.x.shape), data, s.block if s.g == "block" else None)
     total += sum(int(t) for t in dev_total.values())      # one read per device
     if total != k:  # cannot happen unless a score tensor changed between passes
         raise RuntimeError(f"topk_masks: selected {total} units, expected {k} (scores modified during "

@@ -205,3 +205,131 @@ def test_linear_in_features_zero():
     x = torch.randn(3, 0)
     torch.testing.assert_close(m[0](x), m[0].get_base_layer()(x))   # the base's output, an empty delta
     assert m(x).shape == (3, 4)
+
+
+# ------------------------------------------------------------------ review fixes
+def views_of_one_buffer(spans):
+    """Two Linear(8, 8) whose weights and biases are views of one flat buffer, at ``spans`` (element
+    offsets of a.weight, a.bias, b.weight, b.bias), as FSDP's flat parameters (use_orig_params) make."""
+    torch.manual_seed(0)
+    flat = torch.randn(max(spans) + 64)
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    for mod, (w, bias) in ((a, spans[:2]), (b, spans[2:])):
+        mod.weight = nn.Parameter(flat[w:w + 64].view(8, 8))
+        mod.bias = nn.Parameter(flat[bias:bias + 8])
+    m = nn.Sequential(a, b)
+    sk.patch_unet(m, target_modules="all", init="random", rank=3, masks={"1.weight": torch.rand(8, 8) > 0.5})
+    return m, flat
+
+
+def test_disjoint_views_of_one_buffer_merge_and_unmerge_bit_exactly():
+    m, flat = views_of_one_buffer((0, 64, 72, 136))
+    flat0 = flat.clone()
+    x = torch.randn(5, 8)
+    y = m(x)
+    check_untied(m, list(iter_patched(m)))
+    sk.merge_adapter(m)
+    assert all(layer.merged_adapters == ["default"] for _, layer in iter_patched(m))
+    torch.testing.assert_close(m(x), y)
+    sk.unmerge_adapter(m)
+    assert torch.equal(flat, flat0)   # every byte of the buffer as it was
+
+
+@pytest.mark.parametrize("spans", [(0, 64, 32, 136), (0, 64, 72, 60)], ids=["weights", "bias_into_weight"])
+def test_overlapping_views_of_one_buffer_merge_refused(spans):
+    m, flat = views_of_one_buffer(spans)
+    flat0 = flat.clone()
+    with pytest.raises(ValueError, match=r"merge_adapter: layer '0': its base (weight|bias) is shared with "
+                                         r"'1\.base_layer\.(weight|bias)' \(overlapping views of one storage\)"):
+        sk.merge_adapter(m)
+    assert torch.equal(flat, flat0) and not any(layer.merged_adapters for _, layer in iter_patched(m))
+
+
+def test_module_moves_and_conversions_do_not_recheck_masks(monkeypatch):
+    """Masks and merge records follow .half()/.to() as they are (checked when made): no padding-bit check
+    (a device read per padded element mask) on the way."""
+    import spare_kernels.masks as masks_mod
+    torch.manual_seed(0)
+    layer = MaskedLoRALinear(nn.Linear(10, 6))   # 10 columns: element masks with padding bits
+    layer.add_adapter("a", 2, init="random", mask=torch.rand(6, 10) > 0.5)
+    layer.add_adapter("b", 2, init="random", mask=torch.rand(6, 10) > 0.5, active=False)
+    layer.merge(adapter_names=["b"])
+    before = {k: v.to_dense() for k, v in layer.masks.items()}
+    w0 = layer.unmerged_weight()
+
+    def refuse(*a, **k):
+        raise AssertionError("a mask was checked again")
+    monkeypatch.setattr(masks_mod, "_check_padding", refuse)
+    layer.half().float()
+    assert {k: v.to_dense() for k, v in layer.masks.items()}.keys() == before.keys()
+    assert all(torch.equal(layer.masks[k].to_dense(), before[k]) for k in before)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0.half().float())
+
+
+def test_merged_model_deleted_leaves_no_registry_entry():
+    import gc
+    import weakref
+
+    from spare_kernels.nn import lora
+    gc.collect()
+    n0 = len(lora._MERGED_INTO)
+    m = small()
+    sk.merge_adapter(m)
+    assert len(lora._MERGED_INTO) == n0 + 3
+    w = weakref.ref(m[0].weight)
+    del m
+    gc.collect()
+    assert w() is None and len(lora._MERGED_INTO) == n0
+
+
+def test_merge_registry_follows_a_replaced_parameter():
+    """With torch's overwrite-on-conversion, .half() gives the base layer a new Parameter: the merge
+    record's registry entry moves to it (the old one goes with the old Parameter)."""
+    from spare_kernels.nn import lora
+    m = small()
+    sk.merge_adapter(m)
+    old = m[0].weight
+    prev = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        m.half()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(prev)
+    assert m[0].weight is not old
+    assert lora._MERGED_INTO[m[0].weight]() is m[0]
+    sk.unmerge_adapter(m)
+    assert m[0].weight not in lora._MERGED_INTO
+
+
+def test_adopt_failure_leaves_peft_layer_as_it_was(monkeypatch):
+    from spare_kernels.nn import adopt, lora
+    from peft import LoraConfig
+    layer = PeftLinear(nn.Linear(8, 6), "x", config=LoraConfig(r=2, lora_alpha=2), r=2, lora_alpha=2)
+    keys = set(layer.__dict__)
+
+    def boom(self):
+        self.__dict__["_merge_backup"] = {}   # part-way through
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(lora._Fused, "_init_fused", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        adopt(layer)
+    assert type(layer) is PeftLinear and set(layer.__dict__) == keys
+    monkeypatch.undo()
+    assert isinstance(adopt(layer), MaskedLoRALinear)
+
+
+def test_check_unmerge_all_and_unpatch_check_every_layer_first():
+    from spare_kernels.nn.lora import check_unmerge_all
+    m = small()
+    sk.merge_adapter(m)
+    m[1].base_layer.weight = nn.Parameter(torch.zeros(8, 4))
+    layers = list(iter_patched(m))
+    with pytest.raises(RuntimeError, match=r"^fn: layer '1': unmerge: adapter 'default': the base weight is now"):
+        check_unmerge_all(layers, "fn", "default")
+    with pytest.raises(RuntimeError, match=r"^fn: layer '1': unmerge:"):
+        check_unmerge_all(layers, "fn")
+    check_unmerge_all(layers, "fn", "other")   # nothing of 'other' to undo: nothing to check
+    with pytest.raises(RuntimeError, match=r"^unpatch: layer '1': unmerge:"):
+        sk.unpatch(m)
+    assert all(layer.merged_adapters == ["default"] for _, layer in iter_patched(m))   # none undone

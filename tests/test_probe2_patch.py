@@ -169,3 +169,40 @@ def test_topk_masks_meta_tensor_refused(granularity):
     with pytest.raises(ValueError, match=r"scores\['b.weight'\].*meta") as e:
         sk.topk_masks(scores, 0.5, granularity=granularity)
     assert "cpu or cuda" in str(e.value)
+
+
+# --------------------------------------------------------------------- review fixes
+def test_patch_unet_adopt_failure_inside_init_fused_rolls_back(monkeypatch):
+    """adopt failing after the layer's class changed (in _init_fused, at the 11th layer): that layer is
+    peft's own again too, and the model as it was."""
+    from spare_kernels.nn import lora
+    unet = tiny_unet()
+    unet.add_adapter(LoraConfig(r=4, target_modules=PEFT_TARGETS))
+    before = snapshot(unet)
+    keys = {n: set(m.__dict__) for n, m in unet.named_modules()}
+    calls = fail_on_call(monkeypatch, lora._Fused, "_init_fused")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sk.patch_unet(unet)
+    assert calls[0] == 11
+    monkeypatch.undo()
+    assert_same(before, snapshot(unet))
+    assert not list(iter_patched(unet))
+    assert {n: set(m.__dict__) for n, m in unet.named_modules()} == keys
+
+
+@pytest.mark.parametrize("granularity", ["element", "block", "row", "module"])
+def test_topk_masks_output_not_rechecked(monkeypatch, granularity):
+    """top-k's masks are consistent by construction: no padding-bit check (a device read) per mask."""
+    import spare_kernels.masks as masks_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("a top-k mask was checked again")
+    monkeypatch.setattr(masks_mod, "_check_padding", refuse)
+    torch.manual_seed(0)
+    scores = {"a.weight": torch.rand(12, 10), "b.weight": torch.rand(6, 3, 3, 3)}
+    out = sk.topk_masks(scores, 0.5, granularity=granularity, block=(4, 4))
+    for n, t in scores.items():
+        assert out[n].shape == t.shape and out[n].granularity == granularity
+        assert out[n].block == ((4, 4) if granularity == "block" else None)
+    if granularity == "element":
+        assert sum(mk.count for mk in out.values()) == round(0.5 * (120 + 162))

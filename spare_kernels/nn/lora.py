@@ -42,6 +42,7 @@ from peft.tuners.lora import layer as peft_lora
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import maskfmt as fmt
 from ..masks import Mask, as_mask
@@ -57,9 +58,12 @@ _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}   # an integer view of 
 # a teacher forward in a worker thread while the student runs the same modules in another.
 _THREAD = threading.local()
 
-# id(base weight) -> weakref of the fused layer whose merges it carries: a second layer merging into
-# the same (tied) weight is refused, since its delta would reach the first layer's output too.
-_MERGED_INTO: dict = {}
+# base weight -> weakref of the fused layer whose merges it carries: a second layer merging into the
+# same (tied) weight is refused, since its delta would reach the first layer's output too. Weak keys by
+# identity (a Tensor's == is elementwise): an entry goes with its weight, so a model deleted while merged
+# leaves none, and a dead weight's id reused by a new tensor finds nothing. _apply re-keys a merged layer's
+# entry where a conversion replaced the Parameter.
+_MERGED_INTO = WeakIdKeyDictionary()
 
 
 def thread_disabled() -> dict:
@@ -259,12 +263,16 @@ class _Fused:
             like = fn(t)
             dtype = like.dtype if t.is_floating_point() else t.dtype
             return t if (like.device == t.device and dtype == t.dtype) else t.to(like.device, dtype)
+        # the masks were checked when made: no second check (a device read per padded element mask)
         for k, m in self.masks.items():
             if m is not None:
-                self.masks[k] = Mask(m.granularity, m.shape, move(m.data), m.block or (32, 32))
+                self.masks[k] = Mask._trusted(m.granularity, m.shape, move(m.data), m.block)
         for k, parts in self._merge_backup.items():
-            self._merge_backup[k] = tuple(None if p is None else (Mask(p[0].granularity, p[0].shape, move(p[0].data)),
+            self._merge_backup[k] = tuple(None if p is None else (Mask._trusted(p[0].granularity, p[0].shape,
+                                                                                move(p[0].data), p[0].block),
                                                                   move(p[1])) for p in parts)
+        if self.merged_adapters:   # the conversion may have replaced the base weight's Parameter
+            _MERGED_INTO[self.get_base_layer().weight] = weakref.ref(self)
         return self
 
     # -------------------------------------------------------------------------- merging
@@ -317,10 +325,10 @@ class _Fused:
             if new_b is not None:
                 base.bias.copy_(new_b)
             self.merged_adapters.append(name)
-            _MERGED_INTO[id(W)] = weakref.ref(self)
+            _MERGED_INTO[W] = weakref.ref(self)
 
     def _refuse_tied_merge(self, W) -> None:
-        ref = _MERGED_INTO.get(id(W))
+        ref = _MERGED_INTO.get(W)
         other = ref() if ref is not None else None
         if (other is not None and other is not self and other.merged_adapters
                 and other.get_base_layer().weight is W):
@@ -350,9 +358,9 @@ class _Fused:
             self._caches.pop(f"{last}-weight_norm", None)   # a DoRA merge's cache, peft's unmerge would pop
             if last == adapter_name:
                 break
-        ref = _MERGED_INTO.get(id(base.weight))
+        ref = _MERGED_INTO.get(base.weight)
         if not self.merged_adapters and ref is not None and ref() is self:
-            del _MERGED_INTO[id(base.weight)]
+            del _MERGED_INTO[base.weight]
 
     def check_unmerge(self, adapter_name: Optional[str] = None) -> None:
         """Raise (changing nothing) where :meth:`unmerge` could not restore the merges it would undo
@@ -691,30 +699,64 @@ def check_base(base_layer: nn.Module) -> None:
     raise ValueError(f"base_layer: {why} is not supported")
 
 
-def _storage_key(t: Tensor):
+def _byte_range(t: Tensor):
+    """``(key, start, end)``: the storage a tensor views and the bytes its elements can touch there
+    (``[start, end)``, from its offset over its strides' reach); ``None`` for an empty tensor. A meta
+    tensor (no storage) is keyed by its identity alone."""
+    if t.numel() == 0:
+        return None
     ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
-    return (t.device, ptr) if ptr else ("id", id(t))
+    if not ptr:
+        return ("id", id(t)), 0, 1
+    es = t.element_size()
+    start = t.storage_offset() * es
+    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return (t.device, ptr), start, start + (reach + 1) * es
 
 
 def check_untied(model: nn.Module, layers, op: str = "merge_adapter") -> None:
     """Raise (a ``ValueError`` naming both) where a LoRA layer of ``layers`` (``(name, layer)`` pairs of
-    ``model``) has a base weight or bias that another module of ``model`` holds too (tied weights, or views
-    of one storage): a merge would add the delta to that module as well, so the merged model would not
-    compute the adapted one. Call it before the first merge."""
-    owners: dict = {}
+    ``model``) has a base weight or bias whose bytes another parameter of ``model`` holds too (tied weights,
+    or overlapping views of one storage): a merge would add the delta to that module as well, so the merged
+    model would not compute the adapted one. Disjoint views of one buffer (FSDP's flat parameters) are not
+    tied. Call it before the first merge."""
+    owners: dict = {}   # storage -> [(start, end, parameter name)]
     for n, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(_storage_key(p), []).append(n)
+        r = _byte_range(p)
+        if r is not None:
+            owners.setdefault(r[0], []).append((r[1], r[2], n))
     for name, m in layers:
         base = m.get_base_layer()
         for what in ("weight", "bias"):
             t = getattr(base, what, None)
-            if not isinstance(t, Tensor) or t.numel() == 0:
+            r = _byte_range(t) if isinstance(t, Tensor) else None
+            if r is None:
                 continue
-            others = [o for o in owners.get(_storage_key(t), ()) if name and not o.startswith(name + ".")]
+            key, lo, hi = r
+            # the layer's own parameters are not others (its weight under both names, its factors)
+            others = [(o, (s, e) == (lo, hi)) for s, e, o in owners.get(key, ()) if s < hi and lo < e
+                      and name and not o.startswith(name + ".")]
             if others:
-                raise ValueError(f"{op}: layer {name!r}: its base {what} is shared with {others[0]!r} (tied "
-                                 f"weights): merging would add the delta to both; untie them (give one a copy) "
-                                 "or keep the adapter unmerged")
+                o, same = others[0]
+                how = "tied weights" if same else "overlapping views of one storage"
+                raise ValueError(f"{op}: layer {name!r}: its base {what} is shared with {o!r} ({how}): merging "
+                                 "would add the delta to both; untie them (give one a copy) or keep the adapter "
+                                 "unmerged")
+
+
+def check_unmerge_all(named_layers, fn: str, adapter_name: Optional[str] = None) -> None:
+    """Raise (changing nothing; a ``RuntimeError`` prefixed ``"<fn>: layer '<name>': "``) where a fused layer
+    of ``named_layers`` (``(name, layer)`` pairs) could not undo its merges of ``adapter_name`` (``None``:
+    all of them): what callers that unmerge several layers check before the first is restored. Layers that
+    run peft's own code, and those with nothing to undo, are skipped."""
+    for n, m in named_layers:
+        if not isinstance(m, _Fused):
+            continue
+        if (adapter_name in m.merged_adapters) if adapter_name is not None else m.merged_adapters:
+            try:
+                m.check_unmerge(adapter_name)
+            except RuntimeError as e:
+                raise RuntimeError(f"{fn}: layer {n!r}: {e}") from None
 
 
 def wrap(base_layer: nn.Module) -> _Fused:
@@ -753,10 +795,17 @@ def adopt(layer: nn.Module) -> _Fused:
     why = why_not_fused(layer)
     if why is not None:
         raise (TypeError if type(layer) not in _FUSED else ValueError)(f"layer: cannot run fused: {why}")
-    layer.__class__ = _FUSED[type(layer)]
-    layer._init_fused()
-    for a in layer.lora_A:
-        layer.masks.setdefault(a, None)
+    stock, had = type(layer), set(layer.__dict__)
+    layer.__class__ = _FUSED[stock]
+    try:
+        layer._init_fused()
+        for a in layer.lora_A:
+            layer.masks.setdefault(a, None)
+    except BaseException:   # peft's own layer again, as it was: a caller's rollback does not know of it
+        layer.__class__ = stock
+        for k in set(layer.__dict__) - had:
+            del layer.__dict__[k]
+        raise
     return layer
 
 
