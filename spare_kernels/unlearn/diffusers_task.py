@@ -28,7 +28,8 @@ from .denoiser import Denoiser
 from .objective import objective_for
 from .task import Task
 
-_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# The forget images a folder gives (any letter case): the one list the loader, its check and the CLI's help use.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,16 @@ def load_pipeline(model_dir: str, progress: bool = True):
 
 
 def image_files(folder: str) -> list:
-    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(_IMAGE_EXT))
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _forget_files(folder: str, what: str) -> list:
+    """:func:`image_files`, refused where there are none: the one check (and message) of an empty
+    forget folder, for the CLI's early check and the loader alike."""
+    files = image_files(folder)
+    if not files:
+        raise ValueError(f"{what}: forget set: empty: no {'/'.join(IMAGE_EXTENSIONS)} files in {folder!r}")
+    return files
 
 
 def _open_rgb(path: str, what: str = "forget images"):
@@ -384,21 +394,20 @@ def _open_rgb(path: str, what: str = "forget images"):
 def check_images(folder: str, what: str = "forget images") -> int:
     """Decode every image file of ``folder`` (what :func:`diffusers_task` will load), before anything
     is loaded or written: ValueError naming the first that does not decode, or the folder where it holds
-    none. -> how many there are."""
-    files = image_files(folder)
-    if not files:
-        raise ValueError(f"{what}: no {'/'.join(_IMAGE_EXT)} files in {folder!r} (empty forget set)")
+    none. -> how many there are.
+
+    :func:`diffusers_task` decodes them again when it loads them: keeping the decoded images from this
+    check (before the pipeline loads; a jobs sweep checks every job's up front) until then would hold
+    them all in memory through the loading, or through a whole sweep."""
+    files = _forget_files(folder, what)
     for f in files:
         _open_rgb(f, what)
     return len(files)
 
 
 def _load_images(folder: str, size: int) -> torch.Tensor:
-    files = image_files(folder)
-    if not files:
-        raise ValueError(f"forget images: no {'/'.join(_IMAGE_EXT)} files in {folder!r} (empty forget set)")
     out = []
-    for f in files:
+    for f in _forget_files(folder, "forget images"):
         im = _open_rgb(f)
         w, h = im.size
         s = min(w, h)
@@ -590,6 +599,7 @@ def diffusers_task(model_dir, forget_prompts, surrogate_prompt, retain_prompts, 
     return model, task
 
 
-__all__ = ["Layout", "PIPELINES", "activation_bytes", "check_images", "check_model_dir", "default_size",
-           "denoiser_model", "diffusers_task", "encode_parts", "family_denoiser", "generated_latents", "image_files",
-           "load_pipeline", "pipeline_family", "size_multiple", "step_memory", "supported", "vae_latents"]
+__all__ = ["IMAGE_EXTENSIONS", "Layout", "PIPELINES", "activation_bytes", "check_images", "check_model_dir",
+           "default_size", "denoiser_model", "diffusers_task", "encode_parts", "family_denoiser", "generated_latents",
+           "image_files", "load_pipeline", "pipeline_family", "size_multiple", "step_memory", "supported",
+           "vae_latents"]

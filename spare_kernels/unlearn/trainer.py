@@ -225,7 +225,7 @@ def run(unet, task, cfg: Config, out_dir: Optional[str] = None, resume: bool = F
             try:
                 got = (read_checkpoint(ckpt, cfg), None) if os.path.exists(ckpt) else \
                     (None, FileNotFoundError(f"resume: no checkpoint at {ckpt}"))
-            except ValueError as e:
+            except (ValueError, OSError) as e:   # OSError: unreadable now, not damaged (read_checkpoint)
                 got = (None, e)
         state, err = broadcast_object(got, world, "checkpoint broadcast")
         if err is not None:
