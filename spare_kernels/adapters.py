@@ -16,8 +16,8 @@ from torch import nn
 
 from .masks import GRANULARITIES, Mask
 from .nn.dispatch import is_lora_layer
-from .nn.lora import (MaskedLoRAConv2d, _Fused, check_base, check_untied, delete_quietly, factor_shapes,
-                      thread_disabled, why_not_fused, wrap)
+from .nn.lora import (MaskedLoRAConv2d, _Fused, check_base, check_unmerge_all, check_untied, delete_quietly,
+                      factor_shapes, thread_disabled, why_not_fused, wrap)
 from .ops import _checks as chk
 from .patch import check_unet, mark_peft_loaded, record, set_module
 from .utils.io import atomic_path, file_path
@@ -479,13 +479,7 @@ def unmerge_adapter(unet: nn.Module, adapter_name: Optional[str] = None) -> None
     if partial:
         raise RuntimeError(f"unmerge_adapter: layer {partial[0]!r} runs peft's own LoRA code, which can only undo "
                            f"all its merges; call unmerge_adapter(unet) to undo every merge")
-    for n, m in layers:   # every layer's records fit before the first is restored
-        if isinstance(m, _Fused) and (adapter_name in m.merged_adapters
-                                      or (adapter_name is None and m.merged_adapters)):
-            try:
-                m.check_unmerge(adapter_name)
-            except RuntimeError as e:
-                raise RuntimeError(f"unmerge_adapter: layer {n!r}: {e}") from None
+    check_unmerge_all(layers, "unmerge_adapter", adapter_name)   # every layer's records fit before the first is restored
     for _, m in layers:
         if adapter_name in m.merged_adapters or (adapter_name is None and m.merged_adapters):
             m.unmerge(adapter_name) if isinstance(m, _Fused) else m.unmerge()
