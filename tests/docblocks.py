@@ -12,6 +12,7 @@ a fence marks it (invisible on the site):
     <!-- doctest: covered-by PATH --> run, in the form a user cannot paste here (an install), by that test
 
 and ``<!-- doctest-setup python`` (or ``bash``) ... ``-->`` is a hidden block that runs in its place.
+A bash block that starts with ``make`` runs in ``$REPO`` (the repository root), where a reader types it.
 Other fences (text, diff, json, ...) never run. Tracebacks name the page and its line numbers.
 """
 from __future__ import annotations
@@ -110,7 +111,8 @@ def run_page(path: str, slow: bool = False) -> int:
             # Leading newlines put the page's line numbers into tracebacks.
             exec(compile("\n" * (b.line - 1) + b.code, path, "exec"), ns)
         else:
-            r = subprocess.run(["bash", "-euo", "pipefail", "-c", b.code])
+            cwd = os.environ.get("REPO") if b.code.lstrip().startswith("make ") else None
+            r = subprocess.run(["bash", "-euo", "pipefail", "-c", b.code], cwd=cwd)
             if r.returncode:
                 print(f"FAILED: the bash block at {where} exited {r.returncode}", file=sys.stderr)
                 return 1
