@@ -44,6 +44,9 @@ def _name_max(folder: str) -> int:
         return 255
 
 
+_PID_DIGITS = 7
+
+
 def _tmp_tag(base: str, limit: int) -> str:
     """The part of a temporary's name that stands for ``base``: ``base`` itself, or where
     ``.<base>.<pid>.<random>.tmp`` would pass the file system's name limit (``limit`` bytes for the tag),
@@ -107,8 +110,10 @@ def atomic_path(path):
     if len(os.fsencode(base)) > name_max:
         raise ValueError(f"path: file name {base[:40]!r}... is {len(os.fsencode(base))} bytes; the file system "
                          f"takes at most {name_max}")
-    # '.' tag '.' pid '.' + mkstemp's 8 random characters + '.tmp'
-    tag = _tmp_tag(base, name_max - len(pid) - 15)
+    # '.' tag '.' pid '.' + mkstemp's 8 random characters + '.tmp'. The pid is budgeted at its widest
+    # (Linux's pid_max is at most 2^22: 7 digits), so every writer of this path makes the same tag and
+    # finds the others' orphans, whatever the length of its own pid.
+    tag = _tmp_tag(base, name_max - _PID_DIGITS - 15)
     _remove_orphans(folder, tag)
     # The writer's pid in the name tells a later writer whether this file is an orphan.
     fd, tmp = tempfile.mkstemp(prefix=f".{tag}.{pid}.", suffix=".tmp", dir=folder)
