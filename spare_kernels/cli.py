@@ -798,15 +798,18 @@ def main(argv=None) -> int:
     w.add_argument("--quiet", action="store_true", help="the summary only")
     w.set_defaults(fn=_cmd_warmup)
     args = p.parse_args(argv)
+    from .distributed import close_group
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        close_group()   # a rank that finished must not leave its group to interpreter teardown (gloo aborts)
+        return rc
     except UsageError as e:
         print(f"spare-kernels {args.cmd}: error{_rank_tag()}: {e}", file=sys.stderr)
-        _abort_group()   # a check only rank 0 makes (its files): the others must not wait for it
+        close_group()   # a check only rank 0 makes (its files): the others must not wait for it
         return 2
     except Exception as e:
         tag = _rank_tag()
-        if not _abort_group():
+        if not close_group():
             raise
         # Across ranks: say which rank stopped and why, then close this rank's connections, so the
         # others' next collective fails at once (gloo; under NCCL the launcher or the timeout stops them).
@@ -820,18 +823,6 @@ def _rank_tag() -> str:
     from .distributed import current_world
     w = current_world()
     return f" (rank {w.rank} of {w.size})" if w.distributed else ""
-
-
-def _abort_group() -> bool:
-    """Close this process's process group, if there is one; -> whether there was."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    try:
-        dist.destroy_process_group()
-    except Exception:   # noqa: BLE001 (already broken: the error being reported matters, not this one)
-        pass
-    return True
 
 
 if __name__ == "__main__":
