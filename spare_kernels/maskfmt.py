@@ -17,6 +17,8 @@ The op-level mask is ``(data, kind, block_o, block_i)``:
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 NONE, ELEMENT, BLOCK, ROW = 0, 1, 2, 3
@@ -27,22 +29,40 @@ LSB_FIRST = True     # bit b of byte j of a row is column 8*j + b
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
-def pack_bits(dense: torch.Tensor) -> torch.Tensor:
-    """bool ``(rows, cols)`` -> uint8 ``(rows, ceil(cols/8))``, LSB first, zero padding.
+# Multiplying eight 0/1 bytes (one little-endian int64) by this constant sums byte i into bit 56 + i
+# with no carries between them (checked for all 256 patterns in tests/test_layer_bound.py): the top byte
+# is the eight bits, LSB first. One multiply over 1/8 of the entries and a strided byte copy; the
+# bit-plane loop (_pack_planes) runs ~30 strided ops: a 1280 x 5120 bool mask packed in 22 ms vs 263 ms
+# (2 threads, loaded machine).
+_GATHER = 0x0102040810204080
 
-    ORs the eight bit planes in place: temporaries of 1/8 of the input, not 8 bytes per entry."""
+
+def pack_bits(dense: torch.Tensor) -> torch.Tensor:
+    """bool ``(rows, cols)`` -> uint8 ``(rows, ceil(cols/8))``, LSB first, zero padding (nonzero = on)."""
     rows, cols = dense.shape
     nbytes = (cols + 7) // 8
-    if cols % 8 == 0 and dense.is_contiguous() and dense.dtype in (torch.bool, torch.uint8):
-        u = dense.view(torch.uint8).view(rows, nbytes, 8)
-    else:
-        u = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=dense.device)
-        u[:, :cols] = dense != 0
-        u = u.view(rows, nbytes, 8)
-    out = u[..., 0] != 0 if dense.dtype != torch.bool else u[..., 0].clone()
-    out = out.to(torch.uint8)
+    if dense.dtype in (torch.bool, torch.uint8) and rows * nbytes > 0:
+        # 0/1 bytes, rows padded to whole bytes, contiguous: the int64 view needs all three
+        u = dense if dense.dtype == torch.bool else dense != 0
+        if cols % 8:
+            u = torch.nn.functional.pad(u.view(torch.uint8), (0, nbytes * 8 - cols))
+        u = u.contiguous().view(torch.uint8)
+        if u.storage_offset() % 8 == 0 and sys.byteorder == "little":
+            v = u.view(torch.int64) * _GATHER   # (rows, nbytes): byte j of a row, its eight entries
+            return v.view(torch.uint8)[:, 7::8].contiguous()   # the top (last, little-endian) byte
+    return _pack_planes(dense)
+
+
+def _pack_planes(dense: torch.Tensor) -> torch.Tensor:
+    """pack_bits by OR-ing the eight bit planes (any dtype, any layout)."""
+    rows, cols = dense.shape
+    nbytes = (cols + 7) // 8
+    u = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=dense.device)
+    u[:, :cols] = dense != 0
+    u = u.view(rows, nbytes, 8)
+    out = u[..., 0].clone()
     for b in range(1, 8):
-        out.bitwise_or_((u[..., b] != 0).to(torch.uint8) << b)
+        out.bitwise_or_(u[..., b] << b)
     return out
 
 

@@ -347,12 +347,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_linear_backward(
   const bool engine = masked_engine(kind, out, cols);
   at::Tensor dx = empty_grad(), dA = empty_grad(), dB = empty_grad();
   if (kind == kNone || (kind == kRow && !engine)) {
+    // The scale (and a row mask) goes on the rank-r side: B_s = s * diag(m) B (out x r) and the (out x r)
+    // dB, never an (N x out) pass over dy (peft pays that pass, dy * scaling; measured 3-8% of the
+    // layer's forward+backward at 64-128 tokens x 5120 -> 1280).
     auto A = lora_A.to(dt), B = lora_B.to(dt);
-    at::Tensor dys;
-    if (kind == kRow) dys = dy * (mask->reshape({1, out}).to(dt) * scale);
-    else dys = dy * scale;
-    auto dh = at::mm(dys, B);  // (N, r)
-    if (need_dB) dB = at::mm(dys.t(), at::mm(x, A.t())).to(lora_B.scalar_type());
+    at::Tensor rowm;
+    if (kind == kRow) rowm = mask->reshape({out, 1}).to(dt);
+    auto Bs = kind == kRow ? B * (rowm * scale) : B * scale;
+    auto dh = at::mm(dy, Bs);  // (N, r) = s dY diag(m) B
+    if (need_dB) {
+      auto g = at::mm(dy.t(), at::mm(x, A.t()));  // (out, r) = dY^T X A^T
+      if (kind == kRow) g.mul_(rowm * scale);
+      else g.mul_(scale);
+      dB = g.to(lora_B.scalar_type());
+    }
     if (need_dA) dA = at::mm(dh.t(), x).to(lora_A.scalar_type());
     if (need_dx) dx = at::mm(dy, weight).addmm_(dh, A);
     return {dx, dA, dB};

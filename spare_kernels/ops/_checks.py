@@ -55,6 +55,11 @@ def wire_mask(op, mask, weight):
     """Any accepted ``mask=`` (None, a ``Mask``, a bool/uint8 tensor of the weight's shape) -> wire tuple."""
     if mask is None:
         return None, fmt.NONE, 0, 0
+    if (isinstance(mask, torch.Tensor) and mask.dtype in (torch.bool, torch.uint8) and mask.shape == weight.shape
+            and mask.device == weight.device):
+        # a per-call dense mask, packed straight to the wire (what Mask.from_dense stores, without its
+        # separate `!= 0` pass over a bool mask); anything else gets as_mask's checks and errors
+        return fmt.pack_bits(mask.reshape(weight.shape[0], -1)), fmt.ELEMENT, 0, 0
     m = as_mask(mask, weight.shape, name="mask", op=op)
     if m.device != weight.device:
         raise ValueError(f"{op}: mask: expected device {weight.device} (that of weight), got {m.device}")
