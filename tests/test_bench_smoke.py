@@ -190,3 +190,47 @@ def test_dit_step_puts_the_denormal_setting_back(tmp_path):
     dit_step.main(["--config", "tiny-sd3", "--reps", "1", "--warmup", "0", "--sections", "step",
                    "--out", str(tmp_path / "r.json")])
     assert not dit_step._denormals_flushed()
+
+
+def test_unet_step_smoke(tmp_path, capsys):
+    """benchmarks.unet_step end to end on the tiny UNet: every scheme and ratio, the adapter scale and the
+    denormal setting stated (and put back as found)."""
+    from benchmarks import unet_step
+
+    out = tmp_path / "step.json"
+    assert not unet_step.denormals_flushed()
+    unet_step.main(["--config", "tiny", "--reps", "1", "--warmup", "0", "--flush-denormal", "--out", str(out)])
+    assert not unet_step.denormals_flushed()
+    res = json.loads(out.read_text())
+    said = capsys.readouterr().out
+    assert res["flush_denormal"] is True and "denormals flushed: True" in said
+    for ts in unet_step.TARGET_SETS:
+        assert set(res["ratios"][ts]) == {"ours_dense/peft", "ours_element50/spare_ref"}
+        assert all(v > 0 for v in res["ratios"][ts].values())
+        assert all(res["rows"][s][ts]["ms"] > 0 for s in unet_step.SCHEMES)
+        assert 0.01 <= res["targets"][ts]["delta_rel_median"] <= res["targets"][ts]["delta_rel_max"] <= 0.05
+    assert res["targets"]["attention"]["count"] < res["targets"]["all"]["count"]
+
+
+def test_unet_step_schemes_share_one_adapter():
+    """peft, ours_dense, ours_element50 and spare_ref hold the very same A and B (and masks), at a few
+    percent of ||W||: peft == ours_dense and spare_ref == ours_element50 to fp32 tolerance."""
+    import torch
+    from benchmarks import unet_step
+
+    unet, inputs = unet_step.build("tiny")
+    models, info = unet_step.variants(unet, rank=2, delta_rel=0.03, target_sets=("all",))
+    names = info["all"]["names"]
+    assert any(unet.get_submodule(n).weight.dim() == 4 for n in names)   # conv factors are loaded too
+    for n in names:
+        a, b, _ = unet_step._factors(models["peft/all"].get_submodule(n))
+        for k in ("ours_dense", "ours_element50", "spare_ref"):
+            a2, b2, s = unet_step._factors(models[f"{k}/all"].get_submodule(n))
+            assert s == 1.0 and torch.equal(a2.reshape(a.shape), a) and torch.equal(b2.reshape(b.shape), b), (k, n)
+        M = models["ours_element50/all"].get_submodule(n).masks["default"].to_dense()
+        assert torch.equal(models["spare_ref/all"].get_submodule(n).mask.bool(), M)
+    d = info["all"]["delta_rel"]
+    assert all(abs(v - 0.03) < 1e-3 for v in d)
+    agree = unet_step.agreement(models, inputs, ("all",))["all"]
+    assert agree["peft~ours_dense"] < 1e-5 and agree["spare_ref~ours_element50"] < 1e-5
+    assert agree["ours_dense~floor"] > 1e-3   # the adapters change the output
