@@ -1,12 +1,26 @@
 """Exact top-k selection of saliency masks: :func:`topk_masks` (also importable from
 :mod:`spare_kernels.masks`).
 
-Two engines compute the same masks bit for bit:
+Three engines compute the same masks bit for bit:
 
-- the generic engine (any device, every granularity and float dtype): a radix select with 16-bit
-  digits over chunks of at most ``2**20`` units, in torch ops; off the CPU (e.g. CUDA without
-  ``_C_cuda``) its chunk loops never wait for the device: histograms, NaN flags, tie ranks and the
-  selected count stay there and are read a fixed number of times per pass (``_sync_free``);
+- the generic engine (any device, every granularity and float dtype; the reference): a radix select
+  with 16-bit digits over chunks of at most ``2**20`` units, in torch ops; off the CPU (e.g. CUDA
+  without ``_C_cuda``) its chunk loops never wait for the device: histograms, NaN flags, tie ranks and
+  the selected count stay there and are read a fixed number of times per pass (``_sync_free``);
+- the native CPU engine (``csrc/cpu/topk.cpp``, op ``spare_kernels_cpu::topk_select``), when every
+  score tensor is on the CPU and ``spare_kernels._C`` has the op (``_NATIVE = False`` forces the
+  generic engine): element masks of contiguous fp32/fp16/bf16/fp64 tensors, and block/row/module
+  masks whose float64 unit means (computed by the generic engine's own code, so bit-identical) number
+  at most ``_NATIVE_UNITS`` in the call. A radix select over all tensors at once (never a
+  concatenation), each pass ONE parallel region whose workers claim items of ~2^16 entries
+  dynamically and count into worker-local histograms (steady under load: no per-chunk torch ops);
+  top digit 16 bits (11 with more than ``_NATIVE_WIDE_GROUPS`` groups), then 11-bit digits over the
+  keys of the chosen bins, which are written to a candidate array once they fit ``_NATIVE_CAND_BYTES``
+  (later digits and the tie count then read only them); early stop when a bin holds exactly the keys
+  still needed; a last pass writes the packed masks. 32-bit fp32 scores: 2 reads of the scores to
+  select (one when the top bin is exact), one to pack. Extra memory: the masks, worker histograms
+  (threads x 256 KB), group histograms, per-item tables (~80 bytes per 2^16 entries) and at most
+  ``_NATIVE_CAND_BYTES`` of candidates;
 - the GPU engine (:func:`_device_topk`), for element masks when every score tensor is a contiguous
   fp32/fp16/bf16 CUDA tensor on one device and ``torch.ops.spare_kernels_cuda`` has the ``topk_*``
   ops (``csrc/cuda/topk.cu``; bodies in ``csrc/cuda/topk_kernels.h``).
@@ -341,6 +355,14 @@ def topk_masks(scores: dict, density: float, granularity: str = "element", scope
 
     Empty tensors (a dim of size 0) are allowed: they have no units and get an all-off mask.
 
+    On the CPU, the native engine (``csrc/cpu/topk.cpp``, module docstring) selects element masks of
+    contiguous fp32/fp16/bf16/fp64 tensors, and block/row/module masks when the call has at most
+    ``2**23`` units (their float64 means are computed first, as above, 64 MB at most), with the same
+    result bit for bit: a radix select with one parallel region per pass, masks packed as written;
+    extra memory the masks plus histograms, small tables and at most 32 MB of candidate keys.
+    Otherwise (a non-contiguous tensor, more units, the extension not built) the CPU takes the engine
+    described above.
+
     On a GPU: element masks of contiguous fp32/fp16/bf16 CUDA score tensors (all on one device) are
     selected by the CUDA kernels of ``spare_kernels_cuda`` when that extension is loaded (``global``: a
     sampled window, one pass over the scores, then one kernel writing the packed masks into one flat
@@ -361,7 +383,12 @@ def topk_masks(scores: dict, density: float, granularity: str = "element", scope
         ops = _device_ops(scores)
         if ops is not None:
             return _device_topk(scores, density, scope, ops)
+    lib = _native_ops(scores)
+    if lib is not None and granularity == "element" and all(_native_ok(t) for t in scores.values()):
+        return _native_element(scores, density, scope, lib)
     srcs = [_Source(n, t.detach(), granularity, bo_bi, _CHUNK, _CACHE_UNITS) for n, t in scores.items()]
+    if lib is not None and granularity != "element" and sum(s.units for s in srcs) <= _NATIVE_UNITS:
+        return _native_units(srcs, density, scope, lib)
     wide = granularity != "element" or any(s.x.dtype == torch.float64 for s in srcs)
     keys = _Keys(torch.float64 if wide else torch.float32)
     groups = [srcs] if scope == "global" else [[s] for s in srcs]
@@ -551,6 +578,79 @@ def _build(group, keys, mode, threshold, ties, k, n_tied=None):
     if total != k:  # cannot happen unless a score tensor changed between passes
         raise RuntimeError(f"topk_masks: selected {total} units, expected {k} (scores modified during "
                            f"selection?)")
+    return out
+
+
+# ===================================================================================== native CPU engine
+# csrc/cpu/topk.cpp (op spare_kernels_cpu::topk_select): radix select over all tensors at once, one
+# parallel region per pass, masks packed as they are written. _NATIVE = False forces the generic engine
+# on the CPU (the reference: tests and benchmarks compare the two).
+_NATIVE = True
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Block / row / module masks: the unit means (float64) of the whole call are computed first, as the
+# generic engine computes them, then selected natively when there are at most this many (64 MB).
+_NATIVE_UNITS = 1 << 23
+# The candidate array: once the chosen bins of all groups hold at most this many bytes of (key, item)
+# pairs (8 bytes each for 32-bit keys: 4 M keys), the pass writes them out and the later digits and
+# the tie count read only them, not the scores. At SD-1.5's 860 M uniform fp32 scores the first
+# 16-bit digit leaves ~3.4 M keys in the top bins (27 MB); the bound keeps the issue's memory target
+# (packed masks + 64 MiB).
+_NATIVE_CAND_BYTES = 32 << 20
+# Top digit: 16 bits (a 256 KB worker histogram, in this host's 4 MB L2) leaves ~1/256 of an octave
+# per bin, so the candidates fit after one pass; per group a 512 KB histogram, so with more groups
+# (per_module) 11 bits (16 KB a group).
+_NATIVE_WIDE_GROUPS = 16
+
+
+def _native_ops(scores):
+    """``torch.ops.spare_kernels_cpu`` when it has ``topk_select`` and every score tensor is on the CPU."""
+    if not _NATIVE or not all(t.device.type == "cpu" for t in scores.values()):
+        return None
+    from .backends import cpu as _cpu    # noqa: F401  (loads spare_kernels._C when it is built)
+    lib = torch.ops.spare_kernels_cpu
+    return lib if hasattr(lib, "topk_select") else None
+
+
+def _native_ok(t: torch.Tensor) -> bool:
+    return t.dtype in _NATIVE_DTYPES and t.is_contiguous() and not t.is_neg()
+
+
+def _native_call(lib, xs, sizes, density, scope, names, what):
+    if scope == "global":
+        groups, ks = [0] * len(xs), [round(density * sum(sizes))]
+    else:
+        groups, ks = list(range(len(xs))), [round(density * u) for u in sizes]
+    digit0 = 16 if len(ks) <= _NATIVE_WIDE_GROUPS else 11
+    masks, info = lib.topk_select(xs, groups, ks, digit0, _NATIVE_CAND_BYTES)
+    if info[0] >= 0:
+        raise ValueError(f"scores[{names[info[0]]!r}]: contains NaN scores" + what)
+    return masks
+
+
+def _native_element(scores, density, scope, lib):
+    names = list(scores)
+    xs = [t.detach() for t in scores.values()]
+    masks = _native_call(lib, xs, [x.numel() for x in xs], density, scope, names, "")
+    return {nm: Mask._trusted("element", torch.Size(x.shape), m) for nm, x, m in zip(names, xs, masks)}
+
+
+def _native_units(srcs, density, scope, lib):
+    """Block / row / module masks: the generic engine's unit means (same chunks: bit-identical values),
+    selected natively as ``(units, 1)`` float64 tensors (one 0/1 byte each)."""
+    g = srcs[0].g
+    for s in srcs:
+        s.fill_cache()
+    try:
+        masks = _native_call(lib, [s.cache.view(-1, 1) for s in srcs], [s.units for s in srcs], density, scope,
+                             [s.name for s in srcs], f" (a {g} mean is NaN)")
+    finally:
+        for s in srcs:
+            s.cache = None
+    out = {}
+    for s, m in zip(srcs, masks):
+        shape = s.grid if g == "block" else (s.rows,) if g == "row" else ()
+        data = m.view(torch.bool).view(shape) if s.units else torch.zeros(shape, dtype=torch.bool)
+        out[s.name] = Mask._trusted(g, torch.Size(s.x.shape), data, s.block if g == "block" else None)
     return out
 
 

@@ -117,3 +117,45 @@ def test_saliency_matches_the_reference(backend_device, c):
     backend, device = backend_device
     (_, err, bnd), = check_saliency(c, backend, device)
     assert err <= bnd, f"{backend}@{device}: err {err:.3e} > bound {bnd:.3e} ({c})"
+
+
+# ----------------------------------------------------------------------------------------- top-k
+@st.composite
+def topk_cases(draw):
+    n = draw(st.integers(1, 4))
+    shapes = [tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=3))) for _ in range(n)]
+    dts = [draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64])) for _ in range(n)]
+    levels = draw(st.sampled_from([1, 2, 4, 1 << 20]))       # few levels: many ties, cut anywhere
+    return dict(shapes=shapes, dts=dts, levels=levels, seed=draw(st.integers(0, 2 ** 16)),
+                density=draw(st.sampled_from([1e-9, 0.05, 0.3, 0.5, 0.77, 1.0])),
+                granularity=draw(st.sampled_from(["element", "block", "row", "module"])),
+                scope=draw(st.sampled_from(["global", "per_module"])),
+                block=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
+                cand=draw(st.sampled_from([0, 32 << 20])), wide=draw(st.sampled_from([0, 16])))
+
+
+@SETTINGS
+@given(c=topk_cases())
+def test_native_topk_matches_the_generic_engine(c):
+    """The native CPU top-k engine (csrc/cpu/topk.cpp) gives the generic engine's masks bit for bit."""
+    import pytest
+
+    from spare_kernels import topk as T
+    if T._native_ops({"x": torch.empty(1)}) is None:
+        pytest.skip("spare_kernels._C without topk_select")
+    g = torch.Generator().manual_seed(c["seed"])
+    scale = max(1, c["levels"] >> 10)                          # fp16 keeps the values finite
+    scores = {f"s{i}": ((torch.randint(0, c["levels"], s, generator=g) - c["levels"] // 2) / scale).to(dt)
+              for i, (s, dt) in enumerate(zip(c["shapes"], c["dts"]))}
+    kw = dict(granularity=c["granularity"], scope=c["scope"], block=c["block"])
+    saved = T._NATIVE_CAND_BYTES, T._NATIVE_WIDE_GROUPS
+    T._NATIVE_CAND_BYTES, T._NATIVE_WIDE_GROUPS = c["cand"], c["wide"]
+    try:
+        ours = sk.topk_masks(scores, c["density"], **kw)
+        T._NATIVE = False
+        ref = sk.topk_masks(scores, c["density"], **kw)
+    finally:
+        T._NATIVE = True
+        T._NATIVE_CAND_BYTES, T._NATIVE_WIDE_GROUPS = saved
+    for name in ref:
+        assert torch.equal(ours[name].data, ref[name].data), (name, c)

@@ -30,6 +30,12 @@
 // [kNone, kElement, kBlock, kRow, kBitsPerByte, kLsbFirst]: held to spare_kernels/maskfmt.py by a test.
 #define SPARE_SCHEMA_WIRE_FORMAT "wire_format() -> int[]"
 
+// The native CPU top-k engine (csrc/cpu/topk.cpp; spare_kernels_cpu only, not a backend op): masks of
+// the k highest scores per group of consecutive tensors, and [first NaN tensor or -1, full passes,
+// level that wrote candidates or -1].
+#define SPARE_SCHEMA_TOPK_SELECT                                                                     \
+  "topk_select(Tensor[] scores, int[] groups, int[] ks, int digit0, int cand_bytes) -> (Tensor[], int[])"
+
 // Defines the six backend ops and wire_format() in library `m` (a torch::Library).
 #define SPARE_DEFINE_BACKEND_OPS(m)                                                                  \
   do {                                                                                               \

@@ -3,6 +3,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <vector>
+
 #include "../common/schemas.h"
 #include "spare_cpu.h"
 
@@ -20,7 +23,17 @@ static struct PyModuleDef spare_module = {PyModuleDef_HEAD_INIT, SPARE_STR(TORCH
 
 PyMODINIT_FUNC SPARE_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&spare_module); }
 
-TORCH_LIBRARY(spare_kernels_cpu, m) { SPARE_DEFINE_BACKEND_OPS(m); }
+namespace spare {
+// csrc/cpu/topk.cpp
+std::tuple<std::vector<at::Tensor>, std::vector<int64_t>> topk_select(const std::vector<at::Tensor>& scores,
+                                                                      at::IntArrayRef groups, at::IntArrayRef ks,
+                                                                      int64_t digit0, int64_t cand_bytes);
+}  // namespace spare
+
+TORCH_LIBRARY(spare_kernels_cpu, m) {
+  SPARE_DEFINE_BACKEND_OPS(m);
+  m.def(SPARE_SCHEMA_TOPK_SELECT);
+}
 
 TORCH_LIBRARY_IMPL(spare_kernels_cpu, CPU, m) {
   m.impl("masked_lora_linear", &spare::masked_lora_linear);
@@ -29,4 +42,5 @@ TORCH_LIBRARY_IMPL(spare_kernels_cpu, CPU, m) {
   m.impl("masked_lora_conv2d_backward", &spare::masked_lora_conv2d_backward);
   m.impl("saliency_linear", &spare::saliency_linear);
   m.impl("saliency_conv2d", &spare::saliency_conv2d);
+  m.impl("topk_select", &spare::topk_select);
 }
