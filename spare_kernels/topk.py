@@ -69,6 +69,7 @@ the expected window: ~21 MB at 860 M) and the tie count's temporaries (~5 bytes 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import struct
@@ -600,15 +601,27 @@ _NATIVE_CAND_BYTES = 32 << 20
 # per bin, so the candidates fit after one pass; per group a 512 KB histogram, so with more groups
 # (per_module) 11 bits (16 KB a group).
 _NATIVE_WIDE_GROUPS = 16
+_NATIVE_LIB = None       # torch.ops.spare_kernels_cpu once loaded with topk_select; False: not available
 
 
 def _native_ops(scores):
     """``torch.ops.spare_kernels_cpu`` when it has ``topk_select`` and every score tensor is on the CPU."""
+    global _NATIVE_LIB
     if not _NATIVE or not all(t.device.type == "cpu" for t in scores.values()):
         return None
-    from .backends import cpu as _cpu    # noqa: F401  (loads spare_kernels._C when it is built)
-    lib = torch.ops.spare_kernels_cpu
-    return lib if hasattr(lib, "topk_select") else None
+    if _NATIVE_LIB is None:
+        _NATIVE_LIB = False
+        # the extension's own check first (no import against another torch's ABI), as backends.cpu does;
+        # no backend registration and no warning here: the generic engine is the fallback
+        from ._version import extension_problem
+        if extension_problem("_C") is None:
+            try:
+                importlib.import_module("spare_kernels._C")      # registers torch.ops.spare_kernels_cpu
+                if hasattr(torch.ops.spare_kernels_cpu, "topk_select"):
+                    _NATIVE_LIB = torch.ops.spare_kernels_cpu
+            except ImportError:
+                pass
+    return _NATIVE_LIB or None
 
 
 def _native_ok(t: torch.Tensor) -> bool:
