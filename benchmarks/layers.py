@@ -1,6 +1,6 @@
 """Layer-level table: every distinct SD-1.5 Linear and Conv2d shape (32×32 latent), batch 1 and 2.
 
-``PYTHONPATH=. python -m benchmarks.layers [--batch 1 2] [--reps 7] [--kinds linear conv2d] [--limit N]``
+``PYTHONPATH=. python -m benchmarks.layers [--batch 1 2] [--reps 7] [--kinds linear conv2d] [--limit N] [--threads T]``
 prints the ratios and writes ``benchmarks/results/layers.json``. Ratios are medians of interleaved
 repetitions in one process; the baseline of each ratio is named in its column.
 """
@@ -20,13 +20,17 @@ from .shapes import describe, layer_shapes
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # (column, numerator, denominator, target): the issue's targets, checked per row
+# (issue 29: element 0.5 at <= 0.65 of SPARE's dense-delta scheme, bound ~0.6 = 3 big GEMMs vs 5; block 0.1
+# at <= 1.10 of factored LoRA; mask=None at <= 1.00 of peft; row masks reported)
 RATIOS = [
-    ("elem/spare_ref", "ours_element", "spare_ref", 0.70),
-    ("elem/merged", "ours_element", "merged", 1.00),
-    ("block/peft", "ours_block", "peft", 1.15),
-    ("dense/peft", "ours_dense", "peft", None),
+    ("elem/spare_ref", "ours_element", "spare_ref", 0.65),
+    ("block/peft", "ours_block", "peft", 1.10),
+    ("row/peft", "ours_row", "peft", None),
+    ("dense/peft", "ours_dense", "peft", 1.00),
     ("peft/floor", "peft", "floor", None),
 ]
+SCHEMES = ["floor", "peft", "spare_ref", "ours_element", "ours_block", "ours_row", "ours_dense"]
+TARGETS = ", ".join(f"{c} <= {t:.2f}" for c, _, _, t in RATIOS if t is not None)
 
 
 # What `make demo` times: the SD-1.5 attention, cross-attention and feed-forward shapes, batch 1.
@@ -40,7 +44,7 @@ def run(batches=(1, 2), reps=7, kinds=("linear", "conv2d"), limit=None, rank=4, 
     for batch in ((1,) if shapes else batches):
         specs = shapes or [s for s in layer_shapes("sd15", batch=batch) if s["kind"] in kinds][:limit]
         for spec in specs:
-            t = time_side_by_side(layer_schemes(make_layer_case(spec, rank=rank)), reps=reps)
+            t = time_side_by_side(layer_schemes(make_layer_case(spec, rank=rank), SCHEMES), reps=reps)
             row = {"layer": describe(spec), "batch": batch, "count": spec.get("count", 1),
                    "ms": {k: 1e3 * v for k, v in t.items()}}
             for col, a, b, _ in RATIOS:
@@ -67,8 +71,8 @@ def report(doc) -> str:
     """Markdown for docs/benchmarks.md: every Linear row, then the Conv2d rows summarised per ratio."""
     rows = doc["rows"]
     lines = [f"{doc['threads']} thread(s), backend `{doc['backend']}`, medians of {doc['reps']}; "
-             "targets: elem/spare_ref ≤ 0.70, elem/merged ≤ 1.00, block/peft ≤ 1.15 (Linear); ✗ = missed", "",
-             "| Linear layer | b | floor ms | elem/spare_ref | elem/merged | block/peft | dense/peft |",
+             f"targets: {TARGETS} (Linear); ✗ = missed", "",
+             "| Linear layer | b | floor ms | " + " | ".join(c for c, *_ in RATIOS[:4]) + " |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if not r["layer"].startswith("linear"):
@@ -93,6 +97,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--kinds", nargs="+", default=["linear", "conv2d"], choices=["linear", "conv2d"])
     p.add_argument("--limit", type=int, default=None, help="first N shapes per batch (smoke runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--out", default=os.path.join(RESULTS, "layers.json"))
     p.add_argument("--report", action="store_true", help="print the docs markdown of --out's JSON and exit")
     a = p.parse_args(argv)
@@ -101,10 +106,11 @@ def main(argv=None):
         with open(a.out) as f:
             print(report(json.load(f)))
         return
+    if a.threads:
+        torch.set_num_threads(a.threads)
     be = backend_info()["ops"]["masked_lora_linear"]["cpu"]
-    print(f"fp32, rank 4, element density 0.5, block 32x32 density 0.1, backend '{be}', "
-          f"{torch.get_num_threads()} threads; ratios of medians (reps={a.reps}); * = misses the target "
-          f"(elem/spare_ref <= 0.70, elem/merged <= 1.00, block/peft <= 1.15)")
+    print(f"fp32, rank 4, element density 0.5, block 32x32 density 0.1, row density 0.5, backend '{be}', "
+          f"{torch.get_num_threads()} threads; ratios of medians (reps={a.reps}); * = misses the target ({TARGETS})")
     print(header())
     rows = run(a.batch, a.reps, a.kinds, a.limit)
     write_json(a.out, {"backend": be, "threads": torch.get_num_threads(), "reps": a.reps, "rows": rows})
