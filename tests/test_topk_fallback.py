@@ -74,6 +74,7 @@ def _scores(kind, dtype, gen, g="element"):
 def _masks(scores, density, g, scope, free, monkeypatch, chunk=64):
     monkeypatch.setattr(topk_mod, "_SYNC_FREE_ON_CPU", free)
     monkeypatch.setattr(topk_mod, "_CHUNK", chunk)
+    monkeypatch.setattr(topk_mod, "_NATIVE", False)   # these tests are about the generic engine's loops
     return topk_masks(scores, density, g, scope, block=(4, 8))
 
 
