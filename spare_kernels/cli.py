@@ -801,7 +801,9 @@ def main(argv=None) -> int:
     from .distributed import close_group
     try:
         rc = args.fn(args)
-        close_group()   # a rank that finished must not leave its group to interpreter teardown (gloo aborts)
+        # a rank that finished must not leave its group to interpreter teardown (gloo aborts); a caller's
+        # own group (cli.main inside their script) stays theirs
+        close_group(own_only=True)
         return rc
     except UsageError as e:
         print(f"spare-kernels {args.cmd}: error{_rank_tag()}: {e}", file=sys.stderr)

@@ -186,15 +186,21 @@ def init_from_env(device_type: Optional[str] = None, timeout_s: Optional[float] 
         # Left to interpreter teardown, gloo's worker threads abort the process ("terminate called
         # without an active exception", exit -6) after a run that succeeded: half of 12 four-rank
         # runs of one all_gather did so here. atexit runs while the interpreter is still whole.
-        atexit.register(close_group)
+        _MADE[0] = True
+        atexit.register(close_group, own_only=True)
     return current_world()
 
 
-def close_group() -> bool:
+_MADE = [False]   # whether the default group is one init_from_env made (not the caller's, not accelerate's)
+
+
+def close_group(own_only: bool = False) -> bool:
     """Destroy the default process group, if there is one (a failure to do so is swallowed: the group
-    is already broken); -> whether there was one."""
-    if not (dist.is_available() and dist.is_initialized()):
+    is already broken); with ``own_only``, only a group :func:`init_from_env` made. -> whether one was
+    destroyed."""
+    if not (dist.is_available() and dist.is_initialized()) or (own_only and not _MADE[0]):
         return False
+    _MADE[0] = False
     try:
         dist.destroy_process_group()
     except Exception:   # noqa: BLE001 (already broken: whatever is being reported matters, not this)

@@ -38,7 +38,10 @@ _GATHER = 0x0102040810204080
 
 
 def pack_bits(dense: torch.Tensor) -> torch.Tensor:
-    """bool ``(rows, cols)`` -> uint8 ``(rows, ceil(cols/8))``, LSB first, zero padding (nonzero = on)."""
+    """bool ``(rows, cols)`` -> uint8 ``(rows, ceil(cols/8))``, LSB first, zero padding (nonzero = on).
+
+    A bool tensor must hold 0/1 bytes, as every torch op makes them (a uint8 tensor reinterpreted with
+    ``.view(torch.bool)`` need not: pass it as uint8, which is compared with 0 first)."""
     rows, cols = dense.shape
     nbytes = (cols + 7) // 8
     if dense.dtype in (torch.bool, torch.uint8) and rows * nbytes > 0:
@@ -48,7 +51,8 @@ def pack_bits(dense: torch.Tensor) -> torch.Tensor:
             u = torch.nn.functional.pad(u.view(torch.uint8), (0, nbytes * 8 - cols))
         u = u.contiguous().view(torch.uint8)
         if u.storage_offset() % 8 == 0 and sys.byteorder == "little":
-            v = u.view(torch.int64) * _GATHER   # (rows, nbytes): byte j of a row, its eight entries
+            # through 1-D: a single-row slice is "contiguous" with any row stride, which int64 views refuse
+            v = u.reshape(-1).view(torch.int64).view(rows, nbytes) * _GATHER   # byte j of a row: its 8 entries
             return v.view(torch.uint8)[:, 7::8].contiguous()   # the top (last, little-endian) byte
     return _pack_planes(dense)
 

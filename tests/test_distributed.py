@@ -458,3 +458,15 @@ def test_sharded_topk_over_many_tensors_owns_a_share_and_equals_topk_masks(tmp_p
             got = res[r]["masks"][d]
             assert list(got) == list(ref)
             assert all(torch.equal(got[k], ref[k].data) for k in ref), (d, r)
+
+
+def test_the_cli_leaves_a_group_the_caller_made(tmp_path):
+    # cli.main inside a caller's own distributed script: success must not destroy the caller's group
+    import torch.distributed as dist
+    from spare_kernels import cli
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
+    try:
+        assert cli.main(["info"]) in (0, None)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

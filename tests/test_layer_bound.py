@@ -71,3 +71,21 @@ def test_linear_forward_backward(n, i, o, kind):
     for got, want, name in ((y, yr, "y"), (x.grad, xr.grad, "dx"), (A.grad, Ar.grad, "dA"), (B.grad, Br.grad, "dB")):
         tol = 1e-4 * max(1.0, want.abs().max().item())
         assert (got.double() - want).abs().max().item() <= tol, name
+
+
+def test_pack_bits_of_a_single_row_column_slice():
+    # (1, 16) cut from a (4, 25) mask: "contiguous" to torch with a row stride int64 views refuse
+    from spare_kernels import maskfmt as fmt
+    g = torch.Generator().manual_seed(0)
+    full = torch.rand(4, 25, generator=g) > 0.5
+    for m in (full[:1, :16], full[2:3, 8:24], full[:1, :25]):
+        assert torch.equal(fmt.pack_bits(m), fmt._pack_planes(m))
+        assert torch.equal(fmt.pack_bits(m.to(torch.uint8) * 3), fmt._pack_planes(m))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
+def test_a_per_call_mask_of_a_weight_with_no_outputs(dtype):
+    import spare_kernels as sk
+    x, A = torch.randn(3, 8), torch.randn(2, 8)
+    y = sk.masked_lora_linear(x, torch.randn(0, 8), None, A, torch.randn(0, 2), torch.zeros(0, 8, dtype=dtype), 1.0)
+    assert y.shape == (3, 0)

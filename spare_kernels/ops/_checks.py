@@ -59,7 +59,7 @@ def wire_mask(op, mask, weight):
             and mask.device == weight.device):
         # a per-call dense mask, packed straight to the wire (what Mask.from_dense stores, without its
         # separate `!= 0` pass over a bool mask); anything else gets as_mask's checks and errors
-        return fmt.pack_bits(mask.reshape(weight.shape[0], -1)), fmt.ELEMENT, 0, 0
+        return fmt.pack_bits(mask.reshape(weight.shape[0], math.prod(weight.shape[1:]))), fmt.ELEMENT, 0, 0
     m = as_mask(mask, weight.shape, name="mask", op=op)
     if m.device != weight.device:
         raise ValueError(f"{op}: mask: expected device {weight.device} (that of weight), got {m.device}")
