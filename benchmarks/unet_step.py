@@ -228,7 +228,7 @@ def with_progress(fns: dict, rounds: int) -> dict:
 
 
 def denormals_flushed() -> bool:
-    """Whether denormals are flushed now (torch has no getter): the smallest one survives a multiply unless."""
+    """Whether denormals are flushed now (torch has no getter): the smallest one survives a multiply by 1 unless they are."""
     return float(torch.tensor([1e-45]) * 1.0) == 0.0
 
 
