@@ -164,16 +164,42 @@ at::Tensor conv_A_factored(const at::Tensor& A, int64_t groups, at::ScalarType d
   return groups > 1 ? a.repeat({groups, 1, 1, 1}) : a;
 }
 
-// conv2d_input / conv2d_weight through convolution_backward.
+// torch's bf16 CPU convolution is wrong on some small shapes (torch 2.13: a (1, 6, 5, 3) input, a
+// (2, 3, 1, 3) weight, stride (1, 2), groups 2 gives a 100% error, and now and then 1e38 from
+// uninitialised memory; tests/test_property.py found it). Every convolution here therefore runs bf16
+// operands in fp32 and rounds the result once: the bf16 paths pay two casts of the operands.
+inline bool lowp(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+inline at::Tensor f32(const at::Tensor& t) { return lowp(t) ? t.to(at::kFloat) : t; }
+
+at::Tensor conv_fw(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, at::IntArrayRef s,
+                   at::IntArrayRef p, at::IntArrayRef d, int64_t groups) {
+  if (!lowp(x) && !lowp(w)) return at::conv2d(x, w, b, s, p, d, groups);
+  const bool hb = b.has_value() && b->defined();
+  return at::conv2d(f32(x), f32(w), hb ? std::optional<at::Tensor>(f32(*b)) : std::optional<at::Tensor>(), s, p, d,
+                    groups)
+      .to(x.scalar_type());
+}
+
+// conv2d_input / conv2d_weight through convolution_backward (bf16 in fp32, as conv_fw).
 at::Tensor conv_dinput(const at::Tensor& like_x, const at::Tensor& w, const at::Tensor& dy, at::IntArrayRef s,
                        at::IntArrayRef p, at::IntArrayRef d, int64_t groups) {
-  return std::get<0>(at::convolution_backward(dy, like_x, w, std::nullopt, s, p, d, false, {0, 0}, groups,
-                                              {true, false, false}));
+  if (!lowp(dy) && !lowp(w))
+    return std::get<0>(at::convolution_backward(dy, like_x, w, std::nullopt, s, p, d, false, {0, 0}, groups,
+                                                {true, false, false}));
+  // only like_x's shape is read: an uninitialised fp32 stand-in, not a copy
+  auto shape = at::empty(like_x.sizes(), dy.options().dtype(at::kFloat));
+  return std::get<0>(at::convolution_backward(f32(dy), shape, f32(w), std::nullopt, s, p, d, false, {0, 0}, groups,
+                                              {true, false, false}))
+      .to(like_x.scalar_type());
 }
 at::Tensor conv_dweight(const at::Tensor& x, const at::Tensor& like_w, const at::Tensor& dy, at::IntArrayRef s,
                         at::IntArrayRef p, at::IntArrayRef d, int64_t groups) {
-  return std::get<1>(at::convolution_backward(dy, x, like_w, std::nullopt, s, p, d, false, {0, 0}, groups,
-                                              {false, true, false}));
+  if (!lowp(dy) && !lowp(x))
+    return std::get<1>(at::convolution_backward(dy, x, like_w, std::nullopt, s, p, d, false, {0, 0}, groups,
+                                                {false, true, false}));
+  return std::get<1>(at::convolution_backward(f32(dy), f32(x), f32(like_w), std::nullopt, s, p, d, false, {0, 0},
+                                              groups, {false, true, false}))
+      .to(like_w.scalar_type());
 }
 
 EngineArgs engine_args(const ConvGeom& g, const at::Tensor& W, const at::Tensor& Af, const at::Tensor& Bf,
@@ -318,29 +344,29 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t r = lora_A.size(0);
   const bool engine = masked_engine(kind, g.og, g.colsK);
   if (kind == kNone || (kind == kRow && !engine)) {
-    auto y = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
-    auto z = at::conv2d(x, conv_A_factored(lora_A, groups, dt), std::optional<at::Tensor>(), stride, padding, dilation, groups);
+    auto y = conv_fw(x, weight, bias, stride, padding, dilation, groups);
+    auto z = conv_fw(x, conv_A_factored(lora_A, groups, dt), std::optional<at::Tensor>(), stride, padding, dilation, groups);
     auto B4 = lora_B.to(dt);
     if (kind == kRow) B4 = B4 * mask->reshape({g.out, 1}).to(dt);
-    auto lo = at::conv2d(z, B4.view({g.out, r, 1, 1}), std::optional<at::Tensor>(), at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, groups);
+    auto lo = conv_fw(z, B4.view({g.out, r, 1, 1}), std::optional<at::Tensor>(), at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, groups);
     return y.add_(lo, scale);
   }
   if (dt == at::kFloat && !any_set(*mask))  // all-zero mask: exactly the frozen conv
-    return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+    return conv_fw(x, weight, bias, stride, padding, dilation, groups);
   auto xf = f32c(x);
   auto W = weight.contiguous();
   auto Af = lora_A.to(at::kFloat).reshape({r, g.colsK}).contiguous();
   auto Bf = f32c(lora_B);
   if (!engine && use_block_stack(g, r, block_o)) {
     const BlockStack bs(g, Af, Bf, *mask, block_o, block_i);
-    auto y = at::conv2d(x, weight, bias, stride, padding, dilation, groups).to(at::kFloat);
-    auto z = at::conv2d(xf, bs.Astack, std::optional<at::Tensor>(), stride, padding, dilation, 1);
-    auto lo = at::conv2d(z, bs.Bg, std::optional<at::Tensor>(), at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0},
+    auto y = conv_fw(x, weight, bias, stride, padding, dilation, groups).to(at::kFloat);
+    auto z = conv_fw(xf, bs.Astack, std::optional<at::Tensor>(), stride, padding, dilation, 1);
+    auto lo = conv_fw(z, bs.Bg, std::optional<at::Tensor>(), at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0},
                          at::IntArrayRef{1, 1}, bs.np);
     return y.add_(lo.narrow(1, 0, g.out), scale).to(dt);
   }
   if (!engine) {  // block, factored
-    auto yf = at::conv2d(x, weight, bias, stride, padding, dilation, groups).to(at::kFloat).contiguous();
+    auto yf = conv_fw(x, weight, bias, stride, padding, dilation, groups).to(at::kFloat).contiguous();
     BlockConv bc(g, Af, Bf, *mask, block_o, block_i, scale);
     bc.lc_hint = piece_len(g);
     std::vector<float> buf;
@@ -364,7 +390,7 @@ at::Tensor masked_lora_conv2d(const at::Tensor& x, const at::Tensor& weight, con
     auto Weff = effective_weight(g, W, Af, Bf, mb, scale);
     at::Tensor bf;
     if (has_bias) bf = f32c(*bias);
-    return at::conv2d(xf, Weff, bf.defined() ? std::optional<at::Tensor>(bf) : std::optional<at::Tensor>(),
+    return conv_fw(xf, Weff, bf.defined() ? std::optional<at::Tensor>(bf) : std::optional<at::Tensor>(),
                       stride, padding, dilation, groups).to(dt);
   }
   auto yf = at::empty({g.N, g.out, g.Ho, g.Wo}, x.options().dtype(at::kFloat));
@@ -425,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
     auto z_like = at::empty({g.N, groups * r, g.Ho, g.Wo}, x.options());
     auto dz = conv_dinput(z_like, B4, dys, {1, 1}, {0, 0}, {1, 1}, groups);
     if (need_dB) {
-      auto z = at::conv2d(x, Af, std::optional<at::Tensor>(), stride, padding, dilation, groups);
+      auto z = conv_fw(x, Af, std::optional<at::Tensor>(), stride, padding, dilation, groups);
       dB = conv_dweight(z, B4, dys, {1, 1}, {0, 0}, {1, 1}, groups).reshape({g.out, r}).to(lora_B.scalar_type());
     }
     if (need_dA) {
@@ -465,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_lora_conv2d_backward(
       dA = (das * bs.Mstack.unsqueeze(1)).sum(0).view(lora_A.sizes()).to(lora_A.scalar_type());
     }
     if (need_dB) {
-      auto z = at::conv2d(xf, bs.Astack, std::optional<at::Tensor>(), stride, padding, dilation, 1);
+      auto z = conv_fw(xf, bs.Astack, std::optional<at::Tensor>(), stride, padding, dilation, 1);
       dB = conv_dweight(z, bs.Bg, dys, one, zero, one, bs.np).reshape({bs.np * block_o, r}).narrow(0, 0, g.out)
                .to(lora_B.scalar_type());
     }
