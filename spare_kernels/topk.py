@@ -69,7 +69,6 @@ the expected window: ~21 MB at 860 M) and the tie count's temporaries (~5 bytes 
 """
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 import struct
@@ -610,17 +609,9 @@ def _native_ops(scores):
     if not _NATIVE or not all(t.device.type == "cpu" for t in scores.values()):
         return None
     if _NATIVE_LIB is None:
-        _NATIVE_LIB = False
-        # the extension's own check first (no import against another torch's ABI), as backends.cpu does;
-        # no backend registration and no warning here: the generic engine is the fallback
-        from ._version import extension_problem
-        if extension_problem("_C") is None:
-            try:
-                importlib.import_module("spare_kernels._C")      # registers torch.ops.spare_kernels_cpu
-                if hasattr(torch.ops.spare_kernels_cpu, "topk_select"):
-                    _NATIVE_LIB = torch.ops.spare_kernels_cpu
-            except ImportError:
-                pass
+        from .backends import cpu as _cpu       # loads spare_kernels._C the backend's way (its ABI check first)
+        lib = _cpu.library()
+        _NATIVE_LIB = lib if lib is not None and hasattr(lib, "topk_select") else False
     return _NATIVE_LIB or None
 
 

@@ -39,6 +39,13 @@ if _C is None:
                   "Reinstall with a C++ compiler (and SPARE_KERNELS_BUILD_EXT unset) for the fast kernels.",
                   RuntimeWarning, stacklevel=2)
 
+
+
+def library():
+    """The loaded ``torch.ops.spare_kernels_cpu`` namespace, or None (the extension is not usable)."""
+    return torch.ops.spare_kernels_cpu if _C is not None else None
+
+
 if _C is not None:
     _lib = torch.ops.spare_kernels_cpu
     for _op in OPS:
