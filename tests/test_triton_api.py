@@ -96,6 +96,9 @@ def test_compile_fullgraph_with_the_triton_backend():
     assert r.stdout.strip() == "ok"
 
 
+# ~70 s of the interpreter (the recipe's steps): in make test-interp with the other interpreter suites, to
+# keep make test (CI) under 25 min; the ops alone stay in make test (the tests above).
+@pytest.mark.interp
 def test_the_whole_public_api_runs_through_triton_when_forced():
     """SPARE_KERNELS_BACKEND=triton with TRITON_INTERPRET=1: ops, patch_unet, SaliencyCollector and the
     recipe (its saliency stage is a SaliencyCollector, its adapters come from patch_unet; every Linear and
